@@ -1,0 +1,22 @@
+"""effcompile: graph passes that make PyTorch training cheaper.
+
+One line applies a technique to any model::
+
+    model = effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(x,))
+    compiled = torch.compile(model, backend="effcompile")
+
+See README.md for the passes, the Plan report, ONNX export and the CLI.
+"""
+
+from .config import PASS_CONFIGS, Decorrelation, PassConfig, config_from_dict
+from .plan import Plan, PlanRow
+from .api import fold, report, train_step, transform
+from .onnx_export import export_onnx, inspect_onnx
+from . import backend as _backend  # registers the "effcompile" torch.compile backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decorrelation", "PassConfig", "PASS_CONFIGS", "config_from_dict", "Plan", "PlanRow",
+    "transform", "report", "fold", "train_step", "export_onnx", "inspect_onnx", "__version__",
+]

@@ -1,0 +1,164 @@
+"""Public entry points: transform, report, fold, train_step."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import PassConfig
+from .plan import Plan
+
+__all__ = ["transform", "report", "fold", "train_step", "plan_of"]
+
+_PLAN_ATTR = "_effcompile_plan"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module behind torch.compile / DDP wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None) -> nn.Module:
+    """Apply effcompile passes to ``model`` in place and return it.
+
+    The model keeps its call signature and every original ``state_dict`` key; pass state (e.g.
+    decorrelation matrices) is added as buffers of new submodules.  Layers are found on the graph
+    captured by ``torch.export`` from ``example_inputs`` (a tensor or a tuple of positional
+    inputs).  Every per-layer decision is recorded in the Plan (``effcompile.report(model)``);
+    layers a pass cannot handle are listed there with the reason and reported in one warning.
+    """
+    from effcompile.passes import PASSES, capture  # imported late: passes import effcompile.config
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
+    if hasattr(model, "_orig_mod"):
+        raise TypeError("transform the model before torch.compile: compile(transform(model, ...), backend='effcompile')")
+    if not configs:
+        raise ValueError("transform needs at least one pass config, e.g. effcompile.Decorrelation()")
+    names = []
+    for config in configs:
+        if not isinstance(config, PassConfig):
+            raise TypeError(f"expected pass configs such as effcompile.Decorrelation(), got {config!r}")
+        if config.name not in PASSES:
+            raise ValueError(f"pass {config.name!r} is not implemented; available: {sorted(PASSES)}")
+        if config.name in names:
+            raise ValueError(f"pass {config.name!r} was given twice")
+        if PASSES[config.name].is_applied(model):
+            raise ValueError(f"model already carries the {config.name!r} pass; fold it or transform the original model")
+        names.append(config.name)
+    if example_inputs is None:
+        raise ValueError("transform needs example_inputs (a tensor or tuple of the forward's inputs): "
+                         "layers are found on the graph captured from one call of the model")
+
+    captured = capture(model, _as_tuple(example_inputs))
+    plan = plan_of(model) or Plan()
+    decided = [(PASSES[config.name], config, PASSES[config.name].plan(model, captured, config)) for config in configs]
+    for model_pass, config, rows in decided:
+        model_pass.apply(model, [row for row in rows if row.applied], config)
+        for row in rows:
+            plan.add(row)
+        _warn_skips(model_pass.name, [row for row in rows if not row.applied])
+    model.__dict__[_PLAN_ATTR] = plan
+    return model
+
+
+def _warn_skips(pass_name: str, skipped: list) -> None:
+    if skipped:
+        listed = "; ".join(f"{row.layer}: {row.reason}" for row in skipped[:5])
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        warnings.warn(f"effcompile {pass_name}: skipped {len(skipped)} layer(s) — {listed}{more}. "
+                      "See effcompile.report(model).", stacklevel=3)
+
+
+def plan_of(model: nn.Module) -> Optional[Plan]:
+    return _unwrap(model).__dict__.get(_PLAN_ATTR)
+
+
+def report(model: nn.Module) -> Plan:
+    """The Plan of a transformed model, with live counters (reads device values: call it sparingly)."""
+    from effcompile.passes import PASSES
+
+    base = _unwrap(model)
+    plan = plan_of(base)
+    if plan is None:
+        raise ValueError(f"{type(base).__name__} was not transformed by effcompile.transform")
+    rows = []
+    for row in plan:
+        live = copy.copy(row)
+        if row.applied and row.pass_name in PASSES:
+            live.details = {**row.details, **PASSES[row.pass_name].live_details(base, row)}
+        rows.append(live)
+    return Plan(rows)
+
+
+def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Bake every pass into plain weights (W ← W·R) and return a model without effcompile state.
+
+    The result has the original classes, keys and forward; use it for deployment or export.
+    """
+    from effcompile.passes import PASSES
+
+    target = _unwrap(model)
+    if not inplace:
+        target = copy.deepcopy(target)
+    for model_pass in PASSES.values():
+        if model_pass.is_applied(target):
+            model_pass.fold(target)
+    target.__dict__.pop(_PLAN_ATTR, None)
+    target.__dict__.pop("_effcompile_hooks", None)
+    return target
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    compile: bool = False,
+    backend: Any = "effcompile",
+    check_finite: bool = False,
+) -> Callable[[Any, Any], torch.Tensor]:
+    """Return ``step(inputs, targets) -> loss``: one optimizer step, pass updates included.
+
+    ``inputs`` is a tensor or a tuple of positional inputs.  With ``compile=True`` the forward and
+    loss run through ``torch.compile(backend=backend)`` (``"effcompile"``: Inductor with the
+    effcompile graph passes).  The returned loss is detached and stays on device (no host sync);
+    ``check_finite=True`` raises ``FloatingPointError`` on a non-finite loss before the optimizer
+    step, at the cost of one host sync per step.
+    """
+
+    def forward_loss(inputs: Any, targets: Any) -> torch.Tensor:
+        return loss_fn(model(*_as_tuple(inputs)), targets)
+
+    if compile:
+        forward_loss = torch.compile(forward_loss, backend=backend)
+    counter = {"step": 0}
+
+    def step(inputs: Any, targets: Any) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward_loss(inputs, targets)
+        if check_finite and not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at step {counter['step']}; the optimizer step was not taken")
+        loss.backward()
+        optimizer.step()
+        counter["step"] += 1
+        return loss.detach()
+
+    return step

@@ -1,0 +1,95 @@
+"""ONNX export of a transformed model, and an inspection report read from the ONNX graph itself."""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Any, Dict, List, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["export_onnx", "inspect_onnx", "NAME_SCOPES_KEY"]
+
+# Every node of torch.onnx.export(dynamo=True) carries its module path in this metadata entry.
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+# Module-name suffix → pass that inserted the module (the state modules passes add).
+_INSERTED_SUFFIXES = {"_decorrelation": "decorrelation"}
+
+
+# Shape and constant plumbing around an inserted computation: not worth a row of its own.
+_PLUMBING_OPS = {"Constant", "Reshape", "Concat", "Identity", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast",
+                 "Slice", "Pad"}
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], opset_version: int = 18) -> str:
+    """Export the transformed forward (eval mode: no pass updates run) to ``path``.
+
+    The inserted ops stay as ordinary ONNX ops (e.g. the decorrelation's W·R product is a MatMul
+    inside the ``<layer>.weight_decorrelation`` name scope), so onnxruntime runs the file as is.
+    The model is checked with ``onnx.checker`` before returning.
+    """
+    import onnx
+
+    from .api import _as_tuple, _unwrap
+
+    module = _unwrap(model)
+    was_training = module.training
+    module.eval()
+    try:
+        program = torch.onnx.export(module, _as_tuple(example_inputs), dynamo=True, opset_version=opset_version, optimize=False,
+                                    verbose=False)
+        program.save(os.fspath(path))
+    finally:
+        module.train(was_training)
+    onnx.checker.check_model(os.fspath(path), full_check=True)
+    return os.fspath(path)
+
+
+def _scopes(node: Any) -> List[str]:
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            try:
+                value = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return [prop.value]
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return []
+
+
+def _inserted_by(scopes: List[str]) -> Any:
+    """(layer path, pass) if a scope is a pass-inserted module, else None.
+
+    ``scopes`` is the node's name-scope stack: full module paths from the root ('') inward, then
+    the op's own name, e.g. ``['', 'fc', 'fc.weight_decorrelation', 'einsum']``.
+    """
+    for scope in scopes:
+        for suffix, pass_name in _INSERTED_SUFFIXES.items():
+            if scope.endswith(suffix):
+                owner, _, attr = scope[: -len(suffix)].rpartition(".")
+                layer = owner if attr == "weight" else ".".join(filter(None, [owner, attr]))
+                return layer or "<root>", pass_name
+    return None
+
+
+def inspect_onnx(path: Union[str, os.PathLike]) -> List[Dict[str, str]]:
+    """Rows ``{layer, op, pass, nodes}``: what the passes inserted, read from the ONNX node metadata.
+
+    ``op`` names the compute ops of the inserted scope (e.g. ``MatMul``), ``nodes`` counts every
+    node in it including shape plumbing.
+    """
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    onnx.checker.check_model(model)
+    ops: Dict[tuple, List[str]] = {}
+    for node in model.graph.node:
+        inserted = _inserted_by(_scopes(node))
+        if inserted is not None:
+            ops.setdefault(inserted, []).append(node.op_type)
+    rows = []
+    for (layer, pass_name), op_types in ops.items():
+        compute = sorted({op for op in op_types if op not in _PLUMBING_OPS}) or sorted(set(op_types))
+        rows.append({"layer": layer, "op": "+".join(compute), "pass": pass_name, "nodes": len(op_types)})
+    return rows

@@ -1,0 +1,112 @@
+"""The Plan: every per-layer decision of every pass, keyed by module path.
+
+Analyses fill the Plan once, at transform time; every entry point (eager transform, the
+``effcompile`` torch.compile backend, ONNX export and its inspection, the CLI) reads the same
+Plan and nothing re-decides.  A layer that a pass cannot handle is recorded with
+``action="skip"`` and the reason, so nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+__all__ = ["PlanRow", "Plan"]
+
+
+@dataclasses.dataclass
+class PlanRow:
+    """One decision: ``pass_name`` does ``action`` on the layer at ``layer`` (a module path)."""
+
+    layer: str
+    pass_name: str
+    action: str
+    reason: str = ""
+    op: str = ""
+    input_shape: Optional[tuple] = None
+    weight_shape: Optional[tuple] = None
+    details: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # What the pass needs to apply the decision (analysis results); not shown or serialised.
+    spec: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def applied(self) -> bool:
+        return self.action != "skip"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
+
+
+class Plan:
+    """An ordered collection of :class:`PlanRow` with table and JSON views."""
+
+    columns = ("layer", "pass", "action", "op", "input", "weight", "details", "reason")
+
+    def __init__(self, rows: Optional[List[PlanRow]] = None) -> None:
+        self.rows: List[PlanRow] = list(rows or [])
+
+    def add(self, row: PlanRow) -> PlanRow:
+        self.rows.append(row)
+        return row
+
+    def __iter__(self) -> Iterator[PlanRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> PlanRow:
+        return self.rows[index]
+
+    def where(self, predicate: Callable[[PlanRow], bool]) -> "Plan":
+        return Plan([row for row in self.rows if predicate(row)])
+
+    def for_pass(self, pass_name: str) -> "Plan":
+        return self.where(lambda row: row.pass_name == pass_name)
+
+    def applied(self) -> "Plan":
+        return self.where(lambda row: row.applied)
+
+    def skipped(self) -> "Plan":
+        return self.where(lambda row: not row.applied)
+
+    def layers(self) -> List[str]:
+        return [row.layer for row in self.rows]
+
+    def row(self, layer: str, pass_name: Optional[str] = None) -> PlanRow:
+        for candidate in self.rows:
+            if candidate.layer == layer and (pass_name is None or candidate.pass_name == pass_name):
+                return candidate
+        raise KeyError(f"no plan row for layer {layer!r}" + (f" and pass {pass_name!r}" if pass_name else ""))
+
+    def to_dict(self) -> List[Dict[str, Any]]:
+        return [row.to_dict() for row in self.rows]
+
+    def table_rows(self) -> List[List[str]]:
+        def fmt_shape(shape: Optional[tuple]) -> str:
+            return "" if shape is None else "x".join(str(s) for s in shape)
+
+        def fmt_details(details: Dict[str, Any]) -> str:
+            return " ".join(f"{key}={value}" for key, value in details.items())
+
+        return [
+            [row.layer, row.pass_name, row.action, row.op, fmt_shape(row.input_shape),
+             fmt_shape(row.weight_shape), fmt_details(row.details), row.reason]
+            for row in self.rows
+        ]
+
+    def table(self) -> str:
+        """A plain-text table (no terminal codes, so it pastes into logs and Markdown)."""
+        body = self.table_rows()
+        widths = [max([len(header)] + [len(line[i]) for line in body]) for i, header in enumerate(self.columns)]
+        render = lambda cells: "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+        lines = [render(list(self.columns)), render(["-" * w for w in widths])]
+        lines += [render(line) for line in body]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        applied = len(self.applied())
+        return f"Plan({len(self.rows)} rows, {applied} applied, {len(self.rows) - applied} skipped)"

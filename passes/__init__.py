@@ -1,0 +1,14 @@
+"""effcompile.passes: one file per technique, plus graph capture and analysis helpers.
+
+Invariants every pass keeps:
+* it decides in ``plan`` (read-only) and rewrites in ``apply``; the Plan rows are the record;
+* a layer it cannot handle is a ``skip`` row with the reason, never silently ignored;
+* model-level state (matrices, counters) lives in modules/buffers, so ``state_dict`` checkpoints it;
+* ``state_dict`` keys of the original model are unchanged.
+"""
+
+from .base import PASSES, ModelPass, register_pass
+from .capture import CaptureError, GraphCapture, capture
+from . import decorrelation  # noqa: F401  (registers the pass)
+
+__all__ = ["PASSES", "ModelPass", "register_pass", "capture", "CaptureError", "GraphCapture"]

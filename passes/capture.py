@@ -1,0 +1,345 @@
+"""Graph capture and layer analysis shared by the passes.
+
+``capture(model, example_inputs)`` exports the model with ``torch.export`` (non-strict, training
+IR) and finds every *weight use*: an ``aten.linear``, ``aten.conv{1,2,3}d``/``aten.convolution``
+or ``aten.matmul``/``aten.mm`` whose weight operand is a parameter, possibly seen through views
+(``t``, ``transpose``, ``chunk``/``getitem`` as ``nn.MultiheadAttention`` does with
+``in_proj_weight``, dtype casts).  Layers are found on the graph, not by module type, so
+``F.linear`` in a custom module, ``x @ self.weight`` and attention projections are found the
+same way as ``nn.Linear``.
+
+For each use the analysis also locates the op's *input* among the arguments of the module call
+that contains the op (its innermost ``nn_module_stack`` scope), using the module call
+signatures that ``preserve_module_call_signature`` records.  Passes that need the layer input at
+run time (decorrelation samples its rows) hook that module call; an input computed inside the
+scope (e.g. the attention output fed to ``nn.MultiheadAttention.out_proj``) is reported as not
+observable instead of being guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError"]
+
+aten = torch.ops.aten
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph (data-dependent control flow, bad inputs...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Arguments of an N-d convolution, normalised to tuples of length ``spatial_dims``."""
+
+    spatial_dims: int
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]  # left padding per spatial dim
+    dilation: Tuple[int, ...]
+    groups: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLocation:
+    """Where a layer's input enters the scope module's ``forward``: positional index and name."""
+
+    index: Optional[int]
+    name: str
+
+
+@dataclasses.dataclass
+class WeightUse:
+    """One op that uses a parameter as the weight of a linear map."""
+
+    op: str  # "linear" | "conv1d" | "conv2d" | "conv3d" | "matmul"
+    node: str
+    scope: str  # innermost module path of the op ("" is the root module)
+    input_shape: Tuple[int, ...]
+    contracted_axis: int  # axis of the *parameter* contracted with the input features
+    conv: Optional[ConvGeometry] = None
+    input_location: Optional[InputLocation] = None
+    unsupported: str = ""  # why this use cannot be handled ("" when it can)
+    input_unobservable: str = ""  # why the input cannot be located ("" when it can)
+
+
+@dataclasses.dataclass
+class LayerCandidate:
+    """A parameter used as a layer weight, with all its uses in the graph."""
+
+    param_fqn: str
+    owner_path: str
+    attr: str
+    weight_shape: Tuple[int, ...]
+    uses: List[WeightUse] = dataclasses.field(default_factory=list)
+    other_uses: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def layer(self) -> str:
+        """The Plan key: the owner module path, plus the attribute when it is not ``weight``."""
+        if self.attr == "weight":
+            return self.owner_path or "<root>"
+        return f"{self.owner_path}.{self.attr}" if self.owner_path else self.attr
+
+
+@dataclasses.dataclass
+class GraphCapture:
+    exported: torch.export.ExportedProgram
+    layers: List[LayerCandidate]
+
+
+# Ops through which a weight keeps its identity (values unchanged up to layout or dtype).
+_WEIGHT_IDENTITY_OPS = {
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default,
+    aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+}
+_WEIGHT_TRANSPOSE_OPS = {aten.t.default, aten.transpose.int, aten.permute.default}
+_WEIGHT_SPLIT_OPS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
+_CONV_OPS = {
+    aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+    aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3,
+}
+_MATMUL_OPS = {aten.matmul.default, aten.mm.default}
+# Ops through which a linear layer's input keeps the same multiset of feature rows.
+_ROW_PRESERVING_OPS = _WEIGHT_IDENTITY_OPS | {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.flatten.using_ints,
+}
+
+
+def _shape(node: torch.fx.Node) -> Tuple[int, ...]:
+    value = node.meta.get("val")
+    return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _scope(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return _normalise_path(path)
+
+
+def _normalise_path(path: str) -> str:
+    # nn_module_stack paths look like "L['self'].layer1[0].conv1" (strict) or "layer1.0.conv1".
+    path = path.replace("L['self']", "").replace("L__self__", "")
+    path = path.replace("[", ".").replace("]", "").replace("'", "").strip(".")
+    return path.split("@")[0]
+
+
+def _tuple(value: Any, n: int) -> Tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value) if len(value) == n else tuple(int(value[0]) for _ in range(n))
+    return tuple(int(value) for _ in range(n))
+
+
+def _conv_geometry(node: torch.fx.Node, spatial_dims: int, weight_shape: Tuple[int, ...]) -> ConvGeometry:
+    args = list(node.args) + [None] * 7
+    kernel = tuple(weight_shape[2:])
+    stride = _tuple(args[3] if args[3] is not None else 1, spatial_dims)
+    dilation = _tuple(args[5] if args[5] is not None else 1, spatial_dims)
+    groups = int(args[6]) if args[6] is not None else 1
+    padding_arg = args[4] if args[4] is not None else 0
+    if isinstance(padding_arg, str):
+        if padding_arg == "valid":
+            padding = (0,) * spatial_dims
+        else:  # "same": total dilation*(k-1), the extra element goes right/bottom as in aten
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+    else:
+        padding = _tuple(padding_arg, spatial_dims)
+    return ConvGeometry(spatial_dims, kernel, stride, padding, dilation, groups)
+
+
+def _trace_weight(node: torch.fx.Node, axis: int, params: Dict[str, str]) -> Tuple[Optional[str], int, str]:
+    """Walk from a weight operand back to a parameter.
+
+    Returns (parameter fqn or None, contracted axis of the parameter, reason if unsupported).
+    ``axis`` is the contracted axis of the operand as the op sees it.
+    """
+    while True:
+        if node.op == "placeholder":
+            return params.get(node.name), axis, ""
+        if node.op != "call_function":
+            return None, axis, ""
+        target = node.target
+        source = node.args[0] if node.args else None
+        if not isinstance(source, torch.fx.Node):
+            return None, axis, ""
+        if target in _WEIGHT_IDENTITY_OPS:
+            node = source
+        elif target in _WEIGHT_TRANSPOSE_OPS:
+            if len(_shape(source)) != 2:
+                return None, axis, ""
+            axis = 1 - axis
+            node = source
+        elif target is operator.getitem and isinstance(source, torch.fx.Node) and source.target in _WEIGHT_SPLIT_OPS:
+            split_dim = source.args[2] if len(source.args) > 2 else source.kwargs.get("dim", 0)
+            rank = len(_shape(source.args[0]))
+            if split_dim % max(rank, 1) == axis:
+                return params.get(getattr(source.args[0], "name", "")), axis, "the weight is split along its input dimension"
+            node = source.args[0]
+        else:
+            return None, axis, ""
+
+
+def _module_signatures(exported: torch.export.ExportedProgram) -> Dict[str, Any]:
+    signatures = {}
+    for entry in exported.module_call_graph:
+        if entry.signature is not None and entry.fqn not in signatures:
+            signatures[_normalise_path(entry.fqn)] = entry.signature
+    return signatures
+
+
+def _leaf_locations(module: nn.Module, signature: Any) -> Dict[int, InputLocation]:
+    """Map flattened-input index → (positional index, parameter name) for a module call."""
+    n_leaves = len(signature.inputs)
+    args, kwargs = pytree.tree_unflatten(list(range(n_leaves)), signature.in_spec)
+    params = list(inspect.signature(module.forward).parameters.values())
+    locations: Dict[int, InputLocation] = {}
+    for position, leaf in enumerate(args):
+        if isinstance(leaf, int) and position < len(params):
+            locations[leaf] = InputLocation(position, params[position].name)
+    for name, leaf in kwargs.items():
+        if isinstance(leaf, int):
+            index = next((i for i, p in enumerate(params) if p.name == name), None)
+            locations[leaf] = InputLocation(index, name)
+    return locations
+
+
+def _locate_input(
+    use_node: torch.fx.Node, scope: str, row_preserving: bool, signatures: Dict[str, Any],
+    modules: Dict[str, nn.Module], user_inputs: List[str],
+) -> Tuple[Optional[InputLocation], str]:
+    node = use_node.args[0]
+    allowed = _ROW_PRESERVING_OPS if row_preserving else _WEIGHT_IDENTITY_OPS
+    if scope:
+        signature = signatures.get(scope)
+        if signature is None:
+            return None, f"the call signature of module {scope!r} was not recorded"
+        names = [getattr(arg, "name", None) for arg in signature.inputs]
+        locations = _leaf_locations(modules[scope], signature)
+    else:
+        names, locations = user_inputs, {i: InputLocation(i, name) for i, name in enumerate(user_inputs)}
+    while isinstance(node, torch.fx.Node):
+        if node.name in names:
+            location = locations.get(names.index(node.name))
+            if location is None:
+                return None, f"the input reaches {scope or 'the model'!r} inside a nested argument"
+            return location, ""
+        if node.op == "call_function" and node.target in allowed and node.args:
+            node = node.args[0]
+            continue
+        break
+    where = f"module {scope!r}" if scope else "the model"
+    return None, f"its input is computed inside {where}, not passed to it (wrap the op in its own module)"
+
+
+def _use_from_node(node: torch.fx.Node, params: Dict[str, str]) -> Optional[Tuple[str, WeightUse]]:
+    target = node.target
+    if target is aten.linear.default:
+        op, weight, axis = "linear", node.args[1], 1
+    elif target in _CONV_OPS:
+        op, weight, axis = f"conv{_CONV_OPS[target]}d", node.args[1], 1
+    elif target is aten.convolution.default:
+        op, weight, axis = f"conv{len(_shape(node.args[1])) - 2}d", node.args[1], 1
+    elif target in _MATMUL_OPS and len(node.args) == 2:
+        op, weight, axis = "matmul", node.args[1], 0
+    else:
+        return None
+    if not isinstance(weight, torch.fx.Node):
+        return None
+    fqn, param_axis, reason = _trace_weight(weight, axis, params)
+    if fqn is None:
+        return None
+    use = WeightUse(op=op, node=node.name, scope=_scope(node), input_shape=_shape(node.args[0]),
+                    contracted_axis=param_axis, unsupported=reason)
+    if op.startswith("conv"):
+        use.conv = _conv_geometry(node, int(op[4]), _shape(weight))
+        if target is aten.convolution.default and node.args[6]:
+            use.unsupported = "transposed convolution"
+    elif op == "matmul" and len(_shape(weight)) != 2:
+        use.unsupported = "matmul against a parameter of rank other than 2"
+    return fqn, use
+
+
+def _owner(model: nn.Module, fqn: str) -> Tuple[str, str]:
+    owner_path, _, attr = fqn.rpartition(".")
+    return owner_path, attr
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any]) -> GraphCapture:
+    """Export ``model`` on ``example_inputs`` and list the parameters used as layer weights."""
+    if not isinstance(example_inputs, tuple):
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
+    modules = dict(model.named_modules())
+    scopes = tuple(path for path, module in modules.items() if path and next(module.parameters(recurse=False), None) is not None)
+    try:
+        try:
+            exported = torch.export.export(model, example_inputs, strict=False, preserve_module_call_signature=scopes)
+        except Exception:  # some modules' calls cannot be preserved; the analysis then reports it
+            exported = torch.export.export(model, example_inputs, strict=False)
+    except Exception as error:
+        raise CaptureError(
+            f"could not capture {type(model).__name__} as a graph with torch.export: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+
+    params = dict(exported.graph_signature.inputs_to_parameters)
+    user_inputs = list(exported.graph_signature.user_inputs)
+    signatures = _module_signatures(exported)
+    candidates: Dict[str, LayerCandidate] = {}
+    param_nodes = {name for name in params}
+
+    def candidate(fqn: str) -> LayerCandidate:
+        if fqn not in candidates:
+            owner_path, attr = _owner(model, fqn)
+            shape = tuple(model.get_parameter(fqn).shape)
+            candidates[fqn] = LayerCandidate(fqn, owner_path, attr, shape)
+        return candidates[fqn]
+
+    layer_ops = set()
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        found = _use_from_node(node, params)
+        if found is None:
+            continue
+        fqn, use = found
+        layer_ops.add(node)
+        row_preserving = use.op in ("linear", "matmul")
+        use.input_location, use.input_unobservable = _locate_input(
+            node, use.scope, row_preserving, signatures, modules, user_inputs)
+        candidate(fqn).uses.append(use)
+
+    # Any other use of a candidate parameter (as a bias, in a norm, ...) makes it unsafe to rewrite.
+    for node in exported.graph.nodes:
+        if node.op == "placeholder" and node.name in param_nodes:
+            fqn = params[node.name]
+            if fqn not in candidates:
+                continue
+            for user in _users_through_views(node):
+                if user not in layer_ops:
+                    candidates[fqn].other_uses.append(f"{getattr(user.target, '__name__', user.target)} in {_scope(user) or '<root>'}")
+    return GraphCapture(exported, list(candidates.values()))
+
+
+def _users_through_views(node: torch.fx.Node) -> List[torch.fx.Node]:
+    """Terminal users of ``node``, following the view/split ops ``_trace_weight`` walks through."""
+    out: List[torch.fx.Node] = []
+    for user in node.users:
+        passthrough = user.target in _WEIGHT_IDENTITY_OPS or user.target in _WEIGHT_TRANSPOSE_OPS \
+            or user.target in _WEIGHT_SPLIT_OPS or user.target is operator.getitem
+        if passthrough:
+            out.extend(_users_through_views(user))
+        else:
+            out.append(user)
+    return out
