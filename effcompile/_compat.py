@@ -13,16 +13,24 @@ TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].spli
 if TORCH_VERSION < (2, 11):  # pragma: no cover - guarded by the dependency pin
     raise ImportError(f"effcompile needs torch>=2.11, found {torch.__version__}")
 
-# Dynamo backend registry and counters.
-from torch._dynamo import register_backend  # noqa: E402
-from torch._dynamo.backends.common import aot_autograd  # noqa: E402
-from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
+# Dynamo, Inductor and the functional collectives are imported on first use: importing them
+# costs seconds, and most processes (workers, CLI --help) never need them.
 
-# Inductor entry point used by the "effcompile" backend.
-from torch._inductor.compile_fx import compile_fx  # noqa: E402
 
-# Traceable collectives: the same call works in eager mode and inside a compiled graph.
-from torch.distributed import _functional_collectives as functional_collectives  # noqa: E402
+def functional_all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """All-reduce average over the default group; traceable, so it works inside compiled graphs."""
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as functional_collectives
+
+    total = functional_collectives.all_reduce(tensor, "sum", dist.group.WORLD)
+    return functional_collectives.wait_tensor(total) / dist.get_world_size()
+
+
+def compile_fx(graph_module, example_inputs, **kwargs):
+    """Inductor's entry point (``torch._inductor.compile_fx.compile_fx``)."""
+    from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
+
+    return inductor_compile_fx(graph_module, example_inputs, **kwargs)
 
 
 class _LoadedBackend:
@@ -42,7 +50,7 @@ def register_backend_once(name: str, compiler_fn) -> None:
     ``torch_dynamo_backends`` entry point (which imports the package) never register twice:
     Dynamo's ``lookup_backend`` registers it on first use.
     """
-    from torch._dynamo.backends import registry
+    from torch._dynamo.backends import registry  # noqa: F401  (import cost paid once, at import of effcompile)
 
     if name not in registry._COMPILER_FNS:
         registry._BACKENDS[name] = _LoadedBackend(compiler_fn)
@@ -50,7 +58,9 @@ def register_backend_once(name: str, compiler_fn) -> None:
 
 def unique_graph_count() -> int:
     """Graphs Dynamo has compiled in this process (a recompile adds one)."""
-    return int(dynamo_counters["stats"]["unique_graphs"])
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def is_compiling() -> bool:
@@ -58,6 +68,6 @@ def is_compiling() -> bool:
 
 
 __all__ = [
-    "TORCH_VERSION", "register_backend", "register_backend_once", "aot_autograd", "compile_fx", "dynamo_counters",
-    "functional_collectives", "unique_graph_count", "is_compiling",
+    "TORCH_VERSION", "register_backend_once", "compile_fx", "functional_all_reduce_mean",
+    "unique_graph_count", "is_compiling",
 ]

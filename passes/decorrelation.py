@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effcompile._compat import functional_collectives, is_compiling
+from effcompile._compat import functional_all_reduce_mean, is_compiling
 from effcompile.config import Decorrelation
 from effcompile.plan import PlanRow
 
@@ -170,14 +170,20 @@ class DecorrelationState(nn.Module):
         groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
         if blocks * b != d:
             rows = F.pad(rows, (0, blocks * b - d))
-        x = rows.view(rows.shape[0], groups * blocks, b)
-        z = torch.einsum("nkb,kcb->nkc", x, self.matrix)  # z = R·x per block
-        covariance = torch.einsum("nkc,nke->kce", z, z) / rows.shape[0]
-        covariance = self._average_over_ranks(covariance)
-        variance = torch.diagonal(covariance, dim1=-2, dim2=-1)
-        off_diagonal = covariance - torch.diag_embed(variance)
+        n = rows.shape[0]
+        z = torch.einsum("nkb,kcb->nkc", rows.view(n, groups * blocks, b), self.matrix)  # z = R·x per block
+        if n < b and not self._syncing():
+            # Fewer rows than features: C·R = (ZᵀZ/n)·R − diag(var)·R as Zᵀ(Z·R)/n costs 3·n·b²
+            # instead of n·b² + b³ for forming C and multiplying.
+            variance = (z * z).mean(dim=0)
+            gram_times_matrix = torch.einsum("nkc,nke->kce", z, torch.einsum("nkc,kce->nke", z, self.matrix)) / n
+            off_diagonal_times_matrix = gram_times_matrix - variance.unsqueeze(-1) * self.matrix
+        else:
+            covariance = self._average_over_ranks(torch.einsum("nkc,nke->kce", z, z) / n)
+            variance = torch.diagonal(covariance, dim1=-2, dim2=-1)
+            off_diagonal_times_matrix = (covariance - torch.diag_embed(variance)) @ self.matrix
         excess_variance = (variance - 1.0) * self.feature_mask  # padded features stay untouched
-        step = (1.0 - self.kappa) * (off_diagonal @ self.matrix) + self.kappa * excess_variance.unsqueeze(-1) * self.matrix
+        step = (1.0 - self.kappa) * off_diagonal_times_matrix + self.kappa * excess_variance.unsqueeze(-1) * self.matrix
         proposal = self.matrix - self.lr * step
         accepted = torch.isfinite(proposal).all() & (proposal.abs().amax() <= self.divergence_threshold)
         if gate is not True:
@@ -190,14 +196,14 @@ class DecorrelationState(nn.Module):
         self.updates.add_(accepted.long())
         self.rejected_updates.add_((~accepted).long())
 
+    def _syncing(self) -> bool:
+        return (self.sync_statistics and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
     def _average_over_ranks(self, covariance: torch.Tensor) -> torch.Tensor:
-        if not (self.sync_statistics and dist.is_available() and dist.is_initialized()):
+        if not self._syncing():
             return covariance
-        world = dist.get_world_size()
-        if world == 1:
-            return covariance
-        total = functional_collectives.all_reduce(covariance, "sum", dist.group.WORLD)
-        return functional_collectives.wait_tensor(total) / world
+        return functional_all_reduce_mean(covariance)
 
     # ----------------------------------------------------------------------------- diagnostics
     def off_diagonal_correlation(self, x: torch.Tensor, num_rows: int = 1 << 16) -> torch.Tensor:
@@ -226,23 +232,25 @@ def _keep_state_missing_from_checkpoint(module, state_dict, prefix, *args) -> No
 
 
 def _sample_patches(x: torch.Tensor, conv: ConvGeometry, num_rows: int) -> torch.Tensor:
-    """``num_rows`` random convolution patches of ``x`` as (n, C·k₁·…·k_s), channel-major like W.
+    """Convolution patches of ``x`` as (n, C·k₁·…·k_s), channel-major like the weight.
 
-    Patches are gathered straight from the unpadded input: out-of-range taps are clamped and
-    zeroed, so zero padding costs nothing and no unfold of the whole batch is materialised.
+    ``num_rows`` random patches, or every patch when the batch has no more than that.  Patches
+    are gathered straight from the unpadded input: out-of-range taps are clamped and zeroed, so
+    zero padding costs nothing and no unfold of the whole batch is materialised.
     """
     x = x.detach()
-    batch, spatial = x.shape[0], x.shape[2:]
-    dims = conv.spatial_dims
-    device = x.device
-    index: List[torch.Tensor] = [torch.randint(batch, (num_rows,), device=device).view(num_rows, *([1] * dims))]
+    spatial, dims, device = x.shape[2:], conv.spatial_dims, x.device
+    out_sizes = [(spatial[a] + 2 * conv.padding[a] - conv.dilation[a] * (conv.kernel_size[a] - 1) - 1) // conv.stride[a] + 1
+                 for a in range(dims)]
+    positions = _patch_positions(x.shape[0], out_sizes, num_rows, device)  # (n, 1 + dims)
+    n = positions.shape[0]
+    index: List[torch.Tensor] = [positions[:, 0].view(n, *([1] * dims))]
     valid = torch.ones((), dtype=torch.bool, device=device)
     for axis in range(dims):
-        size, k, s, p, dil = spatial[axis], conv.kernel_size[axis], conv.stride[axis], conv.padding[axis], conv.dilation[axis]
-        out_size = (size + 2 * p - dil * (k - 1) - 1) // s + 1
-        origin = torch.randint(max(out_size, 1), (num_rows,), device=device) * s - p
-        taps = origin.unsqueeze(1) + torch.arange(k, device=device) * dil  # (n, k)
-        shape = [num_rows] + [1] * dims
+        size, k = spatial[axis], conv.kernel_size[axis]
+        origin = positions[:, 1 + axis] * conv.stride[axis] - conv.padding[axis]
+        taps = origin.unsqueeze(1) + torch.arange(k, device=device) * conv.dilation[axis]  # (n, k)
+        shape = [n] + [1] * dims
         shape[1 + axis] = k
         taps = taps.view(shape)
         valid = valid & (taps >= 0) & (taps < size)
@@ -250,7 +258,16 @@ def _sample_patches(x: torch.Tensor, conv: ConvGeometry, num_rows: int) -> torch
     patches = x[(index[0], slice(None), *index[1:])]  # (n, k₁, …, k_s, C)
     patches = patches * valid.unsqueeze(-1).to(patches.dtype)
     permutation = (0, dims + 1) + tuple(range(1, dims + 1))
-    return patches.permute(permutation).reshape(num_rows, -1)
+    return patches.permute(permutation).reshape(n, -1)
+
+
+def _patch_positions(batch: int, out_sizes: List[int], num_rows: int, device: torch.device) -> torch.Tensor:
+    """(image, output position…) of each patch: all of them if there are at most ``num_rows``."""
+    sizes = [batch] + [max(size, 1) for size in out_sizes]
+    if math.prod(sizes) <= num_rows:
+        grids = torch.meshgrid(*[torch.arange(size, device=device) for size in sizes], indexing="ij")
+        return torch.stack([grid.reshape(-1) for grid in grids], dim=1)
+    return torch.stack([torch.randint(size, (num_rows,), device=device) for size in sizes], dim=1)
 
 
 class _ScopeObserver:

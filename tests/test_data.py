@@ -26,9 +26,7 @@ def test_digits_shapes_and_dtypes(digits: data.Split) -> None:
     assert train_x.dtype == test_x.dtype == torch.float32
     assert train_y.dtype == test_y.dtype == torch.int64
     assert len(train) + len(test) == 1797
-    assert info == DatasetInfo(
-        "digits", 10, 1, 8, 1437, 360, mean=info.mean, std=info.std
-    )
+    assert info == DatasetInfo("digits", 10, 1, 8, 1437, 360, mean=info.mean, std=info.std)
     assert len(info.mean) == len(info.std) == 1 and info.std[0] > 0
 
 
@@ -57,8 +55,8 @@ def test_digits_split_is_stratified(digits: data.Split) -> None:
     assert ((test_counts - 0.2 * (train_counts + test_counts)).abs() <= 1).all()
 
 
-def test_digits_test_fraction(digits: data.Split) -> None:
-    train, test, info = load_digits(test_fraction=0.5)
+def test_digits_test_fraction() -> None:
+    train, test, _ = load_digits(test_fraction=0.5)
     assert len(train) + len(test) == 1797 and abs(len(test) - 898.5) <= 1
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits(test_fraction=1.0)

@@ -32,7 +32,7 @@ SMALL_KWARGS: Dict[str, Dict[str, Any]] = {
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread() -> Iterator[None]:
     # The test models are tiny: intra-op threads buy nothing, and on a small shared CI machine
-    # their OpenMP barriers stall whenever another process holds a core (10-100x slowdowns).
+    # their OpenMP barriers stall whenever another process holds a core (10x+ slowdowns seen).
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -58,6 +58,12 @@ def test_registry_lists_every_model() -> None:
 def test_unknown_name_raises_value_error_listing_known_names(call: Any) -> None:
     with pytest.raises(ValueError, match="known models: .*resnet18_cifar"):
         call("resnet1000")
+
+
+@pytest.mark.parametrize("field", ["num_classes", "in_channels", "image_size"])
+def test_non_positive_shape_arguments_raise(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        get_model("mlp", **{field: 0})
 
 
 def test_duplicate_registration_raises() -> None:
@@ -160,13 +166,14 @@ def test_vit_attention_uses_explicit_linears() -> None:
 def test_bagnet_receptive_field_stays_small() -> None:
     assert get_model("bagnet").receptive_field == 9
     assert get_model("bagnet", kernel3=(1, 1, 1, 0)).receptive_field == 17
-    assert get_model("bagnet", kernel3=(1, 1, 1, 1)).receptive_field == 33
+    paper_strides = get_model("bagnet", kernel3=(1, 1, 1, 1), strides=(2, 2, 2, 1))
+    assert paper_strides.receptive_field == 33
     model = small_model("bagnet").eval()
     (x,) = example_inputs("bagnet", batch_size=2)
     with torch.no_grad():
         patches = model.patch_logits(x)
         logits = model(x)
-    assert patches.shape == (2, 10, 1, 1)  # 8×8 input, total stride 8
+    assert patches.shape == (2, 10, 2, 2)  # 8×8 input, total stride 4: a bag of 4 patches
     torch.testing.assert_close(logits, patches.mean(dim=(2, 3)))
 
 

@@ -366,3 +366,21 @@ class _AwkwardLayers(nn.Module):
         h = self.tied_b(self.tied_a(h))
         h = self.scaled(h) + self.scaled.weight.sum()  # weight used outside the layer too
         return self.up(h.unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("num_rows", [5, 40], ids=["fewer-rows-than-features", "more-rows-than-features"])
+def test_update_rule_matches_the_formula(num_rows):
+    """R ← R − η[(1−κ)·C·R + κ·diag(v)·R], C = off-diagonal of ZᵀZ/n, v = mean(z²) − 1 (rows of diag(v)·R)."""
+    layer = nn.Linear(12, 3)
+    _decorrelate(layer, torch.randn(2, 12), lr=0.05, kappa=0.3, rows_per_dim=1000)
+    _randomise_matrices(layer)
+    state = _state(layer, "<root>")
+    R = state.matrix[0].clone()
+    x = torch.randn(num_rows, 12) * torch.linspace(0.5, 2.0, 12)
+    z = x @ R.T
+    second_moment = z.T @ z / num_rows
+    C = second_moment - torch.diag(torch.diag(second_moment))
+    v = torch.diag(second_moment) - 1
+    expected = R - 0.05 * ((1 - 0.3) * C @ R + 0.3 * torch.diag(v) @ R)
+    layer(x)  # all rows are used: num_rows ≤ the row budget
+    torch.testing.assert_close(state.matrix[0], expected, rtol=1e-5, atol=1e-6)
