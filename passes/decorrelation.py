@@ -352,7 +352,7 @@ class DecorrelationPass(ModelPass):
         spec = _layer_spec(candidate, config)
         blocks, block = _block_layout(spec.group_dim, spec.block)
         row.details = {"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}",
-                       "rows": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))}
+                       "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))}
         if len(candidate.uses) > 1:
             row.details["uses"] = len(candidate.uses)
         row.spec = spec

@@ -69,3 +69,24 @@ def test_backend_is_registered_by_name():
     assert "effcompile" in torch._dynamo.list_backends()
     compiled = torch.compile(nn.Linear(3, 2), backend="effcompile")
     assert compiled(torch.randn(4, 3)).shape == (4, 2)
+
+
+def test_entry_point_registers_the_backend_without_importing_effcompile():
+    """An installed effcompile is found by torch.compile through the torch_dynamo_backends entry point."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    names = {entry.name for entry in importlib.metadata.entry_points(group="torch_dynamo_backends")}
+    if "effcompile" not in names:
+        pytest.skip("effcompile is not installed (run `make test`, which installs it editable)")
+    script = (
+        "import sys, torch\n"
+        "assert 'effcompile' not in sys.modules\n"
+        "from torch._dynamo.backends.registry import lookup_backend\n"
+        "backend = lookup_backend('effcompile')\n"
+        "assert backend.__module__ == 'effcompile.backend', backend.__module__\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -384,3 +384,19 @@ def test_update_rule_matches_the_formula(num_rows):
     expected = R - 0.05 * ((1 - 0.3) * C @ R + 0.3 * torch.diag(v) @ R)
     layer(x)  # all rows are used: num_rows ≤ the row budget
     torch.testing.assert_close(state.matrix[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_stay_fp32_under_autocast():
+    layer = nn.Linear(8, 4)
+    x = torch.randn(32, 8)
+    _decorrelate(layer, x, lr=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    state = _state(layer, "<root>")
+    assert out.dtype == torch.bfloat16
+    assert state.matrix.dtype == torch.float32 and int(state.updates) == 1
+    # The update equals the fp32 update on the same rows (bf16 would differ at ~1e-3).
+    reference = nn.Linear(8, 4)
+    _decorrelate(reference, x, lr=0.05)
+    reference(x)
+    torch.testing.assert_close(state.matrix, _state(reference, "<root>").matrix, rtol=1e-6, atol=1e-7)
