@@ -12,11 +12,13 @@ from .config import PASS_CONFIGS, Decorrelation, PassConfig, config_from_dict
 from .plan import Plan, PlanRow
 from .api import fold, report, train_step, transform
 from .onnx_export import export_onnx, inspect_onnx
+from .checkpoint import load_checkpoint, save_checkpoint
 from . import backend as _backend  # registers the "effcompile" torch.compile backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Decorrelation", "PassConfig", "PASS_CONFIGS", "config_from_dict", "Plan", "PlanRow",
-    "transform", "report", "fold", "train_step", "export_onnx", "inspect_onnx", "__version__",
+    "transform", "report", "fold", "train_step", "export_onnx", "inspect_onnx",
+    "save_checkpoint", "load_checkpoint", "__version__",
 ]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import operator
+import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -122,18 +124,25 @@ def _shape(node: torch.fx.Node) -> Tuple[int, ...]:
 
 
 def _scope(node: torch.fx.Node) -> str:
+    """Module path of the innermost module call containing ``node``."""
+    return _scope_call(node).split("@")[0]
+
+
+def _scope_call(node: torch.fx.Node) -> str:
+    """Like ``_scope`` plus ``@n`` for the n-th repeated call of the same module (``fc@1``)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path, _ = list(stack.values())[-1]
-    return _normalise_path(path)
+    key, (path, _) = list(stack.items())[-1]
+    call = key.rpartition("@")[2] if "@" in key else ""
+    path = _normalise_path(path)
+    return f"{path}@{call}" if call else path
 
 
 def _normalise_path(path: str) -> str:
     # nn_module_stack paths look like "L['self'].layer1[0].conv1" (strict) or "layer1.0.conv1".
     path = path.replace("L['self']", "").replace("L__self__", "")
-    path = path.replace("[", ".").replace("]", "").replace("'", "").strip(".")
-    return path.split("@")[0]
+    return path.replace("[", ".").replace("]", "").replace("'", "").strip(".")
 
 
 def _tuple(value: Any, n: int) -> Tuple[int, ...]:
@@ -222,7 +231,7 @@ def _locate_input(
     node = use_node.args[0]
     allowed = _ROW_PRESERVING_OPS if row_preserving else _WEIGHT_IDENTITY_OPS
     if scope:
-        signature = signatures.get(scope)
+        signature = signatures.get(_scope_call(use_node))
         if signature is None:
             return None, f"the call signature of module {scope!r} was not recorded"
         names = [getattr(arg, "name", None) for arg in signature.inputs]
@@ -288,10 +297,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> GraphCapture:
         except Exception:  # some modules' calls cannot be preserved; the analysis then reports it
             exported = torch.export.export(model, example_inputs, strict=False)
     except Exception as error:
-        raise CaptureError(
-            f"could not capture {type(model).__name__} as a graph with torch.export: {type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}"
-        ) from error
+        raise CaptureError(_describe_capture_failure(model, error)) from error
 
     params = dict(exported.graph_signature.inputs_to_parameters)
     user_inputs = list(exported.graph_signature.user_inputs)
@@ -330,6 +336,62 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> GraphCapture:
                 if user not in layer_ops:
                     candidates[fqn].other_uses.append(f"{getattr(user.target, '__name__', user.target)} in {_scope(user) or '<root>'}")
     return GraphCapture(exported, list(candidates.values()))
+
+
+def _describe_capture_failure(model: nn.Module, error: BaseException) -> str:
+    """Name the module path and source line where capture failed, and the construct."""
+    paths = {id(module): path for path, module in model.named_modules()}
+    torch_dir = os.path.dirname(torch.__file__)
+    where = ""
+    for raised in _exception_chain(error):
+        traceback = raised.__traceback__
+        while traceback is not None:  # the innermost user-code frame of a model module wins
+            frame = traceback.tb_frame
+            owner = frame.f_locals.get("self")
+            if id(owner) in paths and not frame.f_code.co_filename.startswith(torch_dir):
+                path = paths[id(owner)] or "<root>"
+                where = f" in module {path!r} ({type(owner).__name__}.{frame.f_code.co_name}, " \
+                        f"{frame.f_code.co_filename}:{traceback.tb_lineno})"
+            traceback = traceback.tb_next
+    where = where or _locate_in_message(model, str(error), torch_dir)
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    construct = type(error).__name__
+    if "data-dependent" in message or "GuardOnDataDependent" in construct:
+        construct = "data-dependent control flow (a Python branch on a tensor value)"
+    return (f"could not capture {type(model).__name__} as a graph with torch.export{where}: {construct}: {message}. "
+            "effcompile finds layers on the captured graph; rewrite the branch with torch.where/torch.cond "
+            "or move it out of forward.")
+
+
+_SOURCE_LINE = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
+
+
+def _locate_in_message(model: nn.Module, message: str, torch_dir: str) -> str:
+    """Export errors quote the user's source line; map it to the module whose forward holds it."""
+    lines = [(f, int(n), fn) for f, n, fn in _SOURCE_LINE.findall(message) if not f.startswith(torch_dir)]
+    if not lines:
+        return ""
+    filename, lineno, function = lines[-1]
+    for path, module in model.named_modules():
+        code = getattr(type(module).forward, "__code__", None)
+        if code is None or code.co_filename != filename:
+            continue
+        try:
+            length = len(inspect.getsourcelines(type(module).forward)[0])
+        except (OSError, TypeError):
+            length = 1 << 30
+        if code.co_firstlineno <= lineno < code.co_firstlineno + length:
+            return f" in module {path or '<root>'!r} ({type(module).__name__}.{function}, {filename}:{lineno})"
+    return f" at {filename}:{lineno} in {function}"
+
+
+def _exception_chain(error: BaseException) -> List[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        chain.append(error)
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 def _users_through_views(node: torch.fx.Node) -> List[torch.fx.Node]:

@@ -96,16 +96,22 @@ class DecorrelationState(nn.Module):
         self.blocks_per_group, self.block = _block_layout(spec.group_dim, spec.block)
         self.num_rows = max(MIN_ROWS, math.ceil(config.rows_per_dim * self.block))
         num_blocks = spec.groups * self.blocks_per_group
-        eye = torch.eye(self.block, device=device, dtype=torch.float32)
-        self.register_buffer("matrix", eye.repeat(num_blocks, 1, 1))
-        padded = self.blocks_per_group * self.block
-        mask = (torch.arange(padded, device=device) < spec.group_dim).to(torch.float32)
-        self.register_buffer("feature_mask", mask.view(self.blocks_per_group, self.block).repeat(spec.groups, 1),
-                             persistent=False)
+        self.register_buffer("matrix", torch.empty(num_blocks, self.block, self.block, device=device))
+        self.register_buffer("feature_mask", torch.empty(num_blocks, self.block, device=device), persistent=False)
         for name in ("updates", "rejected_updates", "observed_batches"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long, device=device))
-        self._eager_calls = 0
+            self.register_buffer(name, torch.empty((), dtype=torch.long, device=device))
+        self.reset_parameters()
         self._register_load_state_dict_pre_hook(_keep_state_missing_from_checkpoint, with_module=True)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """R = I, counters zero. Also the hook that re-initialises state after ``to_empty`` (meta models)."""
+        self.matrix.copy_(torch.eye(self.block, device=self.matrix.device).expand_as(self.matrix))
+        padded = torch.arange(self.blocks_per_group * self.block, device=self.matrix.device) < self.spec.group_dim
+        self.feature_mask.copy_(padded.view(self.blocks_per_group, self.block).repeat(self.spec.groups, 1))
+        for counter in (self.updates, self.rejected_updates, self.observed_batches):
+            counter.zero_()
+        self._eager_calls = 0
 
     def extra_repr(self) -> str:
         return (f"layer={self.spec.owner_path}.{self.spec.attr}, groups={self.spec.groups}, "
@@ -118,15 +124,21 @@ class DecorrelationState(nn.Module):
             return self._right_multiply(weight.t()).t()
         return self._right_multiply(weight)
 
+    def _matrix_snapshot(self, dtype: torch.dtype) -> torch.Tensor:
+        # Autograd saves R to form ∂L/∂W = ∂L/∂A·Rᵀ; a module called twice in one forward updates R
+        # in place between the calls, so each call multiplies by its own copy (b² per call).
+        return self.matrix.detach().to(dtype, copy=True)
+
     def _right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
+        matrix = self._matrix_snapshot(weight.dtype)
         if groups == 1 and blocks == 1:  # the common case: one dense product, no block plumbing
-            return (weight.reshape(weight.shape[0], d) @ self.matrix[0].detach().to(weight.dtype)).reshape(weight.shape)
+            return (weight.reshape(weight.shape[0], d) @ matrix[0]).reshape(weight.shape)
         w = weight.reshape(groups, weight.shape[0] // groups, d)
         if blocks * b != d:
             w = F.pad(w, (0, blocks * b - d))
         w = w.view(groups, w.shape[1], blocks, b)
-        r = self.matrix.detach().to(weight.dtype).view(groups, blocks, b, b)
+        r = matrix.view(groups, blocks, b, b)
         fused = torch.einsum("gonb,gnbc->gonc", w, r).reshape(groups, w.shape[1], blocks * b)
         return fused[..., :d].reshape(weight.shape)
 

@@ -1,0 +1,198 @@
+"""Reliability: bad models get clear errors, faults are contained, runs resume exactly.
+
+Each test names the construct it covers; see README "Guarantees".
+"""
+
+import resource
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import effcompile
+from effcompile._compat import unique_graph_count
+from effcompile.passes import CaptureError
+from effcompile.passes.decorrelation import decorrelation_states
+
+
+def _decorrelate(model, *example, **config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return effcompile.transform(model, effcompile.Decorrelation(**config), example_inputs=example)
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow
+            return self.fc(x)
+        return x
+
+
+class TestBadModels:
+    def test_data_dependent_control_flow_names_module_and_construct(self):
+        model = nn.Sequential(nn.Linear(4, 4), _Branchy())
+        with pytest.raises(CaptureError, match=r"module '1' \(_Branchy\.forward.*data-dependent control flow"):
+            effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(2, 4),))
+        assert not any("decorrelation" in key for key in model.state_dict()), "a failed transform changes nothing"
+
+    def test_model_without_layers_is_an_error_not_a_no_op(self):
+        with pytest.raises(ValueError, match="no layer this pass applies to"):
+            effcompile.transform(nn.Sequential(nn.ReLU(), nn.Tanh()), effcompile.Decorrelation(),
+                                 example_inputs=(torch.randn(2, 3),))
+
+    def test_module_called_twice_updates_per_call_and_backpropagates(self):
+        class Twice(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+
+            def forward(self, x):
+                return self.fc(torch.relu(self.fc(x)))
+
+        model = _decorrelate(Twice(), torch.randn(2, 4), lr=0.05)
+        model(torch.randn(8, 4)).sum().backward()  # R changes between the two calls: autograd must not care
+        row = effcompile.report(model).row("fc")
+        assert row.details["uses"] == 2 and row.details["updates"] == 2
+        assert torch.isfinite(model.fc._parameters["weight"].grad).all()
+
+    def test_batch_size_may_change_after_capture(self):
+        model = _decorrelate(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), torch.randn(4, 1, 4, 4))
+        for batch in (16, 1, 7):
+            assert model(torch.randn(batch, 1, 4, 4)).shape == (batch, 2)
+        compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+        for batch in (16, 8, 5):
+            compiled(torch.randn(batch, 1, 4, 4)).sum().backward()
+        assert int(model[0].weight_decorrelation.updates) == 6
+
+    def test_meta_device_model_materialises_with_identity_R(self):
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        _decorrelate(model, torch.empty(2, 4, device="meta"))
+        model.to_empty(device="cpu")
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        for state in decorrelation_states(model).values():
+            torch.testing.assert_close(state.matrix[0], torch.eye(state.block))
+            assert int(state.updates) == 0
+        assert model(torch.randn(3, 4)).shape == (3, 2)
+
+    def test_compiled_model_cannot_be_transformed(self):
+        with pytest.raises(TypeError, match="before torch.compile"):
+            effcompile.transform(torch.compile(nn.Linear(2, 2)), effcompile.Decorrelation(),
+                                 example_inputs=(torch.randn(1, 2),))
+
+
+# ------------------------------------------------------------------------------------ property test
+@st.composite
+def _small_models(draw):
+    """A random small MLP or CNN, its input, and a random valid Decorrelation config."""
+    torch.manual_seed(draw(st.integers(0, 10_000)))
+    if draw(st.booleans()):
+        widths = draw(st.lists(st.integers(1, 9), min_size=2, max_size=4))
+        layers = []
+        for fan_in, fan_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(fan_in, fan_out, bias=draw(st.booleans())), nn.Tanh()]
+        model, x = nn.Sequential(*layers[:-1]), torch.randn(draw(st.integers(1, 5)), widths[0])
+    else:
+        groups = draw(st.sampled_from([1, 2]))
+        channels = groups * draw(st.integers(1, 3))
+        out_channels = groups * draw(st.integers(1, 3))
+        kernel, stride, padding = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(0, 1))
+        size = draw(st.integers(kernel, 6))
+        conv = nn.Conv2d(channels, out_channels, kernel, stride=stride, padding=padding, groups=groups,
+                         bias=draw(st.booleans()))
+        model, x = nn.Sequential(conv, nn.ReLU(), nn.Flatten()), torch.randn(draw(st.integers(1, 4)), channels, size, size)
+    config = dict(lr=draw(st.floats(1e-4, 0.5)), kappa=draw(st.floats(0, 1)),
+                  max_block_size=draw(st.integers(1, 16)), rows_per_dim=draw(st.floats(0.5, 8)),
+                  update_every=draw(st.integers(1, 3)))
+    return model, x, config
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_small_models())
+def test_random_models_transform_with_identity_R_equal_to_plain_backprop(case):
+    model, x, config = case
+    plain = __import__("copy").deepcopy(model)
+    _decorrelate(model, x, **config)
+    assert all(row.applied for row in effcompile.report(model))
+    model.eval()  # R = I and no update: the transformed model must equal the plain one exactly
+    out, reference = model(x), plain(x)
+    assert out.shape == reference.shape
+    torch.testing.assert_close(out, reference)
+    out.square().sum().backward()
+    reference.square().sum().backward()
+    for (name, parameter), (_, plain_parameter) in zip(model.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(parameter.grad, plain_parameter.grad, msg=name)
+    model.train()
+    model(x).sum().backward()  # and one training step with updates runs cleanly
+    assert all(torch.isfinite(state.matrix).all() for state in decorrelation_states(model).values())
+
+
+# ------------------------------------------------------------------------------------ resumption
+def _training_run(steps, checkpoint_at=None, resume_from=None, tmp_path=None):
+    torch.manual_seed(0)
+    model = _decorrelate(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4)),
+                         torch.randn(2, 1, 4, 4), lr=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = effcompile.train_step(model, F.cross_entropy, optimizer)
+    data = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 1, 4, 4, generator=data), torch.randint(0, 4, (8,), generator=data)) for _ in range(steps)]
+    start = 0
+    if resume_from is not None:
+        start = effcompile.load_checkpoint(resume_from, model, optimizer)["step"]
+    losses = []
+    for index in range(start, steps):
+        losses.append(float(step(*batches[index])))
+        if checkpoint_at == index + 1:
+            effcompile.save_checkpoint(tmp_path / "ckpt.pt", model, optimizer, extra={"step": index + 1})
+            torch.manual_seed(12345)  # the interrupted run's RNG moves on: the checkpoint must not care
+            break
+    return losses
+
+
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path):
+    uninterrupted = _training_run(10)
+    first_half = _training_run(10, checkpoint_at=5, tmp_path=tmp_path)
+    second_half = _training_run(10, resume_from=tmp_path / "ckpt.pt")
+    assert first_half + second_half == uninterrupted
+
+
+def test_checkpoint_from_a_differently_transformed_model_is_refused(tmp_path):
+    model = _decorrelate(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), torch.randn(1, 3))
+    effcompile.save_checkpoint(tmp_path / "a.pt", model)
+    plain = _decorrelate(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 2)), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="transformed differently"):
+        effcompile.load_checkpoint(tmp_path / "a.pt", plain)
+
+
+# ------------------------------------------------------------------------------------ load
+def _rss_mib():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+@pytest.mark.slow
+def test_thousand_compiled_steps_without_memory_growth_or_recompiles():
+    torch.manual_seed(0)
+    model = _decorrelate(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), torch.randn(8, 16), lr=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step = effcompile.train_step(model, F.cross_entropy, optimizer, compile=True, backend="aot_eager")
+        graphs = unique_graph_count()
+        for _ in range(200):
+            step(x, y)
+        warm = _rss_mib()
+        for _ in range(800):
+            loss = step(x, y)
+    assert unique_graph_count() - graphs == 1
+    assert _rss_mib() - warm < 16, "resident memory grew over 800 steps"
+    assert torch.isfinite(loss) and int(model[0].weight_decorrelation.updates) == 1000
