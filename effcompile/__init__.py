@@ -8,7 +8,7 @@ One line applies a technique to any model::
 See README.md for the passes, the Plan report, ONNX export and the CLI.
 """
 
-from .config import PASS_CONFIGS, Decorrelation, PassConfig, config_from_dict
+from .config import PASS_CONFIGS, Decorrelation, PassConfig, RandomizedVJP, config_from_dict
 from .plan import Plan, PlanRow
 from .api import fold, report, train_step, transform
 from .onnx_export import export_onnx, inspect_onnx
@@ -18,7 +18,7 @@ from . import backend as _backend  # registers the "effcompile" torch.compile ba
 __version__ = "0.1.0"
 
 __all__ = [
-    "Decorrelation", "PassConfig", "PASS_CONFIGS", "config_from_dict", "Plan", "PlanRow",
+    "Decorrelation", "RandomizedVJP", "PassConfig", "PASS_CONFIGS", "config_from_dict", "Plan", "PlanRow",
     "transform", "report", "fold", "train_step", "export_onnx", "inspect_onnx",
     "save_checkpoint", "load_checkpoint", "__version__",
 ]

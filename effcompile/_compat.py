@@ -33,6 +33,22 @@ def compile_fx(graph_module, example_inputs, **kwargs):
     return inductor_compile_fx(graph_module, example_inputs, **kwargs)
 
 
+def inductor_config():
+    """``torch._inductor.config`` (imported on first use)."""
+    import torch._inductor.config as config
+
+    return config
+
+
+def aot_eager_with_partition(wrap_partition):
+    """An AOTAutograd backend with eager (boxed no-op) compilers and a wrapped default partitioner."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.partitioners import default_partition
+
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=wrap_partition(default_partition))
+
+
 class _LoadedBackend:
     """Stands in for an entry point whose target is already imported."""
 
@@ -68,6 +84,6 @@ def is_compiling() -> bool:
 
 
 __all__ = [
-    "TORCH_VERSION", "register_backend_once", "compile_fx", "functional_all_reduce_mean",
+    "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
     "unique_graph_count", "is_compiling",
 ]

@@ -1,32 +1,39 @@
-"""The ``effcompile`` torch.compile backend.
+"""The ``effcompile`` torch.compile backends.
 
 ``torch.compile(model, backend="effcompile")`` (after ``import effcompile``, or through the
 ``torch_dynamo_backends`` entry point) hands the Dynamo graph to Inductor, so the result is
 compiled CPU or GPU code.  Model-level passes (decorrelation) are already in the module the user
-compiles; joint-graph passes registered in ``JOINT_GRAPH_PASSES`` (stateless backward rewrites)
-are installed through Inductor's cache-keyed ``joint_custom_pre_pass`` hook.
+compiles; the joint-graph pass of the randomized-VJP pass (stateless backward rewrites) is
+installed through Inductor's cache-keyed ``joint_custom_pre_pass`` hook.
+
+``backend="effcompile_aot_eager"`` runs the same joint-graph rewrite through AOTAutograd without
+Inductor (eager kernels): the CPU tests' fast rung of the backend ladder.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List
+from typing import Any, Callable
 
 import torch
 
-from ._compat import compile_fx, register_backend_once
+from ._compat import aot_eager_with_partition, compile_fx, inductor_config, register_backend_once
 
-__all__ = ["effcompile_backend", "JOINT_GRAPH_PASSES"]
+__all__ = ["effcompile_backend", "effcompile_aot_eager_backend"]
 
-# CustomGraphPass instances contributed by passes that rewrite the AOT joint graph.
-JOINT_GRAPH_PASSES: List[Any] = []
+
+def _joint_pass():
+    from effcompile.passes.randomized_vjp import JOINT_PASS
+
+    return JOINT_PASS
 
 
 def _config_patches() -> dict:
-    if not JOINT_GRAPH_PASSES:
-        return {}
-    if len(JOINT_GRAPH_PASSES) > 1:
-        raise NotImplementedError("only one joint-graph pass can be installed at a time")
-    return {"joint_custom_pre_pass": JOINT_GRAPH_PASSES[0]}
+    joint_pass = _joint_pass()
+    existing = inductor_config().joint_custom_pre_pass
+    if existing is not None and existing is not joint_pass:
+        raise RuntimeError("torch._inductor.config.joint_custom_pre_pass is already set by someone else; "
+                           "effcompile installs its own joint-graph pass there")
+    return {"joint_custom_pre_pass": joint_pass}
 
 
 def effcompile_backend(graph_module: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
@@ -34,4 +41,19 @@ def effcompile_backend(graph_module: torch.fx.GraphModule, example_inputs: list,
     return compile_fx(graph_module, example_inputs, config_patches=_config_patches())
 
 
+def _rewrite_then_partition(partition):
+    def partition_fn(joint_module: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+        _joint_pass()(joint_module.graph)
+        joint_module.recompile()
+        return partition(joint_module, joint_inputs, **kwargs)
+
+    return partition_fn
+
+
+def effcompile_aot_eager_backend(graph_module: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+    """Dynamo backend: AOTAutograd + the effcompile joint-graph passes, eager kernels (no Inductor)."""
+    return aot_eager_with_partition(_rewrite_then_partition)(graph_module, example_inputs, **kwargs)
+
+
 register_backend_once("effcompile", effcompile_backend)
+register_backend_once("effcompile_aot_eager", effcompile_aot_eager_backend)

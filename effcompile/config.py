@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Dict, Type
+from typing import Any, ClassVar, Dict, Optional, Type
 
-__all__ = ["PassConfig", "Decorrelation", "PASS_CONFIGS", "config_from_dict"]
+__all__ = ["PassConfig", "Decorrelation", "RandomizedVJP", "PASS_CONFIGS", "config_from_dict"]
 
 
 def _check(condition: bool, cls_name: str, field: str, value: Any, allowed: str) -> None:
@@ -95,7 +95,57 @@ class Decorrelation(PassConfig):
             self._fail("sync_statistics", "a bool")
 
 
-PASS_CONFIGS: Dict[str, Type[PassConfig]] = {Decorrelation.name: Decorrelation}
+@dataclasses.dataclass(frozen=True)
+class RandomizedVJP(PassConfig):
+    """Randomized unbiased VJPs (Bakong et al., arXiv 2602.14701): sketched backward GEMMs.
+
+    Fields:
+        keep: fraction of the rows (sample·token rows) of each weight-gradient GEMM kept, in (0, 1].
+        estimator: ``"importance"`` (minimum-variance water-filling probabilities
+            ``p_i = min(1, s_i/τ)`` with an ``uniform_mix`` share of uniform), ``"uniform"``, or
+            ``"sketch"`` (rank-``k`` Gaussian sketch; weight gradients only).
+        target: ``"grad_weight"`` (default: the ∂h/∂W term, so variance does not compound through
+            depth), ``"grad_input"`` (sample output features of the input-gradient GEMM) or ``"both"``.
+        keep_input: fraction of output features kept for ``grad_input``; defaults to ``keep``.
+        uniform_mix: ε of the importance estimator, in [0, 1).
+        multiple: k is rounded up to a multiple of this (hardware-friendly GEMM sizes);
+            ``None`` picks 64 on CUDA and 8 on CPU.
+    """
+
+    name: ClassVar[str] = "randomized_vjp"
+
+    keep: float = 0.25
+    estimator: str = "importance"
+    target: str = "grad_weight"
+    keep_input: Optional[float] = None
+    uniform_mix: float = 0.1
+    multiple: Optional[int] = None
+
+    ESTIMATORS: ClassVar[tuple] = ("importance", "uniform", "sketch")
+    TARGETS: ClassVar[tuple] = ("grad_weight", "grad_input", "both")
+
+    def __post_init__(self) -> None:
+        if not (_is_real(self.keep) and 0 < self.keep <= 1):
+            self._fail("keep", "a real number in (0, 1]")
+        if self.estimator not in self.ESTIMATORS:
+            self._fail("estimator", f"one of {self.ESTIMATORS}")
+        if self.target not in self.TARGETS:
+            self._fail("target", f"one of {self.TARGETS}")
+        if self.keep_input is not None and not (_is_real(self.keep_input) and 0 < self.keep_input <= 1):
+            self._fail("keep_input", "None or a real number in (0, 1]")
+        if self.estimator == "sketch" and self.target != "grad_weight":
+            self._fail("target", "'grad_weight' with estimator='sketch' (a rank sketch of the input gradient would be biased)")
+        if not (_is_real(self.uniform_mix) and 0 <= self.uniform_mix < 1):
+            self._fail("uniform_mix", "a real number in [0, 1)")
+        if self.multiple is not None and not (_is_int(self.multiple) and self.multiple >= 1):
+            self._fail("multiple", "None or an integer >= 1")
+
+    @property
+    def input_keep(self) -> float:
+        return self.keep if self.keep_input is None else self.keep_input
+
+
+PASS_CONFIGS: Dict[str, Type[PassConfig]] = {Decorrelation.name: Decorrelation, RandomizedVJP.name: RandomizedVJP}
 
 
 def config_from_dict(data: Dict[str, Any]) -> PassConfig:

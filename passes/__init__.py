@@ -9,6 +9,6 @@ Invariants every pass keeps:
 
 from .base import PASSES, ModelPass, register_pass
 from .capture import CaptureError, GraphCapture, capture
-from . import decorrelation  # noqa: F401  (registers the pass)
+from . import decorrelation, randomized_vjp  # noqa: F401  (register the passes)
 
 __all__ = ["PASSES", "ModelPass", "register_pass", "capture", "CaptureError", "GraphCapture"]

@@ -1,0 +1,577 @@
+"""Randomized unbiased VJPs: structured sampling estimators for the GEMMs of backprop.
+
+A linear layer ``Y = X Wᵀ + b`` (``X``: M×K, ``W``: N×K, ``G = ∂L/∂Y``: M×N) needs two
+products in backward, both sums of rank-one contributions over a contraction dimension:
+
+* ``grad_W = Gᵀ X = Σ_t g_t x_tᵀ``               (over the M rows t; ``‖c_t‖ = ‖g_t‖·‖x_t‖``)
+* ``grad_X = G W  = Σ_j G[:, j] W[j, :]``         (over the N output features j;
+  ``‖c_j‖ = ‖G[:, j]‖·‖W[j, :]‖``)
+
+An estimator keeps a *static* number ``k`` of contraction indices, one shared set ``S`` for the
+whole GEMM (gather → a smaller dense GEMM, never element-wise masks), and reweights them by the
+Horvitz–Thompson factor ``1/π_i`` (``π_i = P(i ∈ S)``), so ``E[Σ_{i∈S} c_i/π_i] = Σ_i c_i``:
+
+* ``uniform``    – simple random sampling without replacement (SRSWOR), ``π_i = k/n``.
+* ``importance`` – water-filled probabilities ``π_i = min(1, s_i/τ)`` with ``Σπ = k``
+  (``s_i = ‖c_i‖``), mixed with uniform, ``π ← (1−ε)π + ε·k/n``, so ``1/π ≤ n/(εk)``; drawn with
+  randomized systematic PPS sampling, which takes exactly ``k`` distinct indices with inclusion
+  probabilities exactly ``π``.
+* ``sketch``     – (``grad_W`` only) ``Gᵀ S Sᵀ X`` with ``S`` an M×k Rademacher matrix / √k, so
+  ``E[S Sᵀ] = I``; cost ``M·k·(N+K)``.
+
+Everything runs on the device: no ``.item()``, no Python branching on tensor values, output
+shapes depend only on ``(n, k)``, so ``torch.compile`` never recompiles for new values.  The
+sampler is the custom op ``torch.ops.effcompile.sample_indices`` (see :func:`sample_indices`) so
+graph passes can insert it into FX graphs; it draws from torch's global RNG (reproducible under
+``torch.manual_seed``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ESTIMATORS", "SAMPLING_ESTIMATORS", "round_budget", "inclusion_probabilities", "sample_indices",
+    "sample_indices_op", "sketched_grad_weight", "sketched_grad_input", "horvitz_thompson_variance",
+    "analytic_variance_grad_weight", "analytic_variance_grad_input", "SketchedLinear", "sketched_linear",
+    "SketchedConv", "sketched_conv",
+]
+
+SAMPLING_ESTIMATORS = ("uniform", "importance")  # index-sampling designs (sample_indices)
+ESTIMATORS = SAMPLING_ESTIMATORS + ("sketch",)
+
+
+# --------------------------------------------------------------------------------------------
+# Budget
+# --------------------------------------------------------------------------------------------
+
+
+def round_budget(n: int, keep: float, multiple: int) -> int:
+    """Static sample size: ``round(keep·n)`` rounded up to a multiple of ``multiple``, in ``[1, n]``.
+
+    Rounding up to a multiple keeps the smaller GEMM tile-friendly (8 on CPU, 64 on GPU); ``k ≥ n``
+    (e.g. ``keep ≥ 1``) means "exact".  Plain Python ints: ``k`` is baked into the graph.
+    """
+    n, multiple = int(n), int(multiple)
+    if n < 1:
+        raise ValueError(f"round_budget: n must be >= 1, got {n}")
+    if multiple < 1:
+        raise ValueError(f"round_budget: multiple must be >= 1, got {multiple}")
+    if not (keep > 0 and math.isfinite(keep)):
+        raise ValueError(f"round_budget: keep must be a finite number > 0, got {keep}")
+    if keep >= 1:
+        return n
+    k = max(1, math.floor(keep * n + 0.5))  # round half up (Python's round() is banker's)
+    k = -(-k // multiple) * multiple
+    return min(k, n)
+
+
+def _check_estimator(estimator: str, allowed: Sequence[str]) -> None:
+    if estimator not in allowed:
+        raise ValueError(f"estimator must be one of {tuple(allowed)}, got {estimator!r}")
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, torch.SymInt):  # traced with dynamic shapes: k is an expression of n
+        torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
+        return
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a Python int >= 1, got {k!r}")
+
+
+def _check_mix(uniform_mix: float) -> None:
+    if not 0.0 <= uniform_mix <= 1.0:
+        raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
+
+
+# --------------------------------------------------------------------------------------------
+# Inclusion probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def _water_filling(scores: Tensor, k: int) -> Tensor:
+    """Minimum-variance inclusion probabilities ``π_i = min(1, s_i/τ)`` with ``Σπ = k`` (float64).
+
+    Minimising the Poisson variance ``Σ (1/π_i − 1) s_i²`` under ``Σπ = k``, ``π ≤ 1`` gives
+    ``π ∝ s`` except that the largest scores are capped at 1.  With scores sorted descending and
+    ``T_m = Σ_{j≥m} s_(j)``, capping the top ``m`` leaves ``π_(j) = (k−m)·s_(j)/T_m``; the right
+    ``m`` is the first one with ``(k−m)·s_(m) ≤ T_m`` (the condition is monotone in ``m`` and
+    always holds at ``m = k−1``).  Found with a vectorised scan, no host sync.
+    """
+    n = scores.shape[0]
+    s = scores.detach().to(torch.float64)
+    finite_mask = torch.isfinite(s)
+    finite = finite_mask.all()
+    s = torch.where(finite_mask, s, 0.0).clamp_min(0.0)
+    s_sorted, order = torch.sort(s, descending=True)
+    # Suffix sums of nonnegative numbers are monotone in floating point too, so the condition
+    # below still holds at m = k-1 after rounding.
+    tail = s_sorted.flip(0).cumsum(0).flip(0)
+    room = torch.arange(k, 0, -1, device=s.device, dtype=torch.float64)  # k − m
+    fits = room * s_sorted[:k] <= tail[:k]
+    # First m that fits (argmax returns the first max); shape (1,) and gather, because indexing
+    # with a 0-d tensor would read it on the host.
+    capped = torch.argmax(fits.to(torch.uint8)).reshape(1)
+    tail_sum = tail.gather(0, capped)
+    budget = k - capped
+    # tail_sum = 0 means fewer than k nonzero scores: spread the leftover budget evenly over the
+    # zero-score rest (the unused branch may hold inf/nan; where() discards it).
+    tail_pi = torch.where(tail_sum > 0, s_sorted * (budget / tail_sum), budget / (n - capped))
+    ranks = torch.arange(n, device=s.device)
+    pi_sorted = torch.where(ranks < capped, 1.0, tail_pi.clamp(max=1.0))
+    pi = pi_sorted.scatter(0, order, pi_sorted)
+    # Non-finite scores (overflowed gradients) carry no usable information: fall back to uniform.
+    return torch.where(finite, pi, k / n)
+
+
+def _inclusion_probabilities64(scores: Tensor, k: int, estimator: str, uniform_mix: float) -> Tensor:
+    n = scores.shape[0]
+    if estimator == "uniform" or k >= n:
+        return torch.full((n,), min(k, n) / n, dtype=torch.float64, device=scores.device)
+    pi = _water_filling(scores, k)
+    if uniform_mix > 0:
+        # A convex combination of two budgets summing to k still sums to k, stays <= 1, and
+        # bounds the Horvitz-Thompson weights 1/π by n/(ε k).
+        pi = (pi * (1.0 - uniform_mix)).add_(uniform_mix * (k / n)).clamp_(max=1.0)
+    return pi
+
+
+def inclusion_probabilities(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> Tensor:
+    """Inclusion probabilities ``π`` (float32, shape ``(n,)``, ``Σπ = k``) of the design for ``scores``.
+
+    ``uniform``: ``π_i = k/n``.  ``importance``: water-filling ``π_i = min(1, s_i/τ)`` (top
+    scores capped at 1, the rest proportional to ``s_i``), then ``π ← (1−ε)π + ε·k/n`` with
+    ``ε = uniform_mix``.  ``k ≥ n`` gives all ones (the exact path).  Non-finite scores fall back
+    to uniform.  Computed in float64 on the scores' device (the sums must be accurate for large n).
+    """
+    _check_estimator(estimator, SAMPLING_ESTIMATORS)
+    _check_k(k)
+    _check_mix(uniform_mix)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
+    return _inclusion_probabilities64(scores, k, estimator, uniform_mix).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling (custom op)
+# --------------------------------------------------------------------------------------------
+
+
+def _systematic_pps(pi: Tensor, k: int) -> Tensor:
+    """Randomized systematic PPS: exactly ``k`` distinct indices with ``P(i ∈ S) = π_i``.
+
+    Lay the intervals ``[C_{i-1}, C_i)`` of lengths ``π_i`` (``Σπ = k``, ``π ≤ 1``) end to end in a
+    random order and take the items hit by the points ``u, u+1, …, u+k−1`` (``u ~ U[0,1)``).  An
+    interval of length ``π_i ≤ 1`` holds exactly one point with probability ``π_i`` and never two,
+    so the sample has exactly k distinct items and inclusion probabilities exactly ``π``.  The
+    random order only changes the joint inclusion probabilities (it removes the dependence on
+    the index order of a fixed-order systematic sample).
+    """
+    n = pi.shape[0]
+    perm = torch.randperm(n, device=pi.device)
+    cum = pi[perm].cumsum(0)
+    cum.mul_(k / cum[-1])  # pin the total at k: removes accumulated rounding drift
+    u = torch.rand(1, dtype=torch.float64, device=pi.device)
+    steps = torch.arange(k, device=pi.device)
+    pos = torch.searchsorted(cum, steps + u, right=True)  # item whose interval holds u + j
+    # In exact arithmetic pos is strictly increasing and pos[j] <= n-k+j.  Rounding can (with
+    # probability ~k·2^-52, when u lands within an ulp of an interval end) break that; this
+    # projection restores distinctness and range while being the identity otherwise.
+    pos = torch.cummax(pos - steps, dim=0).values + steps
+    pos = torch.minimum(pos, steps + (n - k))
+    return perm[pos]
+
+
+def _sample_indices_impl(scores: Tensor, k: int, estimator: str, uniform_mix: float) -> tuple[Tensor, Tensor]:
+    _check_estimator(estimator, SAMPLING_ESTIMATORS)
+    _check_k(k)
+    _check_mix(uniform_mix)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
+    n = scores.shape[0]
+    device = scores.device
+    if k >= n:  # exact path: every index once, weight 1
+        return torch.arange(n, device=device), torch.ones(n, dtype=torch.float32, device=device)
+    if estimator == "uniform":
+        idx = torch.randperm(n, device=device)[:k]
+        idx = torch.sort(idx).values  # ascending rows gather with better locality
+        return idx, torch.full((k,), n / k, dtype=torch.float32, device=device)
+    pi = _inclusion_probabilities64(scores, k, estimator, uniform_mix)
+    idx = torch.sort(_systematic_pps(pi, k)).values
+    return idx, pi[idx].reciprocal().to(torch.float32)
+
+
+@torch.library.custom_op(
+    "effcompile::sample_indices", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def sample_indices_op(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> tuple[Tensor, Tensor]:
+    """``torch.ops.effcompile.sample_indices`` – see :func:`sample_indices`."""
+    return _sample_indices_impl(scores, k, estimator, uniform_mix)
+
+
+@sample_indices_op.register_fake
+def _sample_indices_fake(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> tuple[Tensor, Tensor]:
+    _check_estimator(estimator, SAMPLING_ESTIMATORS)
+    _check_k(k)
+    size = torch.sym_min(k, scores.shape[0])  # the exact path (k >= n) returns all n indices
+    return (
+        scores.new_empty((size,), dtype=torch.int64),
+        scores.new_empty((size,), dtype=torch.float32),
+    )
+
+
+def _mark_outputs_constant(ctx, inputs, output):
+    # Sampling is a stop-gradient step (like argmax): the indices and the weights 1/π are
+    # constants of the draw, even when the scores require grad.
+    ctx.mark_non_differentiable(*output)
+
+
+def _no_gradient(ctx, grad_idx, grad_scale):
+    return None, None, None, None
+
+
+sample_indices_op.register_autograd(_no_gradient, setup_context=_mark_outputs_constant)
+
+
+def sample_indices(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Draw ``k`` distinct indices of ``range(n)`` and their Horvitz–Thompson weights ``1/π``.
+
+    Returns ``(idx, scale)``: ``idx`` int64 ``(k,)`` ascending, ``scale`` float32 ``(k,)`` =
+    ``1/π[idx]`` with ``π = inclusion_probabilities(scores, k, estimator, uniform_mix)``, so
+    ``Σ_{i∈idx} scale_i·c_i`` is unbiased for ``Σ_i c_i``.  ``uniform`` is SRSWOR (scores only
+    give ``n`` and the device); ``importance`` is randomized systematic PPS.  ``k ≥ n`` returns
+    ``(arange(n), ones(n))``.  Draws from torch's global RNG on the scores' device.
+    """
+    return sample_indices_op(scores, k, estimator, uniform_mix)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators
+# --------------------------------------------------------------------------------------------
+
+
+def _row_norms(a: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(a, dim=1, dtype=torch.float32)
+
+
+def _col_norms(a: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(a, dim=0, dtype=torch.float32)
+
+
+def _uniform_scores(n: int, like: Tensor) -> Tensor:
+    # SRSWOR ignores the values; the op only needs n and the device, so skip the norms.
+    return torch.zeros(n, dtype=torch.float32, device=like.device)
+
+
+def _rademacher(rows: int, cols: int, like: Tensor) -> Tensor:
+    signs = torch.randint(0, 2, (rows, cols), device=like.device, dtype=torch.int8)
+    return (signs * 2 - 1).to(like.dtype)
+
+
+def sketched_grad_weight(grad_output_2d: Tensor, input_2d: Tensor, k: int, estimator: str,
+                         uniform_mix: float = 0.1) -> Tensor:
+    """Unbiased estimate (N×K) of ``Gᵀ X``, sampling ``k`` of the M rows.
+
+    ``uniform``/``importance``: ``Σ_{t∈S} (1/π_t) g_t x_tᵀ`` (scores ``‖g_t‖·‖x_t‖``) as one
+    k-row GEMM ``(G[S]·(1/π_S))ᵀ X[S]``.  ``sketch``: ``(Gᵀ S)(Sᵀ X)`` with ``S`` M×k Rademacher/√k.
+    ``k ≥ M`` returns the exact product.
+    """
+    _check_estimator(estimator, ESTIMATORS)
+    _check_k(k)
+    g, x = grad_output_2d, input_2d
+    m = g.shape[0]
+    if k >= m:
+        return g.t() @ x
+    if estimator == "sketch":
+        s = _rademacher(m, k, g)
+        return ((g.t() @ s) @ (s.t() @ x)) / k  # E[S Sᵀ] = k·I before the 1/k
+    scores = _uniform_scores(m, g) if estimator == "uniform" else _row_norms(g) * _row_norms(x)
+    idx, scale = sample_indices_op(scores, k, estimator, uniform_mix)
+    return (g[idx] * scale.to(g.dtype).unsqueeze(1)).t() @ x[idx]
+
+
+def sketched_grad_input(grad_output_2d: Tensor, weight: Tensor, k: int, estimator: str,
+                        uniform_mix: float = 0.1) -> Tensor:
+    """Unbiased estimate (M×K) of ``G W``, sampling ``k`` of the N output features.
+
+    ``Σ_{j∈S} (1/π_j) G[:, j] W[j, :]`` (scores ``‖G[:, j]‖·‖W[j, :]‖``) as one GEMM
+    ``(G[:, S]·(1/π_S)) W[S]``.  ``k ≥ N`` returns the exact product.
+    """
+    _check_estimator(estimator, SAMPLING_ESTIMATORS)
+    _check_k(k)
+    g, w = grad_output_2d, weight
+    n = g.shape[1]
+    if k >= n:
+        return g @ w
+    scores = _uniform_scores(n, g) if estimator == "uniform" else _col_norms(g) * _row_norms(w)
+    idx, scale = sample_indices_op(scores, k, estimator, uniform_mix)
+    return (g[:, idx] * scale.to(g.dtype)) @ w[idx]
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic variance
+# --------------------------------------------------------------------------------------------
+
+
+def _sq_norms(a: Tensor, dim: int) -> Tensor:
+    """Squared row/column norms in float64, without a float64 copy of ``a``."""
+    norms = torch.linalg.vector_norm(a, dim=dim, dtype=torch.promote_types(a.dtype, torch.float32))
+    return norms.double().square()
+
+
+def horvitz_thompson_variance(pi: Tensor, sq_norms: Tensor, weighted_sum_sq_norm: Tensor | None = None) -> Tensor:
+    """Total (Frobenius) variance of ``Σ_{i∈S} c_i/π_i`` for a fixed-size design, as a 0-d float32.
+
+    With ``b_i = π_i(1−π_i)`` and ``D = Σ_i (1−π_i) c_i`` (``weighted_sum_sq_norm = ‖D‖²``)::
+
+        V = n/(n−1) · [ Σ_i (1/π_i − 1)·‖c_i‖²  −  ‖D‖² / Σ_i b_i ]
+
+    This is Hájek's variance for fixed-size designs, ``n/(n−1)·Σ b_i ‖c_i/π_i − A‖²`` with
+    ``A = Σ b_i c_i/π_i / Σ b_i``, expanded.  It is **exact for SRSWOR** (``π = k/n`` gives
+    ``(n²/k)(1−k/n)·S²``, ``S² = Σ‖c_i − c̄‖²/(n−1)``) and the standard high-entropy approximation
+    for randomized systematic PPS, which has no closed form (its joint inclusion probabilities
+    depend on the random order).  The first term alone is the Poisson (independent Bernoulli)
+    variance; ``weighted_sum_sq_norm=None`` returns just that: it needs only the scores (O(n), no
+    GEMM) and overestimates the fixed-size variance (by the ``‖D‖²`` term, up to n/(n−1)).
+    Indices with ``π = 0`` have ``c = 0`` by construction and contribute nothing.
+    """
+    pi = pi.to(torch.float64)
+    sq = sq_norms.to(torch.float64)
+    n = pi.shape[0]
+    positive = pi > 0
+    poisson = torch.where(positive, (1.0 / torch.where(positive, pi, 1.0) - 1.0) * sq, 0.0).sum()
+    if weighted_sum_sq_norm is None:
+        return poisson.to(torch.float32)
+    if n < 2:
+        return torch.zeros((), dtype=torch.float32, device=pi.device)
+    b = (pi * (1.0 - pi)).sum()
+    correction = weighted_sum_sq_norm.to(torch.float64) / b.clamp_min(torch.finfo(torch.float64).tiny)
+    hajek = n / (n - 1) * (poisson - correction)
+    # Σb = 0 means every π is 0 or 1: the estimate is deterministic.
+    return torch.where(b > 0, hajek.clamp_min(0.0), 0.0).to(torch.float32)
+
+
+def analytic_variance_grad_weight(grad_output_2d: Tensor, input_2d: Tensor, k: int, estimator: str,
+                                  uniform_mix: float = 0.1, *, cheap: bool = False,
+                                  sketch_kind: str = "rademacher") -> Tensor:
+    """Total variance ``E‖Ĝ_W − Gᵀ X‖_F²`` of :func:`sketched_grad_weight` (0-d float32).
+
+    ``uniform``: exact (:func:`horvitz_thompson_variance` with ``π = k/n``).  ``importance``:
+    Hájek's approximation for the systematic PPS design actually drawn (no closed form exists).
+    ``sketch`` with ``r = k`` columns, exact: ``(‖G‖²‖X‖² + ‖Gᵀ X‖² − 2 Σ_t ‖g_t‖²‖x_t‖²) / r`` for
+    Rademacher/√r entries (what :func:`sketched_grad_weight` draws), and without the last term
+    for ``sketch_kind="gaussian"`` (i.i.d. N(0, 1/r) entries; the fourth moment 3 instead of 1
+    costs the extra ``2 Σ_t ‖g_t‖²‖x_t‖²``).  ``k ≥ M``: 0.
+
+    ``cheap=True`` skips the one full-size GEMM (the ``‖D‖²`` / ``‖GᵀX‖²`` term) and returns an
+    upper bound from row norms only: the Poisson variance for the sampling designs, and
+    ``‖GᵀX‖² ≤ ‖G‖²‖X‖²`` for the sketch.  Use it for per-step reporting; the default costs as much
+    as the exact gradient.
+    """
+    _check_estimator(estimator, ESTIMATORS)
+    _check_k(k)
+    g, x = grad_output_2d.detach(), input_2d.detach()
+    m = g.shape[0]
+    if k >= m:
+        return torch.zeros((), dtype=torch.float32, device=g.device)
+    g_sq, x_sq = _sq_norms(g, 1), _sq_norms(x, 1)
+    sq = g_sq * x_sq  # ‖g_t x_tᵀ‖² = ‖g_t‖²‖x_t‖²
+    if estimator == "sketch":
+        g2, x2 = g_sq.sum(), x_sq.sum()
+        if sketch_kind not in ("rademacher", "gaussian"):
+            raise ValueError(f"sketch_kind must be 'rademacher' or 'gaussian', got {sketch_kind!r}")
+        cross = g2 * x2 if cheap else (g.double().t() @ x.double()).square().sum()
+        diagonal = 2.0 * sq.sum() if sketch_kind == "rademacher" else 0.0
+        return ((g2 * x2 + cross - diagonal) / k).to(torch.float32)
+    pi = _inclusion_probabilities64(sq.sqrt(), k, estimator, uniform_mix)
+    if cheap:
+        return horvitz_thompson_variance(pi, sq)
+    # float64: the Hájek bracket is a difference of two large terms when contributions align.
+    d = (g.double() * (1.0 - pi).unsqueeze(1)).t() @ x.double()  # D = Σ_t (1−π_t) g_t x_tᵀ
+    return horvitz_thompson_variance(pi, sq, d.square().sum())
+
+
+def analytic_variance_grad_input(grad_output_2d: Tensor, weight: Tensor, k: int, estimator: str,
+                                 uniform_mix: float = 0.1, *, cheap: bool = False) -> Tensor:
+    """Total variance ``E‖Ĝ_X − G W‖_F²`` of :func:`sketched_grad_input` (0-d float32).
+
+    Contributions ``c_j = G[:, j] W[j, :]`` with ``‖c_j‖² = ‖G[:, j]‖²‖W[j, :]‖²``; otherwise as
+    :func:`analytic_variance_grad_weight` (exact for ``uniform``, Hájek approximation for
+    ``importance``, ``cheap=True`` → Poisson upper bound without the full GEMM).
+    """
+    _check_estimator(estimator, SAMPLING_ESTIMATORS)
+    _check_k(k)
+    g, w = grad_output_2d.detach(), weight.detach()
+    n = g.shape[1]
+    if k >= n:
+        return torch.zeros((), dtype=torch.float32, device=g.device)
+    sq = _sq_norms(g, 0) * _sq_norms(w, 1)  # ‖G[:, j] W[j, :]‖² = ‖G[:, j]‖²‖W[j, :]‖²
+    pi = _inclusion_probabilities64(sq.sqrt(), k, estimator, uniform_mix)
+    if cheap:
+        return horvitz_thompson_variance(pi, sq)
+    d = (g.double() * (1.0 - pi)) @ w.double()  # D = Σ_j (1−π_j) G[:, j] W[j, :]
+    return horvitz_thompson_variance(pi, sq, d.square().sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Eager autograd path: linear
+# --------------------------------------------------------------------------------------------
+
+
+def _budget_or_none(n: int, keep: float | None, multiple: int) -> int | None:
+    """``k`` for a keep fraction, or ``None`` for the exact product (keep None, ≥ 1, or k = n)."""
+    if keep is None or keep >= 1:
+        return None
+    k = round_budget(n, keep, multiple)
+    return None if k >= n else k
+
+
+class SketchedLinear(torch.autograd.Function):
+    """``F.linear`` forward; backward with sampled ``grad_input`` / ``grad_weight``, exact ``grad_bias``.
+
+    ``keep_weight`` samples ``k = round_budget(M, keep_weight, multiple)`` of the M = prod(leading
+    dims) rows for ``grad_weight``; ``keep_input`` samples ``round_budget(N, keep_input, multiple)``
+    of the N output features for ``grad_input``.  ``None`` or ``≥ 1`` means exact.  RNG order in
+    backward: the ``grad_weight`` draw first, then ``grad_input``.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, keep_weight, keep_input, estimator, uniform_mix, multiple):
+        # Out-of-place only: an in-place op in forward gives silently wrong gradients under
+        # torch.compile on torch 2.11.
+        _check_estimator(estimator, ESTIMATORS)
+        if estimator == "sketch" and keep_input is not None and keep_input < 1:
+            raise ValueError("the 'sketch' estimator applies to grad_weight only; use keep_input=None")
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.config = (keep_weight, keep_input, estimator, uniform_mix, multiple)
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        keep_weight, keep_input, estimator, uniform_mix, multiple = ctx.config
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            x = input.reshape(-1, input.shape[-1])
+            k = _budget_or_none(g.shape[0], keep_weight, multiple)
+            grad_weight = g.t() @ x if k is None else sketched_grad_weight(g, x, k, estimator, uniform_mix)
+        if ctx.needs_input_grad[0]:
+            k = _budget_or_none(g.shape[1], keep_input, multiple)
+            grad_x = g @ weight if k is None else sketched_grad_input(g, weight, k, estimator, uniform_mix)
+            grad_input = grad_x.reshape(input.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def sketched_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, keep_weight: float | None = None,
+                    keep_input: float | None = None, estimator: str = "importance", uniform_mix: float = 0.1,
+                    multiple: int = 8) -> Tensor:
+    """``F.linear(input, weight, bias)`` whose backward uses :class:`SketchedLinear`."""
+    return SketchedLinear.apply(input, weight, bias, keep_weight, keep_input, estimator, uniform_mix, multiple)
+
+
+# --------------------------------------------------------------------------------------------
+# Eager autograd path: convolution (grad_weight sampled along the batch)
+# --------------------------------------------------------------------------------------------
+
+
+def _tuple(value, dims: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * dims
+    value = [int(v) for v in value]
+    if len(value) != dims:
+        raise ValueError(f"expected {dims} values, got {value}")
+    return value
+
+
+def _per_image_norms(a: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1, dtype=torch.float32)
+
+
+def _conv_weight_grad(grad_output: Tensor, input: Tensor, weight: Tensor, conv_args: tuple) -> Tensor:
+    stride, padding, dilation, groups = conv_args
+    zeros = [0] * len(stride)
+    return torch.ops.aten.convolution_backward(
+        grad_output, input, weight, None, stride, padding, dilation, False, zeros, groups,
+        [False, True, False],
+    )[1]
+
+
+def _sketched_conv_grad_weight(g: Tensor, x: Tensor, weight: Tensor, conv_args: tuple, k: int,
+                               estimator: str, uniform_mix: float) -> Tensor:
+    """Unbiased estimate of the conv weight gradient ``Σ_b ∇W(g_b, x_b)`` from ``k`` images.
+
+    Sampling: ``Σ_{b∈S} (1/π_b) ∇W(g_b, x_b)`` (scores ``‖g_b‖·‖x_b‖``), one
+    ``convolution_backward`` on the gathered sub-batch with ``g`` pre-scaled per image (the weight
+    gradient is linear in ``g``).  ``sketch``: the weight gradient is bilinear in (g, x), so mixing
+    images with a B×k Rademacher/√k matrix ``S`` gives ``Σ_{b,b'} (S Sᵀ)_{bb'} ∇W(g_b, x_{b'})``
+    with mean ``Σ_b ∇W(g_b, x_b)``.
+    """
+    batch = g.shape[0]
+    if estimator == "sketch":
+        s = _rademacher(batch, k, g)
+        g_mix = torch.tensordot(s.t(), g, dims=1) / k
+        x_mix = torch.tensordot(s.t().to(x.dtype), x, dims=1)
+        return _conv_weight_grad(g_mix, x_mix, weight, conv_args)
+    scores = _uniform_scores(batch, g) if estimator == "uniform" else _per_image_norms(g) * _per_image_norms(x)
+    idx, scale = sample_indices_op(scores, k, estimator, uniform_mix)
+    g_sub = g[idx] * scale.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1))
+    return _conv_weight_grad(g_sub, x[idx], weight, conv_args)
+
+
+class SketchedConv(torch.autograd.Function):
+    """Convolution forward; backward with ``grad_weight`` sampled over the batch (images).
+
+    ``k = round_budget(B, keep_weight, multiple)`` images; exact ``grad_input`` and ``grad_bias``.
+    Any spatial rank (1d/2d/3d), batched input ``(B, C, *spatial)``, no transposed convolution.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, keep_weight, estimator,
+                uniform_mix, multiple):
+        _check_estimator(estimator, ESTIMATORS)
+        dims = weight.dim() - 2
+        if input.dim() != dims + 2:
+            raise ValueError(f"SketchedConv needs a batched input of rank {dims + 2}, got {input.dim()}")
+        conv_args = (_tuple(stride, dims), _tuple(padding, dims), _tuple(dilation, dims), int(groups))
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.config = (conv_args, keep_weight, estimator, uniform_mix, multiple)
+        stride_, padding_, dilation_, groups_ = conv_args
+        return torch.convolution(input, weight, bias, stride_, padding_, dilation_, False, [0] * dims, groups_)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        conv_args, keep_weight, estimator, uniform_mix, multiple = ctx.config
+        stride, padding, dilation, groups = conv_args
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and ctx.has_bias
+        k = _budget_or_none(input.shape[0], keep_weight, multiple) if need_weight else None
+        exact_weight = need_weight and k is None
+        grad_input = grad_weight = None
+        if need_input or exact_weight:
+            grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad_output, input, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+                [need_input, exact_weight, False],
+            )
+        if need_weight and k is not None:
+            grad_weight = _sketched_conv_grad_weight(grad_output, input, weight, conv_args, k, estimator, uniform_mix)
+        grad_bias = grad_output.sum(dim=[d for d in range(grad_output.dim()) if d != 1]) if need_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def sketched_conv(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                  groups: int = 1, *, keep_weight: float | None = None, estimator: str = "importance",
+                  uniform_mix: float = 0.1, multiple: int = 8) -> Tensor:
+    """``torch.convolution(...)`` (like ``F.conv{1,2,3}d``, integer padding) with :class:`SketchedConv` backward."""
+    return SketchedConv.apply(input, weight, bias, stride, padding, dilation, groups, keep_weight, estimator,
+                              uniform_mix, multiple)

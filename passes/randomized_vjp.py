@@ -1,0 +1,412 @@
+"""Randomized VJP pass: replace backward GEMMs by sparse, unbiased, structured estimates.
+
+Linear layer ``Y = X·Wᵀ + b`` (X: M×K rows = samples·tokens, G = ∂L/∂Y: M×N).  Joint graph
+before (AOT autograd, the layer's backward nodes)::
+
+    grad_W = mm(t(G), X)          # N×M · M×K
+    grad_X = mm(G, t(t(W)))       # M×N · N×K
+
+Joint graph after, target ``grad_weight`` (one shared index set over the M rows)::
+
+    s      = ‖G_t‖·‖X_t‖                                   # row scores
+    idx, c = effcompile::sample_indices(s, k, estimator)  # k static, c_t = 1/π_t
+    grad_W = mm(t(G[idx] · c), X[idx])                     # a k/M-smaller dense GEMM
+
+and target ``grad_input`` (one shared index set over the N output features)::
+
+    idx, c = effcompile::sample_indices(‖G_{:,j}‖·‖W_j‖, k, estimator)
+    grad_X = mm(G[:, idx] · c, W[idx])
+
+``E[estimate] = exact`` because every index is kept with probability π and scaled by 1/π.  The
+``sketch`` estimator replaces ``grad_W`` by ``(Gᵀ·S)·(Sᵀ·X)`` with ``E[S·Sᵀ] = I``.
+
+How layers reach the joint graph: the model-level part of the pass swaps the owner module's class
+so that, while Dynamo traces a training forward, the weight is read through the identity custom op
+``effcompile::vjp_marker(W, layer, keep, keep_input, estimator, uniform_mix, multiple)``.  The
+settings are op arguments, so they are part of the graph and of Inductor's cache key; the joint
+pass (installed by the ``effcompile`` backend as ``joint_custom_pre_pass``, whose ``uuid()``
+hashes this file) rewrites the marked layer's backward GEMMs and removes the marker.  A marker
+that survives to run time (a graph compiled by another backend) raises instead of silently
+computing exact gradients.  In eager mode, ``nn.Linear`` owners run the same estimator as the
+autograd function ``effcompile.sketch.SketchedLinear``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from effcompile._compat import is_compiling
+from effcompile.config import RandomizedVJP
+from effcompile.plan import PlanRow
+
+from .base import ModelPass, register_pass
+from .capture import GraphCapture, LayerCandidate
+
+__all__ = ["RandomizedVJPPass", "RandomizedVJPJointPass", "JOINT_PASS", "rewrite_joint_graph", "LAST_REWRITES"]
+
+aten = torch.ops.aten
+prims = torch.ops.prims  # the joint graph is decomposed: casts are prims.convert_element_type
+
+
+# ------------------------------------------------------------------------------------ marker op
+@torch.library.custom_op("effcompile::vjp_marker", mutates_args=())
+def _vjp_marker(weight: torch.Tensor, layer: str, keep: float, keep_input: float, estimator: str,
+                uniform_mix: float, multiple: int) -> torch.Tensor:
+    raise RuntimeError(
+        f"effcompile: layer {layer!r} has a RandomizedVJP rewrite that was not applied: compile the model with "
+        "torch.compile(backend='effcompile') (or 'effcompile_aot_eager'), or train it eagerly")
+
+
+@_vjp_marker.register_fake
+def _(weight, layer, keep, keep_input, estimator, uniform_mix, multiple):
+    return torch.empty_like(weight)
+
+
+def _marker_backward(ctx, grad):
+    return grad, None, None, None, None, None, None
+
+
+_vjp_marker.register_autograd(_marker_backward)
+MARKER = torch.ops.effcompile.vjp_marker.default
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSketch:
+    """Per-layer settings, as carried by the marker op."""
+
+    layer: str
+    keep: float  # grad_weight row fraction (1.0: exact)
+    keep_input: float  # grad_input feature fraction (1.0: exact)
+    estimator: str
+    uniform_mix: float
+    multiple: int
+
+    def marker_args(self) -> tuple:
+        return (self.layer, self.keep, self.keep_input, self.estimator, self.uniform_mix, self.multiple)
+
+
+def _settings(config: RandomizedVJP, layer: str, device: torch.device) -> LayerSketch:
+    multiple = config.multiple or (64 if device.type == "cuda" else 8)
+    keep = config.keep if config.target in ("grad_weight", "both") else 1.0
+    keep_input = config.input_keep if config.target in ("grad_input", "both") else 1.0
+    return LayerSketch(layer, float(keep), float(keep_input), config.estimator, float(config.uniform_mix), int(multiple))
+
+
+# ------------------------------------------------------------------------------------ joint pass
+@dataclasses.dataclass
+class RewriteRecord:
+    """One rewritten backward GEMM, for reports and ``effcompile inspect``."""
+
+    layer: str
+    gemm: str  # "grad_weight" | "grad_input"
+    sampled_dim: str  # "rows" (M) | "output features" (N)
+    n: int
+    k: int
+    estimator: str
+    before: str
+    after: str
+
+
+LAST_REWRITES: List[RewriteRecord] = []  # of the most recent joint graph this process rewrote
+
+
+def _static(value: Any) -> Optional[int]:
+    return int(value) if isinstance(value, int) else None
+
+
+def _fake_mode(node: torch.fx.Node):
+    return node.meta["val"].fake_mode
+
+
+def _insert(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
+    """A new node before ``like`` with fake-tensor metadata and ``like``'s backward tags."""
+    node = graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    with _fake_mode(like):
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    for key in ("partitioner_tag", "seq_nr", "nn_module_stack", "fwd_nn_module_stack", "stack_trace",
+                "original_aten", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node
+
+
+def _describe(node: torch.fx.Node) -> str:
+    args = ", ".join(getattr(a, "name", repr(a)) for a in node.args)
+    shape = "x".join(str(s) for s in node.meta["val"].shape)
+    return f"{node.name} = {getattr(node.target, '__name__', node.target)}({args}) : {shape}"
+
+
+def _transpose(graph, like, matrix):
+    return _insert(graph, like, aten.permute.default, matrix, [1, 0])
+
+
+def _gather(graph, like, matrix, dim, indices):
+    """``matrix.index_select(dim, indices)`` as the decomposed ``aten.index`` Inductor lowers."""
+    return _insert(graph, like, aten.index.Tensor, matrix, [None] * dim + [indices])
+
+
+def _norms(graph, like, matrix, dim):
+    """‖·‖₂ along ``dim`` in fp32, from core ops (the joint graph is already decomposed)."""
+    matrix = _insert(graph, like, prims.convert_element_type.default, matrix, torch.float32)
+    squares = _insert(graph, like, aten.mul.Tensor, matrix, matrix)
+    return _insert(graph, like, aten.sqrt.default, _insert(graph, like, aten.sum.dim_IntList, squares, [dim]))
+
+
+def _sampled_rows(graph, like, scores, k, settings, dtype):
+    """(indices, 1/π in ``dtype``) of ``k`` sampled positions, from the effcompile::sample_indices op."""
+    from effcompile import sketch  # noqa: F401  (registers effcompile::sample_indices)
+
+    sample = _insert(graph, like, torch.ops.effcompile.sample_indices.default, scores, k,
+                     settings.estimator, settings.uniform_mix)
+    indices = _insert(graph, like, operator.getitem, sample, 0)
+    scale = _insert(graph, like, operator.getitem, sample, 1)
+    return indices, _insert(graph, like, prims.convert_element_type.default, scale, dtype)
+
+
+def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch) -> Optional[RewriteRecord]:
+    from effcompile.sketch import round_budget
+
+    rows = _static(layer_input.meta["val"].shape[0])
+    if rows is None:
+        return None
+    k = round_budget(rows, settings.keep, settings.multiple)
+    if k >= rows:
+        return None
+    before = _describe(mm)
+    with graph.inserting_before(mm):
+        if settings.estimator == "sketch":
+            val = grad_out.meta["val"]
+            sketch_matrix = _insert(graph, mm, aten.randn.default, [rows, k], dtype=val.dtype, device=val.device)
+            sketch_matrix = _insert(graph, mm, aten.mul.Tensor, sketch_matrix, 1.0 / math.sqrt(k))  # E[S·Sᵀ] = I
+            left = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_out), sketch_matrix)
+            right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), layer_input)
+            new = _insert(graph, mm, aten.mm.default, left, right)
+        else:
+            scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, 1), _norms(graph, mm, layer_input, 1))
+            indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
+            scale = _insert(graph, mm, aten.unsqueeze.default, scale, 1)
+            grad_rows = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 0, indices), scale)
+            input_rows = _gather(graph, mm, layer_input, 0, indices)
+            new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_rows), input_rows)
+    mm.replace_all_uses_with(new)
+    graph.erase_node(mm)
+    return RewriteRecord(settings.layer, "grad_weight", "rows", rows, k, settings.estimator, before, _describe(new))
+
+
+def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) -> Optional[RewriteRecord]:
+    from effcompile.sketch import round_budget
+
+    features = _static(grad_out.meta["val"].shape[1])
+    if features is None:
+        return None
+    k = round_budget(features, settings.keep_input, settings.multiple)
+    if k >= features:
+        return None
+    before = _describe(mm)
+    with graph.inserting_before(mm):
+        scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, 0), _norms(graph, mm, weight_t, 1))
+        indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
+        grad_columns = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 1, indices), scale)
+        weight_rows = _gather(graph, mm, weight_t, 0, indices)
+        new = _insert(graph, mm, aten.mm.default, grad_columns, weight_rows)
+    mm.replace_all_uses_with(new)
+    graph.erase_node(mm)
+    return RewriteRecord(settings.layer, "grad_input", "output features", features, k, settings.estimator, before,
+                         _describe(new))
+
+
+def _is_transpose(node: Any) -> bool:
+    """``t(A)`` as AOT autograd writes it, or as Inductor's decompositions do (``permute(A, [1, 0])``)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    if node.target is aten.transpose.int:
+        return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1] and node.args[0].meta["val"].dim() == 2
+    return False
+
+
+def _forward_matmuls(transposed_weight: torch.fx.Node) -> List[torch.fx.Node]:
+    """Forward ``addmm(b, X, t(W))`` / ``mm(X, t(W))`` nodes that use the transposed weight."""
+    return [user for user in transposed_weight.users
+            if (user.target is aten.addmm.default and user.args[2] is transposed_weight)
+            or (user.target is aten.mm.default and user.args[1] is transposed_weight)]
+
+
+def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch) -> List[RewriteRecord]:
+    records = []
+    for transposed in [u for u in marker.users if _is_transpose(u)]:
+        for forward in _forward_matmuls(transposed):
+            layer_input = forward.args[1] if forward.target is aten.addmm.default else forward.args[0]
+            if settings.keep < 1:
+                for mm in [u for u in layer_input.users if u.target is aten.mm.default and u.args[1] is layer_input
+                           and _is_transpose(u.args[0])]:
+                    record = _rewrite_grad_weight(graph, mm, mm.args[0].args[0], layer_input, settings)
+                    records += [record] if record else []
+            if settings.keep_input < 1:
+                for back_t in [u for u in transposed.users if _is_transpose(u)]:
+                    for mm in [u for u in back_t.users if u.target is aten.mm.default and u.args[1] is back_t]:
+                        record = _rewrite_grad_input(graph, mm, mm.args[0], back_t, settings)
+                        records += [record] if record else []
+    return records
+
+
+def rewrite_joint_graph(graph: torch.fx.Graph) -> List[RewriteRecord]:
+    """Rewrite every marked layer's backward GEMMs; remove the markers. Idempotent."""
+    records: List[RewriteRecord] = []
+    for marker in [n for n in graph.nodes if n.op == "call_function" and n.target is MARKER]:
+        settings = LayerSketch(*marker.args[1:])
+        records += _rewrite_layer(graph, marker, settings)
+        marker.replace_all_uses_with(marker.args[0])
+        graph.erase_node(marker)
+    graph.eliminate_dead_code()
+    graph.lint()
+    LAST_REWRITES[:] = records
+    return records
+
+
+def _joint_pass_base():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+class RandomizedVJPJointPass(_joint_pass_base()):
+    """The joint-graph pass, cache-keyed by the source of this file and of the estimators."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        rewrite_joint_graph(graph)
+
+    def uuid(self) -> Any:
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+
+        from effcompile import sketch
+
+        return get_hash_for_files((__file__, sketch.__file__))
+
+
+JOINT_PASS = RandomizedVJPJointPass()
+
+
+# ------------------------------------------------------------------------------------ model level
+def _marked_weight_property(attr: str) -> property:
+    def weight(self: nn.Module) -> torch.Tensor:
+        parameter = self._parameters[attr]
+        settings: LayerSketch = self._effcompile_sketch[attr]
+        if self.training and torch.is_grad_enabled():
+            if is_compiling():
+                return MARKER(parameter, *settings.marker_args())
+            if not isinstance(self, nn.Linear):
+                raise RuntimeError(
+                    f"effcompile: layer {settings.layer!r} uses its weight outside nn.Linear; its randomized VJP "
+                    "runs only in compiled training: torch.compile(model, backend='effcompile')")
+        return parameter
+
+    return property(weight)
+
+
+def _sketched_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    if is_compiling() or not (self.training and torch.is_grad_enabled()):
+        return F.linear(input, self.weight, self.bias)
+    from effcompile.sketch import SketchedLinear
+
+    settings: LayerSketch = self._effcompile_sketch["weight"]
+    keep_weight = settings.keep if settings.keep < 1 else None
+    keep_input = settings.keep_input if settings.keep_input < 1 else None
+    return SketchedLinear.apply(input, self._parameters["weight"], self.bias, keep_weight, keep_input,
+                                settings.estimator, settings.uniform_mix, settings.multiple)
+
+
+_SKETCHED_CLASSES: Dict[Tuple[type, Tuple[str, ...]], type] = {}
+
+
+def _sketched_class(cls: type, attrs: Tuple[str, ...]) -> type:
+    key = (cls, attrs)
+    if key not in _SKETCHED_CLASSES:
+        namespace = {attr: _marked_weight_property(attr) for attr in attrs}
+        namespace["_effcompile_original_class"] = cls
+        namespace["_effcompile_sketched"] = attrs
+        if issubclass(cls, nn.Linear) and attrs == ("weight",):
+            namespace["forward"] = _sketched_linear_forward
+        _SKETCHED_CLASSES[key] = type(f"Sketched{cls.__name__}", (cls,), namespace)
+    return _SKETCHED_CLASSES[key]
+
+
+class RandomizedVJPPass(ModelPass):
+    config_type = RandomizedVJP
+
+    def plan(self, model: nn.Module, captured: GraphCapture, config: RandomizedVJP) -> List[PlanRow]:
+        return [self._plan_layer(model, candidate, config) for candidate in captured.layers]
+
+    def _plan_layer(self, model: nn.Module, candidate: LayerCandidate, config: RandomizedVJP) -> PlanRow:
+        first = candidate.uses[0]
+        row = PlanRow(layer=candidate.layer, pass_name=self.name, action="sketch", op=first.op,
+                      input_shape=first.input_shape, weight_shape=candidate.weight_shape)
+        owner = model.get_submodule(candidate.owner_path)
+        reason = self._skip_reason(owner, candidate)
+        if reason:
+            row.action, row.reason = "skip", reason
+            return row
+        settings = _settings(config, candidate.layer, owner._parameters[candidate.attr].device)
+        rows = math.prod(first.input_shape[:-1]) if first.input_shape else 0
+        from effcompile.sketch import round_budget
+
+        row.details = {"estimator": settings.estimator, "target": config.target}
+        if settings.keep < 1:
+            row.details.update(keep=settings.keep, k_rows=f"{round_budget(rows, settings.keep, settings.multiple)}/{rows}")
+        if settings.keep_input < 1:
+            features = candidate.weight_shape[0]
+            row.details.update(keep_input=settings.keep_input,
+                               k_features=f"{round_budget(features, settings.keep_input, settings.multiple)}/{features}")
+        row.details["eager"] = "yes" if isinstance(owner, nn.Linear) and candidate.attr == "weight" else "compiled only"
+        row.spec = (candidate.owner_path, candidate.attr, settings)
+        return row
+
+    @staticmethod
+    def _skip_reason(owner: nn.Module, candidate: LayerCandidate) -> str:
+        if candidate.other_uses:
+            return f"the weight is also used by {', '.join(sorted(set(candidate.other_uses)))}"
+        kinds = {use.op for use in candidate.uses}
+        if kinds != {"linear"}:
+            return f"{'/'.join(sorted(kinds))}: only linear layers have a sketched backward in this version"
+        if any(use.unsupported for use in candidate.uses):
+            return candidate.uses[0].unsupported
+        if hasattr(type(owner), "_effcompile_original_class"):
+            return "the layer already carries another weight rewrite (composition lands with the comparison suite)"
+        return ""
+
+    def apply(self, model: nn.Module, rows: List[PlanRow], config: RandomizedVJP) -> int:
+        by_owner: Dict[str, Dict[str, LayerSketch]] = {}
+        for row in rows:
+            owner_path, attr, settings = row.spec
+            by_owner.setdefault(owner_path, {})[attr] = settings
+        for owner_path, settings in by_owner.items():
+            owner = model.get_submodule(owner_path)
+            owner.__dict__["_effcompile_sketch"] = settings
+            owner.__class__ = _sketched_class(type(owner), tuple(sorted(settings)))
+        return sum(len(s) for s in by_owner.values())
+
+    def is_applied(self, model: nn.Module) -> bool:
+        return any(type(m).__dict__.get("_effcompile_sketched") for m in model.modules())
+
+    def fold(self, model: nn.Module) -> int:
+        folded = 0
+        for module in model.modules():
+            if type(module).__dict__.get("_effcompile_sketched"):
+                module.__class__ = type(module)._effcompile_original_class
+                module.__dict__.pop("_effcompile_sketch", None)
+                folded += 1
+        return folded
+
+
+register_pass(RandomizedVJPPass())
