@@ -18,7 +18,7 @@ and target ``grad_input`` (one shared index set over the N output features)::
     grad_X = mm(G[:, idx] · c, W[idx])
 
 ``E[estimate] = exact`` because every index is kept with probability π and scaled by 1/π.  The
-``sketch`` estimator replaces ``grad_W`` by ``(Gᵀ·S)·(Sᵀ·X)`` with ``E[S·Sᵀ] = I``.
+``sketch`` estimator replaces ``grad_W`` by ``(Gᵀ·S)·(Sᵀ·X)`` with Rademacher ``S/√k``, ``E[S·Sᵀ] = I``.
 
 How layers reach the joint graph: the model-level part of the pass swaps the owner module's class
 so that, while Dynamo traces a training forward, the weight is read through the identity custom op
@@ -184,8 +184,10 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
     with graph.inserting_before(mm):
         if settings.estimator == "sketch":
             val = grad_out.meta["val"]
-            sketch_matrix = _insert(graph, mm, aten.randn.default, [rows, k], dtype=val.dtype, device=val.device)
-            sketch_matrix = _insert(graph, mm, aten.mul.Tensor, sketch_matrix, 1.0 / math.sqrt(k))  # E[S·Sᵀ] = I
+            # Rademacher S/√k (E[S·Sᵀ] = I): lower variance than Gaussian, and the eager path's design.
+            gaussian = _insert(graph, mm, aten.randn.default, [rows, k], dtype=val.dtype, device=val.device)
+            sketch_matrix = _insert(graph, mm, aten.mul.Tensor, _insert(graph, mm, aten.sign.default, gaussian),
+                                    1.0 / math.sqrt(k))
             left = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_out), sketch_matrix)
             right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), layer_input)
             new = _insert(graph, mm, aten.mm.default, left, right)
