@@ -171,14 +171,26 @@ def _sampled_rows(graph, like, scores, k, settings, dtype):
     return indices, _insert(graph, like, prims.convert_element_type.default, scale, dtype)
 
 
-def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch) -> Optional[RewriteRecord]:
+def _sample_size(size: Any, keep: float, multiple: int) -> Optional[int]:
+    """Static k for a GEMM dimension of ``size``, or None when the exact GEMM stays (k ≥ n, symbolic n)."""
     from effcompile.sketch import round_budget
 
-    rows = _static(layer_input.meta["val"].shape[0])
-    if rows is None:
+    n = _static(size)
+    if n is None:
         return None
-    k = round_budget(rows, settings.keep, settings.multiple)
-    if k >= rows:
+    k = round_budget(n, keep, multiple)
+    return k if k < n else None
+
+
+def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+
+
+def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch) -> Optional[RewriteRecord]:
+    rows = layer_input.meta["val"].shape[0]
+    k = _sample_size(rows, settings.keep, settings.multiple)
+    if k is None:
         return None
     before = _describe(mm)
     with graph.inserting_before(mm):
@@ -198,19 +210,14 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
             grad_rows = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 0, indices), scale)
             input_rows = _gather(graph, mm, layer_input, 0, indices)
             new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_rows), input_rows)
-    mm.replace_all_uses_with(new)
-    graph.erase_node(mm)
+    _replace(graph, mm, new)
     return RewriteRecord(settings.layer, "grad_weight", "rows", rows, k, settings.estimator, before, _describe(new))
 
 
 def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) -> Optional[RewriteRecord]:
-    from effcompile.sketch import round_budget
-
-    features = _static(grad_out.meta["val"].shape[1])
-    if features is None:
-        return None
-    k = round_budget(features, settings.keep_input, settings.multiple)
-    if k >= features:
+    features = grad_out.meta["val"].shape[1]
+    k = _sample_size(features, settings.keep_input, settings.multiple)
+    if k is None:
         return None
     before = _describe(mm)
     with graph.inserting_before(mm):
@@ -219,8 +226,7 @@ def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) ->
         grad_columns = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 1, indices), scale)
         weight_rows = _gather(graph, mm, weight_t, 0, indices)
         new = _insert(graph, mm, aten.mm.default, grad_columns, weight_rows)
-    mm.replace_all_uses_with(new)
-    graph.erase_node(mm)
+    _replace(graph, mm, new)
     return RewriteRecord(settings.layer, "grad_input", "output features", features, k, settings.estimator, before,
                          _describe(new))
 
