@@ -365,6 +365,17 @@ def _dataset_batch(dataset: Any, batch_size: int, device: torch.device) -> tuple
     return (torch.stack([dataset[i][0] for i in range(count)]).to(device),)
 
 
+def _print_backward_rewrites(model: Any, example: tuple) -> None:
+    """The backward is not in ONNX: show the rewritten joint-graph GEMMs of one compiled step."""
+    from effcompile.passes.randomized_vjp import inspect_backward
+
+    records = inspect_backward(model, example)
+    print("\nBackward GEMMs rewritten in the AOT joint graph:")
+    print(markdown_table(["layer", "gemm", "sampled dim", "k/n", "estimator", "before", "after"],
+                         [[r.layer, r.gemm, r.sampled_dim, f"{r.k}/{r.n}", r.estimator, r.before, r.after]
+                          for r in records]))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the Plan of the transformed model (and the ONNX nodes with --onnx)."""
     configs = build_configs(args.passes, args.pass_arg)
@@ -375,6 +386,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     example = model_example_inputs(args.model, batch_size=args.batch_size, **shape)
     transform(model, *configs, example_inputs=example)
     print(report(model).table())
+    if any(config.name == "randomized_vjp" for config in configs):
+        _print_backward_rewrites(model, example)
     if args.onnx:
         export_onnx(model, example, args.onnx)
         rows = inspect_onnx(args.onnx)

@@ -49,7 +49,8 @@ from effcompile.plan import PlanRow
 from .base import ModelPass, register_pass
 from .capture import GraphCapture, LayerCandidate
 
-__all__ = ["RandomizedVJPPass", "RandomizedVJPJointPass", "JOINT_PASS", "rewrite_joint_graph", "LAST_REWRITES"]
+__all__ = ["RandomizedVJPPass", "RandomizedVJPJointPass", "JOINT_PASS", "rewrite_joint_graph", "LAST_REWRITES",
+           "inspect_backward"]
 
 aten = torch.ops.aten
 prims = torch.ops.prims  # the joint graph is decomposed: casts are prims.convert_element_type
@@ -304,6 +305,26 @@ class RandomizedVJPJointPass(_joint_pass_base()):
 
 
 JOINT_PASS = RandomizedVJPJointPass()
+
+
+def inspect_backward(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> List[RewriteRecord]:
+    """Compile one training step of ``model`` (AOT joint graph, no Inductor) and return its rewrites.
+
+    The backward never reaches ONNX; this is how ``effcompile inspect`` shows, per layer, which
+    backward GEMM was sketched, along which dimension, with which k, and the nodes before/after.
+    Parameters are left untouched (gradients are computed and discarded).
+    """
+    was_training = model.training
+    model.train()
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="effcompile_aot_eager")
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        torch.autograd.grad(compiled(*example_inputs).float().sum(), parameters, allow_unused=True)
+        return list(LAST_REWRITES)
+    finally:
+        torch._dynamo.reset()
+        model.train(was_training)
 
 
 # ------------------------------------------------------------------------------------ model level

@@ -75,6 +75,14 @@ def test_inspect_lists_every_linear_layer(capsys):
     assert linear_paths and linear_paths <= layer_column
 
 
+def test_inspect_shows_the_rewritten_backward_gemms(capsys):
+    assert main(["inspect", "--model", "mlp", "--passes", "randomized_vjp", "--batch-size", "64"]) == 0
+    printed = capsys.readouterr().out
+    backward = printed.split("Backward GEMMs rewritten in the AOT joint graph:")[1]
+    for layer in ("fc1", "fc2", "head"):
+        assert f"| {layer} | grad_weight | rows | 16/64 | importance |" in backward
+
+
 def test_inspect_accepts_a_model_file(tmp_path, capsys):
     model_file = tmp_path / "my_model.py"
     model_file.write_text(textwrap.dedent("""
