@@ -123,7 +123,8 @@ def _static(value: Any) -> Optional[int]:
 
 
 def _fake_mode(node: torch.fx.Node):
-    return node.meta["val"].fake_mode
+    values = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else (node.meta["val"],)
+    return next(value.fake_mode for value in values if isinstance(value, torch.Tensor))
 
 
 def _insert(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
@@ -245,6 +246,53 @@ def _is_transpose(node: Any) -> bool:
     return False
 
 
+def _per_image_norms(graph, like, tensor):
+    tensor = _insert(graph, like, prims.convert_element_type.default, tensor, torch.float32)
+    squares = _insert(graph, like, aten.mul.Tensor, tensor, tensor)
+    dims = list(range(1, tensor.meta["val"].dim()))
+    return _insert(graph, like, aten.sqrt.default, _insert(graph, like, aten.sum.dim_IntList, squares, dims))
+
+
+def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSketch) -> Optional[RewriteRecord]:
+    """Split ``convolution_backward`` so the weight gradient comes from ``k`` sampled images.
+
+    ``∇W = Σ_b ∇W(g_b, x_b)`` is a sum over images; the sampled call gathers ``k`` of them, scales
+    each image's gradient by ``1/π_b`` (∇W is linear in g) and asks only for the weight gradient.
+    """
+    grad_out, layer_input, weight = backward.args[:3]
+    conv_args, output_mask = list(backward.args[3:10]), list(backward.args[10])
+    if not output_mask[1] or settings.estimator == "sketch":
+        return None
+    k = _sample_size(layer_input.meta["val"].shape[0], settings.keep, settings.multiple)
+    if k is None:
+        return None
+    before = _describe_multi(backward)
+    with graph.inserting_before(backward):
+        rest = _insert(graph, backward, aten.convolution_backward.default, grad_out, layer_input, weight, *conv_args,
+                       [output_mask[0], False, output_mask[2]])
+        scores = _insert(graph, backward, aten.mul.Tensor, _per_image_norms(graph, backward, grad_out),
+                         _per_image_norms(graph, backward, layer_input))
+        indices, scale = _sampled_rows(graph, backward, scores, k, settings, grad_out.meta["val"].dtype)
+        scale = _insert(graph, backward, aten.view.default, scale, [k] + [1] * (grad_out.meta["val"].dim() - 1))
+        grad_images = _insert(graph, backward, aten.mul.Tensor, _gather(graph, backward, grad_out, 0, indices), scale)
+        input_images = _gather(graph, backward, layer_input, 0, indices)
+        sampled = _insert(graph, backward, aten.convolution_backward.default, grad_images, input_images, weight,
+                          *conv_args, [False, True, False])
+    for user in list(backward.users):
+        source = sampled if user.args[1] == 1 else rest
+        user.replace_input_with(backward, source)
+        user.meta["val"] = source.meta["val"][user.args[1]]
+    graph.erase_node(backward)
+    after = _describe_multi(sampled)
+    return RewriteRecord(settings.layer, "grad_weight", "images", int(layer_input.meta["val"].shape[0]), k,
+                         settings.estimator, before, after)
+
+
+def _describe_multi(node: torch.fx.Node) -> str:
+    args = ", ".join(getattr(a, "name", repr(a)) for a in node.args[:3])
+    return f"{node.name} = {getattr(node.target, '__name__', node.target)}({args}, ...)"
+
+
 def _forward_matmuls(transposed_weight: torch.fx.Node) -> List[torch.fx.Node]:
     """Forward ``addmm(b, X, t(W))`` / ``mm(X, t(W))`` nodes that use the transposed weight."""
     return [user for user in transposed_weight.users
@@ -254,6 +302,10 @@ def _forward_matmuls(transposed_weight: torch.fx.Node) -> List[torch.fx.Node]:
 
 def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch) -> List[RewriteRecord]:
     records = []
+    if settings.keep < 1:
+        for backward in [u for u in marker.users if u.target is aten.convolution_backward.default and u.args[2] is marker]:
+            record = _rewrite_conv_grad_weight(graph, backward, settings)
+            records += [record] if record else []
     for transposed in [u for u in marker.users if _is_transpose(u)]:
         for forward in _forward_matmuls(transposed):
             layer_input = forward.args[1] if forward.target is aten.addmm.default else forward.args[0]
@@ -335,7 +387,7 @@ def _marked_weight_property(attr: str) -> property:
         if self.training and torch.is_grad_enabled():
             if is_compiling():
                 return MARKER(parameter, *settings.marker_args())
-            if not isinstance(self, nn.Linear):
+            if not type(self).__dict__.get("_effcompile_eager_sketch", False):
                 raise RuntimeError(
                     f"effcompile: layer {settings.layer!r} uses its weight outside nn.Linear; its randomized VJP "
                     "runs only in compiled training: torch.compile(model, backend='effcompile')")
@@ -356,6 +408,37 @@ def _sketched_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tens
                                 settings.estimator, settings.uniform_mix, settings.multiple)
 
 
+def _sketched_conv_forward(self: nn.modules.conv._ConvNd, input: torch.Tensor) -> torch.Tensor:
+    original = type(self)._effcompile_original_class
+    if is_compiling() or not (self.training and torch.is_grad_enabled()):
+        return original.forward(self, input)
+    from effcompile.sketch import SketchedConv
+
+    settings: LayerSketch = self._effcompile_sketch["weight"]
+    return SketchedConv.apply(input, self._parameters["weight"], self.bias, self.stride, self.padding, self.dilation,
+                              self.groups, settings.keep if settings.keep < 1 else None, settings.estimator,
+                              settings.uniform_mix, settings.multiple)
+
+
+def _eager_forward(cls: type, attrs: Tuple[str, ...]):
+    """The eager sketched forward for this owner class, or None (then the layer is compiled-only)."""
+    if attrs != ("weight",):
+        return None
+    if issubclass(cls, nn.Linear):
+        return _sketched_linear_forward
+    if issubclass(cls, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return _sketched_conv_forward
+    return None
+
+
+def _eager_supported(owner: nn.Module, attr: str) -> bool:
+    if _eager_forward(type(owner), (attr,)) is None:
+        return False
+    if isinstance(owner, nn.modules.conv._ConvNd):  # SketchedConv: zero padding given as numbers
+        return owner.padding_mode == "zeros" and not isinstance(owner.padding, str)
+    return True
+
+
 _SKETCHED_CLASSES: Dict[Tuple[type, Tuple[str, ...]], type] = {}
 
 
@@ -365,8 +448,10 @@ def _sketched_class(cls: type, attrs: Tuple[str, ...]) -> type:
         namespace = {attr: _marked_weight_property(attr) for attr in attrs}
         namespace["_effcompile_original_class"] = cls
         namespace["_effcompile_sketched"] = attrs
-        if issubclass(cls, nn.Linear) and attrs == ("weight",):
-            namespace["forward"] = _sketched_linear_forward
+        eager_forward = _eager_forward(cls, attrs)
+        if eager_forward is not None:
+            namespace["forward"] = eager_forward
+            namespace["_effcompile_eager_sketch"] = True
         _SKETCHED_CLASSES[key] = type(f"Sketched{cls.__name__}", (cls,), namespace)
     return _SKETCHED_CLASSES[key]
 
@@ -382,34 +467,39 @@ class RandomizedVJPPass(ModelPass):
         row = PlanRow(layer=candidate.layer, pass_name=self.name, action="sketch", op=first.op,
                       input_shape=first.input_shape, weight_shape=candidate.weight_shape)
         owner = model.get_submodule(candidate.owner_path)
-        reason = self._skip_reason(owner, candidate)
+        reason = self._skip_reason(owner, candidate, config)
         if reason:
             row.action, row.reason = "skip", reason
             return row
         settings = _settings(config, candidate.layer, owner._parameters[candidate.attr].device)
-        rows = math.prod(first.input_shape[:-1]) if first.input_shape else 0
+        is_conv = first.op.startswith("conv")
+        # The sampled GEMM dimension: sample·token rows for linears, images for convolutions.
+        rows = (first.input_shape[0] if is_conv else math.prod(first.input_shape[:-1])) if first.input_shape else 0
         from effcompile.sketch import round_budget
 
         row.details = {"estimator": settings.estimator, "target": config.target}
         if settings.keep < 1:
-            row.details.update(keep=settings.keep, k_rows=f"{round_budget(rows, settings.keep, settings.multiple)}/{rows}")
+            sampled = "k_images" if is_conv else "k_rows"
+            row.details.update({"keep": settings.keep, sampled: f"{round_budget(rows, settings.keep, settings.multiple)}/{rows}"})
         if settings.keep_input < 1:
             features = candidate.weight_shape[0]
             row.details.update(keep_input=settings.keep_input,
                                k_features=f"{round_budget(features, settings.keep_input, settings.multiple)}/{features}")
-        row.details["eager"] = "yes" if isinstance(owner, nn.Linear) and candidate.attr == "weight" else "compiled only"
+        row.details["eager"] = "yes" if _eager_supported(owner, candidate.attr) else "compiled only"
         row.spec = (candidate.owner_path, candidate.attr, settings)
         return row
 
     @staticmethod
-    def _skip_reason(owner: nn.Module, candidate: LayerCandidate) -> str:
+    def _skip_reason(owner: nn.Module, candidate: LayerCandidate, config: RandomizedVJP) -> str:
         if candidate.other_uses:
             return f"the weight is also used by {', '.join(sorted(set(candidate.other_uses)))}"
         kinds = {use.op for use in candidate.uses}
-        if kinds != {"linear"}:
-            return f"{'/'.join(sorted(kinds))}: only linear layers have a sketched backward in this version"
+        if len(kinds) != 1 or not (kinds <= {"linear"} or next(iter(kinds)).startswith("conv")):
+            return f"{'/'.join(sorted(kinds))}: only linear and conv layers have a sketched backward in this version"
         if any(use.unsupported for use in candidate.uses):
             return candidate.uses[0].unsupported
+        if next(iter(kinds)).startswith("conv") and (config.estimator == "sketch" or config.target == "grad_input"):
+            return "convolutions sketch grad_weight with estimator importance/uniform only in this version"
         if hasattr(type(owner), "_effcompile_original_class"):
             return "the layer already carries another weight rewrite (composition lands with the comparison suite)"
         return ""

@@ -155,6 +155,27 @@ def test_no_recompiles_across_steps():
     assert losses[-1] < losses[0]
 
 
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, groups=2),
+                         nn.Flatten(), nn.Linear(36, 3))
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_convolution_weight_gradients_are_unbiased(path):
+    x = torch.randn(32, 1, 8, 8) * torch.logspace(-1, 1, 32)[:, None, None, None]
+    y = torch.randint(0, 3, (32,))
+    reference = _cnn()
+    exact = _gradients(reference, reference, x, y)
+    model = _sketch(_cnn(), x, keep=0.25)
+    forward = model if path == "eager" else torch.compile(model, backend="effcompile_aot_eager")
+    samples = _draws(model, forward, x, y, 200)
+    _assert_unbiased(samples, exact)
+    if path == "compiled":
+        assert {(r.layer, r.sampled_dim, r.k) for r in randomized_vjp.LAST_REWRITES} == {
+            ("0", "images", 8), ("2", "images", 8), ("4", "rows", 8)}
+
+
 @pytest.mark.slow
 def test_inductor_path_is_unbiased(exact_gradient):
     model, (x, y) = _mlp(), _data()
@@ -193,13 +214,18 @@ def test_compile_cache_never_mixes_configs(tmp_path):
 class TestPlanAndErrors:
     def test_plan_lists_every_layer_with_its_budget(self):
         model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
-        with pytest.warns(UserWarning, match="skipped 1 layer"):
-            effcompile.transform(model, effcompile.RandomizedVJP(keep=0.5, multiple=2),
-                                 example_inputs=(torch.randn(8, 1, 4, 4),))
+        effcompile.transform(model, effcompile.RandomizedVJP(keep=0.5, multiple=2), example_inputs=(torch.randn(8, 1, 4, 4),))
         plan = effcompile.report(model)
-        assert plan.row("0").action == "skip" and "only linear" in plan.row("0").reason
+        assert plan.row("0").action == "sketch" and plan.row("0").details["k_images"] == "4/8"
         row = plan.row("2")
         assert row.action == "sketch" and row.details["k_rows"] == "4/8" and row.details["eager"] == "yes"
+
+    def test_unsupported_combinations_are_skipped_with_reason(self):
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+        with pytest.warns(UserWarning, match="skipped 1 layer"):
+            effcompile.transform(model, effcompile.RandomizedVJP(keep=0.5, estimator="sketch"),
+                                 example_inputs=(torch.randn(8, 1, 4, 4),))
+        assert "importance/uniform only" in effcompile.report(model).row("0").reason
 
     def test_other_backends_fail_loudly_instead_of_computing_exact_gradients(self):
         model, (x, y) = _mlp(), _data()
