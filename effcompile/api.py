@@ -70,12 +70,14 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
 
     captured = capture(model, _as_tuple(example_inputs))
     plan = plan_of(model) or Plan()
-    decided = [(PASSES[config.name], config, PASSES[config.name].plan(model, captured, config)) for config in configs]
-    for model_pass, _, rows in decided:
+    # Plan and apply one pass at a time: a later pass must see the earlier passes' rewrites
+    # (e.g. it skips a layer whose weight another pass already rewrites).
+    for config in configs:
+        model_pass = PASSES[config.name]
+        rows = model_pass.plan(model, captured, config)
         if not rows:
             raise ValueError(f"{model_pass.name}: the captured graph of {type(model).__name__} has no layer this pass "
                              "applies to (no linear, conv or matmul against a parameter)")
-    for model_pass, config, rows in decided:
         model_pass.apply(model, [row for row in rows if row.applied], config)
         for row in rows:
             plan.add(row)

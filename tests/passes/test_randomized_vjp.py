@@ -290,3 +290,14 @@ def test_mlp_trains_on_digits_close_to_exact_backprop():
     exact = sum(accuracy(1.0, seed) for seed in (0, 1)) / 2
     sketched = sum(accuracy(0.25, seed) for seed in (0, 1)) / 2
     assert exact > 0.95 and sketched > exact - 0.02, (exact, sketched)
+
+
+def test_composed_with_decorrelation_skips_already_rewritten_weights_explicitly():
+    model, (x, y) = _mlp(), _data()
+    with pytest.warns(UserWarning, match="randomized_vjp: skipped 2 layer"):
+        effcompile.transform(model, effcompile.Decorrelation(), effcompile.RandomizedVJP(keep=0.25), example_inputs=(x,))
+    plan = effcompile.report(model)
+    assert {row.action for row in plan.for_pass("decorrelation")} == {"decorrelate"}
+    assert all("another weight rewrite" in row.reason for row in plan.for_pass("randomized_vjp"))
+    _gradients(model, model, x, y)  # the decorrelated forward still trains
+    assert int(model[0].weight_decorrelation.updates) == 1
