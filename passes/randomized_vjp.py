@@ -107,7 +107,7 @@ class RewriteRecord:
 
     layer: str
     gemm: str  # "grad_weight" | "grad_input"
-    sampled_dim: str  # "rows" (M) | "output features" (N)
+    sampled_dim: str  # "rows" (M) | "output features" (N) | "images" (convolution batch)
     n: int
     k: int
     estimator: str
@@ -155,11 +155,11 @@ def _gather(graph, like, matrix, dim, indices):
     return _insert(graph, like, aten.index.Tensor, matrix, [None] * dim + [indices])
 
 
-def _norms(graph, like, matrix, dim):
-    """‖·‖₂ along ``dim`` in fp32, from core ops (the joint graph is already decomposed)."""
-    matrix = _insert(graph, like, prims.convert_element_type.default, matrix, torch.float32)
-    squares = _insert(graph, like, aten.mul.Tensor, matrix, matrix)
-    return _insert(graph, like, aten.sqrt.default, _insert(graph, like, aten.sum.dim_IntList, squares, [dim]))
+def _norms(graph, like, tensor, dims):
+    """‖·‖₂ over ``dims`` in fp32, from core ops (the joint graph is already decomposed)."""
+    tensor = _insert(graph, like, prims.convert_element_type.default, tensor, torch.float32)
+    squares = _insert(graph, like, aten.mul.Tensor, tensor, tensor)
+    return _insert(graph, like, aten.sqrt.default, _insert(graph, like, aten.sum.dim_IntList, squares, list(dims)))
 
 
 def _sampled_rows(graph, like, scores, k, settings, dtype):
@@ -206,7 +206,7 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
             right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), layer_input)
             new = _insert(graph, mm, aten.mm.default, left, right)
         else:
-            scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, 1), _norms(graph, mm, layer_input, 1))
+            scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [1]), _norms(graph, mm, layer_input, [1]))
             indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
             scale = _insert(graph, mm, aten.unsqueeze.default, scale, 1)
             grad_rows = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 0, indices), scale)
@@ -223,7 +223,7 @@ def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) ->
         return None
     before = _describe(mm)
     with graph.inserting_before(mm):
-        scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, 0), _norms(graph, mm, weight_t, 1))
+        scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [0]), _norms(graph, mm, weight_t, [1]))
         indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
         grad_columns = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 1, indices), scale)
         weight_rows = _gather(graph, mm, weight_t, 0, indices)
@@ -247,10 +247,7 @@ def _is_transpose(node: Any) -> bool:
 
 
 def _per_image_norms(graph, like, tensor):
-    tensor = _insert(graph, like, prims.convert_element_type.default, tensor, torch.float32)
-    squares = _insert(graph, like, aten.mul.Tensor, tensor, tensor)
-    dims = list(range(1, tensor.meta["val"].dim()))
-    return _insert(graph, like, aten.sqrt.default, _insert(graph, like, aten.sum.dim_IntList, squares, dims))
+    return _norms(graph, like, tensor, range(1, tensor.meta["val"].dim()))
 
 
 def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSketch) -> Optional[RewriteRecord]:
