@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Union
 import torch
 import torch.nn as nn
 
+from .plan import layer_key
+
 __all__ = ["export_onnx", "inspect_onnx", "NAME_SCOPES_KEY"]
 
 # Every node of torch.onnx.export(dynamo=True) carries its module path in this metadata entry.
@@ -68,8 +70,7 @@ def _inserted_by(scopes: List[str]) -> Any:
         for suffix, pass_name in _INSERTED_SUFFIXES.items():
             if scope.endswith(suffix):
                 owner, _, attr = scope[: -len(suffix)].rpartition(".")
-                layer = owner if attr == "weight" else ".".join(filter(None, [owner, attr]))
-                return layer or "<root>", pass_name
+                return layer_key(owner, attr), pass_name
     return None
 
 

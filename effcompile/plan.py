@@ -11,7 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-__all__ = ["PlanRow", "Plan"]
+__all__ = ["PlanRow", "Plan", "layer_key"]
+
+
+def layer_key(owner_path: str, attr: str) -> str:
+    """The Plan key of a weight: its owner module path, plus the attribute when it is not ``weight``."""
+    key = owner_path if attr == "weight" else ".".join(filter(None, [owner_path, attr]))
+    return key or "<root>"
 
 
 @dataclasses.dataclass

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from effcompile.plan import layer_key
+
 __all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError"]
 
 aten = torch.ops.aten
@@ -86,10 +88,8 @@ class LayerCandidate:
 
     @property
     def layer(self) -> str:
-        """The Plan key: the owner module path, plus the attribute when it is not ``weight``."""
-        if self.attr == "weight":
-            return self.owner_path or "<root>"
-        return f"{self.owner_path}.{self.attr}" if self.owner_path else self.attr
+        """The Plan key (see ``effcompile.plan.layer_key``)."""
+        return layer_key(self.owner_path, self.attr)
 
 
 @dataclasses.dataclass
@@ -203,8 +203,9 @@ def _trace_weight(node: torch.fx.Node, axis: int, params: Dict[str, str]) -> Tup
 def _module_signatures(exported: torch.export.ExportedProgram) -> Dict[str, Any]:
     signatures = {}
     for entry in exported.module_call_graph:
-        if entry.signature is not None and entry.fqn not in signatures:
-            signatures[_normalise_path(entry.fqn)] = entry.signature
+        key = _normalise_path(entry.fqn)
+        if entry.signature is not None and key not in signatures:
+            signatures[key] = entry.signature
     return signatures
 
 
@@ -280,11 +281,6 @@ def _use_from_node(node: torch.fx.Node, params: Dict[str, str]) -> Optional[Tupl
     return fqn, use
 
 
-def _owner(model: nn.Module, fqn: str) -> Tuple[str, str]:
-    owner_path, _, attr = fqn.rpartition(".")
-    return owner_path, attr
-
-
 def capture(model: nn.Module, example_inputs: Sequence[Any]) -> GraphCapture:
     """Export ``model`` on ``example_inputs`` and list the parameters used as layer weights."""
     if not isinstance(example_inputs, tuple):
@@ -307,7 +303,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> GraphCapture:
 
     def candidate(fqn: str) -> LayerCandidate:
         if fqn not in candidates:
-            owner_path, attr = _owner(model, fqn)
+            owner_path, _, attr = fqn.rpartition(".")
             shape = tuple(model.get_parameter(fqn).shape)
             candidates[fqn] = LayerCandidate(fqn, owner_path, attr, shape)
         return candidates[fqn]

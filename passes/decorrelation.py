@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from effcompile._compat import functional_all_reduce_mean, is_compiling
 from effcompile.config import Decorrelation
-from effcompile.plan import PlanRow
+from effcompile.plan import PlanRow, layer_key
 
 from .base import ModelPass, register_pass
 from .capture import ConvGeometry, GraphCapture, InputLocation, LayerCandidate
@@ -178,12 +178,16 @@ class DecorrelationState(nn.Module):
             rows = flat
         return rows.to(torch.float32).view(rows.shape[0], self.spec.groups, self.spec.group_dim)
 
-    def _update(self, rows: torch.Tensor, gate) -> None:
+    def _decorrelated_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """z = R·x per block: (n, groups, d) rows → (n, blocks, b), padded features zero."""
         groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
         if blocks * b != d:
             rows = F.pad(rows, (0, blocks * b - d))
-        n = rows.shape[0]
-        z = torch.einsum("nkb,kcb->nkc", rows.view(n, groups * blocks, b), self.matrix)  # z = R·x per block
+        return torch.einsum("nkb,kcb->nkc", rows.view(rows.shape[0], groups * blocks, b), self.matrix)
+
+    def _update(self, rows: torch.Tensor, gate) -> None:
+        n, b = rows.shape[0], self.block
+        z = self._decorrelated_rows(rows)
         if n < b and not self._syncing():
             # Fewer rows than features: C·R = (ZᵀZ/n)·R − diag(var)·R as Zᵀ(Z·R)/n costs 3·n·b²
             # instead of n·b² + b³ for forming C and multiplying.
@@ -198,15 +202,12 @@ class DecorrelationState(nn.Module):
         step = (1.0 - self.kappa) * off_diagonal_times_matrix + self.kappa * excess_variance.unsqueeze(-1) * self.matrix
         proposal = self.matrix - self.lr * step
         accepted = torch.isfinite(proposal).all() & (proposal.abs().amax() <= self.divergence_threshold)
-        if gate is not True:
-            accepted_update = accepted & gate
-            self.matrix.copy_(torch.where(accepted_update, proposal, self.matrix))
-            self.updates.add_(accepted_update.long())
-            self.rejected_updates.add_((gate & ~accepted).long())
-            return
-        self.matrix.copy_(torch.where(accepted, proposal, self.matrix))
-        self.updates.add_(accepted.long())
-        self.rejected_updates.add_((~accepted).long())
+        # ``gate`` is True (eager/update every step) or a device bool (compiled update_every schedule).
+        applied = accepted if gate is True else accepted & gate
+        rejected = ~accepted if gate is True else gate & ~accepted
+        self.matrix.copy_(torch.where(applied, proposal, self.matrix))
+        self.updates.add_(applied.long())
+        self.rejected_updates.add_(rejected.long())
 
     def _syncing(self) -> bool:
         return (self.sync_statistics and dist.is_available() and dist.is_initialized()
@@ -221,17 +222,13 @@ class DecorrelationState(nn.Module):
     def off_diagonal_correlation(self, x: torch.Tensor, num_rows: int = 1 << 16) -> torch.Tensor:
         """Mean |corr(z_i, z_j)| over i≠j within blocks, on up to ``num_rows`` rows of input ``x``."""
         with torch.no_grad():
-            rows = self._sample_rows(x, num_rows)
-            groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
-            if blocks * b != d:
-                rows = F.pad(rows, (0, blocks * b - d))
-            z = torch.einsum("nkb,kcb->nkc", rows.view(rows.shape[0], groups * blocks, b), self.matrix)
+            z = self._decorrelated_rows(self._sample_rows(x, num_rows))
             z = z - z.mean(dim=0, keepdim=True)
             cov = torch.einsum("nkc,nke->kce", z, z) / z.shape[0]
             std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(1e-12).sqrt()
             corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
             mask = self.feature_mask.unsqueeze(-1) * self.feature_mask.unsqueeze(-2)
-            mask = mask * (1 - torch.eye(b, device=mask.device))
+            mask = mask * (1 - torch.eye(self.block, device=mask.device))
             return (corr.abs() * mask).sum() / mask.sum().clamp_min(1)
 
 
@@ -335,9 +332,7 @@ def decorrelation_states(model: nn.Module) -> Dict[str, DecorrelationState]:
     out = {}
     for path, module in model.named_modules():
         if isinstance(module, DecorrelationState):
-            spec = module.spec
-            key = spec.owner_path if spec.attr == "weight" else ".".join(filter(None, [spec.owner_path, spec.attr]))
-            out[key or "<root>"] = module
+            out[layer_key(module.spec.owner_path, module.spec.attr)] = module
     return out
 
 
