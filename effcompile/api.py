@@ -12,7 +12,7 @@ import torch.nn as nn
 from .config import PassConfig
 from .plan import Plan
 
-__all__ = ["transform", "report", "fold", "train_step", "plan_of"]
+__all__ = ["transform", "report", "fold", "train_step", "plain_train_step", "check_finite_loss", "plan_of"]
 
 _PLAN_ATTR = "_effcompile_plan"
 
@@ -150,21 +150,44 @@ def train_step(
     step, at the cost of one host sync per step.
     """
 
+    from effcompile.passes import PASSES, STEP_OWNERS, StepOptions
+
+    options = StepOptions(compile=compile, backend=backend, check_finite=check_finite)
+    base = _unwrap(model)
+    for name in STEP_OWNERS:
+        if name in PASSES and PASSES[name].is_applied(base):
+            step = PASSES[name].make_train_step(model, loss_fn, optimizer, options)
+            if step is not None:
+                return step
+    return plain_train_step(model, loss_fn, optimizer, options)
+
+
+def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
+                     optimizer: torch.optim.Optimizer, options: Any) -> Callable[[Any, Any], torch.Tensor]:
+    """One loss, one backward, one optimizer step (the step of every pass that keeps its shape)."""
+
     def forward_loss(inputs: Any, targets: Any) -> torch.Tensor:
         return loss_fn(model(*_as_tuple(inputs)), targets)
 
-    if compile:
-        forward_loss = torch.compile(forward_loss, backend=backend)
+    if options.compile:
+        forward_loss = torch.compile(forward_loss, backend=options.backend)
     counter = {"step": 0}
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = forward_loss(inputs, targets)
-        if check_finite and not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at step {counter['step']}; the optimizer step was not taken")
+        if options.check_finite:
+            check_finite_loss(loss, counter["step"])
         loss.backward()
         optimizer.step()
         counter["step"] += 1
         return loss.detach()
 
     return step
+
+
+def check_finite_loss(loss: torch.Tensor, step_index: int) -> None:
+    """Raise ``FloatingPointError`` before the optimizer step when ``loss`` is NaN/Inf (one host sync)."""
+    if not bool(torch.isfinite(loss).all()):
+        raise FloatingPointError(f"non-finite loss {loss.detach().float().sum().item()} at step {step_index}; "
+                                 "the optimizer step was not taken")

@@ -145,7 +145,14 @@ class RandomizedVJP(PassConfig):
         return self.keep if self.keep_input is None else self.keep_input
 
 
-PASS_CONFIGS: Dict[str, Type[PassConfig]] = {Decorrelation.name: Decorrelation, RandomizedVJP.name: RandomizedVJP}
+# One line per pass config class.
+PASS_CONFIGS: Dict[str, Type[PassConfig]] = {
+    cls.name: cls
+    for cls in (
+        Decorrelation,
+        RandomizedVJP,
+    )
+}
 
 
 def config_from_dict(data: Dict[str, Any]) -> PassConfig:

@@ -7,8 +7,8 @@ Invariants every pass keeps:
 * ``state_dict`` keys of the original model are unchanged.
 """
 
-from .base import PASSES, ModelPass, register_pass
+from .base import PASSES, STEP_OWNERS, ModelPass, StepOptions, register_pass
 from .capture import CaptureError, GraphCapture, capture
 from . import decorrelation, randomized_vjp  # noqa: F401  (register the passes)
 
-__all__ = ["PASSES", "ModelPass", "register_pass", "capture", "CaptureError", "GraphCapture"]
+__all__ = ["PASSES", "STEP_OWNERS", "StepOptions", "ModelPass", "register_pass", "capture", "CaptureError", "GraphCapture"]

@@ -16,7 +16,8 @@ state.  Stateless backward rewrites register on the AOT joint graph instead.
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Type
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Type
 
 import torch.nn as nn
 
@@ -25,7 +26,7 @@ from effcompile.plan import PlanRow
 
 from .capture import GraphCapture
 
-__all__ = ["ModelPass", "PASSES", "register_pass"]
+__all__ = ["ModelPass", "PASSES", "STEP_OWNERS", "StepOptions", "register_pass"]
 
 
 class ModelPass(abc.ABC):
@@ -57,8 +58,29 @@ class ModelPass(abc.ABC):
         """Run-time counters to show next to a Plan row (read on demand, never per step)."""
         return {}
 
+    # Passes that change the shape of the training step itself (greedy stages: one loss and one
+    # optimizer per stage; sample selection: a per-sample loss and a weighted subset) return a
+    # step function here; every other pass leaves the step alone and returns None.
+    # ``effcompile.train_step`` asks the passes in ``STEP_OWNERS`` order and uses the first step.
+    def make_train_step(self, model: nn.Module, loss_fn: Callable, optimizer: Any,
+                        options: StepOptions) -> Optional[Callable]:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How ``effcompile.train_step`` was asked to build the step (shared by every step owner)."""
+
+    compile: bool = False
+    backend: Any = "effcompile"
+    check_finite: bool = False
+
 
 PASSES: Dict[str, ModelPass] = {}
+
+# Passes that may own the training step, outermost first: the stage runtime runs every stage's
+# local loss through the sample selection when both are applied.
+STEP_OWNERS = ("greedy_stages", "sample_selection")
 
 
 def register_pass(instance: ModelPass) -> ModelPass:
