@@ -85,5 +85,19 @@ def is_compiling() -> bool:
 
 __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
-    "unique_graph_count", "is_compiling",
+    "unique_graph_count", "is_compiling", "custom_graph_pass_base", "hash_files",
 ]
+
+
+def custom_graph_pass_base():
+    """``torch._inductor.custom_graph_pass.CustomGraphPass`` (checked on torch 2.11 and 2.13)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+def hash_files(paths):
+    """A stable hash of the files' contents (``get_hash_for_files``; torch 2.11 and 2.13)."""
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
+    return get_hash_for_files(tuple(paths))

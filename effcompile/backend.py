@@ -2,9 +2,10 @@
 
 ``torch.compile(model, backend="effcompile")`` (after ``import effcompile``, or through the
 ``torch_dynamo_backends`` entry point) hands the Dynamo graph to Inductor, so the result is
-compiled CPU or GPU code.  Model-level passes (decorrelation) are already in the module the user
-compiles; the joint-graph pass of the randomized-VJP pass (stateless backward rewrites) is
-installed through Inductor's cache-keyed ``joint_custom_pre_pass`` hook.
+compiled CPU or GPU code.  Model-level passes (decorrelation, aux heads) are already in the module
+the user compiles; the joint-graph passes (stateless backward rewrites: the row-sparse backward of
+sample selection, then the randomized VJPs) run as one ``CustomGraphPass`` installed through
+Inductor's cache-keyed ``joint_custom_pre_pass`` hook.
 
 ``backend="effcompile_aot_eager"`` runs the same joint-graph rewrite through AOTAutograd without
 Inductor (eager kernels): the CPU tests' fast rung of the backend ladder.
@@ -22,7 +23,7 @@ __all__ = ["effcompile_backend", "effcompile_aot_eager_backend"]
 
 
 def _joint_pass():
-    from effcompile.passes.randomized_vjp import JOINT_PASS
+    from effcompile.passes.joint import JOINT_PASS
 
     return JOINT_PASS
 
