@@ -1,0 +1,145 @@
+"""Auxiliary classifier heads for greedy local-loss stages (DGL, Belilovsky et al. ICML 2020).
+
+Every stage but the last ends with an aux head that maps the stage's boundary activation to
+class logits, so the stage can be trained by its own loss ``CE(head_k(out_k), y)``.  The head is
+chosen from the boundary shape (batch dimension first):
+
+* ``(B, C, H, W)`` → :class:`MLPSRHead`, DGL's "MLP-SR" head: adaptive average pool to
+  ``⌈H/4⌉×⌈W/4⌉`` → 3×(1×1 conv + BatchNorm + ReLU, width C) → 2×2 average pool (adaptive, so
+  ``⌈h/2⌉×⌈w/2⌉``; skipped when the map is already 1×1) → flatten → 3-layer MLP of width 4C with
+  ReLUs, whose last layer outputs the classes.  The 1×1 convs are cheap (no spatial mixing) and the
+  early pooling keeps the head at a few % of a stage's FLOPs.
+* ``(B, T, C)`` → :class:`PoolMLPHead`: mean over tokens → the same 3-layer MLP.
+* ``(B, C)`` → :class:`MLPHead`: the 3-layer MLP.
+* ``head="linear"``: global pooling (mean over every non-batch, non-channel axis) → one Linear.
+
+``head_width`` overrides the channel width C of the head (the MLP width is ``4·head_width``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["MLPSRHead", "PoolMLPHead", "MLPHead", "LinearHead", "HEAD_KINDS", "head_kind_for", "make_aux_head"]
+
+HEAD_KINDS = ("mlp_sr", "pool_mlp", "mlp", "linear")
+
+
+def _mlp(in_features: int, width: int, num_classes: int) -> nn.Sequential:
+    """in → width → width → classes, ReLU between (three Linear layers)."""
+    return nn.Sequential(
+        nn.Linear(in_features, width), nn.ReLU(),
+        nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, num_classes),
+    )
+
+
+def _pooled_size(size: int, factor: int) -> int:
+    return max(1, math.ceil(size / factor))
+
+
+class MLPSRHead(nn.Module):
+    """DGL's MLP-SR head for a ``(B, C, H, W)`` boundary (see the module docstring)."""
+
+    def __init__(self, channels: int, spatial: Tuple[int, int], num_classes: int, width: Optional[int] = None) -> None:
+        super().__init__()
+        width = width or channels
+        height, breadth = (_pooled_size(s, 4) for s in spatial)
+        self.reduce = nn.AdaptiveAvgPool2d((height, breadth))
+        layers = []
+        for index in range(3):
+            layers += [nn.Conv2d(channels if index == 0 else width, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        if (height, breadth) != (1, 1):
+            height, breadth = _pooled_size(height, 2), _pooled_size(breadth, 2)
+            self.pool = nn.AdaptiveAvgPool2d((height, breadth))
+        else:
+            self.pool = nn.Identity()
+        self.classifier = _mlp(width * height * breadth, 4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.body(self.reduce(x))), 1))
+
+
+class PoolMLPHead(nn.Module):
+    """Mean over every axis between batch and the last (tokens for ``(B, T, C)``) → 3-layer MLP."""
+
+    def __init__(self, channels: int, num_classes: int, width: Optional[int] = None) -> None:
+        super().__init__()
+        width = width or channels
+        self.classifier = _mlp(channels, 4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 2:
+            x = x.flatten(1, -2).mean(dim=1)
+        return self.classifier(x)
+
+
+class MLPHead(nn.Module):
+    """Flatten all non-batch axes → 3-layer MLP of width ``4·width`` (``width`` defaults to ``features``)."""
+
+    def __init__(self, features: int, num_classes: int, width: Optional[int] = None) -> None:
+        super().__init__()
+        self.classifier = _mlp(features, 4 * (width or features), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(x, 1))
+
+
+class LinearHead(nn.Module):
+    """Global mean over spatial/token axes (channel axis: 1 for 4-D maps, last otherwise) → Linear."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.channel_first = len(shape) >= 4
+        channels = shape[1] if self.channel_first else shape[-1]
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_first:
+            x = x.flatten(2).mean(dim=2)
+        elif x.dim() > 2:
+            x = x.flatten(1, -2).mean(dim=1)
+        return self.classifier(x)
+
+
+def head_kind_for(shape: Sequence[int], requested: str = "auto") -> str:
+    """The head kind for a boundary of ``shape`` (batch first); ``ValueError`` if it does not fit."""
+    rank = len(shape)
+    if rank < 2:
+        raise ValueError(f"an aux head needs a boundary with a batch and a feature axis, got shape {tuple(shape)}")
+    if requested == "auto":
+        return {4: "mlp_sr", 3: "pool_mlp", 2: "mlp"}.get(rank, "pool_mlp")
+    if requested == "mlp_sr" and rank != 4:
+        raise ValueError(f"head='mlp_sr' needs a (B, C, H, W) boundary, got shape {tuple(shape)}; use head='auto'")
+    if requested not in HEAD_KINDS:
+        raise ValueError(f"head={requested!r} is invalid: expected 'auto' or one of {HEAD_KINDS}")
+    return requested
+
+
+def make_aux_head(shape: Sequence[int], num_classes: int, kind: str = "auto", width: Optional[int] = None) -> nn.Module:
+    """A fresh aux head mapping a boundary of ``shape`` (batch first) to ``num_classes`` logits."""
+    kind = head_kind_for(shape, kind)
+    shape = tuple(int(s) for s in shape)
+    if kind == "mlp_sr":
+        return MLPSRHead(shape[1], (shape[2], shape[3]), num_classes, width)
+    if kind == "pool_mlp":
+        channels = shape[1] if len(shape) >= 4 else shape[-1]
+        if len(shape) >= 4:  # channel-first maps: pool spatial axes, not channels
+            return nn.Sequential(nn.Flatten(2), _ChannelFirstMean(), PoolMLPHead(channels, num_classes, width).classifier)
+        return PoolMLPHead(channels, num_classes, width)
+    if kind == "mlp":  # width defaults to the channel count C, not the flattened C·H·W
+        channels = shape[1] if len(shape) >= 4 else shape[-1]
+        return MLPHead(math.prod(shape[1:]), num_classes, width or channels)
+    return LinearHead(shape, num_classes)
+
+
+class _ChannelFirstMean(nn.Module):
+    """(B, C, N) → (B, C): mean over the flattened spatial axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=2)
