@@ -39,7 +39,8 @@ __all__ = [
     "ESTIMATORS", "SAMPLING_ESTIMATORS", "round_budget", "inclusion_probabilities", "sample_indices",
     "sample_indices_op", "sketched_grad_weight", "sketched_grad_input", "horvitz_thompson_variance",
     "analytic_variance_grad_weight", "analytic_variance_grad_input", "SketchedLinear", "sketched_linear",
-    "SketchedConv", "sketched_conv",
+    "SketchedConv", "sketched_conv", "sketch_statistics", "statistics_slot", "MemorySketchedLinear",
+    "memory_sketched_linear",
 ]
 
 SAMPLING_ESTIMATORS = ("uniform", "importance")  # index-sampling designs (sample_indices)
@@ -441,15 +442,19 @@ class SketchedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, keep_weight, keep_input, estimator, uniform_mix, multiple):
+    def forward(ctx, input, weight, bias, keep_weight, keep_input, estimator, uniform_mix, multiple, statistics=None,
+                ladder=()):
         # Out-of-place only: an in-place op in forward gives silently wrong gradients under
         # torch.compile on torch 2.11.
         _check_estimator(estimator, ESTIMATORS)
         if estimator == "sketch" and keep_input is not None and keep_input < 1:
             raise ValueError("the 'sketch' estimator applies to grad_weight only; use keep_input=None")
+        if statistics is not None and estimator == "sketch":
+            raise ValueError("adaptive statistics need a sampling estimator ('importance' or 'uniform')")
         ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
         ctx.config = (keep_weight, keep_input, estimator, uniform_mix, multiple)
+        ctx.adaptive = (statistics is not None, tuple(ladder))
         return F.linear(input, weight, bias)
 
     @staticmethod
@@ -457,18 +462,23 @@ class SketchedLinear(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         keep_weight, keep_input, estimator, uniform_mix, multiple = ctx.config
         g = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_input = grad_weight = grad_bias = None
+        grad_input = grad_weight = grad_bias = statistics = None
         if ctx.needs_input_grad[1]:
             x = input.reshape(-1, input.shape[-1])
             k = _budget_or_none(g.shape[0], keep_weight, multiple)
             grad_weight = g.t() @ x if k is None else sketched_grad_weight(g, x, k, estimator, uniform_mix)
+            has_statistics, ladder = ctx.adaptive
+            if has_statistics and ctx.needs_input_grad[8]:
+                # The statistics leave the backward as the gradient of the statistics tensor.
+                statistics = _adaptive_statistics(g, x, grad_weight, (None, ladder, multiple), k or g.shape[0],
+                                                  estimator, uniform_mix)
         if ctx.needs_input_grad[0]:
             k = _budget_or_none(g.shape[1], keep_input, multiple)
             grad_x = g @ weight if k is None else sketched_grad_input(g, weight, k, estimator, uniform_mix)
             grad_input = grad_x.reshape(input.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, statistics, None
 
 
 def sketched_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, keep_weight: float | None = None,
@@ -575,3 +585,127 @@ def sketched_conv(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
     """``torch.convolution(...)`` (like ``F.conv{1,2,3}d``, integer padding) with :class:`SketchedConv` backward."""
     return SketchedConv.apply(input, weight, bias, stride, padding, dilation, groups, keep_weight, estimator,
                               uniform_mix, multiple)
+
+
+# --------------------------------------------------------------------------------------------
+# Variance control (adaptive keep): per-step statistics on the device
+# --------------------------------------------------------------------------------------------
+
+
+def _statistics_impl(grad_output_2d: Tensor, input_2d: Tensor, grad_weight: Tensor, ks: list[int], current_k: int,
+                     estimator: str, uniform_mix: float) -> Tensor:
+    g, x = grad_output_2d.detach(), input_2d.detach()
+    m = g.shape[0]
+    sq = _sq_norms(g, 1) * _sq_norms(x, 1)  # ‖c_t‖² = ‖g_t‖²‖x_t‖², c_t = g_t x_tᵀ
+    scores = sq.sqrt()
+
+    def added(k: int) -> Tensor:  # Poisson bound Σ(1/π_t − 1)‖c_t‖² (≥ the fixed-size variance)
+        if k >= m:
+            return torch.zeros((), dtype=torch.float64, device=g.device)
+        pi = _inclusion_probabilities64(scores, k, estimator, uniform_mix)
+        return horvitz_thompson_variance(pi, sq).double()
+
+    ladder = [added(k) for k in ks]
+    # ‖ĝ‖² of the exact gradient from the estimate actually used: E‖ĝ_S‖² = ‖ĝ‖² + V_S.
+    exact_sq = (grad_weight.detach().double().square().sum() - added(current_k)).clamp_min(0.0)
+    # Rows as i.i.d. draws u_t = M·c_t with mean ĝ: Var(ĝ) = Var(u)/M ≈ M/(M−1)·(Σ‖c_t‖² − ‖ĝ‖²/M).
+    sgd = (sq.sum() - exact_sq / m).clamp_min(0.0) * (m / max(m - 1, 1))
+    return torch.stack(ladder + [sgd]).to(torch.float32)
+
+
+@torch.library.custom_op("effcompile::sketch_statistics", mutates_args=())
+def sketch_statistics(grad_output_2d: Tensor, input_2d: Tensor, grad_weight: Tensor, ks: list[int], current_k: int,
+                      estimator: str, uniform_mix: float) -> Tensor:
+    """Per-step statistics of one linear layer's weight gradient (float32, shape ``(len(ks)+1,)``).
+
+    Entry ``r < len(ks)``: the added variance ``Σ_t (1/π_t − 1)·‖g_t‖²‖x_t‖²`` of the row-sampling
+    estimator with ``k = ks[r]`` (the Poisson bound of :func:`horvitz_thompson_variance`, from row
+    norms only; 0 when ``k ≥ M``).  Last entry: the SGD noise of the minibatch gradient
+    ``ĝ = Σ_t c_t`` treating the M rows as i.i.d. draws ``u_t = M·c_t``::
+
+        V_sgd = Var(ĝ) ≈ σ̂²/M = M/(M−1) · (Σ_t ‖c_t‖² − ‖ĝ‖²/M),   ‖c_t‖ = ‖g_t‖·‖x_t‖
+
+    with ``‖ĝ‖²`` taken from ``grad_weight`` (the estimate the step used, ``k = current_k``
+    rows) minus its own added variance.  Within-sample rows (tokens) are positively correlated
+    in practice, so the per-row noise underestimates the per-sample SGD noise: the rule that
+    compares the two is conservative (keeps more rows).  Everything stays on the device.
+    """
+    _check_estimator(estimator, SAMPLING_ESTIMATORS)
+    return _statistics_impl(grad_output_2d, input_2d, grad_weight, ks, current_k, estimator, uniform_mix)
+
+
+@sketch_statistics.register_fake
+def _(grad_output_2d, input_2d, grad_weight, ks, current_k, estimator, uniform_mix):
+    return grad_output_2d.new_empty((len(ks) + 1,), dtype=torch.float32)
+
+
+@torch.library.custom_op("effcompile::statistics_slot", mutates_args=())
+def statistics_slot(statistics: Tensor, layer: str) -> Tensor:
+    """Zeros shaped like ``statistics``: the gradient a marked layer's statistics tensor gets
+    before the joint-graph pass replaces it by :func:`sketch_statistics` (the statistics leave
+    the backward as the *gradient* of a per-layer tensor; a hook folds them into EMAs)."""
+    return torch.zeros_like(statistics)
+
+
+@statistics_slot.register_fake
+def _(statistics, layer):
+    return torch.empty_like(statistics)
+
+
+def _adaptive_statistics(g: Tensor, x: Tensor, grad_weight: Tensor, adaptive, current_k: int, estimator: str,
+                         uniform_mix: float) -> Tensor:
+    """Eager twin of the joint pass: ``adaptive = (statistics tensor, ladder keeps, multiple)``."""
+    _, ladder, multiple = adaptive
+    ks = [round_budget(g.shape[0], keep, multiple) for keep in ladder]
+    return sketch_statistics(g, x, grad_weight, ks, current_k, estimator, uniform_mix)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory mode: grad_weight rows chosen in the forward, only those input rows saved
+# --------------------------------------------------------------------------------------------
+
+
+class MemorySketchedLinear(torch.autograd.Function):
+    """``F.linear`` whose backward needs only ``k`` rows of the input (WTA-CRS-style memory mode).
+
+    Forward: scores ``s_t = ‖x_t‖ · ḡ_{p(t)}`` (``ḡ_p``: EMA over past steps of the mean
+    ‖g_t‖ at token position ``p``; all ones before the first backward), draw ``k`` rows with
+    inclusion probabilities ``π`` (:func:`sample_indices`), save ``X[idx]`` (k×K), ``idx`` and
+    ``1/π[idx]`` instead of X (M×K).  Backward: ``grad_W = (G[idx]·(1/π))ᵀ X[idx]``, exact
+    ``grad_X = G W`` and ``grad_b``.  Unbiased: the draw depends on X and on past gradients only,
+    not on this step's randomness, so ``E[Σ_{t∈S} c_t/π_t | π] = Σ_t c_t`` for every ``π``.
+    The gradient of ``position_grad_norms`` is this step's per-position mean ‖g_t‖ (a hook of
+    the pass folds it into the EMA).  No in-place op in ``forward`` (torch 2.11 compile bug).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, position_grad_norms, k, estimator, uniform_mix):
+        x = input.reshape(-1, input.shape[-1])
+        positions = position_grad_norms.shape[0]
+        if x.shape[0] % positions:
+            raise ValueError(f"memory mode: {x.shape[0]} input rows do not split into {positions} token positions "
+                             "(the token count changed since transform)")
+        position_scale = position_grad_norms.detach().to(torch.float32).repeat(x.shape[0] // positions)
+        scores = _row_norms(x) * position_scale
+        idx, scale = sample_indices_op(scores, min(k, x.shape[0]), estimator, uniform_mix)
+        ctx.save_for_backward(x.index_select(0, idx), idx, scale, weight)
+        ctx.input_shape = input.shape
+        ctx.positions = positions
+        ctx.has_bias = bias is not None
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_rows, idx, scale, weight = ctx.saved_tensors
+        g = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = (g.index_select(0, idx) * scale.to(g.dtype).unsqueeze(1)).t() @ input_rows
+        grad_input = (g @ weight).reshape(ctx.input_shape) if ctx.needs_input_grad[0] else None
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        position_norms = _row_norms(g).reshape(-1, ctx.positions).mean(0)
+        return grad_input, grad_weight, grad_bias, position_norms, None, None, None
+
+
+def memory_sketched_linear(input: Tensor, weight: Tensor, bias: Tensor | None, position_grad_norms: Tensor, k: int,
+                           estimator: str = "importance", uniform_mix: float = 0.1) -> Tensor:
+    """``F.linear`` with :class:`MemorySketchedLinear` backward (``k`` rows saved and used for ``grad_W``)."""
+    return MemorySketchedLinear.apply(input, weight, bias, position_grad_norms, k, estimator, uniform_mix)

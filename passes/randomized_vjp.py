@@ -29,11 +29,27 @@ hashes this file) rewrites the marked layer's backward GEMMs and removes the mar
 that survives to run time (a graph compiled by another backend) raises instead of silently
 computing exact gradients.  In eager mode, ``nn.Linear`` owners run the same estimator as the
 autograd function ``effcompile.sketch.SketchedLinear``.
+
+Adaptive mode (``adaptive=True``, linear layers): the owner gets a ``weight_vjp_state``
+submodule (:class:`VarianceControl`) whose ``statistics`` buffer requires grad and is a second
+input of the marker.  The marker's backward gives it the gradient slot
+``effcompile::statistics_slot``, which the joint pass replaces by::
+
+    stats = effcompile::sketch_statistics(G, X, grad_W, ks=[k(keep_r) for the ladder], current_k, ...)
+            # [added variance at each ladder keep ..., SGD noise]  (float32, on the device)
+
+so the statistics leave the backward as an ordinary gradient; a post-accumulate-grad hook folds
+them into EMAs and, every ``adapt_every`` steps, picks the layer's keep (one host read).
+
+Memory mode (``memory_mode=True``, nn.Linear layers): no marker; the owner's forward is the
+autograd function ``effcompile.sketch.MemorySketchedLinear`` (eager and traced by Dynamo alike),
+which samples the grad_weight rows in the forward and saves ``X[idx]`` instead of ``X``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import operator
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -50,6 +66,7 @@ from .base import ModelPass, register_pass
 from .capture import GraphCapture, LayerCandidate
 
 __all__ = ["RandomizedVJPPass", "RandomizedVJPJointPass", "JOINT_PASS", "rewrite_joint_graph", "LAST_REWRITES",
+           "VarianceControl", "MemoryModeState",
            "inspect_backward"]
 
 aten = torch.ops.aten
@@ -58,24 +75,41 @@ prims = torch.ops.prims  # the joint graph is decomposed: casts are prims.conver
 
 # ------------------------------------------------------------------------------------ marker op
 @torch.library.custom_op("effcompile::vjp_marker", mutates_args=())
-def _vjp_marker(weight: torch.Tensor, layer: str, keep: float, keep_input: float, estimator: str,
-                uniform_mix: float, multiple: int) -> torch.Tensor:
+def _vjp_marker(weight: torch.Tensor, statistics: Optional[torch.Tensor], layer: str, keep: float, keep_input: float,
+                estimator: str, uniform_mix: float, multiple: int, ladder: List[float]) -> torch.Tensor:
     raise RuntimeError(
         f"effcompile: layer {layer!r} has a RandomizedVJP rewrite that was not applied: compile the model with "
         "torch.compile(backend='effcompile') (or 'effcompile_aot_eager'), or train it eagerly")
 
 
 @_vjp_marker.register_fake
-def _(weight, layer, keep, keep_input, estimator, uniform_mix, multiple):
+def _(weight, statistics, layer, keep, keep_input, estimator, uniform_mix, multiple, ladder):
     return torch.empty_like(weight)
 
 
+def _marker_setup(ctx, inputs, output):
+    statistics, ctx.layer = inputs[1], inputs[2]
+    ctx.has_statistics = statistics is not None
+    ctx.save_for_backward(*([statistics] if ctx.has_statistics else []))
+
+
 def _marker_backward(ctx, grad):
-    return grad, None, None, None, None, None, None
+    # The statistics tensor's gradient is a slot the joint pass fills with the layer's
+    # on-device variance statistics (effcompile::sketch_statistics).
+    from effcompile import sketch  # noqa: F401  (registers effcompile::statistics_slot)
+
+    slot = torch.ops.effcompile.statistics_slot(ctx.saved_tensors[0], ctx.layer) if ctx.has_statistics else None
+    return grad, slot, None, None, None, None, None, None, None
 
 
-_vjp_marker.register_autograd(_marker_backward)
+_vjp_marker.register_autograd(_marker_backward, setup_context=_marker_setup)
 MARKER = torch.ops.effcompile.vjp_marker.default
+
+
+def _slot_op():
+    from effcompile import sketch  # noqa: F401  (registers the op)
+
+    return torch.ops.effcompile.statistics_slot.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +122,22 @@ class LayerSketch:
     estimator: str
     uniform_mix: float
     multiple: int
+    ladder: Tuple[float, ...] = ()  # adaptive mode: the keeps the statistics are computed for
 
     def marker_args(self) -> tuple:
-        return (self.layer, self.keep, self.keep_input, self.estimator, self.uniform_mix, self.multiple)
+        return (self.layer, self.keep, self.keep_input, self.estimator, self.uniform_mix, self.multiple,
+                list(self.ladder))
 
 
-def _settings(config: RandomizedVJP, layer: str, device: torch.device) -> LayerSketch:
+def _settings(config: RandomizedVJP, layer: str, device: torch.device, adaptive: bool = False) -> LayerSketch:
     multiple = config.multiple or (64 if device.type == "cuda" else 8)
     keep = config.keep if config.target in ("grad_weight", "both") else 1.0
     keep_input = config.input_keep if config.target in ("grad_input", "both") else 1.0
-    return LayerSketch(layer, float(keep), float(keep_input), config.estimator, float(config.uniform_mix), int(multiple))
+    ladder = config.keep_ladder if adaptive else ()
+    if adaptive:  # start on the ladder rung nearest to ``keep`` (log scale)
+        keep = min(ladder, key=lambda rung: abs(math.log(rung / config.keep)))
+    return LayerSketch(layer, float(keep), float(keep_input), config.estimator, float(config.uniform_mix), int(multiple),
+                       tuple(float(rung) for rung in ladder))
 
 
 # ------------------------------------------------------------------------------------ joint pass
@@ -189,11 +229,13 @@ def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> N
     graph.erase_node(old)
 
 
-def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch) -> Optional[RewriteRecord]:
+def _rewrite_grad_weight(graph, mm, grad_out, layer_input,
+                         settings: LayerSketch) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
+    """(the record or None when the exact GEMM stays, the node that now computes grad_W, rows it used)."""
     rows = layer_input.meta["val"].shape[0]
     k = _sample_size(rows, settings.keep, settings.multiple)
     if k is None:
-        return None
+        return None, mm, _static(rows)
     before = _describe(mm)
     with graph.inserting_before(mm):
         if settings.estimator == "sketch":
@@ -213,7 +255,32 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
             input_rows = _gather(graph, mm, layer_input, 0, indices)
             new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_rows), input_rows)
     _replace(graph, mm, new)
-    return RewriteRecord(settings.layer, "grad_weight", "rows", rows, k, settings.estimator, before, _describe(new))
+    return RewriteRecord(settings.layer, "grad_weight", "rows", rows, k, settings.estimator, before, _describe(new)), new, k
+
+
+def _insert_statistics(graph, marker: torch.fx.Node, grad_weight: torch.fx.Node, current_k: int, grad_out,
+                       layer_input, settings: LayerSketch) -> bool:
+    """Fill the statistics slot of an adaptive layer with ``effcompile::sketch_statistics``.
+
+    The slot is the gradient of the layer's statistics tensor (a forward input), so the
+    statistics leave the compiled backward like any other gradient, with no host sync.
+    """
+    from effcompile.sketch import round_budget
+
+    statistics = marker.args[1]
+    rows = _static(layer_input.meta["val"].shape[0])
+    slots = [u for u in statistics.users if u.target is _slot_op()] if isinstance(statistics, torch.fx.Node) else []
+    if not slots or rows is None:
+        return False
+    ks = [round_budget(rows, keep, settings.multiple) for keep in settings.ladder]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for slot in slots:
+        first_user = min(slot.users, key=order.__getitem__)
+        with graph.inserting_before(first_user):
+            values = _insert(graph, grad_weight, torch.ops.effcompile.sketch_statistics.default, grad_out, layer_input,
+                             grad_weight, ks, current_k, settings.estimator, settings.uniform_mix)
+        _replace(graph, slot, values)
+    return True
 
 
 def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) -> Optional[RewriteRecord]:
@@ -306,11 +373,14 @@ def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: Layer
     for transposed in [u for u in marker.users if _is_transpose(u)]:
         for forward in _forward_matmuls(transposed):
             layer_input = forward.args[1] if forward.target is aten.addmm.default else forward.args[0]
-            if settings.keep < 1:
+            if settings.keep < 1 or settings.ladder:
                 for mm in [u for u in layer_input.users if u.target is aten.mm.default and u.args[1] is layer_input
                            and _is_transpose(u.args[0])]:
-                    record = _rewrite_grad_weight(graph, mm, mm.args[0].args[0], layer_input, settings)
+                    grad_out = mm.args[0].args[0]
+                    record, grad_weight, rows_used = _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings)
                     records += [record] if record else []
+                    if settings.ladder and rows_used is not None:
+                        _insert_statistics(graph, marker, grad_weight, rows_used, grad_out, layer_input, settings)
             if settings.keep_input < 1:
                 for back_t in [u for u in transposed.users if _is_transpose(u)]:
                     for mm in [u for u in back_t.users if u.target is aten.mm.default and u.args[1] is back_t]:
@@ -323,7 +393,8 @@ def rewrite_joint_graph(graph: torch.fx.Graph) -> List[RewriteRecord]:
     """Rewrite every marked layer's backward GEMMs; remove the markers. Idempotent."""
     records: List[RewriteRecord] = []
     for marker in [n for n in graph.nodes if n.op == "call_function" and n.target is MARKER]:
-        settings = LayerSketch(*marker.args[1:])
+        *fields, ladder = marker.args[2:]
+        settings = LayerSketch(*fields, tuple(ladder))
         records += _rewrite_layer(graph, marker, settings)
         marker.replace_all_uses_with(marker.args[0])
         graph.erase_node(marker)
@@ -377,13 +448,148 @@ def inspect_backward(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -
 
 
 # ------------------------------------------------------------------------------------ model level
+class _GradientSlotState(nn.Module):
+    """Per-layer run-time state fed from the backward through a gradient slot.
+
+    ``slot`` is a buffer that requires grad (never an optimizer parameter): the backward writes
+    this step's statistics as its gradient, and a post-accumulate-grad hook folds them into
+    the EMA held in ``slot`` itself (``slot ← d·slot + (1−d)·grad`` on the device, the first
+    step copies) and clears the gradient.  The hook runs after the compiled backward too, so
+    the same state works eagerly and under torch.compile.  Buffers: ``state_dict`` checkpoints it.
+    """
+
+    slot_name = "slot"
+
+    def __init__(self, settings: LayerSketch, slot: torch.Tensor, ema_decay: float) -> None:
+        super().__init__()
+        self.settings = settings
+        self.ema_decay = float(ema_decay)
+        self.register_buffer(self.slot_name, slot.requires_grad_())
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64, device=slot.device))
+        self._hooked_steps = 0
+        self._ensure_hook()
+
+    @property
+    def _slot(self) -> torch.Tensor:
+        return self._buffers[self.slot_name]
+
+    def _ensure_hook(self) -> None:
+        slot = self._slot
+        if not (slot.is_leaf and slot.requires_grad):  # e.g. after .to(device): make it a leaf again
+            slot = self._buffers[self.slot_name] = slot.detach().requires_grad_()
+        if not slot._post_accumulate_grad_hooks:
+            slot.register_post_accumulate_grad_hook(self._fold)
+
+    def _fold(self, slot: torch.Tensor) -> None:
+        step, slot.grad = slot.grad, None
+        if step is None:
+            return
+        with torch.no_grad():
+            decay = torch.where(self.updates > 0, self.ema_decay, 0.0).to(slot.dtype)
+            slot.mul_(decay).add_((1 - decay) * step.to(slot.dtype))
+            self.updates.add_(1)
+        self._hooked_steps += 1
+        self._after_step()
+
+    def _after_step(self) -> None:
+        pass
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._ensure_hook()
+        return result
+
+    def __setstate__(self, state) -> None:  # deepcopy/pickle drop tensor hooks: re-register
+        super().__setstate__(state)
+        self._ensure_hook()
+
+
+class VarianceControl(_GradientSlotState):
+    """Adaptive keep of one linear weight's grad_weight rows (VCAS-style variance control).
+
+    ``statistics`` (EMA, float32): entries ``r < R`` the added variance of the estimator at the
+    ladder keep ``ladder[r]``, last entry the layer's SGD noise (:func:`effcompile.sketch.sketch_statistics`).
+    Every ``adapt_every`` backward steps the keep becomes the smallest ladder keep whose added
+    variance is at most ``variance_ratio`` × SGD noise (``max_keep`` when none is): one host read
+    per adaptation.  The keep is a compile-time constant of the compiled step, so each change of
+    some layer's keep recompiles once (Dynamo guards on it); at most one change per adaptation.
+    """
+
+    slot_name = "statistics"
+
+    def __init__(self, settings: LayerSketch, config: RandomizedVJP, device: torch.device) -> None:
+        slot = torch.zeros(len(settings.ladder) + 1, dtype=torch.float32, device=device)
+        super().__init__(settings, slot, config.ema_decay)
+        self.variance_ratio = float(config.variance_ratio)
+        self.adapt_every = int(config.adapt_every)
+        self.register_buffer("level", torch.tensor(settings.ladder.index(settings.keep), device=device))
+
+    def _after_step(self) -> None:
+        if self._hooked_steps % self.adapt_every == 0:
+            self.adapt()
+
+    def choose_level(self) -> torch.Tensor:
+        """The ladder rung the rule picks from the current EMAs (a device tensor)."""
+        statistics = self.statistics.detach()
+        fits = statistics[:-1] <= self.variance_ratio * statistics[-1]
+        rungs = torch.arange(fits.shape[0], device=fits.device)
+        return torch.where(fits, rungs, 0).max()  # added variance grows down the ladder: take the last fit
+
+    def adapt(self) -> float:
+        level = int(self.choose_level())  # the one host read, every adapt_every steps
+        self._set_level(level)
+        return self.settings.keep
+
+    def _set_level(self, level: int) -> None:
+        with torch.no_grad():
+            self.level.fill_(level)
+        self.settings = dataclasses.replace(self.settings, keep=self.settings.ladder[level])
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._set_level(int(self.level))
+
+    def details(self) -> Dict[str, object]:
+        values = self.statistics.detach().tolist()
+        added, sgd = values[:-1], values[-1]
+        level = self.settings.ladder.index(self.settings.keep)
+        return {"keep": self.settings.keep, "ladder": "/".join(f"{k:g}" for k in self.settings.ladder),
+                "added_variance": f"{added[level]:.3g}", "sgd_noise": f"{sgd:.3g}",
+                "variance_ratio": f"{added[level] / sgd:.3g}" if sgd > 0 else "n/a", "updates": int(self.updates)}
+
+
+class MemoryModeState(_GradientSlotState):
+    """Memory mode of one linear weight: EMA of the mean ‖g_t‖ per token position (the score factor)."""
+
+    slot_name = "position_grad_norms"
+
+    def __init__(self, settings: LayerSketch, positions: int, config: RandomizedVJP, device: torch.device) -> None:
+        super().__init__(settings, torch.ones(positions, dtype=torch.float32, device=device), config.ema_decay)
+
+    def details(self) -> Dict[str, object]:
+        return {"memory_mode": "yes", "updates": int(self.updates)}
+
+
+_STATE_SUFFIX = "_vjp_state"
+
+
+def _state(owner: nn.Module, attr: str) -> Optional[_GradientSlotState]:
+    return owner._modules.get(attr + _STATE_SUFFIX)
+
+
+def _current_settings(owner: nn.Module, attr: str) -> LayerSketch:
+    state = _state(owner, attr)
+    return state.settings if state is not None else owner._effcompile_sketch[attr]
+
+
 def _marked_weight_property(attr: str) -> property:
     def weight(self: nn.Module) -> torch.Tensor:
         parameter = self._parameters[attr]
-        settings: LayerSketch = self._effcompile_sketch[attr]
+        settings = _current_settings(self, attr)
         if self.training and torch.is_grad_enabled():
             if is_compiling():
-                return MARKER(parameter, *settings.marker_args())
+                state = _state(self, attr)
+                return MARKER(parameter, state.statistics if state is not None else None, *settings.marker_args())
             if not type(self).__dict__.get("_effcompile_eager_sketch", False):
                 raise RuntimeError(
                     f"effcompile: layer {settings.layer!r} uses its weight outside nn.Linear; its randomized VJP "
@@ -398,11 +604,29 @@ def _sketched_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tens
         return F.linear(input, self.weight, self.bias)
     from effcompile.sketch import SketchedLinear
 
-    settings: LayerSketch = self._effcompile_sketch["weight"]
+    settings = _current_settings(self, "weight")
+    state = _state(self, "weight")
     keep_weight = settings.keep if settings.keep < 1 else None
     keep_input = settings.keep_input if settings.keep_input < 1 else None
     return SketchedLinear.apply(input, self._parameters["weight"], self.bias, keep_weight, keep_input,
-                                settings.estimator, settings.uniform_mix, settings.multiple)
+                                settings.estimator, settings.uniform_mix, settings.multiple,
+                                state.statistics if state is not None else None, settings.ladder)
+
+
+def _memory_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """Memory mode, eager and compiled alike: Dynamo traces the autograd function."""
+    if not (self.training and torch.is_grad_enabled()):
+        return F.linear(input, self.weight, self.bias)
+    from effcompile.sketch import MemorySketchedLinear, round_budget
+
+    state = _state(self, "weight")
+    settings = state.settings
+    rows = input.numel() // input.shape[-1]
+    k = round_budget(rows, settings.keep, settings.multiple)
+    if k >= rows:
+        return F.linear(input, self.weight, self.bias)
+    return MemorySketchedLinear.apply(input, self.weight, self.bias, state.position_grad_norms, k, settings.estimator,
+                                      settings.uniform_mix)
 
 
 def _sketched_conv_forward(self: nn.modules.conv._ConvNd, input: torch.Tensor) -> torch.Tensor:
@@ -436,21 +660,36 @@ def _eager_supported(owner: nn.Module, attr: str) -> bool:
     return True
 
 
-_SKETCHED_CLASSES: Dict[Tuple[type, Tuple[str, ...]], type] = {}
+_SKETCHED_CLASSES: Dict[Tuple[type, Tuple[str, ...], bool], type] = {}
 
 
-def _sketched_class(cls: type, attrs: Tuple[str, ...]) -> type:
-    key = (cls, attrs)
+def _sketched_class(cls: type, attrs: Tuple[str, ...], memory_mode: bool = False) -> type:
+    key = (cls, attrs, memory_mode)
     if key not in _SKETCHED_CLASSES:
-        namespace = {attr: _marked_weight_property(attr) for attr in attrs}
-        namespace["_effcompile_original_class"] = cls
-        namespace["_effcompile_sketched"] = attrs
-        eager_forward = _eager_forward(cls, attrs)
-        if eager_forward is not None:
-            namespace["forward"] = eager_forward
-            namespace["_effcompile_eager_sketch"] = True
-        _SKETCHED_CLASSES[key] = type(f"Sketched{cls.__name__}", (cls,), namespace)
+        namespace = {"_effcompile_original_class": cls, "_effcompile_sketched": attrs}
+        if memory_mode:  # the weight stays a plain parameter; the forward is the memory-mode function
+            namespace["forward"] = _memory_linear_forward
+            name = f"MemorySketched{cls.__name__}"
+        else:
+            namespace.update({attr: _marked_weight_property(attr) for attr in attrs})
+            eager_forward = _eager_forward(cls, attrs)
+            if eager_forward is not None:
+                namespace["forward"] = eager_forward
+                namespace["_effcompile_eager_sketch"] = True
+            name = f"Sketched{cls.__name__}"
+        _SKETCHED_CLASSES[key] = type(name, (cls,), namespace)
     return _SKETCHED_CLASSES[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerSpec:
+    """What ``apply`` needs for one planned layer."""
+
+    owner_path: str
+    attr: str
+    settings: LayerSketch
+    mode: str  # "marker" | "adaptive" | "memory"
+    positions: int = 1  # memory mode: token positions per sample (rows = batch · positions)
 
 
 class RandomizedVJPPass(ModelPass):
@@ -468,8 +707,9 @@ class RandomizedVJPPass(ModelPass):
         if reason:
             row.action, row.reason = "skip", reason
             return row
-        settings = _settings(config, candidate.layer, owner._parameters[candidate.attr].device)
         is_conv = first.op.startswith("conv")
+        mode = "memory" if config.memory_mode else "adaptive" if (config.adaptive and not is_conv) else "marker"
+        settings = _settings(config, candidate.layer, owner._parameters[candidate.attr].device, mode == "adaptive")
         # The sampled GEMM dimension: sample·token rows for linears, images for convolutions.
         rows = (first.input_shape[0] if is_conv else math.prod(first.input_shape[:-1])) if first.input_shape else 0
         from effcompile.sketch import round_budget
@@ -482,12 +722,20 @@ class RandomizedVJPPass(ModelPass):
             features = candidate.weight_shape[0]
             row.details.update(keep_input=settings.keep_input,
                                k_features=f"{round_budget(features, settings.keep_input, settings.multiple)}/{features}")
+        if config.adaptive:
+            row.details["adaptive"] = "yes" if mode == "adaptive" else "no (convolution: fixed keep)"
+        if mode == "memory":
+            row.details["memory_mode"] = "yes"
         row.details["eager"] = "yes" if _eager_supported(owner, candidate.attr) else "compiled only"
-        row.spec = (candidate.owner_path, candidate.attr, settings)
+        positions = math.prod(first.input_shape[1:-1]) if first.input_shape and len(first.input_shape) > 2 else 1
+        row.spec = _LayerSpec(candidate.owner_path, candidate.attr, settings, mode, positions)
         return row
 
     @staticmethod
     def _skip_reason(owner: nn.Module, candidate: LayerCandidate, config: RandomizedVJP) -> str:
+        excluded = [pattern for pattern in config.exclude if fnmatch.fnmatchcase(candidate.layer, pattern)]
+        if excluded:
+            return f"excluded by RandomizedVJP(exclude=...) pattern {excluded[0]!r}: exact backprop"
         if candidate.other_uses:
             return f"the weight is also used by {', '.join(sorted(set(candidate.other_uses)))}"
         kinds = {use.op for use in candidate.uses}
@@ -499,28 +747,56 @@ class RandomizedVJPPass(ModelPass):
             return "convolutions sketch grad_weight with estimator importance/uniform only in this version"
         if hasattr(type(owner), "_effcompile_original_class"):
             return "the layer already carries another weight rewrite (composition lands with the comparison suite)"
+        if config.memory_mode and not (kinds == {"linear"} and isinstance(owner, nn.Linear) and candidate.attr == "weight"
+                                       and len(candidate.uses) == 1):
+            return ("memory_mode saves sampled input rows of nn.Linear layers only (convolutions and functional "
+                    "uses of a weight keep their exact backward in memory mode)")
         return ""
 
     def apply(self, model: nn.Module, rows: List[PlanRow], config: RandomizedVJP) -> int:
-        by_owner: Dict[str, Dict[str, LayerSketch]] = {}
+        by_owner: Dict[str, List[_LayerSpec]] = {}
         for row in rows:
-            owner_path, attr, settings = row.spec
-            by_owner.setdefault(owner_path, {})[attr] = settings
-        for owner_path, settings in by_owner.items():
+            by_owner.setdefault(row.spec.owner_path, []).append(row.spec)
+        for owner_path, specs in by_owner.items():
             owner = model.get_submodule(owner_path)
-            owner.__dict__["_effcompile_sketch"] = settings
-            owner.__class__ = _sketched_class(type(owner), tuple(sorted(settings)))
-        return sum(len(s) for s in by_owner.values())
+            device = owner._parameters[specs[0].attr].device
+            for spec in specs:
+                if spec.mode == "adaptive":
+                    owner.add_module(spec.attr + _STATE_SUFFIX, VarianceControl(spec.settings, config, device))
+                elif spec.mode == "memory":
+                    owner.add_module(spec.attr + _STATE_SUFFIX,
+                                     MemoryModeState(spec.settings, spec.positions, config, device))
+            owner.__dict__["_effcompile_sketch"] = {spec.attr: spec.settings for spec in specs}
+            memory_mode = any(spec.mode == "memory" for spec in specs)
+            owner.__class__ = _sketched_class(type(owner), tuple(sorted(spec.attr for spec in specs)), memory_mode)
+        return sum(len(specs) for specs in by_owner.values())
+
+    def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
+        if not isinstance(row.spec, _LayerSpec):
+            return {}
+        state = _state(model.get_submodule(row.spec.owner_path), row.spec.attr)
+        if state is None:
+            return {}
+        details = state.details()
+        rows = math.prod(row.input_shape[:-1]) if row.input_shape else 0
+        if isinstance(state, VarianceControl) and rows:
+            from effcompile.sketch import round_budget
+
+            details["k_rows"] = f"{round_budget(rows, state.settings.keep, state.settings.multiple)}/{rows}"
+        return details
 
     def is_applied(self, model: nn.Module) -> bool:
         return any(type(m).__dict__.get("_effcompile_sketched") for m in model.modules())
 
     def fold(self, model: nn.Module) -> int:
         folded = 0
-        for module in model.modules():
-            if type(module).__dict__.get("_effcompile_sketched"):
+        for module in list(model.modules()):
+            attrs = type(module).__dict__.get("_effcompile_sketched")
+            if attrs:
                 module.__class__ = type(module)._effcompile_original_class
                 module.__dict__.pop("_effcompile_sketch", None)
+                for attr in attrs:
+                    module._modules.pop(attr + _STATE_SUFFIX, None)
                 folded += 1
         return folded
 

@@ -227,6 +227,18 @@ class TestPlanAndErrors:
                                  example_inputs=(torch.randn(8, 1, 4, 4),))
         assert "importance/uniform only" in effcompile.report(model).row("0").reason
 
+    def test_excluded_layers_are_explicit_skip_rows_with_exact_gradients(self):
+        model, (x, y) = _mlp(), _data()
+        with pytest.warns(UserWarning, match="skipped 1 layer"):
+            effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25, exclude=("0",)), example_inputs=(x,))
+        plan = effcompile.report(model)
+        assert plan.row("0").action == "skip" and "exclude" in plan.row("0").reason
+        assert plan.row("2").action == "sketch" and type(model[0]) is nn.Linear
+        reference = _mlp()
+        exact = _gradients(reference, reference, x, y)
+        first_layer = model[0].weight.numel() + model[0].bias.numel()
+        torch.testing.assert_close(_gradients(model, model, x, y)[:first_layer], exact[:first_layer])
+
     def test_other_backends_fail_loudly_instead_of_computing_exact_gradients(self):
         model, (x, y) = _mlp(), _data()
         _sketch(model, x, keep=0.25)
