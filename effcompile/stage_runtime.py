@@ -336,9 +336,9 @@ def stage_state_keys(model: nn.Module, k: int) -> List[str]:
     if staged.head(k) is not None:
         prefixes += (f"{HEADS_ATTR}.{k}.",)
     # Parameters used directly by the stage (get_attr, not through a module) are matched by identity;
-    # buffers used that way are listed by the pass (private name, hence the fallback).
+    # buffers used that way are listed by the pass.
     parameters = {id(p) for p in staged.stage_parameters(k)}
-    attributes = set(getattr(staged, "_stage_attributes", [[]] * staged.num_stages)[k])
+    attributes = set(staged.stage_attributes(k))
     return [key for key, value in model.state_dict(keep_vars=True).items()
             if key.startswith(prefixes) or key in attributes or id(value) in parameters]
 

@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from effcompile.memory import SavedTensorMeter
 from effcompile.aux_heads import head_kind_for, make_aux_head
 from effcompile.config import GreedyStages
 from effcompile.plan import PlanRow
@@ -368,70 +369,6 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
 
 
 # ------------------------------------------------------------------------------------ memory
-class _SavedHandle:
-    """What autograd keeps instead of a saved tensor; releasing it releases the meter's count."""
-
-    __slots__ = ("tensor", "meter", "key", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor, meter: "SavedTensorMeter", key: Optional[int]) -> None:
-        self.tensor, self.meter, self.key = tensor, meter, key
-
-    def __del__(self) -> None:
-        if self.key is not None:
-            self.meter._release(self.key)
-
-
-class SavedTensorMeter:
-    """Bytes of activations autograd saves for backward: live now and peak.
-
-    Counts each storage once while any saved tensor uses it (views share storage), and leaves
-    out the storages of ``exclude`` (parameters and buffers: they are not activations).  Use as
-    a context manager around forward+backward (``torch.autograd.graph.saved_tensors_hooks``).
-    """
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
-        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self.refcounts: Dict[int, int] = {}
-        self.sizes: Dict[int, int] = {}
-        self.live_bytes = 0
-        self.peak_bytes = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, tensor: torch.Tensor) -> _SavedHandle:
-        if tensor.layout != torch.strided or tensor.device.type == "meta":
-            return _SavedHandle(tensor, self, None)
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.excluded:
-            return _SavedHandle(tensor, self, None)
-        if self.refcounts.get(key, 0) == 0:
-            self.sizes[key] = storage.nbytes()
-            self.live_bytes += self.sizes[key]
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        self.refcounts[key] = self.refcounts.get(key, 0) + 1
-        return _SavedHandle(tensor, self, key)
-
-    @staticmethod
-    def _unpack(handle: _SavedHandle) -> torch.Tensor:
-        return handle.tensor
-
-    def _release(self, key: int) -> None:
-        self.refcounts[key] -= 1
-        if self.refcounts[key] == 0:
-            self.live_bytes -= self.sizes.pop(key)
-            del self.refcounts[key]
-
-    def reset_peak(self) -> None:
-        self.peak_bytes = self.live_bytes
-
-    def __enter__(self) -> "SavedTensorMeter":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._hooks.__exit__(*exc)
-
-
 def saved_activation_bytes(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callable) -> Dict[str, Any]:
     """Peak bytes of saved activations of one plain-backprop step vs one staged step.
 

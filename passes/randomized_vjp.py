@@ -64,8 +64,9 @@ from effcompile.plan import PlanRow
 
 from .base import ModelPass, register_pass
 from .capture import GraphCapture, LayerCandidate
+from .graph_utils import insert_node as _insert, is_transpose as _is_transpose
 
-__all__ = ["RandomizedVJPPass", "RandomizedVJPJointPass", "JOINT_PASS", "rewrite_joint_graph", "LAST_REWRITES",
+__all__ = ["RandomizedVJPPass", "rewrite_joint_graph", "LAST_REWRITES",
            "VarianceControl", "MemoryModeState",
            "inspect_backward"]
 
@@ -160,24 +161,6 @@ LAST_REWRITES: List[RewriteRecord] = []  # of the most recent joint graph this p
 
 def _static(value: Any) -> Optional[int]:
     return int(value) if isinstance(value, int) else None
-
-
-def _fake_mode(node: torch.fx.Node):
-    values = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else (node.meta["val"],)
-    return next(value.fake_mode for value in values if isinstance(value, torch.Tensor))
-
-
-def _insert(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
-    """A new node before ``like`` with fake-tensor metadata and ``like``'s backward tags."""
-    node = graph.call_function(target, args, kwargs)
-    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    with _fake_mode(like):
-        node.meta["val"] = target(*fake_args, **fake_kwargs)
-    for key in ("partitioner_tag", "seq_nr", "nn_module_stack", "fwd_nn_module_stack", "stack_trace",
-                "original_aten", "source_fn_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    return node
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -300,19 +283,6 @@ def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) ->
                          _describe(new))
 
 
-def _is_transpose(node: Any) -> bool:
-    """``t(A)`` as AOT autograd writes it, or as Inductor's decompositions do (``permute(A, [1, 0])``)."""
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-        return False
-    if node.target is aten.t.default:
-        return True
-    if node.target is aten.permute.default:
-        return list(node.args[1]) == [1, 0]
-    if node.target is aten.transpose.int:
-        return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1] and node.args[0].meta["val"].dim() == 2
-    return False
-
-
 def _per_image_norms(graph, like, tensor):
     return _norms(graph, like, tensor, range(1, tensor.meta["val"].dim()))
 
@@ -402,29 +372,6 @@ def rewrite_joint_graph(graph: torch.fx.Graph) -> List[RewriteRecord]:
     graph.lint()
     LAST_REWRITES[:] = records
     return records
-
-
-def _joint_pass_base():
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    return CustomGraphPass
-
-
-class RandomizedVJPJointPass(_joint_pass_base()):
-    """The joint-graph pass, cache-keyed by the source of this file and of the estimators."""
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        rewrite_joint_graph(graph)
-
-    def uuid(self) -> Any:
-        from torch._inductor.custom_graph_pass import get_hash_for_files
-
-        from effcompile import sketch
-
-        return get_hash_for_files((__file__, sketch.__file__))
-
-
-JOINT_PASS = RandomizedVJPJointPass()
 
 
 def inspect_backward(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> List[RewriteRecord]:
