@@ -11,5 +11,6 @@ from .base import PASSES, STEP_OWNERS, ModelPass, StepOptions, register_pass
 from .capture import CaptureError, GraphCapture, capture
 from . import decorrelation, randomized_vjp  # noqa: F401  (register the passes)
 from . import greedy_stages  # noqa: F401
+from . import sample_selection  # noqa: F401
 
 __all__ = ["PASSES", "STEP_OWNERS", "StepOptions", "ModelPass", "register_pass", "capture", "CaptureError", "GraphCapture"]
