@@ -125,9 +125,14 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     target = _unwrap(model)
     if not inplace:
         target = copy.deepcopy(target)
-    for model_pass in PASSES.values():
-        if model_pass.is_applied(target):
-            model_pass.fold(target)
+    plan = plan_of(target)
+    # Undo in reverse order of application: a later pass may have wrapped an earlier pass's rewrite
+    # (e.g. a randomized VJP on a decorrelated layer's fused weight).
+    applied = list(dict.fromkeys(row.pass_name for row in plan)) if plan is not None else []
+    order = [name for name in reversed(applied) if name in PASSES] + [name for name in PASSES if name not in applied]
+    for name in order:
+        if PASSES[name].is_applied(target):
+            PASSES[name].fold(target)
     target.__dict__.pop(_PLAN_ATTR, None)
     target.__dict__.pop("_effcompile_hooks", None)
     return target

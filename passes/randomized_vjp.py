@@ -529,9 +529,32 @@ def _current_settings(owner: nn.Module, attr: str) -> LayerSketch:
     return state.settings if state is not None else owner._effcompile_sketch[attr]
 
 
-def _marked_weight_property(attr: str) -> property:
+def _fused_getter(cls: type, attr: str) -> Optional[Any]:
+    """The getter of a property that computes ``attr`` below the sketch (decorrelation's W·R), or None.
+
+    Sketching the fused weight's gradient keeps it unbiased for W too: ∂L/∂W = (∂L/∂(W·R))·Rᵀ is
+    linear in the sketched gradient.  The getter is resolved when the class is built: Dynamo
+    traces a plain function call, not ``property.fget`` (a graph break).
+    """
+    fused = getattr(cls, attr, None)
+    return fused.fget if isinstance(fused, property) else None
+
+
+def _base_weight(module: nn.Module, attr: str) -> torch.Tensor:
+    """The weight the class below the sketch computes with: the parameter W, or W·R when decorrelated."""
+    getter = type(module)._effcompile_base_getters.get(attr)
+    return getter(module) if getter is not None else module._parameters[attr]
+
+
+def _composes_with(owner: nn.Module, attr: str) -> bool:
+    """A decorrelated layer (weight read as W·R) composes: the sketch applies to the fused weight."""
+    return attr in getattr(type(owner), "_effcompile_decorrelated", ()) and \
+        not hasattr(type(owner), "_effcompile_sketched")
+
+
+def _marked_weight_property(attr: str, base_getter: Optional[Any]) -> property:
     def weight(self: nn.Module) -> torch.Tensor:
-        parameter = self._parameters[attr]
+        parameter = base_getter(self) if base_getter is not None else self._parameters[attr]
         settings = _current_settings(self, attr)
         if self.training and torch.is_grad_enabled():
             if is_compiling():
@@ -555,7 +578,7 @@ def _sketched_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tens
     state = _state(self, "weight")
     keep_weight = settings.keep if settings.keep < 1 else None
     keep_input = settings.keep_input if settings.keep_input < 1 else None
-    return SketchedLinear.apply(input, self._parameters["weight"], self.bias, keep_weight, keep_input,
+    return SketchedLinear.apply(input, _base_weight(self, "weight"), self.bias, keep_weight, keep_input,
                                 settings.estimator, settings.uniform_mix, settings.multiple,
                                 state.statistics if state is not None else None, settings.ladder)
 
@@ -583,7 +606,7 @@ def _sketched_conv_forward(self: nn.modules.conv._ConvNd, input: torch.Tensor) -
     from effcompile.sketch import SketchedConv
 
     settings: LayerSketch = self._effcompile_sketch["weight"]
-    return SketchedConv.apply(input, self._parameters["weight"], self.bias, self.stride, self.padding, self.dilation,
+    return SketchedConv.apply(input, _base_weight(self, "weight"), self.bias, self.stride, self.padding, self.dilation,
                               self.groups, settings.keep if settings.keep < 1 else None, settings.estimator,
                               settings.uniform_mix, settings.multiple)
 
@@ -613,12 +636,13 @@ _SKETCHED_CLASSES: Dict[Tuple[type, Tuple[str, ...], bool], type] = {}
 def _sketched_class(cls: type, attrs: Tuple[str, ...], memory_mode: bool = False) -> type:
     key = (cls, attrs, memory_mode)
     if key not in _SKETCHED_CLASSES:
-        namespace = {"_effcompile_original_class": cls, "_effcompile_sketched": attrs}
+        namespace = {"_effcompile_original_class": cls, "_effcompile_sketched": attrs,
+                     "_effcompile_base_getters": {attr: _fused_getter(cls, attr) for attr in attrs}}
         if memory_mode:  # the weight stays a plain parameter; the forward is the memory-mode function
             namespace["forward"] = _memory_linear_forward
             name = f"MemorySketched{cls.__name__}"
         else:
-            namespace.update({attr: _marked_weight_property(attr) for attr in attrs})
+            namespace.update({attr: _marked_weight_property(attr, _fused_getter(cls, attr)) for attr in attrs})
             eager_forward = _eager_forward(cls, attrs)
             if eager_forward is not None:
                 namespace["forward"] = eager_forward
@@ -692,8 +716,8 @@ class RandomizedVJPPass(ModelPass):
             return candidate.uses[0].unsupported
         if next(iter(kinds)).startswith("conv") and (config.estimator == "sketch" or config.target == "grad_input"):
             return "convolutions sketch grad_weight with estimator importance/uniform only in this version"
-        if hasattr(type(owner), "_effcompile_original_class"):
-            return "the layer already carries another weight rewrite (composition lands with the comparison suite)"
+        if hasattr(type(owner), "_effcompile_original_class") and not _composes_with(owner, candidate.attr):
+            return "the layer already carries a weight rewrite this pass cannot compose with"
         if config.memory_mode and not (kinds == {"linear"} and isinstance(owner, nn.Linear) and candidate.attr == "weight"
                                        and len(candidate.uses) == 1):
             return ("memory_mode saves sampled input rows of nn.Linear layers only (convolutions and functional "

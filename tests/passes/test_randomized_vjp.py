@@ -304,12 +304,26 @@ def test_mlp_trains_on_digits_close_to_exact_backprop():
     assert exact > 0.95 and sketched > exact - 0.02, (exact, sketched)
 
 
-def test_composed_with_decorrelation_skips_already_rewritten_weights_explicitly():
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_composes_with_decorrelation_by_sketching_the_fused_weight(path):
+    """On a decorrelated layer the sketch applies to W·R; ∂L/∂W = ∂L/∂(W·R)·Rᵀ stays unbiased."""
     model, (x, y) = _mlp(), _data()
-    with pytest.warns(UserWarning, match="randomized_vjp: skipped 2 layer"):
-        effcompile.transform(model, effcompile.Decorrelation(), effcompile.RandomizedVJP(keep=0.25), example_inputs=(x,))
+    effcompile.transform(model, effcompile.Decorrelation(update_every=10**6), effcompile.RandomizedVJP(keep=0.25),
+                         example_inputs=(x,))
     plan = effcompile.report(model)
     assert {row.action for row in plan.for_pass("decorrelation")} == {"decorrelate"}
-    assert all("another weight rewrite" in row.reason for row in plan.for_pass("randomized_vjp"))
-    _gradients(model, model, x, y)  # the decorrelated forward still trains
-    assert int(model[0].weight_decorrelation.updates) == 1
+    assert all(row.applied for row in plan.for_pass("randomized_vjp"))
+    model(x)  # the first training forward updates R; with update_every=10**6 it then stays fixed
+    matrices = [m.weight_decorrelation.matrix.clone() for m in (model[0], model[2])]
+    model.eval()  # eval: the same W·R forward, exact backward
+    exact = _gradients(model, model, x, y)
+    model.train()
+    forward = model if path == "eager" else torch.compile(model, backend="effcompile_aot_eager")
+    samples = _draws(model, forward, x, y)
+    _assert_unbiased(samples, exact)
+    assert samples.std(0).max() > 0, "the estimate is random"
+    assert all(torch.equal(m.weight_decorrelation.matrix, r) for m, r in zip((model[0], model[2]), matrices))
+    folded = effcompile.fold(model)  # both rewrites undone, in reverse order: plain layers with W·R baked in
+    assert type(folded[0]) is nn.Linear and not hasattr(folded[0], "weight_decorrelation")
+    model.eval()
+    torch.testing.assert_close(folded.eval()(x), model(x))
