@@ -13,7 +13,8 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Dict, Optional, Type
 
-__all__ = ["PassConfig", "Decorrelation", "RandomizedVJP", "PASS_CONFIGS", "config_from_dict"]
+__all__ = ["PassConfig", "Decorrelation", "RandomizedVJP", "GreedyStages", "SampleSelection", "PASS_CONFIGS",
+           "config_from_dict"]
 
 
 def _check(condition: bool, cls_name: str, field: str, value: Any, allowed: str) -> None:

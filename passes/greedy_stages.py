@@ -313,19 +313,48 @@ def make_stage_optimizers(staged: StagedModel, optimizer_factory: Callable[[List
 
 # ------------------------------------------------------------------------------------ training
 def _stage_loss(loss_fn: Callable, logits: Any, targets: Any, stage: int) -> torch.Tensor:
-    # SAMPLE-SELECTION HOOK: the one place where a per-stage loss transform (e.g. the
-    # sample_selection pass choosing a weighted subset of the batch from per-sample losses)
-    # would be applied to every stage's local loss.  Today: the plain loss.
+    """The plain local loss of one stage."""
     return loss_fn(logits, targets)
 
 
-def _stage_loss_function(staged: StagedModel, k: int, loss_fn: Callable) -> Callable:
+def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any, int], torch.Tensor]:
+    """Every stage's local loss; with the sample_selection pass applied too, the selected subset's.
+
+    Composition: each stage scores its batch by its own per-sample local loss, selects ``k`` rows
+    (the selector's strategy, shared history) and backpropagates ``Σ w_j ℓ[idx_j]``.  The loss
+    goes through ``select_rows``, so under the ``effcompile`` backend the stage's backward runs on
+    the selected rows only (forward reuse).  Gradient matching needs the penultimate features of
+    each head, which the stages do not track: that combination is refused here.
+    """
+    from effcompile.selection import per_sample_loss_fn, selector_of
+
+    selector = selector_of(model)
+    if selector is None:
+        return lambda logits, targets, stage: _stage_loss(loss_fn, logits, targets, stage)
+    if selector.strategy == "gradmatch":
+        raise ValueError("greedy_stages + sample_selection(strategy='gradmatch') is not supported: the aux heads' "
+                         "penultimate features are not tracked; use strategy 'loss' or 'random' with stages")
+    from .row_sparse_backward import select_rows
+
+    per_sample = per_sample_loss_fn(loss_fn)
+
+    def selected_stage_loss(logits: Any, targets: Any, stage: int) -> torch.Tensor:
+        losses = per_sample(logits, targets)
+        index, weights = selector.select(losses.detach(), logits=logits.detach(), targets=targets)
+        return (select_rows(losses, index) * weights.to(losses.dtype)).sum()
+
+    return selected_stage_loss
+
+
+def _stage_loss_function(staged: StagedModel, k: int, objective: Callable) -> Callable:
     stage, head = staged.stage(k), staged.head(k)
 
     def stage_forward_loss(inputs: tuple, targets: Any) -> Tuple[torch.Tensor, Any]:
         out = stage(*inputs)
         logits = out if head is None else head(out)
-        return _stage_loss(loss_fn, logits, targets, k), out
+        # The boundary leaves detached: the next stage gets no gradient path back, and a compiled
+        # stage has no tangent for it (which would also make the backward's start dense).
+        return objective(logits, targets, k), out.detach() if isinstance(out, torch.Tensor) else out
 
     # A distinct code object per stage: torch.compile caches per code object, so stages that
     # shared one would count as recompiles of each other.
@@ -342,7 +371,8 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     from effcompile.api import check_finite_loss
 
     staged = staged_model(model)
-    functions = [_stage_loss_function(staged, k, loss_fn) for k in range(staged.num_stages)]
+    objective = _stage_objective(_unwrap(model), loss_fn)
+    functions = [_stage_loss_function(staged, k, objective) for k in range(staged.num_stages)]
     if options.compile:
         functions = [torch.compile(fn, backend=options.backend) for fn in functions]
     counter = {"step": 0}

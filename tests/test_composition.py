@@ -1,0 +1,107 @@
+"""All four passes composed in one model (issue 6 acceptance; no reference system composes them).
+
+decorrelation (W·R on every layer) + randomized VJP (sketched backward of the fused weights) +
+greedy stages (local losses, detached stages) + sample selection (each stage backpropagates a
+weighted subset of its batch): the Plan holds every pass's decision per layer, and the model
+trains with falling loss eagerly and through ``torch.compile(backend="effcompile")``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import pytest
+import torch
+import torch.nn as nn
+
+import effcompile
+from effcompile.config import GreedyStages, SampleSelection
+from effcompile.data import load_digits
+from effcompile.models import get_model
+from effcompile.passes.row_sparse_backward import LAST_ROW_SPARSE_REWRITES
+
+PASS_NAMES = ["decorrelation", "randomized_vjp", "greedy_stages", "sample_selection"]
+MODELS = {"cnn": {}, "resnet18_cifar": {"width": 8}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _composed(name: str, batch: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=10, in_channels=1, image_size=8, **MODELS[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skips are listed in the Plan, asserted below
+        effcompile.transform(model, effcompile.Decorrelation(lr=0.01), effcompile.RandomizedVJP(keep=0.5),
+                             GreedyStages(num_stages=2), SampleSelection(keep=0.5, strategy="loss"),
+                             example_inputs=(batch,))
+    return model
+
+
+def _digits_batches(count: int, batch_size: int = 32):
+    train, _, _ = load_digits()
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(train), generator=generator)
+    for i in range(count):
+        index = order[(i * batch_size) % (len(train) - batch_size):][:batch_size]
+        yield torch.stack([train[j][0] for j in index]), torch.stack([train[j][1] for j in index])
+
+
+def _train(model: nn.Module, steps: int, compile: bool) -> list:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    step = effcompile.train_step(model, nn.CrossEntropyLoss(), optimizer, compile=compile, backend="effcompile")
+    return [float(step(x, y)) for x, y in _digits_batches(steps)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_plan_shows_every_pass_for_every_layer(name):
+    batch = next(_digits_batches(1))[0]
+    model = _composed(name, batch)
+    plan = effcompile.report(model)
+    assert {row.pass_name for row in plan} == set(PASS_NAMES)
+    layers = {row.layer for row in plan.for_pass("decorrelation")}
+    for pass_name in ("randomized_vjp", "greedy_stages"):
+        covered = {row.layer for row in plan.for_pass(pass_name)}
+        assert layers <= covered, f"{pass_name} has no decision for {sorted(layers - covered)}"
+    assert all(row.applied for row in plan.for_pass("decorrelation"))
+    sketched = [row for row in plan.for_pass("randomized_vjp") if row.applied]
+    assert sketched, "the randomized VJP composes with decorrelation (it sketches the fused weights)"
+    assert all(row.reason for row in plan.skipped())  # every skip says why
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_all_four_passes_train_with_falling_loss_through_effcompile(name):
+    batch = next(_digits_batches(1))[0]
+    model = _composed(name, batch)
+    losses = _train(model, 40, compile=True)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # The returned loss is the last stage's loss on its selected (high-loss) rows: it falls slower.
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+    assert any(int(state.updates) > 0 for state in
+               [m for m in model.modules() if type(m).__name__ == "DecorrelationState"])
+    # The selected stage losses reach the joint graph: some backward ran on the selected rows.
+    assert any(record.kept_rows < record.rows for record in LAST_ROW_SPARSE_REWRITES)
+
+
+def test_all_four_passes_train_eagerly():
+    batch = next(_digits_batches(1))[0]
+    model = _composed("cnn", batch)
+    losses = _train(model, 30, compile=False)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_gradmatch_with_stages_is_refused_with_a_reason():
+    batch = next(_digits_batches(1))[0]
+    torch.manual_seed(0)
+    model = get_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    effcompile.transform(model, GreedyStages(num_stages=2), SampleSelection(keep=0.5, strategy="gradmatch"),
+                         example_inputs=(batch,))
+    with pytest.raises(ValueError, match="gradmatch.*not supported"):
+        effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1))
