@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--onnx", default=None, help="also export to this ONNX file and list its nodes")
     inspect.set_defaults(handler=cmd_inspect)
 
-    bench = sub.add_parser("bench", help="time training steps of transformed vs plain model")
-    _add_model_args(bench, shape=True)
+    bench = sub.add_parser("bench", help="time training steps of transformed vs plain model, or run the comparison suite")
+    _add_model_args(bench, shape=True, required=False)
     _add_pass_args(bench)
     bench.add_argument("--batch-size", type=_positive_int, default=32)
     bench.add_argument("--steps", type=_positive_int, default=50, help="timed steps per variant")
@@ -96,13 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--compile", action="store_true", help='torch.compile(backend="effcompile") both steps')
     bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    bench.add_argument("--out", default=None, help="write the results (with machine info) to this JSON file")
+    bench.add_argument("--out", default=None,
+                       help="write the results (with machine info) to this JSON file (with --suite: a directory)")
+    bench.add_argument("--suite", choices=("quick", "cpu", "gpu"), default=None,
+                       help="run the comparison suite (every pass alone and composed vs backprop: step time, "
+                            "memory, accuracy over seeds) instead of one pass; --model/--seeds/--epochs override the preset")
+    bench.add_argument("--quick", dest="suite", action="store_const", const="quick", help="same as --suite quick")
+    bench.add_argument("--seeds", type=_int_list, default=None, help="with --suite: comma-separated seeds")
+    bench.add_argument("--epochs", type=_positive_int, default=None, help="with --suite: digits training epochs")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
 
-def _add_model_args(parser: argparse.ArgumentParser, *, shape: bool) -> None:
-    parser.add_argument("--model", required=True, help="zoo model name or path/to/file.py:factory")
+def _add_model_args(parser: argparse.ArgumentParser, *, shape: bool, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, help="zoo model name or path/to/file.py:factory")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra keyword argument of a zoo model's factory (repeatable)")
     if shape:  # train takes these from the dataset instead
@@ -399,6 +406,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark training steps of the transformed model against plain backprop."""
+    if args.suite:
+        return _run_suite(args)
+    if not args.model:
+        raise CLIError("bench needs --model (or --suite quick|cpu|gpu for the comparison suite)")
     configs = build_configs(args.passes, args.pass_arg)
     if not configs:
         raise CLIError("bench compares a transformed model against plain backprop: give at least one pass")
@@ -418,6 +429,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
+    return 0
+
+
+def _run_suite(args: argparse.Namespace) -> int:
+    """``bench --suite``: every pass alone and composed, against backprop (effcompile.suite)."""
+    from .suite import PRESETS, ModelCase, run_suite, suite_table, write_suite_outputs
+
+    settings = PRESETS[args.suite]
+    overrides: dict[str, Any] = {}
+    if args.model:
+        if is_model_path(args.model):
+            raise CLIError("--suite runs zoo models only; give a zoo name with --model")
+        overrides["cases"] = [ModelCase(args.model, parse_model_args(args.model_arg))]
+    if args.seeds:
+        overrides["seeds"] = tuple(args.seeds)
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    if args.device:
+        overrides["device"] = str(resolve_device(args.device))
+    settings = dataclasses.replace(settings, **overrides)
+    result = run_suite(settings)
+    result["command"] = _command_record(args)
+    out = Path(args.out or f"runs/suite-{settings.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    paths = write_suite_outputs(result, out)
+    print(suite_table(result))
+    print("\nwrote " + ", ".join(str(path) for path in paths.values()))
     return 0
 
 

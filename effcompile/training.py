@@ -42,6 +42,7 @@ __all__ = [
     "compare_table",
     "summary_table",
     "markdown_table",
+    "autocast_context",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -182,6 +183,7 @@ def fit(
     device: torch.device | str | None = None,
     label: str = "run",
     group: str = "",
+    autocast: str | None = None,
 ) -> RunResult:
     """Train ``model`` for ``epochs`` epochs with cross-entropy and evaluate after each epoch.
 
@@ -194,8 +196,9 @@ def fit(
     ``EpochMetrics.seconds`` counts training time only (evaluation excluded); with ``compile``
     the first epoch includes the compilation, as it would in a real run.
 
-    ``device`` defaults to the device of the model's parameters.  Returns a :class:`RunResult`
-    whose ``history`` has one :class:`EpochMetrics` per epoch.
+    ``device`` defaults to the device of the model's parameters.  ``autocast`` (``"bf16"`` or
+    ``"fp16"``) runs training steps and evaluation under ``torch.autocast`` on the model's device.
+    Returns a :class:`RunResult` whose ``history`` has one :class:`EpochMetrics` per epoch.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -209,15 +212,16 @@ def fit(
     result = RunResult(
         label=label, group=group, seed=seed, target_accuracy=target_accuracy,
         config={"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
-                "momentum": momentum, "compile": compile, "device": str(device)},
+                "momentum": momentum, "compile": compile, "device": str(device), "autocast": autocast},
     )
     training_seconds = 0.0
     bar = tqdm(range(1, epochs + 1), desc=label, unit="epoch", leave=False,
                disable=not progress or not sys.stderr.isatty())
     for epoch in bar:
-        train_loss, seconds = _train_epoch(model, step, train_loader, device)
+        with autocast_context(autocast, device):
+            train_loss, seconds = _train_epoch(model, step, train_loader, device)
+            test_loss, test_accuracy = evaluate(model, test_loader, device)
         training_seconds += seconds
-        test_loss, test_accuracy = evaluate(model, test_loader, device)
         result.history.append(EpochMetrics(epoch, train_loss, test_loss, test_accuracy, training_seconds))
         if target_accuracy is not None and result.target_epoch is None and test_accuracy >= target_accuracy:
             result.target_epoch, result.target_seconds = epoch, training_seconds
@@ -270,6 +274,20 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str) -> 
     if count == 0:
         return math.nan, math.nan
     return loss_sum.item() / count, correct.item() / count
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(autocast: str | None, device: torch.device | str) -> Any:
+    """``torch.autocast`` for ``"bf16"``/``"fp16"``, or a no-op context for ``None``."""
+    import contextlib
+
+    if autocast is None:
+        return contextlib.nullcontext()
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast={autocast!r} is invalid: expected None or one of {sorted(AUTOCAST_DTYPES)}")
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[autocast])
 
 
 def _model_device(model: nn.Module) -> torch.device:

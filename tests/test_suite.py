@@ -1,0 +1,82 @@
+"""Specification of the comparison suite (effcompile/suite.py, ``effcompile bench --suite``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from effcompile import suite
+from effcompile.suite import BACKPROP, COMPOSED, PRESETS, ModelCase, SuiteSettings
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny(preset: str, **overrides) -> SuiteSettings:
+    """The preset's code path at toy size: one model, one seed, one epoch, a few steps."""
+    settings = dataclasses.replace(PRESETS[preset], cases=[ModelCase("mlp", timing_batch=16)], seeds=(0,),
+                                   epochs=1, steps=2, warmup=1, block_size=1, modes=("eager",), device="cpu",
+                                   train_compile=False)
+    return dataclasses.replace(settings, **overrides)
+
+
+@pytest.fixture(scope="module")
+def quick_result():
+    return suite.run_suite(_tiny("quick"), progress=lambda message: None)
+
+
+def test_every_configuration_is_timed_trained_and_compared_to_backprop(quick_result):
+    case = quick_result["cases"]["mlp"]
+    labels = list(suite.configurations())
+    assert labels[0] == BACKPROP and COMPOSED in labels
+    eager = case["timing"]["eager"]
+    assert set(eager) == set(labels)
+    assert eager[BACKPROP]["ratio_to_backprop"] == pytest.approx(1.0)
+    for label in labels:
+        row = eager[label]
+        assert row["median_step_s"] > 0 and row["saved_activation_peak_bytes"] > 0
+        assert row["ratio_to_backprop"] == pytest.approx(row["median_step_s"] / eager[BACKPROP]["median_step_s"])
+        (run,) = case["accuracy"][label]
+        assert len(run["history"]) == 1 and 0.0 <= run["history"][0]["test_accuracy"] <= 1.0
+
+
+def test_composed_configuration_carries_all_four_passes_in_its_plan(quick_result):
+    composed = quick_result["configurations"][COMPOSED]
+    assert [config["pass"] for config in composed] == ["decorrelation", "randomized_vjp", "greedy_stages",
+                                                       "sample_selection"]
+    passes_in_plan = {row["pass_name"] for row in quick_result["cases"]["mlp"]["composed_plan"]}
+    assert passes_in_plan == {"decorrelation", "randomized_vjp", "greedy_stages", "sample_selection"}
+
+
+def test_outputs_json_markdown_plots_and_readme_section(quick_result, tmp_path):
+    paths = suite.write_suite_outputs(quick_result, tmp_path)
+    assert json.loads(paths["json"].read_text())["suite"] == "quick"
+    table = paths["markdown"].read_text()
+    for label in suite.configurations():
+        assert f"| {label} |" in table
+    assert "AMD" in table or "Machine:" in table
+    assert paths["plot_mlp"].stat().st_size > 10_000  # a real PNG, not an empty file
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{suite.README_START}\nold\n{suite.README_END}\n\nafter\n")
+    suite.update_readme(readme, [paths["json"]])
+    text = readme.read_text()
+    assert "old" not in text and "| composed |" in text and text.endswith("after\n")
+    with pytest.raises(ValueError, match="markers"):
+        suite.update_readme(paths["markdown"], [paths["json"]])
+
+
+def test_gpu_preset_code_path_runs_with_bf16_autocast_on_cpu():
+    result = suite.run_suite(_tiny("gpu"), progress=lambda message: None)
+    assert result["settings"]["autocast"] == "bf16"
+    run = result["cases"]["mlp"]["accuracy"][BACKPROP][0]
+    assert run["config"]["autocast"] == "bf16"
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="modes"):
+        dataclasses.replace(PRESETS["quick"], modes=("fast",))
+    with pytest.raises(ValueError, match="cases"):
+        SuiteSettings("empty", [])
