@@ -105,3 +105,18 @@ def test_gradmatch_with_stages_is_refused_with_a_reason():
                          example_inputs=(batch,))
     with pytest.raises(ValueError, match="gradmatch.*not supported"):
         effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_composed_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
+    import onnxruntime
+
+    batch = next(_digits_batches(1))[0]
+    model = _composed("cnn", batch)
+    path = tmp_path / "composed.onnx"
+    effcompile.export_onnx(model, (batch,), path)
+    rows = effcompile.inspect_onnx(path)
+    assert {row["layer"] for row in rows} == {row.layer for row in effcompile.report(model).for_pass("decorrelation")}
+    session = onnxruntime.InferenceSession(str(path))
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+    model.eval()
+    torch.testing.assert_close(torch.from_numpy(onnx_out), model(batch).detach(), atol=1e-4, rtol=1e-4)
