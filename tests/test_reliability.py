@@ -136,6 +136,26 @@ def test_random_models_transform_with_identity_R_equal_to_plain_backprop(case):
     assert all(torch.isfinite(state.matrix).all() for state in decorrelation_states(model).values())
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_small_models(), st.sampled_from(["importance", "uniform"]), st.booleans())
+def test_random_models_with_keep_one_sketch_and_selection_step_like_plain_backprop(case, estimator, select):
+    """keep=1 paths of the randomized VJP and the sample selection are exact: one step equals plain SGD."""
+    model, x, _ = case
+    plain = __import__("copy").deepcopy(model)
+    targets = torch.randint(0, plain(x).shape[-1], (x.shape[0],))
+    configs = [effcompile.RandomizedVJP(keep=1.0, estimator=estimator)]
+    if select:
+        configs.append(effcompile.SampleSelection(keep=1.0, strategy="random"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, *configs, example_inputs=(x,))
+    for network in (model, plain):
+        step = effcompile.train_step(network, F.cross_entropy, torch.optim.SGD(network.parameters(), lr=0.1))
+        step(x, targets)
+    for (name, parameter), (_, plain_parameter) in zip(plain.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(dict(model.named_parameters())[name], plain_parameter, msg=name)
+
+
 # ------------------------------------------------------------------------------------ resumption
 def _training_run(steps, checkpoint_at=None, resume_from=None, tmp_path=None):
     torch.manual_seed(0)
