@@ -316,7 +316,7 @@ def suite_table(result: Mapping[str, Any]) -> str:
         inductor = timing.get("compiled", {}).get(f"{BACKPROP} (inductor)")
         backend_line = ""
         if inductor:
-            backend_line = (f"\nBackend overhead: plain backprop under `effcompile` / under `inductor` = "
+            backend_line = (f"\n\nBackend overhead: plain backprop under `effcompile` / under `inductor` = "
                             f"{1 / inductor['ratio_to_backprop']:.3f}x (goal ≤ 1.05x).")
         shape = "x".join(str(s) for s in timing["input_shape"])
         blocks.append(f"**{model}** — step times: ratio to plain backprop (median of interleaved steps, synthetic "
