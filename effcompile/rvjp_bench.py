@@ -102,18 +102,12 @@ def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, k
 
 
 def _saved_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
-    parameters = {p.data_ptr() for p in model.parameters()}
-    saved: List[int] = []
+    """Peak bytes saved for backward over one forward+backward (parameters and buffers excluded)."""
+    from effcompile.memory import SavedTensorMeter
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.data_ptr() not in parameters:
-            saved.append(tensor.numel() * tensor.element_size())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(inputs).sum()
-    loss.backward()
-    return sum(saved)
+    with SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers())) as meter:
+        model(inputs).sum().backward()
+    return meter.peak_bytes
 
 
 def _linear_input_bytes(model: nn.Module, inputs: torch.Tensor) -> int:

@@ -80,6 +80,7 @@ def select_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ joint pass
 import dataclasses  # noqa: E402  (kept next to the pass it serves)
+import logging  # noqa: E402
 import operator  # noqa: E402
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
@@ -89,7 +90,8 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 Node = torch.fx.Node
 SCATTER = torch.ops.effcompile.scatter_rows.default
-_DEBUG = False
+# Where the propagation stops, and why: logging.getLogger("effcompile.passes.row_sparse_backward").
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +197,7 @@ class _RowSparseRewriter:
                         raise _Unhandled(str(node.target))
                     handler(self, node)
                 except _Unhandled as why:
-                    if _DEBUG:
-                        print("row-sparse: stops at", node.format_node(), "-", why)
+                    _LOG.debug("row-sparse backward stops at %s: %s", node.format_node(), why)
                     continue
             self.handled.add(node)
         self._densify_unhandled_uses()
@@ -210,8 +211,8 @@ class _RowSparseRewriter:
             users = [user for user in node.users if user not in self.handled]
             if not users:
                 continue
-            if _DEBUG:
-                print("row-sparse: scatters", node.name, "for", [user.format_node() for user in users])
+            _LOG.debug("row-sparse backward scatters %s back to full size for %s", node.name,
+                       [user.format_node() for user in users])
             with self.graph.inserting_before(node.next):  # right after node, in insertion order
                 dense = self._scatter(node, info)
             for user in users:
