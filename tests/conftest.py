@@ -14,3 +14,16 @@ def _seed_and_reset_dynamo():
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-tensor tests (``pytestmark = usefixtures("single_thread")``).
+
+    Tiny tensors gain nothing from intra-op threads, and on a shared 2-core CI machine OpenMP
+    spin-waits made GEMM/conv loops 5-50x slower whenever another process held a core.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

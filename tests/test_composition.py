@@ -9,7 +9,6 @@ trains with falling loss eagerly and through ``torch.compile(backend="effcompile
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
 
 import pytest
 import torch
@@ -25,12 +24,7 @@ PASS_NAMES = ["decorrelation", "randomized_vjp", "greedy_stages", "sample_select
 MODELS = {"cnn": {}, "resnet18_cifar": {"width": 8}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _composed(name: str, batch: torch.Tensor) -> nn.Module:

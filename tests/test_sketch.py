@@ -23,14 +23,7 @@ ALPHA = 1e-4
 DOUBLE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    spin-waits made the GEMM/conv loops here 5-50x slower whenever another process ran."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def bonferroni_z(entries: int, alpha: float = ALPHA) -> float:

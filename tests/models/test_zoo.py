@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 import torch
@@ -29,14 +29,7 @@ SMALL_KWARGS: Dict[str, Dict[str, Any]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # The test models are tiny: intra-op threads buy nothing, and on a small shared CI machine
-    # their OpenMP barriers stall whenever another process holds a core (10x+ slowdowns seen).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small_model(name: str, **kwargs: Any) -> nn.Module:

@@ -15,12 +15,7 @@ from effcompile.passes.cut_search import (
 from effcompile.passes.greedy_stages import plan_stages
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _analyse(model, *inputs):

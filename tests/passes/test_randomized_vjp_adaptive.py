@@ -21,12 +21,7 @@ from effcompile._compat import unique_graph_count
 M, K, N = 64, 16, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _layer(**config):
