@@ -273,37 +273,6 @@ class TestPlanAndErrors:
         assert type(plain[0]) is nn.Linear and set(plain.state_dict()) == set(_mlp().state_dict())
 
 
-@pytest.mark.slow
-def test_mlp_trains_on_digits_close_to_exact_backprop():
-    """keep=0.25 importance sketch of every weight gradient: test accuracy within 2 points of exact."""
-    from effcompile import data, models
-
-    train, test, _ = data.load_digits()
-    (train_x, train_y), (test_x, test_y) = train.tensors, test.tensors
-
-    def accuracy(keep, seed):
-        torch.manual_seed(seed)
-        model = models.get_model("mlp")
-        if keep < 1:
-            _sketch(model, train_x[:4], keep=keep)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        step = effcompile.train_step(model, F.cross_entropy, optimizer)
-        order = torch.Generator().manual_seed(seed)
-        for _ in range(8):
-            model.train()
-            permutation = torch.randperm(len(train_x), generator=order)
-            for start in range(0, len(train_x) - 63, 64):
-                batch = permutation[start:start + 64]
-                step(train_x[batch], train_y[batch])
-        model.eval()
-        with torch.no_grad():
-            return (model(test_x).argmax(1) == test_y).float().mean().item()
-
-    exact = sum(accuracy(1.0, seed) for seed in (0, 1)) / 2
-    sketched = sum(accuracy(0.25, seed) for seed in (0, 1)) / 2
-    assert exact > 0.95 and sketched > exact - 0.02, (exact, sketched)
-
-
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 def test_composes_with_decorrelation_by_sketching_the_fused_weight(path):
     """On a decorrelated layer the sketch applies to W·R; ∂L/∂W = ∂L/∂(W·R)·Rᵀ stays unbiased."""
