@@ -11,6 +11,6 @@ tag="cpu-$(date +%Y-%m-%d)"
 mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
 for model in cnn resnet18_cifar; do
-  "$py" -m effcompile.stages_bench --models "$model" --stages 1 2 4 --seeds 0 1 2 --epochs "$epochs" \
+  "$py" -m benchmarks greedy_stages --models "$model" --stages 1 2 4 --seeds 0 1 2 --epochs "$epochs" \
     --batch-size 64 --lr 0.05 --out "$out/$tag-greedy-stages-$model.json"
 done

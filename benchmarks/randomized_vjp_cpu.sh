@@ -15,15 +15,15 @@ for keep in 0.5 0.25 0.1; do
     --out "$out/$tag-mlp1024-keep$keep-compiled.json"
 done
 # 2. Whole-step and backward-only ratios at keep .5/.25/.1, compiled with backend="effcompile" (Inductor).
-"$py" -m effcompile.rvjp_bench steps --model mlp1024 --in-channels 3 --image-size 32 --batch-size 512 \
+"$py" -m benchmarks randomized_vjp steps --model mlp1024 --in-channels 3 --image-size 32 --batch-size 512 \
   --out "$out/$tag-steps-mlp1024.json"
-"$py" -m effcompile.rvjp_bench steps --model vit192 --batch-size 128 --out "$out/$tag-steps-vit192.json"
+"$py" -m benchmarks randomized_vjp steps --model vit192 --batch-size 128 --out "$out/$tag-steps-vit192.json"
 # 3. Saved-for-backward bytes, exact vs memory mode (keep 0.25).
-"$py" -m effcompile.rvjp_bench memory --model mlp1024 --in-channels 3 --image-size 32 --batch-size 512 \
+"$py" -m benchmarks randomized_vjp memory --model mlp1024 --in-channels 3 --image-size 32 --batch-size 512 \
   --out "$out/$tag-memory-mlp1024.json"
-"$py" -m effcompile.rvjp_bench memory --model vit --batch-size 64 --out "$out/$tag-memory-vit.json"
+"$py" -m benchmarks randomized_vjp memory --model vit --batch-size 64 --out "$out/$tag-memory-vit.json"
 # 4. Epochs / seconds to 90 % digits accuracy: exact, keep 0.25, and the same-FLOPs smaller batch.
-"$py" -m effcompile.rvjp_bench accuracy --model vit --keep 0.25 --target 0.9 --epochs 10 --seeds 0 1 \
+"$py" -m benchmarks randomized_vjp accuracy --model vit --keep 0.25 --target 0.9 --epochs 10 --seeds 0 1 \
   --out "$out/$tag-accuracy-vit.json"
-"$py" -m effcompile.rvjp_bench accuracy --model mlp --keep 0.25 --target 0.95 --epochs 10 --seeds 0 1 \
+"$py" -m benchmarks randomized_vjp accuracy --model mlp --keep 0.25 --target 0.95 --epochs 10 --seeds 0 1 \
   --out "$out/$tag-accuracy-mlp.json"

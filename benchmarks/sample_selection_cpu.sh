@@ -8,7 +8,7 @@ out=${1:-benchmarks/results}
 tag="cpu-$(date +%Y-%m-%d)"
 mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
-bench() { "$py" -c "import sys; from effcompile.passes.sample_selection import _main; sys.exit(_main(sys.argv[1:]))" "$@"; }
+bench() { "$py" -m benchmarks sample_selection "$@"; }
 # --threads 1: on a shared 2-core machine two OpenMP threads per process thrash (50x slower steps seen).
 # Step cost: wide MLP (3x32x32 -> 1024 -> 1024 -> 10), batch 256, random strategy, f = 0.5/0.25/0.1, both modes.
 bench step_cost --steps 30 --threads 1 --out "$out/$tag-sample-selection-step-cost-eager.json"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Greedy stages as real processes (effcompile.stage_runtime) on the CPU.
+# Greedy stages as real processes (effcompile.passes.greedy_stages.runtime) on the CPU.
 #  1. throughput: K=2 stage processes (1 torch thread each) vs single-process backprop (1 thread)
 #     and the single-process greedy step, CNN (32/64/128) on synthetic 3x32x32, batch 64;
 #  2. bytes per step and digits test accuracy with transport none / int8 / vq (seeds 0..S-1),
@@ -22,11 +22,11 @@ import json, os, platform, statistics, time, warnings
 import torch
 
 import effcompile
-from effcompile.config import GreedyStages
-from effcompile.data import get_dataset, make_loaders
+from effcompile.passes import GreedyStages
+from effcompile.harness.data import get_dataset, make_loaders
 from effcompile.models import get_model
 from effcompile.passes.greedy_stages import staged_model
-from effcompile.stage_runtime import ZooJob, build_staged_model, cross_entropy, cycle_batches, run_stages
+from effcompile.passes.greedy_stages.runtime.launcher import ZooJob, build_staged_model, cross_entropy, cycle_batches, run_stages
 
 
 

@@ -83,9 +83,13 @@ def is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
+# The base class of nn.Conv1d/2d/3d and the transposed convolutions (private in every version).
+ConvNd = torch.nn.modules.conv._ConvNd
+
+
 __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
-    "unique_graph_count", "is_compiling", "custom_graph_pass_base", "hash_files",
+    "unique_graph_count", "is_compiling", "ConvNd", "custom_graph_pass_base", "hash_files",
 ]
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 from .config import PassConfig
-from .plan import Plan
+from .plan import Plan, PlanRefused
 
-__all__ = ["transform", "report", "fold", "train_step", "plain_train_step", "check_finite_loss", "plan_of"]
+__all__ = ["transform", "apply_plan", "report", "fold", "train_step", "plain_train_step", "check_finite_loss", "plan_of"]
 
 _PLAN_ATTR = "_effcompile_plan"
 
@@ -45,7 +45,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
     inputs).  Every per-layer decision is recorded in the Plan (``effcompile.report(model)``);
     layers a pass cannot handle are listed there with the reason and reported in one warning.
     """
-    from effcompile.passes import PASSES, capture  # imported late: passes import effcompile.config
+    from effcompile.passes import PASSES, capture  # imported late: the passes import the core
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
@@ -68,6 +68,11 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
         raise ValueError("transform needs example_inputs (a tensor or tuple of the forward's inputs): "
                          "layers are found on the graph captured from one call of the model")
 
+    involved = [PASSES[name] for name in names] + [p for p in PASSES.values() if p.name not in names and p.is_applied(model)]
+    refused = [row for model_pass in involved for row in model_pass.refusals(model, configs)]
+    if refused:
+        raise PlanRefused(refused)
+
     captured = capture(model, _as_tuple(example_inputs))
     plan = plan_of(model) or Plan()
     # Plan and apply one pass at a time: a later pass must see the earlier passes' rewrites
@@ -83,6 +88,27 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
             plan.add(row)
         _warn_skips(model_pass.name, [row for row in rows if not row.applied])
     model.__dict__[_PLAN_ATTR] = plan
+    return model
+
+
+def apply_plan(model: nn.Module, plan: Plan, *configs: PassConfig, example_inputs: Any) -> nn.Module:
+    """Apply a Plan that ``transform`` decided elsewhere (another process) to this copy of the model.
+
+    ``model`` must be built the same way as the one the Plan was made for, and ``configs`` must be
+    the configs of that transform.  Nothing is captured, measured or searched again: every pass
+    rebuilds what it needs from the recorded decisions (``ModelPass.replan``) and applies them.
+    """
+    from effcompile.passes import PASSES
+
+    by_name = {config.name: config for config in configs}
+    order = list(dict.fromkeys(row.pass_name for row in plan))
+    if set(order) != set(by_name):
+        raise ValueError(f"apply_plan: the Plan holds passes {order} but the configs are {sorted(by_name)}")
+    inputs = _as_tuple(example_inputs)
+    for name in order:
+        rows = PASSES[name].replan(model, plan.for_pass(name).rows, by_name[name], inputs)
+        PASSES[name].apply(model, [row for row in rows if row.applied], by_name[name])
+    model.__dict__[_PLAN_ATTR] = Plan(list(plan))
     return model
 
 
@@ -155,13 +181,13 @@ def train_step(
     step, at the cost of one host sync per step.
     """
 
-    from effcompile.passes import PASSES, STEP_OWNERS, StepOptions
+    from effcompile.passes import StepOptions, step_owners
 
     options = StepOptions(compile=compile, backend=backend, check_finite=check_finite)
     base = _unwrap(model)
-    for name in STEP_OWNERS:
-        if name in PASSES and PASSES[name].is_applied(base):
-            step = PASSES[name].make_train_step(model, loss_fn, optimizer, options)
+    for owner in step_owners():
+        if owner.is_applied(base):
+            step = owner.make_train_step(model, loss_fn, optimizer, options)
             if step is not None:
                 return step
     return plain_train_step(model, loss_fn, optimizer, options)

@@ -9,6 +9,9 @@ Usage::
     effcompile bench --model cnn --passes decorrelation --batch-size 64 --steps 50 --warmup 5 \\
         --compile --out results.json
 
+The comparison suites (every pass alone and composed against backprop) are benchmarks, not part
+of the installed package: ``python -m benchmarks suite --preset quick`` in a checkout.
+
 ``--model`` is a zoo name (see ``effcompile.models.list_models()``) or ``path/to/file.py:factory``,
 a Python file whose ``factory()`` returns an ``nn.Module`` taking one ``(B, C, H, W)`` batch; the
 file may define ``example_inputs(batch_size)`` when its input is not such an image batch.
@@ -33,11 +36,13 @@ from torch import nn
 
 from . import models
 from .api import report, transform
-from .bench import bench_pass, bench_table
+from .measure import bench_pass
 from .config import PASS_CONFIGS, config_from_dict
-from .data import DATASETS, get_dataset
+from .passes import PASSES
+from .harness.data import DATASETS, get_dataset
 from .onnx_export import export_onnx, inspect_onnx
-from .training import compare_table, fit, markdown_table, plot_runs, save_metrics, summary_table
+from .harness.fit import fit
+from .harness.reports import bench_table, compare_table, markdown_table, plot_runs, save_metrics, summary_table
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -84,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--onnx", default=None, help="also export to this ONNX file and list its nodes")
     inspect.set_defaults(handler=cmd_inspect)
 
-    bench = sub.add_parser("bench", help="time training steps of transformed vs plain model, or run the comparison suite")
-    _add_model_args(bench, shape=True, required=False)
+    bench = sub.add_parser("bench", help="time training steps of the transformed vs the plain model "
+                                         "(the comparison suites: python -m benchmarks, in a checkout)")
+    _add_model_args(bench, shape=True)
     _add_pass_args(bench)
     bench.add_argument("--batch-size", type=_positive_int, default=32)
     bench.add_argument("--steps", type=_positive_int, default=50, help="timed steps per variant")
@@ -96,14 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--compile", action="store_true", help='torch.compile(backend="effcompile") both steps')
     bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    bench.add_argument("--out", default=None,
-                       help="write the results (with machine info) to this JSON file (with --suite: a directory)")
-    bench.add_argument("--suite", choices=("quick", "cpu", "gpu"), default=None,
-                       help="run the comparison suite (every pass alone and composed vs backprop: step time, "
-                            "memory, accuracy over seeds) instead of one pass; --model/--seeds/--epochs override the preset")
-    bench.add_argument("--quick", dest="suite", action="store_const", const="quick", help="same as --suite quick")
-    bench.add_argument("--seeds", type=_int_list, default=None, help="with --suite: comma-separated seeds")
-    bench.add_argument("--epochs", type=_positive_int, default=None, help="with --suite: digits training epochs")
+    bench.add_argument("--out", default=None, help="write the results (with machine info) to this JSON file")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -119,10 +118,11 @@ def _add_model_args(parser: argparse.ArgumentParser, *, shape: bool, required: b
 
 
 def _add_pass_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--passes", default="decorrelation",
-                        help='comma-separated pass names, or "none" for plain backprop (default: decorrelation)')
+    known = "|".join(PASS_CONFIGS)
+    parser.add_argument("--passes", required=True, metavar="PASS[,PASS...]",
+                        help=f'comma-separated pass names ({known}), applied in that order, or "none" for plain backprop')
     parser.add_argument("--pass-arg", action="append", default=[], metavar="PASS.FIELD=VALUE",
-                        help="override one field of a pass config, e.g. decorrelation.lr=0.01 (repeatable)")
+                        help="override one field of a pass config (repeatable); fields: the config's docstring")
 
 
 def _positive_int(text: str) -> int:
@@ -196,7 +196,7 @@ def _parse_pass_arg(item: str, pass_configs: dict[str, type], names: Sequence[st
     key, sep, text = item.partition("=")
     name, dot, field = key.strip().partition(".")
     if not sep or not dot or not field:
-        raise CLIError(f"--pass-arg {item!r}: expected PASS.FIELD=VALUE, e.g. decorrelation.lr=0.01")
+        raise CLIError(f"--pass-arg {item!r}: expected PASS.FIELD=VALUE (a config field of a pass given to --passes)")
     if name not in names:
         raise CLIError(f"--pass-arg {item!r}: pass {name!r} is not in --passes ({', '.join(names) or 'none'})")
     cls = pass_configs[name]
@@ -372,17 +372,6 @@ def _dataset_batch(dataset: Any, batch_size: int, device: torch.device) -> tuple
     return (torch.stack([dataset[i][0] for i in range(count)]).to(device),)
 
 
-def _print_backward_rewrites(model: Any, example: tuple) -> None:
-    """The backward is not in ONNX: show the rewritten joint-graph GEMMs of one compiled step."""
-    from effcompile.passes.randomized_vjp import inspect_backward
-
-    records = inspect_backward(model, example)
-    print("\nBackward GEMMs rewritten in the AOT joint graph:")
-    print(markdown_table(["layer", "gemm", "sampled dim", "k/n", "estimator", "before", "after"],
-                         [[r.layer, r.gemm, r.sampled_dim, f"{r.k}/{r.n}", r.estimator, r.before, r.after]
-                          for r in records]))
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the Plan of the transformed model (and the ONNX nodes with --onnx)."""
     configs = build_configs(args.passes, args.pass_arg)
@@ -393,8 +382,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     example = model_example_inputs(args.model, batch_size=args.batch_size, **shape)
     transform(model, *configs, example_inputs=example)
     print(report(model).table())
-    if any(config.name == "randomized_vjp" for config in configs):
-        _print_backward_rewrites(model, example)
+    for config in configs:  # each pass may add views of what the Plan cannot show (e.g. the backward)
+        for title, lines in PASSES[config.name].inspect_views(model, example):
+            print(f"\n{title}:")
+            print("\n".join(lines))
     if args.onnx:
         export_onnx(model, example, args.onnx)
         rows = inspect_onnx(args.onnx)
@@ -406,10 +397,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark training steps of the transformed model against plain backprop."""
-    if args.suite:
-        return _run_suite(args)
-    if not args.model:
-        raise CLIError("bench needs --model (or --suite quick|cpu|gpu for the comparison suite)")
     configs = build_configs(args.passes, args.pass_arg)
     if not configs:
         raise CLIError("bench compares a transformed model against plain backprop: give at least one pass")
@@ -429,32 +416,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
-    return 0
-
-
-def _run_suite(args: argparse.Namespace) -> int:
-    """``bench --suite``: every pass alone and composed, against backprop (effcompile.suite)."""
-    from .suite import PRESETS, ModelCase, run_suite, suite_table, write_suite_outputs
-
-    settings = PRESETS[args.suite]
-    overrides: dict[str, Any] = {}
-    if args.model:
-        if is_model_path(args.model):
-            raise CLIError("--suite runs zoo models only; give a zoo name with --model")
-        overrides["cases"] = [ModelCase(args.model, parse_model_args(args.model_arg))]
-    if args.seeds:
-        overrides["seeds"] = tuple(args.seeds)
-    if args.epochs:
-        overrides["epochs"] = args.epochs
-    if args.device:
-        overrides["device"] = str(resolve_device(args.device))
-    settings = dataclasses.replace(settings, **overrides)
-    result = run_suite(settings)
-    result["command"] = _command_record(args)
-    out = Path(args.out or f"runs/suite-{settings.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
-    paths = write_suite_outputs(result, out)
-    print(suite_table(result))
-    print("\nwrote " + ", ".join(str(path) for path in paths.values()))
     return 0
 
 

@@ -16,10 +16,6 @@ __all__ = ["export_onnx", "inspect_onnx", "NAME_SCOPES_KEY"]
 # Every node of torch.onnx.export(dynamo=True) carries its module path in this metadata entry.
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
-# Module-name suffix → pass that inserted the module (the state modules passes add).
-_INSERTED_SUFFIXES = {"_decorrelation": "decorrelation"}
-
-
 # Shape and constant plumbing around an inserted computation: not worth a row of its own.
 _PLUMBING_OPS = {"Constant", "Reshape", "Concat", "Identity", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast",
                  "Slice", "Pad"}
@@ -60,14 +56,22 @@ def _scopes(node: Any) -> List[str]:
     return []
 
 
+def _inserted_suffixes() -> Dict[str, str]:
+    """Module-name suffix → the pass that inserts such modules (each pass declares its own)."""
+    from effcompile.passes import PASSES
+
+    return {suffix: name for name, model_pass in PASSES.items() for suffix in model_pass.onnx_scope_suffixes}
+
+
 def _inserted_by(scopes: List[str]) -> Any:
     """(layer path, pass) if a scope is a pass-inserted module, else None.
 
     ``scopes`` is the node's name-scope stack: full module paths from the root ('') inward, then
     the op's own name, e.g. ``['', 'fc', 'fc.weight_decorrelation', 'einsum']``.
     """
+    suffixes = _inserted_suffixes()
     for scope in scopes:
-        for suffix, pass_name in _INSERTED_SUFFIXES.items():
+        for suffix, pass_name in suffixes.items():
             if scope.endswith(suffix):
                 owner, _, attr = scope[: -len(suffix)].rpartition(".")
                 return layer_key(owner, attr), pass_name

@@ -3,15 +3,37 @@
 Analyses fill the Plan once, at transform time; every entry point (eager transform, the
 ``effcompile`` torch.compile backend, ONNX export and its inspection, the CLI) reads the same
 Plan and nothing re-decides.  A layer that a pass cannot handle is recorded with
-``action="skip"`` and the reason, so nothing is skipped silently.
+``Action.SKIP`` and the reason, so nothing is skipped silently; a combination of passes that
+cannot work is an ``Action.REFUSE`` row, and ``transform`` raises before it changes the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-__all__ = ["PlanRow", "Plan", "layer_key"]
+__all__ = ["Action", "PlanRow", "Plan", "PlanRefused", "layer_key"]
+
+
+class Action(str, enum.Enum):
+    """What a pass does with one layer (the ``details`` say how: mode, stage, k, ...)."""
+
+    REWRITE = "rewrite"  # the pass rewrites this layer (a fused weight, a sketched backward, a selected loss)
+    ASSIGN = "assign"    # the layer is placed in one part of the rewritten model (``details["stage"]``)
+    SKIP = "skip"        # the pass leaves this layer as it is; ``reason`` says why
+    REFUSE = "refuse"    # this combination cannot work; ``transform`` raises with the reason, the model untouched
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PlanRefused(ValueError):
+    """``transform`` was asked for a combination the passes refuse; ``rows`` are the REFUSE rows."""
+
+    def __init__(self, rows: List["PlanRow"]) -> None:
+        self.rows = rows
+        super().__init__("; ".join(f"{row.pass_name} refuses {row.layer}: {row.reason}" for row in rows))
 
 
 def layer_key(owner_path: str, attr: str) -> str:
@@ -26,7 +48,7 @@ class PlanRow:
 
     layer: str
     pass_name: str
-    action: str
+    action: Action
     reason: str = ""
     op: str = ""
     input_shape: Optional[tuple] = None
@@ -35,12 +57,23 @@ class PlanRow:
     # What the pass needs to apply the decision (analysis results); not shown or serialised.
     spec: Any = dataclasses.field(default=None, repr=False, compare=False)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "action":  # text from JSON or a pass becomes the enum; anything else is refused
+            try:
+                value = Action(value)
+            except ValueError:
+                raise ValueError(f"PlanRow.action={value!r} is invalid: expected one of "
+                                 f"{[a.value for a in Action]}") from None
+        super().__setattr__(name, value)
+
     @property
     def applied(self) -> bool:
-        return self.action != "skip"
+        return self.action in (Action.REWRITE, Action.ASSIGN)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
+        row["action"] = self.action.value
+        return row
 
 
 class Plan:
@@ -88,6 +121,11 @@ class Plan:
     def to_dict(self) -> List[Dict[str, Any]]:
         return [row.to_dict() for row in self.rows]
 
+    @classmethod
+    def from_dict(cls, rows: List[Dict[str, Any]]) -> "Plan":
+        """Inverse of :meth:`to_dict` (the decisions only: no analysis results)."""
+        return cls([PlanRow(**row) for row in rows])
+
     def table_rows(self) -> List[List[str]]:
         def fmt_shape(shape: Optional[tuple]) -> str:
             return "" if shape is None else "x".join(str(s) for s in shape)
@@ -96,7 +134,7 @@ class Plan:
             return " ".join(f"{key}={value}" for key, value in details.items())
 
         return [
-            [row.layer, row.pass_name, row.action, row.op, fmt_shape(row.input_shape),
+            [row.layer, row.pass_name, row.action.value, row.op, fmt_shape(row.input_shape),
              fmt_shape(row.weight_shape), fmt_details(row.details), row.reason]
             for row in self.rows
         ]

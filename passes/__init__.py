@@ -1,16 +1,19 @@
-"""effcompile.passes: one file per technique, plus graph capture and analysis helpers.
+"""effcompile.passes: the pass interface, shared analyses, and one folder per technique.
 
-Invariants every pass keeps:
-* it decides in ``plan`` (read-only) and rewrites in ``apply``; the Plan rows are the record;
-* a layer it cannot handle is a ``skip`` row with the reason, never silently ignored;
-* model-level state (matrices, counters) lives in modules/buffers, so ``state_dict`` checkpoints it;
-* ``state_dict`` keys of the original model are unchanged.
+See README.md beside this file for the invariants every pass keeps and the checklist for adding a
+technique.  Importing this package registers every technique (config, model pass, joint passes).
 """
 
-from .base import PASSES, STEP_OWNERS, ModelPass, StepOptions, register_pass
-from .capture import CaptureError, GraphCapture, capture
-from . import decorrelation, randomized_vjp  # noqa: F401  (register the passes)
-from . import greedy_stages  # noqa: F401
-from . import sample_selection  # noqa: F401
+from .base import (JOINT_PASSES, PASSES, JointPass, JointResult, ModelPass, StepOptions, register_joint_pass,
+                   register_pass, step_owners)
+from .analysis import CaptureError, GraphCapture, capture
 
-__all__ = ["PASSES", "STEP_OWNERS", "StepOptions", "ModelPass", "register_pass", "capture", "CaptureError", "GraphCapture"]
+# The techniques: one line each.  Importing a technique registers it.
+from .decorrelation import Decorrelation
+from .randomized_vjp import RandomizedVJP
+from .greedy_stages import GreedyStages
+from .sample_selection import SampleSelection
+
+__all__ = ["PASSES", "JOINT_PASSES", "StepOptions", "ModelPass", "JointPass", "JointResult", "register_pass",
+           "register_joint_pass", "step_owners", "capture", "CaptureError", "GraphCapture",
+           "Decorrelation", "RandomizedVJP", "GreedyStages", "SampleSelection"]

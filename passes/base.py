@@ -1,38 +1,61 @@
-"""The one pass interface.
+"""The one pass interface, and the registry every entry point reads.
 
-A pass has two phases, so analysis and rewriting stay separate and every entry point reads the
-same decisions:
+A technique has up to two kinds of pass:
 
-1. ``plan(model, captured, config) -> list[PlanRow]`` decides, per layer, what to do and why
-   (``action="skip"`` with a reason for layers it cannot handle).  It does not touch the model.
-2. ``apply(model, rows, config) -> int`` performs the applied rows' rewrites and returns how many
-   places it rewrote (for logs and tests).
+* a :class:`ModelPass` (exactly one per technique) decides and rewrites at model level, in two
+  phases, so analysis and rewriting stay separate and every entry point reads the same decisions:
 
-Passes that add state (decorrelation matrices, aux heads) rewrite at model level, before any
-tracing, because a torch.compile backend receives parameters as graph inputs and cannot add
-state.  Stateless backward rewrites register on the AOT joint graph instead.
+  1. ``plan(model, captured, config) -> list[PlanRow]`` decides, per layer, what to do and why
+     (``Action.SKIP`` with a reason for layers it cannot handle).  It does not touch the model.
+  2. ``apply(model, rows, config) -> int`` performs the applied rows' rewrites and returns how many
+     places it rewrote (for logs and tests).
+
+  Passes that add state (decorrelation matrices, aux heads) rewrite at model level, before any
+  tracing, because a torch.compile backend receives parameters as graph inputs and cannot add
+  state.
+
+* a :class:`JointPass` (optional) rewrites the AOT joint graph (forward + backward) inside the
+  ``effcompile`` backends: stateless backward rewrites.  It returns a :class:`JointResult` (how
+  many places it rewrote, and one record per rewrite) and declares the source files that shape
+  its rewrite, so the compile cache key (``uuid()``) covers them.
+
+Registration is the only wiring: ``register_pass`` and ``register_joint_pass`` (with an order),
+``effcompile.config.register_config`` for the config.  The core (transform, train_step, the
+backends, ONNX inspection, the CLI) iterates the registry and never names a technique.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
+import torch
 import torch.nn as nn
 
 from effcompile.config import PassConfig
 from effcompile.plan import PlanRow
 
-from .capture import GraphCapture
+from .analysis.capture import GraphCapture
 
-__all__ = ["ModelPass", "PASSES", "STEP_OWNERS", "StepOptions", "register_pass"]
+__all__ = ["ModelPass", "JointPass", "JointResult", "PASSES", "JOINT_PASSES", "StepOptions", "register_pass",
+           "register_joint_pass", "step_owners"]
 
 
 class ModelPass(abc.ABC):
     """A model-level rewrite driven by a config and recorded in the Plan."""
 
     config_type: Type[PassConfig]
+
+    # Passes that change the shape of the training step itself (one loss and optimizer per stage;
+    # a per-sample loss over a weighted subset) set an order here; ``effcompile.train_step`` asks
+    # the applied passes in ascending order and uses the first step returned.  The outermost
+    # owner (lowest order) composes the inner ones itself.
+    step_order: Optional[int] = None
+
+    # Name suffixes of the submodules the pass inserts (e.g. ``"_decorrelation"`` for
+    # ``fc.weight_decorrelation``): ONNX inspection attributes nodes in those name scopes to it.
+    onnx_scope_suffixes: Tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -54,17 +77,57 @@ class ModelPass(abc.ABC):
     def fold(self, model: nn.Module) -> int:
         """Bake the pass into plain weights and remove its state; return the layers folded."""
 
+    def refusals(self, model: nn.Module, configs: Sequence[PassConfig]) -> List[PlanRow]:
+        """``Action.REFUSE`` rows for combinations this pass cannot work with.
+
+        Asked of every pass that is in ``configs`` or already applied to ``model``, before any
+        pass of the transform plans or rewrites, so a refusal leaves the model untouched.
+        """
+        return []
+
+    def replan(self, model: nn.Module, rows: List[PlanRow], config: PassConfig,
+               example_inputs: Sequence[Any]) -> List[PlanRow]:
+        """``rows`` of a Plan decided in another process, made applicable to this process's copy of
+        the model: the analysis results (``spec``) are rebuilt from the recorded decisions, and
+        nothing is re-decided.  Passes whose Plan is never shipped between processes keep the default.
+        """
+        raise NotImplementedError(f"{self.name}: applying a Plan decided in another process is not supported")
+
     def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
         """Run-time counters to show next to a Plan row (read on demand, never per step)."""
         return {}
 
-    # Passes that change the shape of the training step itself (greedy stages: one loss and one
-    # optimizer per stage; sample selection: a per-sample loss and a weighted subset) return a
-    # step function here; every other pass leaves the step alone and returns None.
-    # ``effcompile.train_step`` asks the passes in ``STEP_OWNERS`` order and uses the first step.
     def make_train_step(self, model: nn.Module, loss_fn: Callable, optimizer: Any,
                         options: StepOptions) -> Optional[Callable]:
+        """The training step of a step owner (``step_order`` set); None leaves the plain step."""
         return None
+
+    def inspect_views(self, model: nn.Module, example_inputs: Sequence[Any]) -> List[Tuple[str, List[str]]]:
+        """Extra ``effcompile inspect`` sections: ``[(title, lines)]`` (e.g. the backward rewrites)."""
+        return []
+
+
+@dataclasses.dataclass
+class JointResult:
+    """What one joint pass did to one joint graph."""
+
+    rewrites: int
+    records: List[Any] = dataclasses.field(default_factory=list)
+
+
+class JointPass(abc.ABC):
+    """A rewrite of the AOT joint graph, run by the ``effcompile`` backends in ``order``."""
+
+    name: str = ""
+    order: int = 0
+
+    @abc.abstractmethod
+    def __call__(self, graph: torch.fx.Graph) -> JointResult:
+        """Rewrite ``graph`` in place (idempotently); return what was rewritten."""
+
+    @abc.abstractmethod
+    def sources(self) -> List[str]:
+        """Paths of every file that shapes the rewrite (hashed into the compile cache key)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +140,24 @@ class StepOptions:
 
 
 PASSES: Dict[str, ModelPass] = {}
-
-# Passes that may own the training step, outermost first: the stage runtime runs every stage's
-# local loss through the sample selection when both are applied.
-STEP_OWNERS = ("greedy_stages", "sample_selection")
+JOINT_PASSES: List[JointPass] = []
 
 
 def register_pass(instance: ModelPass) -> ModelPass:
+    if not isinstance(instance, ModelPass):
+        raise TypeError(f"register_pass expects a ModelPass instance, got {instance!r}")
     PASSES[instance.name] = instance
     return instance
+
+
+def register_joint_pass(instance: JointPass) -> JointPass:
+    """Add a joint-graph pass; the backends run them in ascending ``order``."""
+    if not isinstance(instance, JointPass) or not instance.name:
+        raise TypeError(f"register_joint_pass expects a named JointPass instance, got {instance!r}")
+    JOINT_PASSES[:] = sorted([p for p in JOINT_PASSES if p.name != instance.name] + [instance], key=lambda p: p.order)
+    return instance
+
+
+def step_owners() -> List[ModelPass]:
+    """The passes that may own the training step, outermost first."""
+    return sorted((p for p in PASSES.values() if p.step_order is not None), key=lambda p: p.step_order)

@@ -1,30 +1,50 @@
-"""The joint-graph passes, in the order the ``effcompile`` backends run them.
+"""One ``CustomGraphPass`` over every registered joint-graph pass, in their registered order.
 
-1. ``row_sparse_backward``: a backward that only the selected samples feed (sample selection in
-   forward-reuse mode) runs on their rows — exact, so it goes first.
-2. ``randomized_vjp``: marked layers' backward GEMMs become sampled, unbiased estimates.
+The ``effcompile`` backends install it as Inductor's cache-keyed ``joint_custom_pre_pass`` (and
+call it before partitioning in ``effcompile_aot_eager``).  Its ``uuid()`` hashes this file, the
+pass interface and every source file each joint pass declares, so Inductor's FX graph cache never
+serves a graph rewritten by other code.
 
-One ``CustomGraphPass`` runs both; its ``uuid()`` hashes the source of every file that shapes the
-rewrite, so Inductor's FX graph cache never serves a graph rewritten by other code.
+What each joint pass rewrote is returned to whoever asks, never kept in module globals: inside
+``with recording() as log:`` every joint graph rewritten appends ``{pass name: JointResult}`` to
+``log`` (``effcompile inspect`` and the tests read it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import threading
+from typing import Any, Dict, Iterator, List
 
 import torch
 
 from effcompile._compat import custom_graph_pass_base, hash_files
 
-from . import randomized_vjp, row_sparse_backward
+from .base import JOINT_PASSES, JointResult
 
-__all__ = ["JOINT_PASS", "EffcompileJointPass", "run_joint_passes"]
+__all__ = ["JOINT_PASS", "EffcompileJointPass", "run_joint_passes", "recording"]
+
+_recorders = threading.local()
 
 
-def run_joint_passes(graph: torch.fx.Graph) -> None:
-    row_sparse_backward.rewrite_row_sparse_backward(graph)
-    randomized_vjp.rewrite_joint_graph(graph)
+def run_joint_passes(graph: torch.fx.Graph) -> Dict[str, JointResult]:
+    results = {joint_pass.name: joint_pass(graph) for joint_pass in JOINT_PASSES}
+    for log in getattr(_recorders, "stack", []):
+        log.append(results)
+    return results
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[List[Dict[str, JointResult]]]:
+    """Collect the results of every joint graph rewritten in this thread inside the block."""
+    log: List[Dict[str, JointResult]] = []
+    stack = _recorders.__dict__.setdefault("stack", [])
+    stack.append(log)
+    try:
+        yield log
+    finally:
+        stack.remove(log)
 
 
 class EffcompileJointPass(custom_graph_pass_base()):
@@ -32,11 +52,11 @@ class EffcompileJointPass(custom_graph_pass_base()):
         run_joint_passes(graph)
 
     def uuid(self) -> Any:
-        from effcompile import sketch
-
         here = os.path.dirname(__file__)
-        sources = [os.path.join(here, name) for name in ("joint.py", "graph_utils.py")]
-        return hash_files([*sources, randomized_vjp.__file__, row_sparse_backward.__file__, sketch.__file__])
+        sources = [os.path.join(here, name) for name in ("joint.py", "base.py", os.path.join("analysis", "graph_utils.py"))]
+        for joint_pass in JOINT_PASSES:
+            sources += joint_pass.sources()
+        return hash_files(sorted(set(sources)))
 
 
 JOINT_PASS = EffcompileJointPass()

@@ -7,9 +7,9 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed_and_reset_dynamo():
     torch.manual_seed(0)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     yield
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def pytest_configure(config):
@@ -27,3 +27,25 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class JointLog:
+    """What the joint-graph passes rewrote in every graph compiled during one test."""
+
+    def __init__(self, log):
+        self.graphs = log
+
+    def last(self, pass_name):
+        """The records of ``pass_name`` in the most recently rewritten joint graph ([] if none)."""
+        return list(self.graphs[-1][pass_name].records) if self.graphs else []
+
+    def all(self, pass_name):
+        return [record for results in self.graphs for record in results[pass_name].records]
+
+
+@pytest.fixture
+def joint_log():
+    from effcompile.passes.joint import recording
+
+    with recording() as log:
+        yield JointLog(log)

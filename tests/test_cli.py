@@ -47,10 +47,10 @@ def test_train_compare_runs_both_variants_per_seed(tmp_path, capsys):
         (["train", "--model", "nope", "--passes", "none"], "unknown model 'nope'"),
         (["train", "--model", "mlp", "--dataset", "nope", "--passes", "none"], "unknown dataset 'nope'"),
         (["train", "--model", "mlp", "--passes", "nope"], "unknown pass 'nope'"),
-        (["train", "--model", "mlp", "--pass-arg", "decorrelation.bogus=1"], "has no field 'bogus'"),
-        (["train", "--model", "mlp", "--pass-arg", "decorrelation.lr=2"], "lr=2.0 is invalid"),
-        (["train", "--model", "mlp", "--pass-arg", "decorrelation.lr"], "expected PASS.FIELD=VALUE"),
-        (["inspect", "--model", "missing.py:build"], "does not exist"),
+        (["train", "--model", "mlp", "--passes", "decorrelation", "--pass-arg", "decorrelation.bogus=1"], "has no field 'bogus'"),
+        (["train", "--model", "mlp", "--passes", "decorrelation", "--pass-arg", "decorrelation.lr=2"], "lr=2.0 is invalid"),
+        (["train", "--model", "mlp", "--passes", "decorrelation", "--pass-arg", "decorrelation.lr"], "expected PASS.FIELD=VALUE"),
+        (["inspect", "--model", "missing.py:build", "--passes", "decorrelation"], "does not exist"),
         (["inspect", "--model", "mlp", "--passes", "none"], "at least one pass"),
         (["bench", "--model", "mlp", "--passes", "none"], "at least one pass"),
     ],
@@ -93,7 +93,7 @@ def test_inspect_accepts_a_model_file(tmp_path, capsys):
     """))
     assert main(["inspect", "--model", f"{model_file}:build", "--passes", "decorrelation"]) == 0
     printed = capsys.readouterr().out
-    assert "decorrelate" in printed and "linear" in printed
+    assert "decorrelation" in printed and "rewrite" in printed and "linear" in printed
 
 
 def test_bench_writes_json_with_ratio(tmp_path, capsys):

@@ -15,10 +15,9 @@ import torch
 import torch.nn as nn
 
 import effcompile
-from effcompile.config import GreedyStages, SampleSelection
-from effcompile.data import load_digits
+from effcompile.passes import GreedyStages, SampleSelection
+from effcompile.harness.data import load_digits
 from effcompile.models import get_model
-from effcompile.passes.row_sparse_backward import LAST_ROW_SPARSE_REWRITES
 
 PASS_NAMES = ["decorrelation", "randomized_vjp", "greedy_stages", "sample_selection"]
 MODELS = {"cnn": {}, "resnet18_cifar": {"width": 8}}
@@ -71,7 +70,7 @@ def test_plan_shows_every_pass_for_every_layer(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
-def test_all_four_passes_train_with_falling_loss_through_effcompile(name):
+def test_all_four_passes_train_with_falling_loss_through_effcompile(name, joint_log):
     batch = next(_digits_batches(1))[0]
     model = _composed(name, batch)
     losses = _train(model, 40, compile=True)
@@ -81,7 +80,7 @@ def test_all_four_passes_train_with_falling_loss_through_effcompile(name):
     assert any(int(state.updates) > 0 for state in
                [m for m in model.modules() if type(m).__name__ == "DecorrelationState"])
     # The selected stage losses reach the joint graph: some backward ran on the selected rows.
-    assert any(record.kept_rows < record.rows for record in LAST_ROW_SPARSE_REWRITES)
+    assert any(record.kept_rows < record.rows for record in joint_log.last("row_sparse_backward"))
 
 
 def test_all_four_passes_train_eagerly():
@@ -95,10 +94,16 @@ def test_gradmatch_with_stages_is_refused_with_a_reason():
     batch = next(_digits_batches(1))[0]
     torch.manual_seed(0)
     model = get_model("cnn", num_classes=10, in_channels=1, image_size=8)
-    effcompile.transform(model, GreedyStages(num_stages=2), SampleSelection(keep=0.5, strategy="gradmatch"),
-                         example_inputs=(batch,))
+    keys = set(model.state_dict())
+    with pytest.raises(effcompile.plan.PlanRefused, match="gradmatch.*not supported") as refused:
+        effcompile.transform(model, GreedyStages(num_stages=2), SampleSelection(keep=0.5, strategy="gradmatch"),
+                             example_inputs=(batch,))
+    assert [row.action for row in refused.value.rows] == [effcompile.Action.REFUSE]
+    assert set(model.state_dict()) == keys and effcompile.api.plan_of(model) is None  # nothing applied
+    # Stages first, selection in a later transform: refused the same way.
+    effcompile.transform(model, GreedyStages(num_stages=2), example_inputs=(batch,))
     with pytest.raises(ValueError, match="gradmatch.*not supported"):
-        effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1))
+        effcompile.transform(model, SampleSelection(keep=0.5, strategy="gradmatch"), example_inputs=(batch,))
 
 
 def test_composed_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from effcompile import suite
-from effcompile.suite import BACKPROP, COMPOSED, PRESETS, ModelCase, SuiteSettings
+from benchmarks import suite
+from benchmarks.suite import BACKPROP, COMPOSED, PRESETS, ModelCase, SuiteSettings
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,242 @@
+"""Benchmark rows of the randomized-VJP pass (``benchmarks/randomized_vjp_cpu.sh``).
+
+Three measurements, each against plain backprop on the same machine in the same process:
+
+* :func:`bench_step_times` – median whole-step and backward-only time of the compiled training
+  step at several keeps, interleaved with the exact step (:func:`effcompile.measure.time_steps`).
+* :func:`bench_saved_activations` – bytes autograd saves for backward (parameters excluded),
+  exact vs memory mode, measured with ``torch.autograd.graph.saved_tensors_hooks``; on CUDA also
+  the peak-memory increment of one step (``max_memory_allocated``).
+* :func:`bench_time_to_accuracy` – epochs and wall-clock seconds (evaluation excluded) until the
+  digits test accuracy first reaches a target, for exact backprop at batch ``B``, the sketched
+  run at batch ``B``, and the *same-FLOPs smaller batch*: exact backprop at
+  ``B' = round(B·(2 + keep)/3)``.  Per row of the batch a linear layer costs one GEMM unit in
+  forward and two in backward (grad_X, grad_W); sampling grad_W rows at ``keep`` costs
+  ``1 + 1 + keep`` units, so ``3·B' = (2 + keep)·B`` spends the same GEMM FLOPs per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from effcompile.api import train_step, transform
+from effcompile.measure import machine_info, time_steps
+from effcompile.passes.randomized_vjp import RandomizedVJP
+
+__all__ = ["bench_step_times", "bench_saved_activations", "bench_time_to_accuracy", "same_flops_batch", "main"]
+
+
+def same_flops_batch(batch_size: int, keep: float) -> int:
+    """``B'`` with ``3·B' ≈ (2 + keep)·B``: exact backprop at the sketched step's GEMM FLOPs."""
+    return max(1, round(batch_size * (2 + keep) / 3))
+
+
+def _model(name: str, model_kwargs: Dict[str, Any], seed: int) -> nn.Module:
+    from effcompile import models
+
+    torch.manual_seed(seed)
+    return models.get_model(name, **model_kwargs)
+
+
+def _transformed(model: nn.Module, config: RandomizedVJP, example: torch.Tensor) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transform(copy.deepcopy(model), config, example_inputs=(example,))
+
+
+class _TimedStep:
+    """One training step whose backward is timed separately (seconds appended to ``backward_s``)."""
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, compile: bool, backend: str):
+        self.model, self.inputs, self.targets = model, inputs, targets
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        forward_loss = lambda x, y: F.cross_entropy(model(x), y)
+        self.forward_loss = torch.compile(forward_loss, backend=backend) if compile else forward_loss
+        self.backward_s: List[float] = []
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_loss(self.inputs, self.targets)
+        start = time.perf_counter()
+        loss.backward()
+        self.backward_s.append(time.perf_counter() - start)
+        self.optimizer.step()
+
+
+def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, keeps: Sequence[float] = (0.5, 0.25, 0.1),
+                     *, steps: int = 20, warmup: int = 3, compile: bool = True, backend: str = "effcompile",
+                     num_classes: int = 10, in_channels: int = 1, image_size: int = 8, seed: int = 0) -> Dict[str, Any]:
+    """Whole-step and backward-only median time ratios (sketched / exact) at each keep (CPU timer)."""
+    plain = _model(name, dict(model_kwargs, num_classes=num_classes, in_channels=in_channels, image_size=image_size), seed)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch_size, in_channels, image_size, image_size, generator=generator)
+    targets = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    rows = []
+    for keep in keeps:
+        torch.compiler.reset()
+        variants = {"exact": _TimedStep(copy.deepcopy(plain), inputs, targets, compile, backend),
+                    "sketched": _TimedStep(_transformed(plain, RandomizedVJP(keep=keep), inputs), inputs, targets,
+                                           compile, backend)}
+        time_steps(variants, warmup, block_size=1)  # compiles, then warms up
+        for step in variants.values():
+            step.backward_s.clear()
+        times = time_steps(variants, steps, block_size=5)
+        median = {label: statistics.median(seconds) for label, seconds in times.items()}
+        backward = {label: statistics.median(step.backward_s) for label, step in variants.items()}
+        rows.append({"keep": keep, "step_ratio": median["sketched"] / median["exact"],
+                     "backward_ratio": backward["sketched"] / backward["exact"],
+                     "exact_step_ms": median["exact"] * 1e3, "sketched_step_ms": median["sketched"] * 1e3,
+                     "exact_backward_ms": backward["exact"] * 1e3, "sketched_backward_ms": backward["sketched"] * 1e3})
+    return {"benchmark": "step_times", "model": name, "model_kwargs": model_kwargs, "batch_size": batch_size,
+            "compile": compile, "backend": backend, "steps": steps, "rows": rows, "machine": machine_info("cpu")}
+
+
+def _saved_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Peak bytes saved for backward over one forward+backward (parameters and buffers excluded)."""
+    from effcompile.measure import SavedTensorMeter
+
+    with SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers())) as meter:
+        model(inputs).sum().backward()
+    return meter.peak_bytes
+
+
+def _linear_input_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Bytes of the inputs of every nn.Linear (what exact backprop saves for their grad_W)."""
+    total: List[int] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: total.append(args[0].numel() * args[0].element_size()))
+             for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(inputs)
+    for hook in hooks:
+        hook.remove()
+    return sum(total)
+
+
+def bench_saved_activations(name: str, model_kwargs: Dict[str, Any], batch_size: int, keep: float = 0.25, *,
+                            in_channels: int = 1, image_size: int = 8, seed: int = 0) -> Dict[str, Any]:
+    """Saved-for-backward bytes, exact vs memory mode (whole model, and the linear layers' share)."""
+    plain = _model(name, dict(model_kwargs, in_channels=in_channels, image_size=image_size), seed)
+    inputs = torch.randn(batch_size, in_channels, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    memory = _transformed(plain, RandomizedVJP(keep=keep, memory_mode=True), inputs)
+    exact_bytes, memory_bytes = _saved_bytes(plain, inputs), _saved_bytes(memory, inputs)
+    linear_inputs = _linear_input_bytes(plain, inputs)
+    # Memory mode replaces each linear input X (M×K) by X[idx] (k×K) + idx (int64) + 1/π (float32).
+    linear_saved_memory = linear_inputs - (exact_bytes - memory_bytes)
+    result = {"benchmark": "saved_activations", "model": name, "model_kwargs": model_kwargs, "batch_size": batch_size,
+              "keep": keep, "exact_saved_bytes": exact_bytes, "memory_mode_saved_bytes": memory_bytes,
+              "whole_model_ratio": exact_bytes / memory_bytes, "linear_input_bytes_exact": linear_inputs,
+              "linear_input_bytes_memory_mode": linear_saved_memory,
+              "linear_layers_ratio": linear_inputs / max(linear_saved_memory, 1), "machine": machine_info("cpu")}
+    if torch.cuda.is_available():
+        result["cuda_peak_ratio"] = _cuda_peak(plain, inputs) / _cuda_peak(memory, inputs)
+    return result
+
+
+def _cuda_peak(model: nn.Module, inputs: torch.Tensor) -> int:
+    model, inputs = model.cuda(), inputs.cuda()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model(inputs).sum().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _run_to_target(build: Callable[[], nn.Module], batch_size: int, epochs: int, target: float, lr: float,
+                   seed: int) -> Dict[str, Any]:
+    from effcompile.harness import data
+
+    train, test, _ = data.load_digits()
+    (train_x, train_y), (test_x, test_y) = train.tensors, test.tensors
+    model = build()
+    step = train_step(model, F.cross_entropy, torch.optim.AdamW(model.parameters(), lr=lr))
+    order = torch.Generator().manual_seed(seed)
+    trained_s, curve, reached = 0.0, [], None
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        permutation = torch.randperm(len(train_x), generator=order)
+        for first in range(0, len(train_x) - batch_size + 1, batch_size):
+            batch = permutation[first:first + batch_size]
+            step(train_x[batch], train_y[batch])
+        trained_s += time.perf_counter() - start
+        model.eval()
+        with torch.no_grad():
+            accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()
+        curve.append(accuracy)
+        if reached is None and accuracy >= target:
+            reached = {"epochs": epoch, "seconds": trained_s}
+    return {"batch_size": batch_size, "accuracy_per_epoch": curve, "final_accuracy": curve[-1],
+            "to_target": reached, "train_seconds": trained_s}
+
+
+def bench_time_to_accuracy(name: str, model_kwargs: Dict[str, Any], *, keep: float = 0.25, batch_size: int = 64,
+                           target: float = 0.9, epochs: int = 10, lr: float = 2e-3,
+                           seeds: Sequence[int] = (0,)) -> Dict[str, Any]:
+    """Epochs and seconds to ``target`` digits accuracy: exact, sketched, same-FLOPs smaller batch (eager)."""
+    small = same_flops_batch(batch_size, keep)
+    runs: Dict[str, List[Dict[str, Any]]] = {"exact": [], "sketched": [], "same_flops_batch": []}
+    for seed in seeds:
+        build = lambda: _model(name, model_kwargs, seed)
+        example = torch.zeros(batch_size, 1, 8, 8)
+        runs["exact"].append(_run_to_target(build, batch_size, epochs, target, lr, seed))
+        runs["sketched"].append(_run_to_target(lambda: _transformed(build(), RandomizedVJP(keep=keep), example),
+                                               batch_size, epochs, target, lr, seed))
+        runs["same_flops_batch"].append(_run_to_target(build, small, epochs, target, lr, seed))
+    return {"benchmark": "time_to_accuracy", "model": name, "model_kwargs": model_kwargs, "keep": keep,
+            "batch_size": batch_size, "same_flops_batch_size": small, "target": target, "epochs": epochs, "lr": lr,
+            "seeds": list(seeds), "runs": runs, "machine": machine_info("cpu")}
+
+
+_MODELS = {
+    "mlp": ("mlp", {}),
+    "mlp1024": ("mlp", {"hidden": 1024}),
+    "vit": ("vit_tiny", {"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 4}),
+    "vit192": ("vit_tiny", {"depth": 4, "embed_dim": 192, "num_heads": 3}),
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="randomized-VJP benchmark rows")
+    parser.add_argument("kind", choices=["steps", "memory", "accuracy"])
+    parser.add_argument("--model", choices=sorted(_MODELS), default="mlp")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--in-channels", type=int, default=1)
+    parser.add_argument("--keep", type=float, default=0.25)
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name, kwargs = _MODELS[args.model]
+    if args.kind == "steps":
+        result = bench_step_times(name, kwargs, args.batch_size, steps=args.steps, in_channels=args.in_channels,
+                                  image_size=args.image_size)
+    elif args.kind == "memory":
+        result = bench_saved_activations(name, kwargs, args.batch_size, args.keep, in_channels=args.in_channels,
+                                         image_size=args.image_size)
+    else:
+        result = bench_time_to_accuracy(name, kwargs, keep=args.keep, batch_size=args.batch_size, target=args.target,
+                                        epochs=args.epochs, seeds=args.seeds)
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "runs")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

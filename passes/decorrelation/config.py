@@ -1,0 +1,63 @@
+"""The Decorrelation config: validated at construction, registered by its ``name``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from effcompile.config import PassConfig, is_int, is_real, register_config
+
+__all__ = ["Decorrelation"]
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class Decorrelation(PassConfig):
+    """Decorrelated backpropagation (Dalm et al., arXiv 2405.02385).
+
+    Each linear/conv layer with input dimension ``d`` gets a decorrelation matrix ``R`` (d×d, or
+    block-diagonal when ``d > max_block_size``); the layer computes ``(W·R)·x`` and, in training
+    mode, updates ``R ← R − lr·[(1−kappa)·C·R + kappa·diag(v)·R]`` from ``rows_per_dim·d``
+    sampled input rows before each forward (``C``: off-diagonal covariance of ``z = R·x``,
+    ``v_j = mean(z_j²) − 1``).
+
+    Fields:
+        lr: step size η of the R update, in (0, 1).
+        kappa: weight κ of the variance-normalising term, in [0, 1] (0: decorrelate only).
+        rows_per_dim: statistics use at most ``rows_per_dim · d`` sampled input rows (patches
+            for convolutions) per update.
+        max_block_size: layers with ``d`` above this get a block-diagonal R of blocks of at most
+            this size (per group for grouped convolutions).
+        update_every: update R every k-th training forward.
+        divergence_threshold: an update whose R has a non-finite entry or an entry with
+            ``|R_ij|`` above this is rejected (R rolls back to its last good value and the event
+            is counted in the report).
+        sync_statistics: average the statistics over ranks when torch.distributed is
+            initialised, so R stays identical on every rank (DDP).
+    """
+
+    name: ClassVar[str] = "decorrelation"
+
+    lr: float = 1e-3
+    kappa: float = 0.5
+    rows_per_dim: float = 4.0
+    max_block_size: int = 1024
+    update_every: int = 1
+    divergence_threshold: float = 1e3
+    sync_statistics: bool = True
+
+    def __post_init__(self) -> None:
+        if not (is_real(self.lr) and 0 < self.lr < 1):
+            self._fail("lr", "a real number in (0, 1)")
+        if not (is_real(self.kappa) and 0 <= self.kappa <= 1):
+            self._fail("kappa", "a real number in [0, 1]")
+        if not (is_real(self.rows_per_dim) and 0 < self.rows_per_dim <= 1024):
+            self._fail("rows_per_dim", "a real number in (0, 1024]")
+        if not (is_int(self.max_block_size) and self.max_block_size >= 1):
+            self._fail("max_block_size", "an integer >= 1")
+        if not (is_int(self.update_every) and self.update_every >= 1):
+            self._fail("update_every", "an integer >= 1")
+        if not (is_real(self.divergence_threshold) and self.divergence_threshold > 1):
+            self._fail("divergence_threshold", "a real number > 1")
+        if not isinstance(self.sync_statistics, bool):
+            self._fail("sync_statistics", "a bool")

@@ -1,0 +1,265 @@
+"""Decorrelation pass: decorrelated backpropagation (Dalm et al., arXiv 2405.02385).
+
+Graph before, for every parameter ``W`` found on the captured graph as the weight of a linear
+map (``aten.linear``, ``aten.conv{1,2,3}d`` incl. grouped/depthwise, ``aten.matmul`` against a
+parameter, the packed input projection of ``nn.MultiheadAttention``)::
+
+    y = linear(x, W, b)                   # or conv(x, W, b, stride, padding, dilation, groups)
+
+Graph after (one fused op per layer; ``R`` is a buffer, so ``∂L/∂W = δ·zᵀ`` with ``z = R·x``)::
+
+    # training mode only, in a forward pre-hook of the module call that receives x:
+    R ← R − η·[(1−κ)·C·R + κ·diag(v)·R]    # C, v from sampled rows (patches) of z = R·x
+    A = W·R                                 # owner.<attr>_decorrelation(W); R detached
+    y = linear(x, A, b)                     # conv: A = W·R over the (C/groups)·k… patch
+
+Details that make it cheap and safe:
+
+* Rows: at most ``max(64, rows_per_dim·b)`` random rows of the layer input (patches for
+  convolutions, gathered directly from the unpadded input) feed the statistics, where ``b`` is
+  the block size; no host synchronisation anywhere in the update.
+* Structure: layers whose per-group input dimension exceeds ``max_block_size`` get a
+  block-diagonal ``R``; grouped convolutions get one ``R`` per group.
+* Statistics are computed in fp32 with autocast disabled; ``R`` is stored in fp32 and cast to the
+  weight's dtype for the fused product.
+* Stability: an update that makes ``R`` non-finite or larger than ``divergence_threshold`` is
+  rejected on device (``R`` keeps its last good value) and counted in ``rejected_updates``.
+* DDP: when torch.distributed is initialised, the statistics are averaged over ranks before the
+  update, so every rank applies the same update and ``R`` stays identical.
+
+The R update runs inside ``forward`` as an in-place buffer update under ``no_grad`` (the same
+pattern BatchNorm uses for running statistics), so plain eager loops need no extra call and
+compiled steps contain the update.  Because ``R`` is updated before ``W·R`` is formed, the
+fused weight of a step always uses the freshest ``R``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from effcompile._compat import ConvNd
+from effcompile.passes.analysis.capture import GraphCapture, InputLocation, LayerCandidate
+from effcompile.passes.base import ModelPass, register_pass
+from effcompile.plan import Action, PlanRow, layer_key
+
+from .config import Decorrelation
+from .state import MIN_ROWS, DecorrelationState, LayerSpec, block_layout
+
+__all__ = ["DecorrelationPass", "decorrelation_states", "state_name"]
+
+
+class _ScopeObserver:
+    """Forward pre-hook: hands the layer inputs of a module call to their DecorrelationStates."""
+
+    def __init__(self) -> None:
+        self.targets: List[Tuple[DecorrelationState, Tuple[InputLocation, ...]]] = []
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for state, locations in self.targets:
+            if not state.training:
+                continue
+            inputs: List[torch.Tensor] = []
+            for location in locations:
+                value = kwargs[location.name] if location.name in kwargs else args[location.index]
+                if not any(value is seen for seen in inputs):
+                    inputs.append(value)
+            state.observe(inputs)
+        return None
+
+
+# ------------------------------------------------------------------------------------ class swap
+_DECORRELATED_CLASSES: Dict[Tuple[type, Tuple[str, ...]], type] = {}
+
+
+STATE_SUFFIX = "_decorrelation"
+
+
+def state_name(attr: str) -> str:
+    return f"{attr}{STATE_SUFFIX}"
+
+
+def _fused_weight_property(attr: str) -> property:
+    child = state_name(attr)
+
+    def fused_weight(self: nn.Module) -> torch.Tensor:
+        return self._modules[child](self._parameters[attr])
+
+    fused_weight.__doc__ = f"``{attr}`` seen by the forward: the decorrelated weight W·R (the parameter stays in _parameters)."
+    return property(fused_weight)
+
+
+def _decorrelated_class(cls: type, attrs: Tuple[str, ...]) -> type:
+    """A subclass whose ``attr`` reads return ``W·R``; ``_parameters`` (and state_dict keys) are unchanged."""
+    key = (cls, attrs)
+    if key not in _DECORRELATED_CLASSES:
+        namespace = {attr: _fused_weight_property(attr) for attr in attrs}
+        namespace["_effcompile_original_class"] = cls
+        namespace["_effcompile_decorrelated"] = attrs
+        _DECORRELATED_CLASSES[key] = type(f"Decorrelated{cls.__name__}", (cls,), namespace)
+    return _DECORRELATED_CLASSES[key]
+
+
+def decorrelation_states(model: nn.Module) -> Dict[str, DecorrelationState]:
+    """Plan layer key → DecorrelationState for every decorrelated layer of ``model``."""
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, DecorrelationState):
+            out[layer_key(module.spec.owner_path, module.spec.attr)] = module
+    return out
+
+
+# ------------------------------------------------------------------------------------ the pass
+class DecorrelationPass(ModelPass):
+    config_type = Decorrelation
+    onnx_scope_suffixes = (STATE_SUFFIX,)
+
+    def plan(self, model: nn.Module, captured: GraphCapture, config: Decorrelation) -> List[PlanRow]:
+        tied = _tied_parameters(model)
+        rows = []
+        for candidate in captured.layers:
+            rows.append(self._plan_layer(candidate, tied, config))
+        rows.extend(self._unused_weights(model, captured, tied))
+        return rows
+
+    def _plan_layer(self, candidate: LayerCandidate, tied: Dict[str, List[str]], config: Decorrelation) -> PlanRow:
+        first = candidate.uses[0]
+        row = PlanRow(layer=candidate.layer, pass_name=self.name, action=Action.REWRITE, op=first.op,
+                      input_shape=first.input_shape, weight_shape=candidate.weight_shape)
+        reason = self._skip_reason(candidate, tied)
+        if reason:
+            row.action, row.reason = Action.SKIP, reason
+            return row
+        spec = _layer_spec(candidate, config)
+        blocks, block = block_layout(spec.group_dim, spec.block)
+        row.details = {"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}",
+                       "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))}
+        if len(candidate.uses) > 1:
+            row.details["uses"] = len(candidate.uses)
+        row.spec = spec
+        return row
+
+    @staticmethod
+    def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]]) -> str:
+        if candidate.param_fqn in tied:
+            return f"tied weight shared with {', '.join(tied[candidate.param_fqn])}"
+        if candidate.other_uses:
+            return f"the weight is also used by {', '.join(sorted(set(candidate.other_uses)))}"
+        for use in candidate.uses:
+            if use.unsupported:
+                return f"{use.unsupported} ({use.op} in {use.scope or '<root>'})"
+        kinds = {(use.op, use.conv, use.contracted_axis, use.input_shape[-1:] if use.conv is None else None)
+                 for use in candidate.uses}
+        if len(kinds) > 1:
+            return "the weight is used by ops of different kinds or shapes"
+        for use in candidate.uses:
+            if use.input_unobservable:
+                return f"layer input not observable: {use.input_unobservable}"
+        return ""
+
+    @staticmethod
+    def _unused_weights(model: nn.Module, captured: GraphCapture, tied: Dict[str, List[str]]) -> List[PlanRow]:
+        """Weights of linear/conv modules the graph never used as a layer weight: say so."""
+        found = {candidate.param_fqn for candidate in captured.layers}
+        rows = []
+        for path, module in model.named_modules():
+            if isinstance(module, (nn.Linear, ConvNd, nn.Bilinear)):
+                fqn = f"{path}.weight" if path else "weight"
+                if fqn not in found and getattr(module, "weight", None) is not None:
+                    if fqn in tied:
+                        reason = f"tied weight shared with {', '.join(tied[fqn])}"
+                    elif getattr(module, "transposed", False):
+                        reason = "transposed convolution"
+                    else:
+                        reason = "its weight is not used as a linear/conv weight in the captured forward"
+                    rows.append(PlanRow(layer=path or "<root>", pass_name=Decorrelation.name, action=Action.SKIP,
+                                        op=type(module).__name__, weight_shape=tuple(module.weight.shape),
+                                        reason=reason))
+        return rows
+
+    def apply(self, model: nn.Module, rows: List[PlanRow], config: Decorrelation) -> int:
+        observers: Dict[str, _ScopeObserver] = {}
+        by_owner: Dict[str, List[LayerSpec]] = {}
+        for row in rows:
+            by_owner.setdefault(row.spec.owner_path, []).append(row.spec)
+        for owner_path, specs in by_owner.items():
+            owner = model.get_submodule(owner_path)
+            for spec in specs:
+                weight = owner._parameters[spec.attr]
+                state = DecorrelationState(spec, config, weight.device)
+                owner.add_module(state_name(spec.attr), state)
+                for scope, locations in spec.scopes:
+                    observers.setdefault(scope, _ScopeObserver()).targets.append((state, locations))
+            attrs = tuple(sorted(spec.attr for spec in specs))
+            owner.__class__ = _decorrelated_class(type(owner), attrs)
+        handles = []
+        for scope, observer in observers.items():
+            handles.append(model.get_submodule(scope).register_forward_pre_hook(observer, with_kwargs=True))
+        model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(self.name, []).extend(handles)
+        return sum(len(specs) for specs in by_owner.values())
+
+    def is_applied(self, model: nn.Module) -> bool:
+        return any(isinstance(module, DecorrelationState) for module in model.modules())
+
+    def fold(self, model: nn.Module) -> int:
+        folded = 0
+        for module in list(model.modules()):
+            attrs = type(module).__dict__.get("_effcompile_decorrelated")
+            if not attrs:
+                continue
+            with torch.no_grad():
+                for attr in attrs:
+                    parameter = module._parameters[attr]
+                    parameter.copy_(module._modules[state_name(attr)](parameter))
+                    del module._modules[state_name(attr)]
+                    folded += 1
+            module.__class__ = type(module)._effcompile_original_class
+        for handle in model.__dict__.get("_effcompile_hooks", {}).pop(self.name, []):
+            handle.remove()
+        return folded
+
+    def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
+        state = decorrelation_states(model).get(row.layer)
+        if state is None:
+            return {}
+        return {"updates": int(state.updates), "rejected": int(state.rejected_updates)}
+
+
+def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:
+    first = candidate.uses[0]
+    shape = candidate.weight_shape
+    if first.conv is not None:
+        groups = first.conv.groups
+        group_dim = math.prod(shape[1:])
+        kind = "conv"
+    else:
+        groups, group_dim, kind = 1, shape[first.contracted_axis], "linear"
+    scopes: Dict[str, List[InputLocation]] = {}
+    for use in candidate.uses:
+        locations = scopes.setdefault(use.scope, [])
+        if use.input_location not in locations:
+            locations.append(use.input_location)
+    return LayerSpec(
+        param_fqn=candidate.param_fqn, owner_path=candidate.owner_path, attr=candidate.attr, kind=kind,
+        contracted_axis=first.contracted_axis, groups=groups, group_dim=group_dim,
+        block=config.max_block_size, conv=first.conv,
+        scopes=tuple((scope, tuple(locations)) for scope, locations in scopes.items()),
+    )
+
+
+def _tied_parameters(model: nn.Module) -> Dict[str, List[str]]:
+    names_by_id: Dict[int, List[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_id.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for names in names_by_id.values():
+        if len(names) > 1:
+            for name in names:
+                tied[name] = [other for other in names if other != name]
+    return tied
+
+
+register_pass(DecorrelationPass())

@@ -1,0 +1,249 @@
+"""Decorrelation state: the per-layer matrix R, its sampled statistics and its local update.
+
+``DecorrelationState`` is a submodule of the layer's owner (``<attr>_decorrelation``), so
+``state_dict`` checkpoints R and its counters; calling it returns the fused weight ``W·R``.
+The update rule and where it runs are described in :mod:`.rewrite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from effcompile._compat import functional_all_reduce_mean, is_compiling
+from effcompile.passes.analysis.capture import ConvGeometry, InputLocation
+
+from .config import Decorrelation
+
+__all__ = ["DecorrelationState", "LayerSpec", "MIN_ROWS", "block_layout", "sample_patches"]
+
+MIN_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What the runtime needs to know about one decorrelated weight."""
+
+    param_fqn: str
+    owner_path: str
+    attr: str
+    kind: str  # "linear" (incl. matmul) or "conv"
+    contracted_axis: int
+    groups: int
+    group_dim: int  # input dimension d per group
+    block: int
+    conv: Optional[ConvGeometry]
+    scopes: Tuple[Tuple[str, Tuple[InputLocation, ...]], ...]  # (scope module path, input locations)
+
+
+def block_layout(group_dim: int, max_block: int) -> Tuple[int, int]:
+    """Split ``group_dim`` into ``n`` equal blocks of size ``b ≤ max_block`` (last one padded)."""
+    blocks = math.ceil(group_dim / max_block)
+    return blocks, math.ceil(group_dim / blocks)
+
+
+class DecorrelationState(nn.Module):
+    """Holds one layer's decorrelation matrix and applies and updates it.
+
+    Buffers (all in ``state_dict``): ``matrix`` (blocks, b, b) fp32, ``updates`` and
+    ``rejected_updates`` counters, ``observed_batches``.
+    """
+
+    def __init__(self, spec: LayerSpec, config: Decorrelation, device: torch.device) -> None:
+        super().__init__()
+        self.spec = spec
+        self.lr = float(config.lr)
+        self.kappa = float(config.kappa)
+        self.update_every = int(config.update_every)
+        self.divergence_threshold = float(config.divergence_threshold)
+        self.sync_statistics = bool(config.sync_statistics)
+        self.blocks_per_group, self.block = block_layout(spec.group_dim, spec.block)
+        self.num_rows = max(MIN_ROWS, math.ceil(config.rows_per_dim * self.block))
+        num_blocks = spec.groups * self.blocks_per_group
+        self.register_buffer("matrix", torch.empty(num_blocks, self.block, self.block, device=device))
+        self.register_buffer("feature_mask", torch.empty(num_blocks, self.block, device=device), persistent=False)
+        for name in ("updates", "rejected_updates", "observed_batches"):
+            self.register_buffer(name, torch.empty((), dtype=torch.long, device=device))
+        self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_keep_state_missing_from_checkpoint, with_module=True)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """R = I, counters zero. Also the hook that re-initialises state after ``to_empty`` (meta models)."""
+        self.matrix.copy_(torch.eye(self.block, device=self.matrix.device).expand_as(self.matrix))
+        padded = torch.arange(self.blocks_per_group * self.block, device=self.matrix.device) < self.spec.group_dim
+        self.feature_mask.copy_(padded.view(self.blocks_per_group, self.block).repeat(self.spec.groups, 1))
+        for counter in (self.updates, self.rejected_updates, self.observed_batches):
+            counter.zero_()
+        self._eager_calls = 0
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.spec.owner_path}.{self.spec.attr}, groups={self.spec.groups}, "
+                f"d={self.spec.group_dim}, blocks={self.blocks_per_group}x{self.block}, rows={self.num_rows}")
+
+    # ----------------------------------------------------------------------------- fused weight
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the fused weight ``W·R`` (``Rᵀ·W`` for a (d, out) matmul operand)."""
+        if self.spec.contracted_axis == 0:
+            return self._right_multiply(weight.t()).t()
+        return self._right_multiply(weight)
+
+    def _matrix_snapshot(self, dtype: torch.dtype) -> torch.Tensor:
+        # Autograd saves R to form ∂L/∂W = ∂L/∂A·Rᵀ; a module called twice in one forward updates R
+        # in place between the calls, so each call multiplies by its own copy (b² per call).
+        return self.matrix.detach().to(dtype, copy=True)
+
+    def _right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
+        groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
+        matrix = self._matrix_snapshot(weight.dtype)
+        if groups == 1 and blocks == 1:  # the common case: one dense product, no block plumbing
+            return (weight.reshape(weight.shape[0], d) @ matrix[0]).reshape(weight.shape)
+        w = weight.reshape(groups, weight.shape[0] // groups, d)
+        if blocks * b != d:
+            w = F.pad(w, (0, blocks * b - d))
+        w = w.view(groups, w.shape[1], blocks, b)
+        r = matrix.view(groups, blocks, b, b)
+        fused = torch.einsum("gonb,gnbc->gonc", w, r).reshape(groups, w.shape[1], blocks * b)
+        return fused[..., :d].reshape(weight.shape)
+
+    # ----------------------------------------------------------------------------- update
+    def observe(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Update R from the layer inputs of one training forward (no host synchronisation)."""
+        with torch.no_grad(), torch.autocast(device_type=self.matrix.device.type, enabled=False):
+            self.observed_batches.add_(1)
+            gate = self._update_gate()
+            if gate is False:
+                return
+            rows = torch.cat([self._sample_rows(x) for x in inputs], dim=0)
+            self._update(rows, gate)
+
+    def _update_gate(self):
+        """True/False decided in Python (eager), or a 0-dim bool tensor when compiling.
+
+        Under torch.compile a Python counter would be guarded on and recompile every step, so the
+        ``update_every`` schedule becomes a device-side mask of the update instead.
+        """
+        if self.update_every == 1:
+            return True
+        if is_compiling():
+            return (self.observed_batches - 1) % self.update_every == 0
+        self._eager_calls += 1
+        return (self._eager_calls - 1) % self.update_every == 0
+
+    def _sample_rows(self, x: torch.Tensor, num_rows: Optional[int] = None) -> torch.Tensor:
+        """Random rows of the layer input as (n, groups, d) in fp32 (all rows if fewer than n)."""
+        num_rows = num_rows or self.num_rows
+        if self.spec.kind == "conv":
+            rows = sample_patches(x, self.spec.conv, num_rows)
+        else:
+            flat = x.detach().reshape(-1, x.shape[-1])
+            if flat.shape[0] > num_rows:
+                flat = flat[torch.randint(flat.shape[0], (num_rows,), device=flat.device)]
+            rows = flat
+        return rows.to(torch.float32).view(rows.shape[0], self.spec.groups, self.spec.group_dim)
+
+    def _decorrelated_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """z = R·x per block: (n, groups, d) rows → (n, blocks, b), padded features zero."""
+        groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
+        if blocks * b != d:
+            rows = F.pad(rows, (0, blocks * b - d))
+        return torch.einsum("nkb,kcb->nkc", rows.view(rows.shape[0], groups * blocks, b), self.matrix)
+
+    def _update(self, rows: torch.Tensor, gate) -> None:
+        n, b = rows.shape[0], self.block
+        z = self._decorrelated_rows(rows)
+        if n < b and not self._syncing():
+            # Fewer rows than features: C·R = (ZᵀZ/n)·R − diag(var)·R as Zᵀ(Z·R)/n costs 3·n·b²
+            # instead of n·b² + b³ for forming C and multiplying.
+            variance = (z * z).mean(dim=0)
+            gram_times_matrix = torch.einsum("nkc,nke->kce", z, torch.einsum("nkc,kce->nke", z, self.matrix)) / n
+            off_diagonal_times_matrix = gram_times_matrix - variance.unsqueeze(-1) * self.matrix
+        else:
+            covariance = self._average_over_ranks(torch.einsum("nkc,nke->kce", z, z) / n)
+            variance = torch.diagonal(covariance, dim1=-2, dim2=-1)
+            off_diagonal_times_matrix = (covariance - torch.diag_embed(variance)) @ self.matrix
+        excess_variance = (variance - 1.0) * self.feature_mask  # padded features stay untouched
+        step = (1.0 - self.kappa) * off_diagonal_times_matrix + self.kappa * excess_variance.unsqueeze(-1) * self.matrix
+        proposal = self.matrix - self.lr * step
+        accepted = torch.isfinite(proposal).all() & (proposal.abs().amax() <= self.divergence_threshold)
+        # ``gate`` is True (eager/update every step) or a device bool (compiled update_every schedule).
+        applied = accepted if gate is True else accepted & gate
+        rejected = ~accepted if gate is True else gate & ~accepted
+        self.matrix.copy_(torch.where(applied, proposal, self.matrix))
+        self.updates.add_(applied.long())
+        self.rejected_updates.add_(rejected.long())
+
+    def _syncing(self) -> bool:
+        return (self.sync_statistics and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
+    def _average_over_ranks(self, covariance: torch.Tensor) -> torch.Tensor:
+        if not self._syncing():
+            return covariance
+        return functional_all_reduce_mean(covariance)
+
+    # ----------------------------------------------------------------------------- diagnostics
+    def off_diagonal_correlation(self, x: torch.Tensor, num_rows: int = 1 << 16) -> torch.Tensor:
+        """Mean |corr(z_i, z_j)| over i≠j within blocks, on up to ``num_rows`` rows of input ``x``."""
+        with torch.no_grad():
+            z = self._decorrelated_rows(self._sample_rows(x, num_rows))
+            z = z - z.mean(dim=0, keepdim=True)
+            cov = torch.einsum("nkc,nke->kce", z, z) / z.shape[0]
+            std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(1e-12).sqrt()
+            corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
+            mask = self.feature_mask.unsqueeze(-1) * self.feature_mask.unsqueeze(-2)
+            mask = mask * (1 - torch.eye(self.block, device=mask.device))
+            return (corr.abs() * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _keep_state_missing_from_checkpoint(module, state_dict, prefix, *args) -> None:
+    """Let checkpoints saved before the transform load with ``strict=True``: missing R keeps its value."""
+    for name, buffer in module.named_buffers(recurse=False):
+        if name in module._non_persistent_buffers_set:
+            continue
+        state_dict.setdefault(prefix + name, buffer.detach().clone())
+
+
+def sample_patches(x: torch.Tensor, conv: ConvGeometry, num_rows: int) -> torch.Tensor:
+    """Convolution patches of ``x`` as (n, C·k₁·…·k_s), channel-major like the weight.
+
+    ``num_rows`` random patches, or every patch when the batch has no more than that.  Patches
+    are gathered straight from the unpadded input: out-of-range taps are clamped and zeroed, so
+    zero padding costs nothing and no unfold of the whole batch is materialised.
+    """
+    x = x.detach()
+    spatial, dims, device = x.shape[2:], conv.spatial_dims, x.device
+    out_sizes = [(spatial[a] + 2 * conv.padding[a] - conv.dilation[a] * (conv.kernel_size[a] - 1) - 1) // conv.stride[a] + 1
+                 for a in range(dims)]
+    positions = _patch_positions(x.shape[0], out_sizes, num_rows, device)  # (n, 1 + dims)
+    n = positions.shape[0]
+    index: List[torch.Tensor] = [positions[:, 0].view(n, *([1] * dims))]
+    valid = torch.ones((), dtype=torch.bool, device=device)
+    for axis in range(dims):
+        size, k = spatial[axis], conv.kernel_size[axis]
+        origin = positions[:, 1 + axis] * conv.stride[axis] - conv.padding[axis]
+        taps = origin.unsqueeze(1) + torch.arange(k, device=device) * conv.dilation[axis]  # (n, k)
+        shape = [n] + [1] * dims
+        shape[1 + axis] = k
+        taps = taps.view(shape)
+        valid = valid & (taps >= 0) & (taps < size)
+        index.append(taps.clamp(0, size - 1))
+    patches = x[(index[0], slice(None), *index[1:])]  # (n, k₁, …, k_s, C)
+    patches = patches * valid.unsqueeze(-1).to(patches.dtype)
+    permutation = (0, dims + 1) + tuple(range(1, dims + 1))
+    return patches.permute(permutation).reshape(n, -1)
+
+
+def _patch_positions(batch: int, out_sizes: List[int], num_rows: int, device: torch.device) -> torch.Tensor:
+    """(image, output position…) of each patch: all of them if there are at most ``num_rows``."""
+    sizes = [batch] + [max(size, 1) for size in out_sizes]
+    if math.prod(sizes) <= num_rows:
+        grids = torch.meshgrid(*[torch.arange(size, device=device) for size in sizes], indexing="ij")
+        return torch.stack([grid.reshape(-1) for grid in grids], dim=1)
+    return torch.stack([torch.randint(size, (num_rows,), device=device) for size in sizes], dim=1)

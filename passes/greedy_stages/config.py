@@ -1,0 +1,87 @@
+"""The GreedyStages config: validated at construction, registered by its ``name``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+from effcompile.config import PassConfig, is_int, is_real, register_config
+
+__all__ = ["GreedyStages"]
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class GreedyStages(PassConfig):
+    """Decoupled greedy learning (Belilovsky et al., ICML 2020): the network is cut into
+    ``num_stages`` stages, each trained by its own auxiliary head and local loss.
+
+    Fields:
+        num_stages: number of stages K, an integer >= 2.
+        cuts: ``None`` (cut search picks the boundaries) or ``num_stages − 1`` module paths, in
+            forward order, whose outputs are the stage boundaries.
+        head: auxiliary head kind: ``"auto"``, ``"mlp_sr"``, ``"pool_mlp"``, ``"mlp"`` or ``"linear"``.
+        head_width: hidden width of the auxiliary heads; ``None`` picks a default.
+        mode: ``"sync"`` (stages step one after another) or ``"async"`` (stages run decoupled,
+            exchanging boundary activations through buffers).
+        buffer: capacity of each boundary buffer in async mode, an integer >= 1.
+        max_reuse: how often an async stage may reuse a buffered boundary batch, an integer >= 1.
+        transport: boundary activation codec: ``"none"``, ``"int8"`` or ``"vq"``.
+        vq_codebook_size: codebook entries of the ``vq`` transport, an integer >= 2.
+        vq_group_size: channels per quantised group of the ``vq`` transport, an integer >= 1.
+        vq_decay: EMA decay of the ``vq`` codebook updates, in [0, 1).
+        bytes_weight: FLOP-equivalents per boundary byte in the cut cost, a real number >= 0.
+        timeout_s: seconds an async stage waits for its input before failing, a real number > 0.
+    """
+
+    name: ClassVar[str] = "greedy_stages"
+
+    num_stages: int = 2
+    cuts: Optional[tuple] = None
+    head: str = "auto"
+    head_width: Optional[int] = None
+    mode: str = "sync"
+    buffer: int = 4
+    max_reuse: int = 2
+    transport: str = "none"
+    vq_codebook_size: int = 256
+    vq_group_size: int = 8
+    vq_decay: float = 0.99
+    bytes_weight: float = 1.0
+    timeout_s: float = 60.0
+
+    HEADS: ClassVar[tuple] = ("auto", "mlp_sr", "pool_mlp", "mlp", "linear")
+    MODES: ClassVar[tuple] = ("sync", "async")
+    TRANSPORTS: ClassVar[tuple] = ("none", "int8", "vq")
+
+    def __post_init__(self) -> None:
+        if not (is_int(self.num_stages) and self.num_stages >= 2):
+            self._fail("num_stages", "an integer >= 2")
+        if self.cuts is not None:
+            if isinstance(self.cuts, list):
+                object.__setattr__(self, "cuts", tuple(self.cuts))  # JSON round trip gives a list
+            if not (isinstance(self.cuts, tuple) and all(isinstance(c, str) for c in self.cuts)
+                    and len(self.cuts) == self.num_stages - 1):
+                self._fail("cuts", f"None or a tuple of num_stages-1={self.num_stages - 1} module paths")
+        if self.head not in self.HEADS:
+            self._fail("head", f"one of {self.HEADS}")
+        if self.head_width is not None and not (is_int(self.head_width) and self.head_width >= 1):
+            self._fail("head_width", "None or an integer >= 1")
+        if self.mode not in self.MODES:
+            self._fail("mode", f"one of {self.MODES}")
+        if not (is_int(self.buffer) and self.buffer >= 1):
+            self._fail("buffer", "an integer >= 1")
+        if not (is_int(self.max_reuse) and self.max_reuse >= 1):
+            self._fail("max_reuse", "an integer >= 1")
+        if self.transport not in self.TRANSPORTS:
+            self._fail("transport", f"one of {self.TRANSPORTS}")
+        if not (is_int(self.vq_codebook_size) and self.vq_codebook_size >= 2):
+            self._fail("vq_codebook_size", "an integer >= 2")
+        if not (is_int(self.vq_group_size) and self.vq_group_size >= 1):
+            self._fail("vq_group_size", "an integer >= 1")
+        if not (is_real(self.vq_decay) and 0 <= self.vq_decay < 1):
+            self._fail("vq_decay", "a real number in [0, 1)")
+        if not (is_real(self.bytes_weight) and self.bytes_weight >= 0):
+            self._fail("bytes_weight", "a real number >= 0")
+        if not (is_real(self.timeout_s) and self.timeout_s > 0):
+            self._fail("timeout_s", "a real number > 0")

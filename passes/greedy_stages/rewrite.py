@@ -1,0 +1,568 @@
+"""Greedy local-loss stages: Decoupled Greedy Learning (Belilovsky, Eickenberg, Oyallon, ICML 2020).
+
+Model before: one forward ``y = f_K(…f_2(f_1(x)))`` trained by one loss ``L(y, t)`` whose
+gradient flows through every layer.
+
+Model after ``transform(model, GreedyStages(K), example_inputs=...)``:
+
+* ``model.greedy_stage_heads`` (an ``nn.ModuleList``, so parameters, ``state_dict`` and
+  checkpoints include it; every original key is unchanged) holds the aux heads ``h_1 … h_{K−1}``.
+* The stages ``f_k`` are ``fx.GraphModule`` objects cut from a symbolic trace of the model at
+  automatically chosen single-tensor boundaries (``passes/cut_search.py``).  They call the
+  original leaf modules and parameters (shared objects), and live outside the module tree
+  (``model.__dict__``) so no parameter is duplicated in ``state_dict``.
+* ``model(x)`` still runs the original forward, which equals ``f_K∘…∘f_1`` exactly.
+* ``effcompile.train_step`` runs, for k = 1..K::
+
+      o_k = f_k(x_k);  L_k = loss(h_k(o_k), t)   (h_K = identity: the model's own output)
+      L_k.backward();  x_{k+1} = o_k.detach()     # no gradient crosses a boundary
+
+  and then one optimizer step, so stage k's parameters get gradients from ``L_k`` only, and
+  stage k's saved activations are freed before stage k+1 runs.
+
+``staged_model(model)`` returns the :class:`StagedModel` runtime view (stages, heads, per-stage
+parameters, evaluation from any stage); the multi-process runtime builds on the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from effcompile.measure import SavedTensorMeter
+from .aux_heads import head_kind_for, make_aux_head
+from .config import GreedyStages
+from effcompile.plan import Action, PlanRow
+
+from effcompile.passes.base import ModelPass, StepOptions, register_pass
+from effcompile.passes.analysis.capture import GraphCapture
+from .cut_search import (
+    Boundary, TracedModel, boundary_for_module, count_flops, find_boundaries, measure_node_costs,
+    min_max_partition, split_stages, stage_costs, trace_for_stages,
+)
+
+__all__ = [
+    "GreedyStagesPass", "GreedyStageHeads", "StagedModel", "StagePlan", "staged_model", "make_stage_optimizers",
+    "saved_activation_bytes", "HEADS_ATTR",
+]
+
+HEADS_ATTR = "greedy_stage_heads"
+_STAGED_ATTR = "_effcompile_greedy_stages"
+
+
+class GreedyStageHeads(nn.ModuleList):
+    """The aux heads of a staged model, one per stage but the last (``greedy_stage_heads.k``)."""
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    if isinstance(inputs, tuple):
+        return inputs
+    return tuple(inputs) if isinstance(inputs, list) else (inputs,)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from effcompile.api import _unwrap as unwrap
+
+    return unwrap(model)
+
+
+# ------------------------------------------------------------------------------------ plan data
+@dataclasses.dataclass
+class StagePlan:
+    """What ``apply`` needs: the trace, the chosen boundaries and the head choices."""
+
+    traced: TracedModel
+    boundaries: List[Boundary]
+    head_kinds: List[str]
+    head_width: Optional[int]
+    num_classes: int
+    device: torch.device
+    stage_flops: List[int]  # forward+backward FLOPs of each stage body on the example inputs
+    head_flops: List[int]  # forward+backward FLOPs of each aux head (0 for the last stage)
+    stage_cost: List[float]  # the partition objective per stage (FLOPs + heads + weighted bytes)
+    stage_modules: List[List[str]]
+    stage_attributes: List[List[str]]  # parameters/buffers used directly (get_attr) per stage
+
+
+def _stage_contents(traced: TracedModel, positions: Sequence[int]) -> Tuple[List[List[str]], List[List[str]]]:
+    edges = [-1] + list(positions) + [len(traced.nodes) - 1]
+    modules, attributes = [], []
+    for s in range(len(edges) - 1):
+        nodes = traced.nodes[edges[s] + 1: edges[s + 1] + 1]
+        called = [n.target for n in nodes if n.op == "call_module"]
+        used = [a.target for n in nodes for a in n.all_input_nodes if a.op == "get_attr"]
+        modules.append(list(dict.fromkeys(called)))
+        attributes.append(list(dict.fromkeys(used)))
+    return modules, attributes
+
+
+class _HeadCosts:
+    """Forward+backward FLOPs of the aux head for a boundary, measured once per (shape, kind)."""
+
+    def __init__(self, num_classes: int, kind: str, width: Optional[int]) -> None:
+        self.num_classes, self.kind, self.width = num_classes, kind, width
+        self._cache: Dict[Tuple, int] = {}
+
+    def __call__(self, boundary: Boundary) -> int:
+        key = (boundary.shape, boundary.dtype)
+        if key not in self._cache:
+            with torch.random.fork_rng(devices=[]):  # measuring must not move the user's RNG
+                head = make_aux_head(boundary.shape, self.num_classes, self.kind, self.width).to(boundary.dtype).eval()
+                probe = torch.randn(boundary.shape, dtype=boundary.dtype)
+                cost, _ = count_flops(head, (probe,), parameters=list(head.parameters()))
+            self._cache[key] = cost.total
+        return self._cache[key]
+
+
+def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyStages,
+                decided: Optional[Sequence[int]] = None) -> StagePlan:
+    """Trace, measure and cut ``model`` (read-only: the model's state is left untouched).
+
+    ``decided``: the cut positions (traced-node indices) of a Plan decided elsewhere — a stage
+    process applying its launcher's Plan.  Then nothing is measured or searched: the trace gives
+    the boundary values, the positions are checked to be boundaries of this trace, and the FLOP
+    fields of the result stay empty (the Plan rows already hold them).
+    """
+    if model._forward_hooks or model._forward_pre_hooks:
+        raise ValueError(f"greedy_stages: the root module {type(model).__name__} carries forward hooks, which the "
+                         "stages (cut from inside its forward) would not run; apply greedy_stages to a model "
+                         "whose root has no hooks")
+    traced = trace_for_stages(model)
+    values, costs = measure_node_costs(traced, example_inputs, count=decided is None)
+    result = traced.nodes[-1].args[0]
+    output = values.get(result.name) if isinstance(result, fx.Node) else None
+    if not (isinstance(output, torch.Tensor) and output.dim() >= 1):
+        raise ValueError(f"greedy_stages: {type(model).__name__} must return one logits tensor (classes on the last "
+                         "axis) so aux heads know the number of classes")
+    num_classes = int(output.shape[-1])
+    boundaries, live_counts = find_boundaries(traced, values)
+    node_totals = [cost.total for cost in costs]
+    if decided is not None:
+        return _decided_plan(traced, boundaries, decided, num_classes, output.device, config)
+    head_cost = _HeadCosts(num_classes, config.head, config.head_width)
+    if config.cuts is not None:
+        chosen = _user_cuts(model, traced, boundaries, live_counts, config)
+    else:
+        chosen = _automatic_cuts(model, boundaries, node_totals, head_cost, config)
+    positions = [b.position for b in chosen]
+    by_position = {b.position: b for b in chosen}
+    edges = [-1] + positions + [len(traced.nodes) - 1]
+    stage_flops = [sum(node_totals[edges[s] + 1: edges[s + 1] + 1]) for s in range(config.num_stages)]
+    objective = stage_costs(node_totals, positions, lambda p: head_cost(by_position[p]),
+                            lambda p: by_position[p].nbytes, config.bytes_weight)
+    modules, attributes = _stage_contents(traced, positions)
+    return StagePlan(traced, chosen, [head_kind_for(b.shape, config.head) for b in chosen], config.head_width,
+                     num_classes, output.device, stage_flops, [head_cost(b) for b in chosen] + [0], objective,
+                     modules, attributes)
+
+
+def _decided_plan(traced: TracedModel, boundaries: List[Boundary], decided: Sequence[int], num_classes: int,
+                  device: torch.device, config: GreedyStages) -> StagePlan:
+    by_position = {b.position: b for b in boundaries}
+    missing = [p for p in decided if p not in by_position]
+    if missing or len(decided) != config.num_stages - 1:
+        raise ValueError(f"greedy_stages: the decided cuts {list(decided)} are not {config.num_stages - 1} boundaries "
+                         f"of this model's trace ({len(traced.nodes)} nodes): the process built a different model "
+                         "than the one the Plan was made for")
+    chosen = [by_position[p] for p in decided]
+    modules, attributes = _stage_contents(traced, list(decided))
+    return StagePlan(traced, chosen, [head_kind_for(b.shape, config.head) for b in chosen], config.head_width,
+                     num_classes, device, [], [], [], modules, attributes)
+
+
+def _user_cuts(model: nn.Module, traced: TracedModel, boundaries: List[Boundary], live_counts: List[int],
+               config: GreedyStages) -> List[Boundary]:
+    """The boundaries right after the modules named in ``config.cuts`` (validated)."""
+    chosen = [boundary_for_module(traced, model, path, boundaries, live_counts) for path in config.cuts]
+    for path, boundary in zip(config.cuts, chosen):
+        if not _head_fits(boundary.shape, config.head):
+            raise ValueError(f"greedy_stages: cut {path!r} has boundary shape {boundary.shape}, which head="
+                             f"{config.head!r} cannot take; use head='auto'")
+    positions = [b.position for b in chosen]
+    if any(a >= b for a, b in zip(positions, positions[1:])):
+        raise ValueError(f"greedy_stages: cuts={config.cuts} must be distinct boundaries in forward order")
+    return chosen
+
+
+def _automatic_cuts(model: nn.Module, boundaries: List[Boundary], node_totals: List[int], head_cost: _HeadCosts,
+                    config: GreedyStages) -> List[Boundary]:
+    """The K−1 candidates minimising the most expensive stage (``cut_search.min_max_partition``)."""
+    if config.head != "auto":  # an explicit head kind restricts the usable boundaries
+        boundaries = [b for b in boundaries if _head_fits(b.shape, config.head)]
+    cut_count = config.num_stages - 1
+    if len(boundaries) < cut_count:
+        fits = "" if config.head == "auto" else f" and head={config.head!r} fits"
+        raise ValueError(
+            f"greedy_stages: {type(model).__name__} has {len(boundaries)} candidate boundaries (points where exactly "
+            f"one activation crosses{fits}), fewer than the {cut_count} cuts that num_stages={config.num_stages} "
+            f"needs: {[b.label or b.value for b in boundaries]}")
+    by_position = {b.position: b for b in boundaries}
+    positions, _ = min_max_partition(
+        node_totals, list(by_position), config.num_stages, head_cost=lambda p: head_cost(by_position[p]),
+        boundary_bytes=lambda p: by_position[p].nbytes, bytes_weight=config.bytes_weight)
+    return [by_position[p] for p in positions]
+
+
+def _head_fits(shape: Tuple[int, ...], kind: str) -> bool:
+    try:
+        head_kind_for(shape, kind)
+        return True
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------------------------ runtime
+class StagedModel:
+    """The runtime view of a staged model (kept in ``model.__dict__``, outside the module tree)."""
+
+    def __init__(self, model: nn.Module, stages: List[fx.GraphModule], boundaries: List[Boundary],
+                 stage_modules: List[List[str]], stage_attributes: List[List[str]]) -> None:
+        self.model = model
+        self.stages = stages
+        self.boundaries = boundaries
+        self._stage_modules = stage_modules
+        self._stage_attributes = stage_attributes
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def heads(self) -> GreedyStageHeads:
+        return self.model._modules[HEADS_ATTR]
+
+    @property
+    def boundary_shapes(self) -> List[tuple]:
+        """Shape of each boundary tensor on the example inputs (batch axis included)."""
+        return [b.shape for b in self.boundaries]
+
+    def _check(self, k: int) -> int:
+        if not (isinstance(k, int) and -self.num_stages <= k < self.num_stages):
+            raise IndexError(f"stage {k!r} out of range for {self.num_stages} stages")
+        return k % self.num_stages
+
+    def stage(self, k: int) -> nn.Module:
+        """Stage k's body: stage 0 takes the model inputs, stage k>0 the boundary tensor."""
+        return self.stages[self._check(k)]
+
+    def head(self, k: int) -> Optional[nn.Module]:
+        """Stage k's aux head (None for the last stage, which keeps the model's own output)."""
+        k = self._check(k)
+        return None if k == self.num_stages - 1 else self.heads[k]
+
+    def stage_modules(self, k: int) -> List[str]:
+        """Module paths of the leaf modules stage k calls (its head not included)."""
+        return list(self._stage_modules[self._check(k)])
+
+    def stage_attributes(self, k: int) -> List[str]:
+        """Paths of parameters/buffers stage k's graph uses directly (``get_attr``, e.g. a ViT pos_embed)."""
+        return list(self._stage_attributes[self._check(k)])
+
+    def stage_parameters(self, k: int) -> List[nn.Parameter]:
+        """Parameters of stage k's body and head; every parameter belongs to exactly one stage."""
+        k = self._check(k)
+        found: Dict[int, nn.Parameter] = {}
+        for path in self._stage_modules[k]:
+            for parameter in self.model.get_submodule(path).parameters():
+                found.setdefault(id(parameter), parameter)
+        for target in self._stage_attributes[k]:
+            value = _fetch(self.model, target)
+            if isinstance(value, nn.Parameter):
+                found.setdefault(id(value), value)
+        head = self.head(k)
+        if head is not None:
+            for parameter in head.parameters():
+                found.setdefault(id(parameter), parameter)
+        return list(found.values())
+
+    def local_logits(self, k: int, stage_output: Any) -> Any:
+        """``head_k(out)``, or ``out`` itself for the last stage."""
+        head = self.head(k)
+        return stage_output if head is None else head(stage_output)
+
+    def forward(self, *inputs: Any) -> Any:
+        """The stage composition ``f_K∘…∘f_1`` (equal to ``model(*inputs)``)."""
+        x = inputs
+        for stage in self.stages:
+            x = (stage(*x),)
+        return x[0]
+
+    def predict(self, inputs: Any, stage: Optional[int] = None) -> torch.Tensor:
+        """Logits from stage ``stage``'s head (default: the last stage), in eval mode, without grad."""
+        k = self.num_stages - 1 if stage is None else self._check(stage)
+        flags = {module: module.training for module in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                x = _as_tuple(inputs)
+                for j in range(k + 1):
+                    out = self.stages[j](*x)
+                    x = (out,)
+                return self.local_logits(k, out)
+        finally:
+            for module, flag in flags.items():
+                module.training = flag
+
+    def __repr__(self) -> str:
+        shapes = ", ".join("x".join(map(str, s)) for s in self.boundary_shapes)
+        return f"StagedModel({self.num_stages} stages, boundaries: {shapes})"
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def staged_model(model: nn.Module) -> StagedModel:
+    """The :class:`StagedModel` of a model transformed with ``GreedyStages``; ``ValueError`` otherwise."""
+    base = _unwrap(model)
+    staged = base.__dict__.get(_STAGED_ATTR)
+    if staged is None:
+        raise ValueError(f"{type(base).__name__} is not staged: transform it with effcompile.GreedyStages(...) first")
+    return staged
+
+
+def make_stage_optimizers(staged: StagedModel, optimizer_factory: Callable[[List[nn.Parameter]], Any]) -> List[Any]:
+    """One optimizer per stage: ``optimizer_factory(staged.stage_parameters(k))`` for every k."""
+    return [optimizer_factory(staged.stage_parameters(k)) for k in range(staged.num_stages)]
+
+
+# ------------------------------------------------------------------------------------ training
+def _stage_loss(loss_fn: Callable, logits: Any, targets: Any, stage: int) -> torch.Tensor:
+    """The plain local loss of one stage."""
+    return loss_fn(logits, targets)
+
+
+def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any, int], torch.Tensor]:
+    """Every stage's local loss; with the sample_selection pass applied too, the selected subset's.
+
+    Composition: each stage scores its batch by its own per-sample local loss, selects ``k`` rows
+    (the selector's strategy, shared history) and backpropagates ``Σ w_j ℓ[idx_j]``.  The loss
+    goes through ``select_rows``, so under the ``effcompile`` backend the stage's backward runs on
+    the selected rows only (forward reuse).  Gradient matching is refused at transform time
+    (``GreedyStagesPass.refusals``).
+    """
+    from effcompile.passes.sample_selection.selectors import per_sample_loss_fn, selector_of
+
+    selector = selector_of(model)
+    if selector is None:
+        return lambda logits, targets, stage: _stage_loss(loss_fn, logits, targets, stage)
+    from effcompile.passes.sample_selection.row_sparse_backward import select_rows
+
+    per_sample = per_sample_loss_fn(loss_fn)
+
+    def selected_stage_loss(logits: Any, targets: Any, stage: int) -> torch.Tensor:
+        losses = per_sample(logits, targets)
+        index, weights = selector.select(losses.detach(), logits=logits.detach(), targets=targets)
+        return (select_rows(losses, index) * weights.to(losses.dtype)).sum()
+
+    return selected_stage_loss
+
+
+def _stage_loss_function(staged: StagedModel, k: int, objective: Callable) -> Callable:
+    stage, head = staged.stage(k), staged.head(k)
+
+    def stage_forward_loss(inputs: tuple, targets: Any) -> Tuple[torch.Tensor, Any]:
+        out = stage(*inputs)
+        logits = out if head is None else head(out)
+        # The boundary leaves detached: the next stage gets no gradient path back, and a compiled
+        # stage has no tangent for it (which would also make the backward's start dense).
+        return objective(logits, targets, k), out.detach() if isinstance(out, torch.Tensor) else out
+
+    # A distinct code object per stage: torch.compile caches per code object, so stages that
+    # shared one would count as recompiles of each other.
+    code = stage_forward_loss.__code__
+    renamed = code.replace(co_name=f"greedy_stage_{k}_loss")
+    if hasattr(code, "co_qualname"):
+        renamed = renamed.replace(co_qualname=f"greedy_stage_{k}_loss")
+    return types.FunctionType(renamed, stage_forward_loss.__globals__, f"greedy_stage_{k}_loss",
+                              stage_forward_loss.__defaults__, stage_forward_loss.__closure__)
+
+
+def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, options: StepOptions) -> Callable:
+    """The single-process DGL step (see the module docstring)."""
+    from effcompile.api import check_finite_loss
+
+    staged = staged_model(model)
+    objective = _stage_objective(_unwrap(model), loss_fn)
+    functions = [_stage_loss_function(staged, k, objective) for k in range(staged.num_stages)]
+    if options.compile:
+        functions = [torch.compile(fn, backend=options.backend) for fn in functions]
+    counter = {"step": 0}
+
+    def step(inputs: Any, targets: Any) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        x, losses = _as_tuple(inputs), []
+        for function in functions:
+            loss, out = function(x, targets)
+            if options.check_finite:
+                check_finite_loss(loss, counter["step"])
+            loss.backward()  # frees this stage's saved activations before the next stage runs
+            losses.append(loss.detach())
+            x = (out.detach(),) if isinstance(out, torch.Tensor) else None
+        # Gradients never cross stages, so one optimizer over all parameters takes exactly the
+        # per-stage optimizers' steps for per-parameter optimizers (SGD, Adam, ...).
+        optimizer.step()
+        counter["step"] += 1
+        step.stage_losses = losses
+        return losses[-1]
+
+    step.stage_losses = []
+    return step
+
+
+# ------------------------------------------------------------------------------------ memory
+def saved_activation_bytes(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callable) -> Dict[str, Any]:
+    """Peak bytes of saved activations of one plain-backprop step vs one staged step.
+
+    Returns ``{"backprop_peak_bytes", "staged_peak_bytes", "stage_peak_bytes": [...], "ratio"}``
+    (``ratio`` = staged / backprop).  The model's buffers (BatchNorm statistics, pass state),
+    gradients and RNG are restored afterwards, so measuring does not perturb training.
+    """
+    base = _unwrap(model)
+    staged = staged_model(base)
+    state = list(base.parameters()) + list(base.buffers())
+    buffers = [(b, b.detach().clone()) for b in base.buffers()]
+    grads = [(p, p.grad) for p in base.parameters()]
+    inputs = _as_tuple(inputs)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            with SavedTensorMeter(exclude=state) as plain:
+                loss_fn(base(*inputs), targets).backward()
+            stage_peaks = []
+            with SavedTensorMeter(exclude=state) as meter:
+                x = inputs
+                for k in range(staged.num_stages):
+                    meter.reset_peak()
+                    out = staged.stage(k)(*x)
+                    loss = _stage_loss(loss_fn, staged.local_logits(k, out), targets, k)
+                    loss.backward()
+                    stage_peaks.append(meter.peak_bytes)
+                    del loss
+                    x = (out.detach(),)
+                    del out
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for parameter, grad in grads:
+            parameter.grad = grad
+    staged_peak = max(stage_peaks)
+    return {"backprop_peak_bytes": plain.peak_bytes, "staged_peak_bytes": staged_peak,
+            "stage_peak_bytes": stage_peaks, "ratio": staged_peak / max(plain.peak_bytes, 1)}
+
+
+# ------------------------------------------------------------------------------------ the pass
+def _format_flops(flops: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.3g}{unit}FLOP"
+    return f"{flops:.0f}FLOP"
+
+
+class GreedyStagesPass(ModelPass):
+    config_type = GreedyStages
+    step_order = 10  # outermost: each stage runs its local loss through the selection
+
+    def plan(self, model: nn.Module, captured: GraphCapture, config: GreedyStages) -> List[PlanRow]:
+        example_inputs = _example_inputs(captured)
+        plan = plan_stages(model, example_inputs, config)
+        rows: List[PlanRow] = []
+        for k in range(config.num_stages):
+            for path in plan.stage_modules[k]:
+                module = model.get_submodule(path)
+                details: Dict[str, Any] = {"stage": k}
+                if path in plan.traced.untraceable:
+                    details["leaf"] = "untraceable forward"
+                rows.append(PlanRow(layer=path, pass_name=self.name, action=Action.ASSIGN, op=type(module).__name__,
+                                    details=details))
+            for target in plan.stage_attributes[k]:
+                rows.append(PlanRow(layer=target, pass_name=self.name, action=Action.ASSIGN, op="parameter",
+                                    details={"stage": k}))
+        for k in range(config.num_stages):
+            rows.append(self._stage_row(plan, k, config))
+        return rows
+
+    def _stage_row(self, plan: StagePlan, k: int, config: GreedyStages) -> PlanRow:
+        last = k == config.num_stages - 1
+        total = plan.stage_flops[k] + plan.head_flops[k]
+        details: Dict[str, Any] = {
+            "stage": k,
+            "layers": len(plan.stage_modules[k]),
+            "fwd_bwd": _format_flops(total),
+            "aux": f"{100.0 * plan.head_flops[k] / max(total, 1):.1f}%",
+        }
+        if not last:
+            boundary = plan.boundaries[k]
+            details["boundary"] = "x".join(map(str, boundary.shape))
+            details["boundary_bytes"] = boundary.nbytes
+            details["cut_after"] = boundary.label or boundary.value
+            details["cut_position"] = boundary.position  # traced-node index: what a stage process applies
+        return PlanRow(
+            layer=f"<stage {k}>" if last else f"{HEADS_ATTR}.{k}", pass_name=self.name, action=Action.ASSIGN,
+            op="model output" if last else plan.head_kinds[k],
+            input_shape=None if last else plan.boundaries[k].shape, details=details, spec=plan)
+
+    def replan(self, model: nn.Module, rows: List[PlanRow], config: GreedyStages,
+               example_inputs: Sequence[Any]) -> List[PlanRow]:
+        """Rows decided by a launcher: the cut positions are read from the stage rows, not searched."""
+        positions = [row.details["cut_position"] for row in rows if "cut_position" in row.details]
+        plan = plan_stages(model, example_inputs, config, decided=positions)
+        return [dataclasses.replace(row, spec=plan) for row in rows]
+
+    def refusals(self, model: nn.Module, configs: Sequence[Any]) -> List[PlanRow]:
+        from effcompile.passes.sample_selection.selectors import selector_of
+
+        selector = selector_of(model)
+        strategies = [getattr(c, "strategy", None) for c in configs if c.name == "sample_selection"]
+        if "gradmatch" not in strategies + [selector.strategy if selector is not None else None]:
+            return []
+        return [PlanRow(layer="<root>", pass_name=self.name, action=Action.REFUSE,
+                        reason="greedy_stages + sample_selection(strategy='gradmatch') is not supported: the aux heads' "
+                               "penultimate features are not tracked; use strategy 'loss' or 'random' with stages")]
+
+    def apply(self, model: nn.Module, rows: List[PlanRow], config: GreedyStages) -> int:
+        plan = next(row.spec for row in rows if isinstance(row.spec, StagePlan))
+        heads = GreedyStageHeads([
+            make_aux_head(boundary.shape, plan.num_classes, kind, plan.head_width).to(device=plan.device, dtype=boundary.dtype)
+            for boundary, kind in zip(plan.boundaries, plan.head_kinds)
+        ])
+        heads.train(model.training)
+        model.add_module(HEADS_ATTR, heads)
+        stages = split_stages(plan.traced, [b.position for b in plan.boundaries])
+        model.__dict__[_STAGED_ATTR] = StagedModel(model, stages, plan.boundaries, plan.stage_modules,
+                                                   plan.stage_attributes)
+        return len(stages)
+
+    def is_applied(self, model: nn.Module) -> bool:
+        return isinstance(model._modules.get(HEADS_ATTR), GreedyStageHeads)
+
+    def fold(self, model: nn.Module) -> int:
+        heads = model._modules.pop(HEADS_ATTR, None)
+        model.__dict__.pop(_STAGED_ATTR, None)
+        return 0 if heads is None else len(heads)
+
+    def make_train_step(self, model: nn.Module, loss_fn: Callable, optimizer: Any,
+                        options: StepOptions) -> Optional[Callable]:
+        return make_staged_train_step(model, loss_fn, optimizer, options)
+
+
+def _example_inputs(captured: GraphCapture) -> tuple:
+    """The example inputs recorded by ``torch.export`` (``ExportedProgram.example_inputs``)."""
+    example = getattr(captured.exported, "example_inputs", None)
+    if example is None:
+        raise ValueError("greedy_stages needs the example inputs of the captured graph")
+    args, kwargs = example
+    if kwargs:
+        raise ValueError("greedy_stages: example inputs must be positional")
+    return tuple(args)
+
+
+register_pass(GreedyStagesPass())

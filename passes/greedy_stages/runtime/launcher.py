@@ -1,0 +1,499 @@
+"""Multi-process runtime for greedy stages: one process per stage over torch.distributed.
+
+Before: a model transformed with ``effcompile.GreedyStages(K)`` trains in one process
+(``effcompile.train_step`` runs the K stages one after the other).
+After: K processes (rank k = stage k) each hold the same model (built from the same seed) but
+train only stage k and its aux head with their own optimizer.  Messages go forward only:
+
+    stage 0 reads a batch → trains → sends (activation, labels, step id) → stage 1 → … → stage K−1
+
+No gradient ever crosses a process boundary (DGL), so there is no pipeline bubble: stage k works
+on step t while stage k+1 works on step t−1.
+
+Modes (``GreedyStages.mode``):
+    sync: lockstep — stage k>0 trains on every message exactly once, in order.  Because gloo's
+        send completes only when the receiver has posted its receive, the producer is at most
+        one step ahead.  The losses equal the single-process ``train_step`` step for step.
+    async: a receiver thread per stage k>0 puts every arriving batch into a bounded
+        ``ReplayBuffer`` (priority LIFO, ``max_reuse`` cap); the trainer samples from it, so a
+        producer never waits for its consumer's training, and a fast consumer reuses batches.
+
+Transport (``GreedyStages.transport``): ``none``/``int8``/``vq`` codecs from
+``effcompile.passes.greedy_stages.runtime.transport`` encode every activation on the wire (and in the replay buffers).  The
+VQ codebook is learnt on the sender; a message carries it whenever the sender published a new
+one (every ``codebook_every`` steps), and those bytes are counted.
+
+Wire protocol per message on the boundary (k, k+1), each piece a gloo isend/irecv on a process
+group of just the two ranks: a header of ``HEADER_LEN`` int64 (kind TRAIN/EVAL/END, step id,
+codec, activation shape and dtype, codebook version, label shape, field table) followed by the
+payload fields and the labels.  After END the receiver answers one int64 ACK, so the sender
+knows its last messages were consumed.
+
+Faults: every wait has the deadline ``GreedyStages.timeout_s``.  A killed peer closes its
+sockets (gloo reports "connection closed"), a hung one lets the deadline pass; either way the
+surviving rank raises :class:`StageRuntimeError` naming the peer stage and the step, writes it
+to the run directory and exits.  The launcher (``run_stages``) polls its children, gives the
+survivors a short grace period to report, terminates every remaining child and raises one
+``StageRuntimeError`` that names the dead or hung stage.  A watchdog also fires when no stage
+made progress for ``2·timeout_s`` (a hang outside any wait).
+
+Checkpoints: with ``checkpoint_dir``, stage k writes ``stage{k}.pt`` every ``checkpoint_every``
+of its steps and at the end (atomically, through ``effcompile.checkpoint.save_checkpoint``):
+model and optimizer state, RNG, step, losses, both codecs (VQ codebooks and EMA statistics)
+and the replay buffer.  ``resume=True`` restarts every stage from its file; in sync mode the
+stages' checkpoints form a consistent cut (all messages up to step n were consumed), so a
+resumed run reproduces the uninterrupted one step for step.
+
+Launch: ``run_stages(...)`` (Python, spawns K processes) or torchrun::
+
+    torchrun --nproc-per-node 2 -m effcompile.passes.greedy_stages.runtime --model cnn --dataset digits --stages 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from effcompile.passes.greedy_stages.config import GreedyStages
+
+from .wire import HEADER_BYTES, HEADER_LEN, StageRuntimeError
+from .worker import Fault, StageJob, build_staged_model, cycle_batches, stage_process, stage_state_keys
+
+__all__ = ["StageRuntimeError", "Fault", "StageJob", "StageRunResult", "run_stages", "ZooJob", "load_stage_checkpoints",
+           "build_staged_model", "stage_state_keys", "cycle_batches", "cross_entropy", "stage_process",
+           "merge_results", "HEADER_LEN", "HEADER_BYTES", "main"]
+
+
+@dataclasses.dataclass
+class StageRunResult:
+    """What a multi-process run measured (per stage lists are indexed by stage)."""
+
+    num_stages: int
+    mode: str
+    transport: str
+    losses: List[List[float]]          # per stage: the loss of every training step
+    step_ids: List[List[int]]          # per stage: the data step id each training step used
+    boundaries: List[Dict[str, Any]]   # per boundary k→k+1: bytes (raw vs wire), messages, codec counters
+    samples_per_s: float               # stage 0 samples / (last stage end − first stage start)
+    stage_samples_per_s: List[float]
+    wall_s: float
+    accuracy: Optional[float]          # last stage, on the eval batches (None without eval data)
+    head_accuracy: List[Optional[float]]
+    replay: List[Optional[Dict[str, int]]]
+    model_state: Dict[str, torch.Tensor]  # every stage's trained parameters and buffers, merged
+    start_steps: List[int]             # steps each stage resumed from (0 for a fresh run)
+    startup_s: List[float] = dataclasses.field(default_factory=list)  # per stage: launch → model built
+    build_s: List[float] = dataclasses.field(default_factory=list)    # per stage: model build (transform) only
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-ready numbers (no tensors)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("model_state", "step_ids")}
+        fields["final_losses"] = [float(sum(l[-10:]) / max(1, len(l[-10:]))) if l else None for l in self.losses]
+        fields["first_losses"] = [float(sum(l[:10]) / max(1, len(l[:10]))) if l else None for l in self.losses]
+        fields.pop("losses")
+        return fields
+
+
+
+# ------------------------------------------------------------------------------ launcher
+def _exit_description(exitcode: Optional[int]) -> str:
+    if exitcode is None:
+        return "was still running (hung?) and was terminated"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = str(-exitcode)
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
+
+
+def _terminate(processes: Sequence[Any]) -> None:
+    """SIGTERM, then SIGKILL after 2 s, then reap: no orphan survives the launcher."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + 2.0
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _read_error_file(path: str) -> str:
+    """The message a failed stage wrote (JSON, data only)."""
+    try:
+        with open(path) as handle:
+            message = json.load(handle)["message"]
+        return str(message)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"(its error report {path} is unreadable: {type(error).__name__}: {error})"
+
+
+def _read_result_file(path: str) -> Dict[str, Any]:
+    """A stage's result file, read as plain data (``weights_only=True``: no code from it runs)."""
+    try:
+        result = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise StageRuntimeError(f"greedy-stage run: the stage result file {path} is unreadable "
+                                f"({type(error).__name__}: {first})") from None
+    if not isinstance(result, dict):
+        raise StageRuntimeError(f"greedy-stage run: the stage result file {path} holds a {type(result).__name__}, "
+                                "not a result dict")
+    return result
+
+
+def _collect_failure(processes: Sequence[Any], run_dir: str, progress: Any, exitcodes: Dict[int, Optional[int]]) -> str:
+    parts = []
+    for rank, process in enumerate(processes):
+        error_path = os.path.join(run_dir, f"error{rank}.json")
+        step = int(progress[2 * rank])
+        if os.path.exists(error_path):
+            continue
+        code = exitcodes.get(rank)
+        if code not in (0,):
+            parts.append(f"stage {rank} (pid {process.pid}) {_exit_description(code)} after {step} training steps")
+    for rank in range(len(processes)):
+        error_path = os.path.join(run_dir, f"error{rank}.json")
+        if os.path.exists(error_path):
+            parts.append(_read_error_file(error_path))
+    return "greedy-stage run failed: " + "; ".join(parts)
+
+
+def _monitor(processes: Sequence[Any], run_dir: str, progress: Any, timeout_s: float, start_timeout_s: float) -> None:
+    """Wait for every stage; on the first failure give survivors a grace period, then stop all."""
+    grace = min(timeout_s, 2.0)  # survivors next to a dead peer see its closed sockets at once
+    failed_at: Optional[float] = None
+    last_progress, last_change = None, time.monotonic()
+    started = False
+    while True:
+        codes = [p.exitcode for p in processes]
+        if all(code == 0 for code in codes):
+            return
+        now = time.monotonic()
+        if failed_at is None and any(code not in (None, 0) for code in codes):
+            failed_at = now
+        snapshot = tuple(progress[:])
+        if snapshot != last_progress:
+            last_progress, last_change = snapshot, now
+            started = started or any(progress[2 * r + 1] > 0 for r in range(len(processes)))
+        stalled = now - last_change > (2 * timeout_s + 5.0 if started else start_timeout_s)
+        if stalled and failed_at is None:
+            _terminate(processes)
+            steps = [int(progress[2 * r]) for r in range(len(processes))]
+            raise _launcher_error(f"greedy-stage run hung: no stage made progress for {now - last_change:.0f} s "
+                                  f"(steps per stage {steps}); every stage process was terminated", processes, progress)
+        if failed_at is not None and (all(code is not None for code in codes) or now - failed_at > grace):
+            exitcodes = {rank: p.exitcode for rank, p in enumerate(processes)}
+            _terminate(processes)
+            raise _launcher_error(_collect_failure(processes, run_dir, progress, exitcodes), processes, progress)
+        time.sleep(0.05)
+
+
+def _launcher_error(message: str, processes: Sequence[Any], progress: Any) -> StageRuntimeError:
+    error = StageRuntimeError(message)
+    error.pids = tuple(p.pid for p in processes)
+    beats = [progress[2 * r + 1] for r in range(len(processes)) if progress[2 * r + 1] > 0]
+    error.stalled_s = time.time() - max(beats) if beats else float("nan")
+    return error
+
+
+def _process_context(mp: Any) -> Any:
+    """A fork server that imported torch and effcompile once (Linux), else spawn.
+
+    Importing torch + effcompile costs several seconds per process; the fork server pays it once
+    per launcher and forks every stage process from a clean, single-threaded interpreter (plain
+    ``fork`` of the launcher would copy its OpenMP/thread state, which is unsafe).
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    # (sklearn: the bundled digits dataset of the zoo jobs; a missing module is skipped by the server.)
+    context.set_forkserver_preload(["effcompile.passes.greedy_stages.runtime", "effcompile.passes", "effcompile.models",
+                                    "sklearn.datasets", "sklearn.model_selection"])
+    return context
+
+
+def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module, Any]], loss_fn: Callable,
+               optimizer_factory: Callable[[List[nn.Parameter]], torch.optim.Optimizer],
+               data_factory: Callable[[], Any], steps: int, *, eval_factory: Optional[Callable[[], Any]] = None,
+               seed: int = 0, threads_per_process: int = 1, checkpoint_dir: Optional[str] = None,
+               checkpoint_every: int = 0, resume: bool = False, codebook_every: int = 1,
+               fault: Optional[Fault] = None, start_timeout_s: float = 120.0) -> StageRunResult:
+    """Train a greedy-staged model with one process per stage on this machine (gloo on CPU).
+
+    Args:
+        config: the ``GreedyStages`` config (``num_stages`` processes are started; ``mode``,
+            ``buffer``, ``max_reuse``, ``transport``, ``vq_*`` and ``timeout_s`` drive the runtime).
+        model_factory: top-level callable returning ``(model, example_inputs)`` — an untransformed
+            model (every process transforms it with ``config`` after ``torch.manual_seed(seed)``,
+            so all stages start from the same weights) or an already staged one.
+        loss_fn: ``loss_fn(logits, labels)`` (applied to every stage's local logits).
+        optimizer_factory: ``optimizer_factory(parameters) -> Optimizer``, one per stage.
+        data_factory: returns an iterable of ``(inputs, labels)`` batches; stage 0 iterates it
+            repeatedly (``steps`` batches in all, a seeded shuffling loader stays deterministic).
+        steps: training steps of stage 0 (async consumers stop after as many steps or when their
+            replay buffer runs dry after the end of the stream).
+        eval_factory: optional iterable of test batches streamed through the stages after training;
+            gives ``accuracy`` (last stage) and ``head_accuracy`` (aux heads).
+        checkpoint_dir / checkpoint_every / resume: per-stage checkpoints (see the module docstring).
+        codebook_every: VQ transport: publish (and send) a new codebook every this many steps.
+        fault: test hook making one stage crash or hang at a given step.
+
+    Raises ``StageRuntimeError`` naming the failed stage and step when a stage fails, dies or hangs;
+    every child process is stopped before it is raised.
+    """
+    if not isinstance(config, GreedyStages):
+        raise TypeError(f"run_stages expects an effcompile.GreedyStages config, got {config!r}")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
+    if fault is not None and not 0 <= fault.stage < config.num_stages:
+        raise ValueError(f"Fault.stage={fault.stage} is out of range for {config.num_stages} stages")
+    import torch.multiprocessing as mp
+
+    job = StageJob(config, model_factory, loss_fn, optimizer_factory, data_factory, steps, eval_factory, seed,
+                   threads_per_process, checkpoint_dir, checkpoint_every, resume, codebook_every, fault)
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    world = config.num_stages
+    context = _process_context(mp)
+    progress = context.Array("d", 2 * world, lock=False)
+    started = job.launched_at = time.time()
+    with tempfile.TemporaryDirectory(prefix="effcompile-stages-") as run_dir:
+        init_method = f"file://{os.path.join(run_dir, 'rendezvous')}"
+        processes = [context.Process(target=stage_process, args=(rank, world, job, init_method, run_dir, progress),
+                                     daemon=True, name=f"effcompile-stage{rank}") for rank in range(world)]
+        try:
+            for process in processes:
+                process.start()
+            _monitor(processes, run_dir, progress, config.timeout_s, start_timeout_s)
+        finally:
+            _terminate(processes)
+        missing = [rank for rank in range(world) if not os.path.exists(os.path.join(run_dir, f"result{rank}.pt"))]
+        if missing:
+            raise StageRuntimeError(f"greedy-stage run: stage(s) {missing} exited with code 0 but wrote no result")
+        results = [_read_result_file(os.path.join(run_dir, f"result{rank}.pt")) for rank in range(world)]
+    return merge_results(config, results, time.time() - started)
+
+
+def merge_results(config: GreedyStages, results: List[Dict[str, Any]], wall_s: float) -> StageRunResult:
+    """One ``StageRunResult`` from the per-stage result dicts."""
+    world = len(results)
+    starts = [r["start_time"] for r in results if r["start_time"] is not None]
+    ends = [r["end_time"] for r in results if r["end_time"] is not None]
+    batch = results[0]["batch_size"]
+    span = max(ends) - min(starts) if starts and ends else float("nan")
+    stage_rates = []
+    for r in results:
+        duration = (r["end_time"] - r["start_time"]) if r["start_time"] is not None else float("nan")
+        trained = r["trained"] - r["start_step"]
+        stage_rates.append(trained * batch / duration if duration and duration > 0 else float("nan"))
+    boundaries = []
+    for k in range(world - 1):
+        counts = dict(results[k]["bytes"])
+        messages = max(1, counts["messages"])
+        counts["raw_bytes_per_step"] = counts["raw_bytes"] / messages
+        counts["wire_bytes_per_step"] = counts["wire_bytes"] / messages
+        counts["compression"] = counts["raw_bytes"] / max(1, counts["wire_bytes"])
+        counts["activation_compression"] = counts["activation_raw_bytes"] / max(1, counts["activation_wire_bytes"])
+        counts["codec"] = results[k]["codec"].get("codec_out", {})
+        boundaries.append(counts)
+    last = results[-1]
+    accuracy = last["eval_correct"] / last["eval_total"] if last["eval_total"] else None
+    head_accuracy = [r["head_correct"] / r["eval_total"] if r["eval_total"] and k < world - 1 else None
+                     for k, r in enumerate(results)]
+    state: Dict[str, torch.Tensor] = {}
+    for r in results:
+        state.update(r["state"])
+    trained0 = results[0]["trained"] - results[0]["start_step"]
+    startup = [r["timeline"]["spawn_s"] + r["timeline"]["build_s"] for r in results if "timeline" in r]
+    build = [r["timeline"]["build_s"] for r in results if "timeline" in r]
+    return StageRunResult(
+        num_stages=world, mode=config.mode, transport=config.transport,
+        losses=[r["losses"] for r in results], step_ids=[r["step_ids"] for r in results], boundaries=boundaries,
+        samples_per_s=trained0 * batch / span if span and span > 0 else float("nan"),
+        stage_samples_per_s=stage_rates, wall_s=wall_s, accuracy=accuracy, head_accuracy=head_accuracy,
+        replay=[r["replay"] for r in results], model_state=state, start_steps=[r["start_step"] for r in results],
+        startup_s=startup, build_s=build)
+
+
+def load_stage_checkpoints(checkpoint_dir: str, model: nn.Module) -> Dict[str, Any]:
+    """Assemble the full trained model from every stage's checkpoint (each stage's own keys).
+
+    ``model`` is a staged model built the same way; returns each stage's ``extra`` dict.
+    Every file is read as plain data (no code runs) and checked (checksum, transform, shapes and
+    dtypes of the stage's keys) before anything is loaded: a bad file raises
+    ``effcompile.CheckpointError`` naming it, and ``model`` is then left as it was.
+    """
+    from effcompile.checkpoint import check_applied_layers, check_tensors, read_checkpoint
+    from effcompile.passes.greedy_stages.rewrite import staged_model
+
+    staged = staged_model(model)
+    merged, extras = {}, {}
+    for k in range(staged.num_stages):
+        path = os.path.join(checkpoint_dir, f"stage{k}.pt")
+        payload = read_checkpoint(path)
+        check_applied_layers(path, payload, model)
+        keys = stage_state_keys(model, k)
+        check_tensors(path, payload["model"], model, keys=keys)
+        merged.update({key: payload["model"][key] for key in keys})
+        extras[k] = payload["extra"]
+    model.load_state_dict(merged, strict=False)
+    return extras
+
+
+# ------------------------------------------------------------------------------ zoo job / CLI
+@dataclasses.dataclass(frozen=True)
+class ZooJob:
+    """Picklable factories for a zoo model on a dataset (the CLI's and the benchmark's job)."""
+
+    model: str = "cnn"
+    dataset: str = "digits"
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    data_seed: int = 0
+    num_train: int = 2048  # synthetic only
+    image_size: int = 32   # synthetic only
+    widths: Optional[Tuple[int, ...]] = None
+
+    def _split(self):
+        from effcompile.harness.data import get_dataset
+
+        if self.dataset == "synthetic":
+            return get_dataset("synthetic", num_train=self.num_train, num_test=256, image_size=self.image_size,
+                               seed=self.data_seed)
+        return get_dataset(self.dataset)
+
+    def model_factory(self) -> Tuple[nn.Module, Any]:
+        from effcompile.models import get_model
+
+        train, _, info = self._split()
+        kwargs = {} if self.widths is None else {"widths": tuple(self.widths)}
+        model = get_model(self.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                          image_size=info.image_size, **kwargs)
+        return model, (train.tensors[0][: self.batch_size],)
+
+    def data_factory(self):
+        from effcompile.harness.data import make_loaders
+
+        train, test, _ = self._split()
+        return make_loaders(train, test, self.batch_size, self.data_seed)[0]
+
+    def eval_factory(self):
+        from effcompile.harness.data import make_loaders
+
+        train, test, _ = self._split()
+        return make_loaders(train, test, self.batch_size, self.data_seed)[1]
+
+    def optimizer_factory(self, parameters: List[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Picklable mean cross-entropy (the CLI's loss)."""
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m effcompile.passes.greedy_stages.runtime",
+                                     description="Train a greedy-staged zoo model with one process per stage.")
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--dataset", default="digits", choices=("digits", "synthetic", "cifar10", "mnist"))
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--mode", default="sync", choices=GreedyStages.MODES)
+    parser.add_argument("--transport", default="none", choices=GreedyStages.TRANSPORTS)
+    parser.add_argument("--buffer", type=int, default=4)
+    parser.add_argument("--max-reuse", type=int, default=2)
+    parser.add_argument("--vq-codebook-size", type=int, default=256)
+    parser.add_argument("--vq-group-size", type=int, default=8)
+    parser.add_argument("--codebook-every", type=int, default=1)
+    parser.add_argument("--cuts", default=None, help="comma-separated module paths (default: automatic cuts)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per stage process")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--image-size", type=int, default=32, help="synthetic data only")
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--out", default=None, help="write the result summary as JSON here")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> GreedyStages:
+    cuts = None if not args.cuts else tuple(args.cuts.split(","))
+    return GreedyStages(num_stages=args.stages, cuts=cuts, mode=args.mode, buffer=args.buffer,
+                        max_reuse=args.max_reuse, transport=args.transport, vq_codebook_size=args.vq_codebook_size,
+                        vq_group_size=args.vq_group_size, timeout_s=args.timeout)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """CLI: under torchrun (``RANK`` set) this process is one stage; otherwise it spawns them all."""
+    args = _parser().parse_args(argv)
+    config = _config_from_args(args)
+    zoo = ZooJob(model=args.model, dataset=args.dataset, batch_size=args.batch_size, lr=args.lr,
+                 data_seed=args.seed, image_size=args.image_size)
+    eval_factory = None if args.no_eval else zoo.eval_factory
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _torchrun_stage(args, config, zoo, eval_factory)
+    result = run_stages(config, zoo.model_factory, cross_entropy, zoo.optimizer_factory, zoo.data_factory,
+                        args.steps, eval_factory=eval_factory, seed=args.seed, threads_per_process=args.threads,
+                        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                        resume=args.resume, codebook_every=args.codebook_every)
+    summary = result.summary()
+    _emit(summary, args.out)
+    return summary
+
+
+def _torchrun_stage(args: argparse.Namespace, config: GreedyStages, zoo: ZooJob, eval_factory: Any) -> Dict[str, Any]:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != config.num_stages:
+        raise SystemExit(f"torchrun started {world} processes but --stages is {config.num_stages}")
+    run_dir = args.checkpoint_dir or os.path.join(tempfile.gettempdir(), f"effcompile-stages-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}")
+    os.makedirs(run_dir, exist_ok=True)
+    job = StageJob(config, zoo.model_factory, cross_entropy, zoo.optimizer_factory, zoo.data_factory, args.steps,
+                   eval_factory, args.seed, args.threads, args.checkpoint_dir, args.checkpoint_every, args.resume,
+                   args.codebook_every, None, "nccl" if torch.cuda.is_available() else "gloo")
+    started = time.time()
+    stage_process(rank, world, job, None, run_dir)  # env:// rendezvous from torchrun; exits 1 on failure
+    summary: Dict[str, Any] = {}
+    if rank == 0:  # merge the results once every stage has written its file
+        paths = [os.path.join(run_dir, f"result{r}.pt") for r in range(world)]
+        deadline = time.monotonic() + config.timeout_s
+        while not all(os.path.exists(path) for path in paths):
+            if time.monotonic() > deadline:
+                raise StageRuntimeError(f"stage results missing in {run_dir} after {config.timeout_s:g} s")
+            time.sleep(0.1)
+        results = [_read_result_file(path) for path in paths]
+        summary = merge_results(config, results, time.time() - started).summary()
+        _emit(summary, args.out)
+    return summary
+
+
+def _emit(summary: Dict[str, Any], out: Optional[str]) -> None:
+    text = json.dumps(summary, indent=2, default=str)
+    if out:
+        with open(out, "w") as handle:
+            handle.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Randomized VJP pass: replace backward GEMMs by sparse, unbiased, structured estimates.
+
+Linear layer ``Y = X·Wᵀ + b`` (X: M×K rows = samples·tokens, G = ∂L/∂Y: M×N).  Joint graph
+before (AOT autograd, the layer's backward nodes)::
+
+    grad_W = mm(t(G), X)          # N×M · M×K
+    grad_X = mm(G, t(t(W)))       # M×N · N×K
+
+Joint graph after, target ``grad_weight`` (one shared index set over the M rows)::
+
+    s      = ‖G_t‖·‖X_t‖                                   # row scores
+    idx, c = effcompile::sample_indices(s, k, estimator)  # k static, c_t = 1/π_t
+    grad_W = mm(t(G[idx] · c), X[idx])                     # a k/M-smaller dense GEMM
+
+and target ``grad_input`` (one shared index set over the N output features)::
+
+    idx, c = effcompile::sample_indices(‖G_{:,j}‖·‖W_j‖, k, estimator)
+    grad_X = mm(G[:, idx] · c, W[idx])
+
+``E[estimate] = exact`` because every index is kept with probability π and scaled by 1/π.  The
+``sketch`` estimator replaces ``grad_W`` by ``(Gᵀ·S)·(Sᵀ·X)`` with Rademacher ``S/√k``, ``E[S·Sᵀ] = I``.
+
+How layers reach the joint graph: the model-level part of the pass swaps the owner module's class
+so that, while Dynamo traces a training forward, the weight is read through the identity custom op
+``effcompile::vjp_marker(W, layer, keep, keep_input, estimator, uniform_mix, multiple)``.  The
+settings are op arguments, so they are part of the graph and of Inductor's cache key; the joint
+pass (installed by the ``effcompile`` backend as ``joint_custom_pre_pass``, whose ``uuid()``
+hashes this file) rewrites the marked layer's backward GEMMs and removes the marker.  A marker
+that survives to run time (a graph compiled by another backend) raises instead of silently
+computing exact gradients.  In eager mode, ``nn.Linear`` owners run the same estimator as the
+autograd function ``effcompile.passes.randomized_vjp.estimators.SketchedLinear``.
+
+Adaptive mode (``adaptive=True``, linear layers): the owner gets a ``weight_vjp_state``
+submodule (:class:`VarianceControl`) whose ``statistics`` buffer requires grad and is a second
+input of the marker.  The marker's backward gives it the gradient slot
+``effcompile::statistics_slot``, which the joint pass replaces by::
+
+    stats = effcompile::sketch_statistics(G, X, grad_W, ks=[k(keep_r) for the ladder], current_k, ...)
+            # [added variance at each ladder keep ..., SGD noise]  (float32, on the device)
+
+so the statistics leave the backward as an ordinary gradient; a post-accumulate-grad hook folds
+them into EMAs and, every ``adapt_every`` steps, picks the layer's keep (one host read).
+
+Memory mode (``memory_mode=True``, nn.Linear layers): no marker; the owner's forward is the
+autograd function ``effcompile.passes.randomized_vjp.estimators.MemorySketchedLinear`` (eager and traced by Dynamo alike),
+which samples the grad_weight rows in the forward and saves ``X[idx]`` instead of ``X``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from effcompile.passes.analysis.graph_utils import insert_node as _insert, is_transpose as _is_transpose
+from effcompile.passes.base import JointPass, JointResult, register_joint_pass
+
+from .config import RandomizedVJP
+
+__all__ = ["LayerSketch", "RewriteRecord", "RandomizedVJPJointPass", "MARKER", "rewrite_joint_graph", "inspect_backward"]
+
+aten = torch.ops.aten
+prims = torch.ops.prims  # the joint graph is decomposed: casts are prims.convert_element_type
+
+
+# ------------------------------------------------------------------------------------ marker op
+@torch.library.custom_op("effcompile::vjp_marker", mutates_args=())
+def _vjp_marker(weight: torch.Tensor, statistics: Optional[torch.Tensor], layer: str, keep: float, keep_input: float,
+                estimator: str, uniform_mix: float, multiple: int, ladder: List[float]) -> torch.Tensor:
+    raise RuntimeError(
+        f"effcompile: layer {layer!r} has a RandomizedVJP rewrite that was not applied: compile the model with "
+        "torch.compile(backend='effcompile') (or 'effcompile_aot_eager'), or train it eagerly")
+
+
+@_vjp_marker.register_fake
+def _(weight, statistics, layer, keep, keep_input, estimator, uniform_mix, multiple, ladder):
+    return torch.empty_like(weight)
+
+
+def _marker_setup(ctx, inputs, output):
+    statistics, ctx.layer = inputs[1], inputs[2]
+    ctx.has_statistics = statistics is not None
+    ctx.save_for_backward(*([statistics] if ctx.has_statistics else []))
+
+
+def _marker_backward(ctx, grad):
+    # The statistics tensor's gradient is a slot the joint pass fills with the layer's
+    # on-device variance statistics (effcompile::sketch_statistics).
+    from . import estimators  # noqa: F401  (registers effcompile::statistics_slot)
+
+    slot = torch.ops.effcompile.statistics_slot(ctx.saved_tensors[0], ctx.layer) if ctx.has_statistics else None
+    return grad, slot, None, None, None, None, None, None, None
+
+
+_vjp_marker.register_autograd(_marker_backward, setup_context=_marker_setup)
+MARKER = torch.ops.effcompile.vjp_marker.default
+
+
+def _slot_op():
+    from . import estimators  # noqa: F401  (registers the op)
+
+    return torch.ops.effcompile.statistics_slot.default
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSketch:
+    """Per-layer settings, as carried by the marker op."""
+
+    layer: str
+    keep: float  # grad_weight row fraction (1.0: exact)
+    keep_input: float  # grad_input feature fraction (1.0: exact)
+    estimator: str
+    uniform_mix: float
+    multiple: int
+    ladder: Tuple[float, ...] = ()  # adaptive mode: the keeps the statistics are computed for
+
+    def marker_args(self) -> tuple:
+        return (self.layer, self.keep, self.keep_input, self.estimator, self.uniform_mix, self.multiple,
+                list(self.ladder))
+
+
+def _settings(config: RandomizedVJP, layer: str, device: torch.device, adaptive: bool = False) -> LayerSketch:
+    multiple = config.multiple or (64 if device.type == "cuda" else 8)
+    keep = config.keep if config.target in ("grad_weight", "both") else 1.0
+    keep_input = config.input_keep if config.target in ("grad_input", "both") else 1.0
+    ladder = config.keep_ladder if adaptive else ()
+    if adaptive:  # start on the ladder rung nearest to ``keep`` (log scale)
+        keep = min(ladder, key=lambda rung: abs(math.log(rung / config.keep)))
+    return LayerSketch(layer, float(keep), float(keep_input), config.estimator, float(config.uniform_mix), int(multiple),
+                       tuple(float(rung) for rung in ladder))
+
+
+# ------------------------------------------------------------------------------------ joint pass
+@dataclasses.dataclass
+class RewriteRecord:
+    """One rewritten backward GEMM, for reports and ``effcompile inspect``."""
+
+    layer: str
+    gemm: str  # "grad_weight" | "grad_input"
+    sampled_dim: str  # "rows" (M) | "output features" (N) | "images" (convolution batch)
+    n: int
+    k: int
+    estimator: str
+    before: str
+    after: str
+
+
+def _static(value: Any) -> Optional[int]:
+    return int(value) if isinstance(value, int) else None
+
+
+def _describe(node: torch.fx.Node) -> str:
+    args = ", ".join(getattr(a, "name", repr(a)) for a in node.args)
+    shape = "x".join(str(s) for s in node.meta["val"].shape)
+    return f"{node.name} = {getattr(node.target, '__name__', node.target)}({args}) : {shape}"
+
+
+def _transpose(graph, like, matrix):
+    return _insert(graph, like, aten.permute.default, matrix, [1, 0])
+
+
+def _gather(graph, like, matrix, dim, indices):
+    """``matrix.index_select(dim, indices)`` as the decomposed ``aten.index`` Inductor lowers."""
+    return _insert(graph, like, aten.index.Tensor, matrix, [None] * dim + [indices])
+
+
+def _norms(graph, like, tensor, dims):
+    """‖·‖₂ over ``dims`` in fp32, from core ops (the joint graph is already decomposed)."""
+    tensor = _insert(graph, like, prims.convert_element_type.default, tensor, torch.float32)
+    squares = _insert(graph, like, aten.mul.Tensor, tensor, tensor)
+    return _insert(graph, like, aten.sqrt.default, _insert(graph, like, aten.sum.dim_IntList, squares, list(dims)))
+
+
+def _sampled_rows(graph, like, scores, k, settings, dtype):
+    """(indices, 1/π in ``dtype``) of ``k`` sampled positions, from the effcompile::sample_indices op."""
+    from . import estimators  # noqa: F401  (registers effcompile::sample_indices)
+
+    sample = _insert(graph, like, torch.ops.effcompile.sample_indices.default, scores, k,
+                     settings.estimator, settings.uniform_mix)
+    indices = _insert(graph, like, operator.getitem, sample, 0)
+    scale = _insert(graph, like, operator.getitem, sample, 1)
+    return indices, _insert(graph, like, prims.convert_element_type.default, scale, dtype)
+
+
+def _sample_size(size: Any, keep: float, multiple: int) -> Optional[int]:
+    """Static k for a GEMM dimension of ``size``, or None when the exact GEMM stays (k ≥ n, symbolic n)."""
+    from .estimators import round_budget
+
+    n = _static(size)
+    if n is None:
+        return None
+    k = round_budget(n, keep, multiple)
+    return k if k < n else None
+
+
+def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+
+
+def _rewrite_grad_weight(graph, mm, grad_out, layer_input,
+                         settings: LayerSketch) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
+    """(the record or None when the exact GEMM stays, the node that now computes grad_W, rows it used)."""
+    rows = layer_input.meta["val"].shape[0]
+    k = _sample_size(rows, settings.keep, settings.multiple)
+    if k is None:
+        return None, mm, _static(rows)
+    before = _describe(mm)
+    with graph.inserting_before(mm):
+        if settings.estimator == "sketch":
+            val = grad_out.meta["val"]
+            # Rademacher S/√k (E[S·Sᵀ] = I): lower variance than Gaussian, and the eager path's design.
+            gaussian = _insert(graph, mm, aten.randn.default, [rows, k], dtype=val.dtype, device=val.device)
+            sketch_matrix = _insert(graph, mm, aten.mul.Tensor, _insert(graph, mm, aten.sign.default, gaussian),
+                                    1.0 / math.sqrt(k))
+            left = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_out), sketch_matrix)
+            right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), layer_input)
+            new = _insert(graph, mm, aten.mm.default, left, right)
+        else:
+            scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [1]), _norms(graph, mm, layer_input, [1]))
+            indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
+            scale = _insert(graph, mm, aten.unsqueeze.default, scale, 1)
+            grad_rows = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 0, indices), scale)
+            input_rows = _gather(graph, mm, layer_input, 0, indices)
+            new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_rows), input_rows)
+    _replace(graph, mm, new)
+    return RewriteRecord(settings.layer, "grad_weight", "rows", rows, k, settings.estimator, before, _describe(new)), new, k
+
+
+def _insert_statistics(graph, marker: torch.fx.Node, grad_weight: torch.fx.Node, current_k: int, grad_out,
+                       layer_input, settings: LayerSketch) -> bool:
+    """Fill the statistics slot of an adaptive layer with ``effcompile::sketch_statistics``.
+
+    The slot is the gradient of the layer's statistics tensor (a forward input), so the
+    statistics leave the compiled backward like any other gradient, with no host sync.
+    """
+    from .estimators import round_budget
+
+    statistics = marker.args[1]
+    rows = _static(layer_input.meta["val"].shape[0])
+    slots = [u for u in statistics.users if u.target is _slot_op()] if isinstance(statistics, torch.fx.Node) else []
+    if not slots or rows is None:
+        return False
+    ks = [round_budget(rows, keep, settings.multiple) for keep in settings.ladder]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for slot in slots:
+        first_user = min(slot.users, key=order.__getitem__)
+        with graph.inserting_before(first_user):
+            values = _insert(graph, grad_weight, torch.ops.effcompile.sketch_statistics.default, grad_out, layer_input,
+                             grad_weight, ks, current_k, settings.estimator, settings.uniform_mix)
+        _replace(graph, slot, values)
+    return True
+
+
+def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) -> Optional[RewriteRecord]:
+    features = grad_out.meta["val"].shape[1]
+    k = _sample_size(features, settings.keep_input, settings.multiple)
+    if k is None:
+        return None
+    before = _describe(mm)
+    with graph.inserting_before(mm):
+        scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [0]), _norms(graph, mm, weight_t, [1]))
+        indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
+        grad_columns = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 1, indices), scale)
+        weight_rows = _gather(graph, mm, weight_t, 0, indices)
+        new = _insert(graph, mm, aten.mm.default, grad_columns, weight_rows)
+    _replace(graph, mm, new)
+    return RewriteRecord(settings.layer, "grad_input", "output features", features, k, settings.estimator, before,
+                         _describe(new))
+
+
+def _per_image_norms(graph, like, tensor):
+    return _norms(graph, like, tensor, range(1, tensor.meta["val"].dim()))
+
+
+def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSketch) -> Optional[RewriteRecord]:
+    """Split ``convolution_backward`` so the weight gradient comes from ``k`` sampled images.
+
+    ``∇W = Σ_b ∇W(g_b, x_b)`` is a sum over images; the sampled call gathers ``k`` of them, scales
+    each image's gradient by ``1/π_b`` (∇W is linear in g) and asks only for the weight gradient.
+    """
+    grad_out, layer_input, weight = backward.args[:3]
+    conv_args, output_mask = list(backward.args[3:10]), list(backward.args[10])
+    if not output_mask[1] or settings.estimator == "sketch":
+        return None
+    k = _sample_size(layer_input.meta["val"].shape[0], settings.keep, settings.multiple)
+    if k is None:
+        return None
+    before = _describe_multi(backward)
+    with graph.inserting_before(backward):
+        rest = _insert(graph, backward, aten.convolution_backward.default, grad_out, layer_input, weight, *conv_args,
+                       [output_mask[0], False, output_mask[2]])
+        scores = _insert(graph, backward, aten.mul.Tensor, _per_image_norms(graph, backward, grad_out),
+                         _per_image_norms(graph, backward, layer_input))
+        indices, scale = _sampled_rows(graph, backward, scores, k, settings, grad_out.meta["val"].dtype)
+        scale = _insert(graph, backward, aten.view.default, scale, [k] + [1] * (grad_out.meta["val"].dim() - 1))
+        grad_images = _insert(graph, backward, aten.mul.Tensor, _gather(graph, backward, grad_out, 0, indices), scale)
+        input_images = _gather(graph, backward, layer_input, 0, indices)
+        sampled = _insert(graph, backward, aten.convolution_backward.default, grad_images, input_images, weight,
+                          *conv_args, [False, True, False])
+    for user in list(backward.users):
+        source = sampled if user.args[1] == 1 else rest
+        user.replace_input_with(backward, source)
+        user.meta["val"] = source.meta["val"][user.args[1]]
+    graph.erase_node(backward)
+    after = _describe_multi(sampled)
+    return RewriteRecord(settings.layer, "grad_weight", "images", int(layer_input.meta["val"].shape[0]), k,
+                         settings.estimator, before, after)
+
+
+def _describe_multi(node: torch.fx.Node) -> str:
+    args = ", ".join(getattr(a, "name", repr(a)) for a in node.args[:3])
+    return f"{node.name} = {getattr(node.target, '__name__', node.target)}({args}, ...)"
+
+
+def _forward_matmuls(transposed_weight: torch.fx.Node) -> List[torch.fx.Node]:
+    """Forward ``addmm(b, X, t(W))`` / ``mm(X, t(W))`` nodes that use the transposed weight."""
+    return [user for user in transposed_weight.users
+            if (user.target is aten.addmm.default and user.args[2] is transposed_weight)
+            or (user.target is aten.mm.default and user.args[1] is transposed_weight)]
+
+
+def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch) -> List[RewriteRecord]:
+    records = []
+    if settings.keep < 1:
+        for backward in [u for u in marker.users if u.target is aten.convolution_backward.default and u.args[2] is marker]:
+            record = _rewrite_conv_grad_weight(graph, backward, settings)
+            records += [record] if record else []
+    for transposed in [u for u in marker.users if _is_transpose(u)]:
+        for forward in _forward_matmuls(transposed):
+            layer_input = forward.args[1] if forward.target is aten.addmm.default else forward.args[0]
+            if settings.keep < 1 or settings.ladder:
+                for mm in [u for u in layer_input.users if u.target is aten.mm.default and u.args[1] is layer_input
+                           and _is_transpose(u.args[0])]:
+                    grad_out = mm.args[0].args[0]
+                    record, grad_weight, rows_used = _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings)
+                    records += [record] if record else []
+                    if settings.ladder and rows_used is not None:
+                        _insert_statistics(graph, marker, grad_weight, rows_used, grad_out, layer_input, settings)
+            if settings.keep_input < 1:
+                for back_t in [u for u in transposed.users if _is_transpose(u)]:
+                    for mm in [u for u in back_t.users if u.target is aten.mm.default and u.args[1] is back_t]:
+                        record = _rewrite_grad_input(graph, mm, mm.args[0], back_t, settings)
+                        records += [record] if record else []
+    return records
+
+
+def rewrite_joint_graph(graph: torch.fx.Graph) -> List[RewriteRecord]:
+    """Rewrite every marked layer's backward GEMMs; remove the markers. Idempotent."""
+    records: List[RewriteRecord] = []
+    for marker in [n for n in graph.nodes if n.op == "call_function" and n.target is MARKER]:
+        *fields, ladder = marker.args[2:]
+        settings = LayerSketch(*fields, tuple(ladder))
+        records += _rewrite_layer(graph, marker, settings)
+        marker.replace_all_uses_with(marker.args[0])
+        graph.erase_node(marker)
+    graph.eliminate_dead_code()
+    graph.lint()
+    return records
+
+
+class RandomizedVJPJointPass(JointPass):
+    """Runs after the (exact) row-sparse backward, which may shrink the GEMMs this pass samples."""
+
+    name = "randomized_vjp"
+    order = 20
+
+    def __call__(self, graph: torch.fx.Graph) -> JointResult:
+        records = rewrite_joint_graph(graph)
+        return JointResult(len(records), records)
+
+    def sources(self) -> List[str]:
+        from . import estimators
+
+        return [__file__, estimators.__file__]
+
+
+register_joint_pass(RandomizedVJPJointPass())
+
+
+def inspect_backward(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> List[RewriteRecord]:
+    """Compile one training step of ``model`` (AOT joint graph, no Inductor) and return its rewrites.
+
+    The backward never reaches ONNX; this is how ``effcompile inspect`` shows, per layer, which
+    backward GEMM was sketched, along which dimension, with which k, and the nodes before/after.
+    Parameters are left untouched (gradients are computed and discarded).
+    """
+    from effcompile.passes.joint import recording
+
+    was_training = model.training
+    model.train()
+    try:
+        torch.compiler.reset()
+        compiled = torch.compile(model, backend="effcompile_aot_eager")
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        with recording() as log:
+            torch.autograd.grad(compiled(*example_inputs).float().sum(), parameters, allow_unused=True)
+        return [record for results in log for record in results[RandomizedVJPJointPass.name].records]
+    finally:
+        torch.compiler.reset()
+        model.train(was_training)
+
+

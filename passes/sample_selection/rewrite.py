@@ -1,0 +1,410 @@
+"""Sample-selection pass: forward the batch, backpropagate a weighted subset of its rows.
+
+Model before: unchanged forward; the training step is ``loss_fn(model(x), y).backward()``.
+
+Model after: the same forward and ``state_dict`` keys, plus a ``SampleSelector`` submodule
+(``<root>.sample_selector``: loss history, counters, last selection as buffers) and, for
+``strategy="gradmatch"``, a forward hook on the head module that hands the head's input h to the
+step.  ``effcompile.train_step`` then builds one of two steps (``B`` rows, ``k`` selected)::
+
+    forward reuse (one compiled function: forward → ℓ → selection → selected loss):
+        z = model(x)                       # B rows, activations saved for backward
+        ℓ = per_sample_loss(z, y)          # (B,)
+        idx, w = selector.select(ℓ, h, z, y)
+        L = Σ_j w_j · select_rows(ℓ, idx)_j   # backward marked row-sparse from here
+        L.backward()                       # only rows idx carry gradient
+
+    re-forward (models with batch-coupled layers, or mode="reforward"):
+        with no_grad, model.eval():  z = model(x); ℓ = per_sample_loss(z, y); idx, w = select(...)
+        L = Σ_j w_j · per_sample_loss(model(x[idx]), y[idx])_j     # train mode, k rows
+        L.backward()
+
+Step cost (forward 1, backward 2) relative to backprop: forward reuse (1+2f)/3 once the
+``effcompile`` backend's row-sparse joint pass shrinks the backward GEMMs to the k rows (without
+it, in eager or other backends, the gradient is identical but the backward is full-size);
+re-forward (1+3f)/3.  BatchNorm couples rows through batch statistics, so forward reuse would
+differentiate through full-batch statistics while a true subset step would not: the plan falls
+back to re-forward there, whose eval-mode scoring pass leaves running statistics untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from effcompile.api import _as_tuple, _unwrap, check_finite_loss
+from .config import SampleSelection
+from effcompile.plan import Action, PlanRow
+from .selectors import SampleSelector, num_selected, per_sample_loss_fn, selector_of
+
+from effcompile.passes.base import ModelPass, StepOptions, register_pass
+from effcompile.passes.analysis.capture import _ROW_PRESERVING_OPS, GraphCapture, InputLocation, LayerCandidate, WeightUse, _scope
+from .row_sparse_backward import select_rows
+
+__all__ = ["SampleSelectionPass", "SelectionStep", "SelectionSpec", "SELECTOR_NAME", "batch_coupled_layers",
+           "find_head", "FORWARD_REUSE", "REFORWARD"]
+
+aten = torch.ops.aten
+SELECTOR_NAME = "sample_selector"
+FORWARD_REUSE, REFORWARD = "forward_reuse", "reforward"
+
+# Training-mode batch norms in an exported (training IR or decomposed) graph.
+_BATCH_NORM_OPS = tuple(
+    getattr(aten, name).default for name in
+    ("_native_batch_norm_legit_functional", "_native_batch_norm_legit", "native_batch_norm", "batch_norm",
+     "cudnn_batch_norm", "_batch_norm_with_update", "_batch_norm_with_update_functional")
+    if hasattr(aten, name) and hasattr(getattr(aten, name), "default")
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionSpec:
+    """What the runtime needs: the decided mode and the head whose input gradmatch reads."""
+
+    mode: str
+    batch_size: int
+    k: int
+    head_scope: Optional[str] = None  # module whose call receives the head's input
+    head_input: Optional[InputLocation] = None
+    head_bias: bool = True
+    coupled: Tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------ analysis
+def batch_coupled_layers(model: nn.Module, captured: GraphCapture) -> Dict[str, str]:
+    """Module path → construct for every layer that couples the rows of a batch (BatchNorm).
+
+    Found both by module type (any ``_BatchNorm``, incl. SyncBatchNorm) and on the graph (a
+    training-mode batch-norm op, e.g. ``F.batch_norm`` inside a custom module).
+    """
+    coupled: Dict[str, str] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            coupled[path or "<root>"] = type(module).__name__
+    for node in captured.exported.graph.nodes:
+        if node.op == "call_function" and node.target in _BATCH_NORM_OPS and _is_training_batch_norm(node):
+            coupled.setdefault(_scope(node) or "<root>", f"{node.target.name()} in the graph")
+    return coupled
+
+
+def _is_training_batch_norm(node: torch.fx.Node) -> bool:
+    name = node.target.name()
+    if "legit_functional" in name or "with_update" in name:
+        return True
+    training_index = {"aten::_native_batch_norm_legit": 5, "aten::native_batch_norm": 5, "aten::batch_norm": 5,
+                      "aten::cudnn_batch_norm": 5}.get(name)
+    if training_index is None or len(node.args) <= training_index:
+        return True
+    return bool(node.args[training_index])
+
+
+def _batch_size(captured: GraphCapture) -> int:
+    names = set(captured.exported.graph_signature.user_inputs)
+    for node in captured.exported.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                return int(value.shape[0])
+    raise ValueError("sample selection needs a tensor input with a batch dimension in example_inputs")
+
+
+def find_head(captured: GraphCapture) -> Tuple[Optional[LayerCandidate], Optional[WeightUse], str]:
+    """The linear layer whose output is the model output (through views), or the reason there is none."""
+    output = next(node for node in captured.exported.graph.nodes if node.op == "output")
+    results = output.args[0]
+    node = results[0] if isinstance(results, (tuple, list)) else results
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _ROW_PRESERVING_OPS:
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node):
+        return None, None, "the model output is not a tensor computed by the graph"
+    for candidate in captured.layers:
+        for use in candidate.uses:
+            if use.node == node.name:
+                if use.op not in ("linear", "matmul"):
+                    return None, None, f"the output comes from a {use.op} ({candidate.layer}), not a linear layer"
+                return candidate, use, ""
+    return None, None, f"the model output is computed by {node.target} ({_scope(node) or '<root>'}), not by a linear layer"
+
+
+def _head_problem(captured: GraphCapture, candidate: Optional[LayerCandidate], use: Optional[WeightUse]) -> str:
+    """Why gradmatch cannot read (h, z) for this head ('' when it can)."""
+    if candidate is None:
+        return ""
+    if len(candidate.uses) > 1:
+        return f"the head weight {candidate.param_fqn} is used {len(candidate.uses)} times"
+    if len(use.input_shape) != 2:
+        return f"the head input has shape {use.input_shape}; the last-layer proxy needs (batch, features)"
+    if use.input_location is None:
+        return f"the head input is not observable: {use.input_unobservable}"
+    return ""
+
+
+def _has_bias(captured: GraphCapture, use: WeightUse) -> bool:
+    node = next(n for n in captured.exported.graph.nodes if n.name == use.node)
+    return use.op == "linear" and len(node.args) > 2 and node.args[2] is not None
+
+
+# ------------------------------------------------------------------------------------ runtime
+class _FeatureTap:
+    """Forward hook on the head's module: keeps a reference to the head's input for the step.
+
+    A plain attribute write, which Dynamo traces as a side effect inside the compiled step (no
+    graph break); the step clears it right after reading, so no batch outlives its step.
+    """
+
+    def __init__(self, location: InputLocation) -> None:
+        self.location = location
+        self.value: Optional[torch.Tensor] = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        location = self.location
+        self.value = kwargs[location.name] if location.name in kwargs else args[location.index]
+
+    def take(self) -> Optional[torch.Tensor]:
+        value, self.value = self.value, None
+        return value
+
+
+class _SelectionSequential(nn.Sequential):
+    """``nn.Sequential`` whose forward skips the attached selector (it is state, not a layer)."""
+
+    def forward(self, input):
+        for module in self:
+            if not isinstance(module, SampleSelector):
+                input = module(input)
+        return input
+
+
+def _label_smoothing_for_gradmatch(loss_fn: Any) -> float:
+    """The proxy e = softmax(z) − t is the cross-entropy gradient: refuse any other loss."""
+    import torch.nn.functional as F
+
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None:
+            raise ValueError("strategy='gradmatch' uses the last-layer gradient of an unweighted cross-entropy; "
+                             "nn.CrossEntropyLoss(weight=...) is not supported")
+        return float(loss_fn.label_smoothing)
+    if loss_fn is F.cross_entropy:
+        return 0.0
+    raise ValueError(f"strategy='gradmatch' needs loss_fn = nn.CrossEntropyLoss() or F.cross_entropy (its proxy "
+                     f"gradient is softmax(z) − onehot(y)); got {getattr(loss_fn, '__name__', type(loss_fn).__name__)}. "
+                     "Use strategy='loss' or 'random' for other losses.")
+
+
+class SelectionStep:
+    """``step(inputs, targets) -> loss``: one optimizer step on the selected, weighted rows.
+
+    Returns the detached full-batch mean of the per-sample losses (of the forward in forward-reuse
+    mode, of the eval-mode scoring forward in re-forward mode), so it is comparable with plain
+    backprop's loss.  ``last_selection`` holds the last ``(index, weights)`` (device tensors).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: Any, options: StepOptions,
+                 selector: SampleSelector) -> None:
+        self.base = _unwrap(model)
+        self.model = self.base if options.compile else model
+        self.optimizer = optimizer
+        self.options = options
+        self.selector = selector
+        self.spec: SelectionSpec = selector.spec
+        self.per_sample_loss = per_sample_loss_fn(loss_fn)
+        self.tap: Optional[_FeatureTap] = selector.__dict__.get("_feature_tap")
+        if selector.strategy == "gradmatch":
+            selector.label_smoothing = _label_smoothing_for_gradmatch(loss_fn)
+        self.step_index = 0
+        self.last_selection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        compile_fn = (lambda fn: torch.compile(fn, backend=options.backend, dynamic=False)) if options.compile \
+            else (lambda fn: fn)
+        if self.spec.mode == FORWARD_REUSE:
+            self._forward_select = compile_fn(self._forward_select_eager)
+        else:
+            self._score = compile_fn(self._score_eager)
+            self._train_rows = compile_fn(self._train_rows_eager)
+
+    # The compiled functions --------------------------------------------------------------
+    def _select(self, outputs: Any, losses: torch.Tensor, targets: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        features = self.tap.take() if self.tap is not None else None
+        return self.selector.select(losses, features=features, logits=outputs, targets=targets)
+
+    def _forward_select_eager(self, inputs: tuple, targets: Any):
+        outputs = self.model(*inputs)
+        losses = self.per_sample_loss(outputs, targets)
+        index, weights = self._select(outputs, losses, targets)
+        batch, k = losses.shape[0], index.shape[0]
+        if k == batch and not self.selector.probabilistic:
+            loss = losses.mean()  # keep=1: exactly the full-batch mean
+        elif k == batch:
+            loss = (losses * weights.to(losses.dtype)).sum()  # 0/1 mask over all rows: nothing to skip
+        else:
+            loss = (select_rows(losses, index) * weights.to(losses.dtype)).sum()
+        return loss, losses.detach().mean(), index, weights
+
+    def _score_eager(self, inputs: tuple, targets: Any):
+        with torch.no_grad():
+            outputs = self.model(*inputs)
+            losses = self.per_sample_loss(outputs, targets)
+            index, weights = self._select(outputs, losses, targets)
+        return losses.mean(), index, weights
+
+    def _train_rows_eager(self, inputs: tuple, targets: Any, index: torch.Tensor, weights: torch.Tensor):
+        batch = targets.shape[0] if isinstance(targets, torch.Tensor) else None
+        rows = lambda value: value.index_select(0, index) if isinstance(value, torch.Tensor) else value
+        outputs = self.model(*(rows(x) for x in inputs))
+        if self.tap is not None:
+            self.tap.take()
+        losses = self.per_sample_loss(outputs, rows(targets))
+        if index.shape[0] == batch and not self.selector.probabilistic:
+            return losses.mean()  # every row, in order: exactly the full-batch step
+        return (losses * weights.to(losses.dtype)).sum()
+
+    # The step ------------------------------------------------------------------------------
+    def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
+        inputs = _as_tuple(inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.spec.mode == FORWARD_REUSE:
+            loss, batch_loss, index, weights = self._forward_select(inputs, targets)
+        else:
+            batch_loss, index, weights = self._scoring_pass(inputs, targets)
+            loss = self._train_rows(inputs, targets, index, weights)
+        if self.options.check_finite:
+            check_finite_loss(loss, self.step_index)
+        loss.backward()
+        self.optimizer.step()
+        self.selector.record(index, weights)
+        self.last_selection = (index, weights)
+        self.step_index += 1
+        return batch_loss.detach()
+
+    def _scoring_pass(self, inputs: tuple, targets: Any):
+        """Eval semantics: BatchNorm uses running stats and updates nothing; dropout is off."""
+        modes = [(module, module.training) for module in self.base.modules()]
+        self.base.train(False)
+        try:
+            return self._score(inputs, targets)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+
+# ------------------------------------------------------------------------------------ the pass
+class SampleSelectionPass(ModelPass):
+    config_type = SampleSelection
+    step_order = 20
+
+    def plan(self, model: nn.Module, captured: GraphCapture, config: SampleSelection) -> List[PlanRow]:
+        batch = _batch_size(captured)
+        k = batch if config.probabilistic else num_selected(config.keep, batch)
+        coupled = batch_coupled_layers(model, captured)
+        mode, mode_reason = self._decide_mode(config, coupled)
+        head, head_use, no_head = find_head(captured)
+        problem = _head_problem(captured, head, head_use) if head is not None else no_head
+        if config.strategy == "gradmatch" and problem:
+            raise ValueError(f"sample_selection: strategy='gradmatch' cannot run on {type(model).__name__}: {problem}. "
+                             "It needs a final linear layer (the model output, possibly reshaped) whose input is "
+                             "the (batch, features) penultimate activation; use strategy='loss' or 'random'.")
+        spec = SelectionSpec(
+            mode=mode, batch_size=batch, k=k,
+            head_scope=head_use.scope if config.strategy == "gradmatch" else None,
+            head_input=head_use.input_location if config.strategy == "gradmatch" else None,
+            head_bias=_has_bias(captured, head_use) if head_use is not None else True,
+            coupled=tuple(coupled),
+        )
+        common = {"mode": mode, "strategy": config.strategy, "keep": config.keep,
+                  "k": f"~{batch / (config.beta + 1):.0f}/{batch}" if config.probabilistic else f"{k}/{batch}"}
+        reason = mode_reason
+        if config.probabilistic:
+            reason = "; ".join(filter(None, [reason, "probabilistic Selective Backprop selects a random number of rows: "
+                                             "the backward runs over the full batch with a 0/1 weight mask (no saving)"]))
+        rows = []
+        for candidate in captured.layers:
+            first = candidate.uses[0]
+            row = PlanRow(layer=candidate.layer, pass_name=self.name, action=Action.REWRITE, op=first.op,
+                          input_shape=first.input_shape, weight_shape=candidate.weight_shape,
+                          details=dict(common), reason=reason, spec=spec)
+            if head is not None and candidate is head:
+                row.details["head"] = "gradmatch features = its input" if config.strategy == "gradmatch" else "yes"
+            rows.append(row)
+        layers = {row.layer for row in rows}
+        for path, construct in coupled.items():
+            if path not in layers:
+                rows.append(PlanRow(layer=path, pass_name=self.name, action=Action.REWRITE, op=construct, details=dict(common),
+                                    reason=f"{construct}: batch statistics couple the rows", spec=spec))
+        if not rows:
+            rows.append(PlanRow(layer="<root>", pass_name=self.name, action=Action.REWRITE, details=dict(common), reason=reason,
+                                spec=spec))
+        return rows
+
+    @staticmethod
+    def _decide_mode(config: SampleSelection, coupled: Dict[str, str]) -> Tuple[str, str]:
+        listed = ", ".join(f"{path} ({construct})" for path, construct in list(coupled.items())[:4])
+        more = f" and {len(coupled) - 4} more" if len(coupled) > 4 else ""
+        if config.mode == FORWARD_REUSE and coupled:
+            raise ValueError(f"sample_selection: mode='forward_reuse' is not exact with batch-coupled layers {listed}{more}: "
+                             "their batch statistics mix the rows, so the subset's gradient would differ from a subset "
+                             "step. Use mode='auto' or 'reforward'.")
+        if config.mode == REFORWARD:
+            return REFORWARD, "re-forward requested"
+        if coupled:
+            return REFORWARD, (f"batch-coupled layers ({listed}{more}) make forward reuse inexact; re-forward with an "
+                               "eval-mode scoring pass (running stats untouched)")
+        return FORWARD_REUSE, ""
+
+    def apply(self, model: nn.Module, rows: List[PlanRow], config: SampleSelection) -> int:
+        spec: SelectionSpec = rows[0].spec
+        device = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
+        selector = SampleSelector(config.keep, config.strategy, fixed_k=config.fixed_k, beta=config.beta,
+                                  history_size=config.history_size, gradmatch_ridge=config.gradmatch_ridge,
+                                  nnls_iterations=config.nnls_iterations, head_bias=spec.head_bias, device=device)
+        selector.spec = spec
+        if type(model) is nn.Sequential:
+            model.__class__ = _SelectionSequential
+        model.add_module(SELECTOR_NAME, selector)
+        if spec.head_scope is not None:
+            tap = _FeatureTap(spec.head_input)
+            selector.__dict__["_feature_tap"] = tap
+            handle = model.get_submodule(spec.head_scope).register_forward_hook(tap, with_kwargs=True)
+            model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(self.name, []).append(handle)
+        return len(rows)
+
+    def is_applied(self, model: nn.Module) -> bool:
+        return selector_of(model) is not None
+
+    def fold(self, model: nn.Module) -> int:
+        removed = 0
+        for module in list(model.modules()):
+            for name, child in list(module._modules.items()):
+                if isinstance(child, SampleSelector):
+                    del module._modules[name]
+                    removed += 1
+        if type(model) is _SelectionSequential:
+            model.__class__ = nn.Sequential
+        for handle in model.__dict__.get("_effcompile_hooks", {}).pop(self.name, []):
+            handle.remove()
+        return removed
+
+    def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
+        selector, first = selector_of(model), _first_row(model, self.name)
+        if selector is None or first is None or row.layer != first.layer:
+            return {}  # the counters belong to the whole model: shown once, on the first row
+        return selector.summary()
+
+    def make_train_step(self, model: nn.Module, loss_fn: Callable, optimizer: Any,
+                        options: StepOptions) -> Optional[Callable]:
+        selector = selector_of(model)
+        if selector is None:
+            return None
+        return SelectionStep(model, loss_fn, optimizer, options, selector)
+
+
+def _first_row(model: nn.Module, pass_name: str) -> Optional[PlanRow]:
+    from effcompile.api import plan_of
+
+    plan = plan_of(model)
+    rows = plan.for_pass(pass_name).rows if plan is not None else []
+    return rows[0] if rows else None
+
+
+register_pass(SampleSelectionPass())

@@ -1,0 +1,393 @@
+"""Per-sample selection: which rows of a batch are backpropagated, and with which weights.
+
+``SampleSelector`` turns the per-sample losses of one batch (plus, for gradient matching, the
+penultimate features and the logits) into ``(index: int64[k], weights: float[k])``; the
+training loss is then ``selected_loss = Σ_j weights_j · ℓ[index_j]`` (``selected_loss``).
+Everything runs on the device with static shapes (``k = max(1, round(keep·B))`` depends only
+on the batch size), so a compiled step never synchronises with the host and never recompiles.
+
+Strategies (Balles, Archambeau, Zappella, arXiv 2312.05021 compare them; none reliably beats
+``random``):
+
+* ``random``: k rows uniformly without replacement, weights ``1/k``.  Every row is kept with
+  probability ``k/B``, so ``E[Σ_j ℓ_j / k] = (1/B)·Σ_i ℓ_i``: an unbiased estimate of the
+  full-batch mean loss and of its gradient.
+* ``loss`` (Selective Backprop, Jiang et al. 2019): ``p_i = percentile(ℓ_i)^β``, the percentile
+  taken in a rolling history of the last ``history_size`` losses.  Probabilistic variant: keep row
+  i with probability ``p_i`` (expected fraction ``∫u^β du = 1/(β+1)`` once the history holds
+  i.i.d. losses), weights ``1/#kept`` over the full batch (index = all rows).  Fixed-k variant:
+  k rows without replacement with probabilities ∝ ``p_i`` (Gumbel top-k), weights ``1/k``.
+  Both are unweighted, hence biased towards hard samples, as in the paper.
+* ``gradmatch``: pick S (|S| = k) and w ≥ 0 minimising ``‖(1/B)Σ_i g_i − Σ_{j∈S} w_j g_j‖²`` for the
+  last-layer proxy gradients ``g_i = e_i ⊗ [h_i, 1]`` of a cross-entropy head ``z = W·h + b``,
+  ``e_i = softmax(z_i) − y_i`` (``y_i``: the one-hot target, label-smoothed if the loss smooths).
+  Only the Gram kernel ``K_ij = ⟨g_i, g_j⟩ = ⟨e_i, e_j⟩·(⟨h_i, h_j⟩ + 1)`` (B×B) is formed, never
+  the C·d-dimensional gradients.  Greedy orthogonal matching pursuit (k unrolled iterations,
+  each a ridge least-squares refit on the chosen rows) followed by a non-negative least-squares
+  weight fit (projected accelerated gradient) — all on the device.
+
+State (buffers, so ``state_dict`` checkpoints them): the loss history ring buffer and its
+fill/position counters, step and row counters, and the last selection (index, weights).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "SampleSelector", "selector_of", "per_sample_loss_fn", "selected_loss", "num_selected",
+    "gradmatch_kernel", "output_errors", "gradmatch_select", "nonnegative_least_squares",
+]
+
+
+def num_selected(keep: float, batch_size: int) -> int:
+    """k = max(1, round(keep·B)): the static number of selected rows."""
+    return max(1, min(batch_size, int(round(keep * batch_size))))
+
+
+def selected_loss(per_sample_loss: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights_j · ℓ[index_j] (a plain gather: the gradient is exact, the backward full-size)."""
+    return (per_sample_loss.index_select(0, index) * weights.to(per_sample_loss.dtype)).sum()
+
+
+# ------------------------------------------------------------------------------ gradient matching
+def output_errors(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """e_i = ∂CE(z_i, y_i)/∂z_i = softmax(z_i) − t_i with t_i the (label-smoothed) one-hot target."""
+    if logits.dim() != 2:
+        raise ValueError(f"gradmatch needs (batch, classes) logits, got shape {tuple(logits.shape)}")
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    if targets.dtype.is_floating_point:  # class probabilities given directly
+        target_distribution = targets.float()
+    else:
+        target_distribution = F.one_hot(targets.long(), logits.shape[-1]).float()
+    if label_smoothing:
+        target_distribution = (1 - label_smoothing) * target_distribution + label_smoothing / logits.shape[-1]
+    return probabilities - target_distribution
+
+
+def gradmatch_kernel(features: torch.Tensor, errors: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """Gram matrix of the last-layer gradients g_i = e_i ⊗ [h_i, 1] without forming them.
+
+    ⟨e_i ⊗ h_i, e_j ⊗ h_j⟩ = ⟨e_i, e_j⟩·⟨h_i, h_j⟩ (weight part) plus ⟨e_i, e_j⟩ (bias part):
+    B²·(C + d) work instead of B·C·d memory.
+    """
+    features = features.reshape(features.shape[0], -1).float()
+    feature_gram = features @ features.t()
+    if bias:
+        feature_gram = feature_gram + 1.0
+    return (errors @ errors.t()) * feature_gram
+
+
+def nonnegative_least_squares(gram: torch.Tensor, target: torch.Tensor, initial: torch.Tensor,
+                              iterations: int) -> torch.Tensor:
+    """argmin_{w ≥ 0} ½wᵀAw − bᵀw (A = ``gram``, b = ``target``) by projected FISTA from ``initial``.
+
+    Step 1/‖A‖_F (‖A‖_F ≥ λ_max for symmetric A, so the step is safe); a fixed number of
+    iterations keeps the graph static.  The better of the start and the end point is returned,
+    so the fit never makes the objective worse than the clipped OMP weights.
+    """
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (w @ (gram @ w)) - target @ w
+
+    # One iteration: w⁺ = max(0, y − s·(A·y − b)) = max(0, M·y + c) with M = I − s·A, c = s·b,
+    # then the momentum point y = w⁺ + μ·(w⁺ − w) = lerp(w, w⁺, 1 + μ): three ops per iteration.
+    step = 1.0 / gram.norm().clamp_min(1e-30)
+    size = gram.shape[0]
+    contraction = torch.eye(size, device=gram.device, dtype=gram.dtype) - step * gram
+    offset = step * target
+    weights = initial
+    momentum_point = initial
+    t = 1.0
+    for _ in range(iterations):
+        next_weights = torch.addmv(offset, contraction, momentum_point).clamp_min(0)
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        momentum_point = torch.lerp(weights, next_weights, 1.0 + (t - 1.0) / t_next)
+        weights, t = next_weights, t_next
+    return torch.where(objective(weights) <= objective(initial), weights, initial)
+
+
+def gradmatch_select(kernel: torch.Tensor, k: int, ridge: float = 1e-3,
+                     nnls_iterations: int = 50) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy non-negative OMP on the Gram kernel: k rows and weights w ≥ 0 with Σ w_j g_j ≈ mean g.
+
+    With b_j = ⟨ḡ, g_j⟩ = (1/B)·Σ_i K_ij and the current weights w on S, the residual
+    r = ḡ − Σ_S w_j g_j has ⟨r, g_j⟩ = b_j − (K[:, S]·w)_j.  Each iteration adds the unchosen row
+    with the largest normalised correlation ⟨r, g_j⟩/‖g_j‖ and refits w = (K_SS + λI)⁻¹ b_S
+    (λ = ridge · mean ‖g_i‖²).  The final weights solve the non-negative least-squares problem on S.
+    """
+    kernel = kernel.float()
+    target = kernel.mean(dim=0)  # b_j = ⟨ḡ, g_j⟩
+    inverse_norms = 1.0 / (kernel.diagonal().clamp_min(0).sqrt() + 1e-12)
+    ridge_eye = (ridge * kernel.diagonal().mean() + 1e-12) * torch.eye(k, device=kernel.device, dtype=kernel.dtype)
+    index = torch.empty(0, dtype=torch.long, device=kernel.device)
+    rows = kernel.new_empty(0, kernel.shape[0])  # K[S, :], grown by one row per iteration
+    weights = kernel.new_empty(0)
+    for size in range(1, k + 1):
+        correlation = (target - weights @ rows) * inverse_norms
+        if size > 1:
+            correlation = correlation.index_fill(0, index, float("-inf"))
+        chosen = correlation.argmax().reshape(1)
+        index = torch.cat([index, chosen])
+        rows = torch.cat([rows, kernel.index_select(0, chosen)])
+        sub_gram = rows.index_select(1, index) + ridge_eye[:size, :size]
+        weights = torch.linalg.solve(sub_gram, target.index_select(0, index))
+    sub_gram = kernel.index_select(0, index).index_select(1, index)
+    weights = nonnegative_least_squares(sub_gram, target.index_select(0, index), weights.clamp_min(0),
+                                        nnls_iterations)
+    return index, weights
+
+
+# ------------------------------------------------------------------------------ the selector
+class SampleSelector(nn.Module):
+    """Selects the rows of each batch to backpropagate; its buffers are the selection state.
+
+    ``select(per_sample_loss, features=None, logits=None, targets=None) -> (index, weights)``
+    records the losses in the history and returns ``k`` row indices (int64) and their weights
+    (float32).  ``features``/``logits``/``targets`` are needed by ``gradmatch`` only.
+    """
+
+    def __init__(self, keep: float, strategy: str, *, fixed_k: bool = True, beta: float = 1.0,
+                 history_size: int = 1024, gradmatch_ridge: float = 1e-3, nnls_iterations: int = 50,
+                 head_bias: bool = True, label_smoothing: float = 0.0,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        if strategy not in ("loss", "gradmatch", "random"):
+            raise ValueError(f"strategy={strategy!r} is invalid: expected 'loss', 'gradmatch' or 'random'")
+        self.keep = float(keep)
+        self.strategy = strategy
+        self.fixed_k = bool(fixed_k)
+        self.beta = float(beta)
+        self.history_size = int(history_size)
+        self.gradmatch_ridge = float(gradmatch_ridge)
+        self.nnls_iterations = int(nnls_iterations)
+        self.head_bias = bool(head_bias)
+        self.label_smoothing = float(label_smoothing)
+        self.register_buffer("loss_history", torch.zeros(self.history_size, device=device))
+        for name in ("history_fill", "history_position", "steps", "rows_seen"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("rows_selected", torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer("last_index", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("last_weights", torch.zeros(0, device=device))
+        self._register_load_state_dict_pre_hook(_adopt_checkpoint_shapes, with_module=True)
+
+    @property
+    def probabilistic(self) -> bool:
+        return self.strategy == "loss" and not self.fixed_k
+
+    def extra_repr(self) -> str:
+        variant = "probabilistic" if self.probabilistic else f"keep={self.keep}"
+        return f"strategy={self.strategy}, {variant}, beta={self.beta}, history={self.history_size}"
+
+    def num_selected(self, batch_size: int) -> int:
+        """Rows selected from a batch of ``batch_size`` (the full batch for the probabilistic variant)."""
+        return batch_size if self.probabilistic else num_selected(self.keep, batch_size)
+
+    # ----------------------------------------------------------------------------- selection
+    def select(self, per_sample_loss: torch.Tensor, features: Optional[torch.Tensor] = None,
+               logits: Optional[torch.Tensor] = None,
+               targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            losses = per_sample_loss.detach().float().reshape(-1)
+            batch = losses.shape[0]
+            k = self.num_selected(batch)
+            self._observe(losses)
+            if self.strategy == "loss":
+                index, weights = self._select_by_loss(losses, k)
+            elif k == batch:  # keep=1: every row, in order, weight 1/B (the full-batch mean)
+                index = torch.arange(batch, device=losses.device)
+                weights = torch.full((batch,), 1.0 / batch, device=losses.device)
+            elif self.strategy == "random":
+                index = torch.rand(batch, device=losses.device).topk(k).indices
+                weights = torch.full((k,), 1.0 / k, device=losses.device)
+            else:
+                index, weights = self._select_gradmatch(features, logits, targets, k)
+            self.steps.add_(1)
+            self.rows_seen.add_(batch)
+            self.rows_selected.add_((weights > 0).sum())
+        return index, weights
+
+    def _observe(self, losses: torch.Tensor) -> None:
+        """Write the batch's losses into the ring buffer (the last ``history_size`` if more)."""
+        losses = losses[-self.history_size:]
+        n = losses.shape[0]
+        slots = (self.history_position + torch.arange(n, device=losses.device)) % self.history_size
+        self.loss_history.index_copy_(0, slots, losses)
+        self.history_position.copy_((self.history_position + n) % self.history_size)
+        self.history_fill.copy_((self.history_fill + n).clamp_max(self.history_size))
+
+    def percentiles(self, losses: torch.Tensor) -> torch.Tensor:
+        """Mid-rank percentile of each loss among the filled history (which includes the batch)."""
+        # Sort once, binary-search each loss: O((H + B)·log H) instead of a B×H comparison.
+        # Unfilled slots become +inf, so they sort last and never count as below or tied.
+        valid = torch.arange(self.history_size, device=losses.device) < self.history_fill
+        history = torch.where(valid, self.loss_history, torch.full_like(self.loss_history, float("inf")))
+        ordered = history.sort().values
+        below = torch.searchsorted(ordered, losses, side="left")
+        at_or_below = torch.searchsorted(ordered, losses, side="right")
+        return (below + at_or_below).float() * 0.5 / self.history_fill.clamp_min(1)
+
+    def _select_by_loss(self, losses: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        probability = self.percentiles(losses).pow(self.beta)
+        batch = losses.shape[0]
+        if self.probabilistic:
+            # Selective Backprop: keep row i with probability p_i, unweighted mean over the kept rows.
+            kept = (torch.rand(batch, device=losses.device) < probability).float()
+            return torch.arange(batch, device=losses.device), kept / kept.sum().clamp_min(1.0)
+        if k == batch:
+            return torch.arange(batch, device=losses.device), torch.full((batch,), 1.0 / batch, device=losses.device)
+        # Gumbel top-k: the k largest of log p_i + Gumbel noise are a draw of k rows without
+        # replacement with successive probabilities ∝ p_i.
+        uniform = torch.rand(batch, device=losses.device).clamp(1e-12, 1.0 - 1e-7)
+        keys = probability.clamp_min(1e-30).log() - torch.log(-torch.log(uniform))
+        return keys.topk(k).indices, torch.full((k,), 1.0 / k, device=losses.device)
+
+    def _select_gradmatch(self, features, logits, targets, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if features is None or logits is None or targets is None:
+            raise ValueError("strategy='gradmatch' needs features (the head's input), logits and targets")
+        errors = output_errors(logits.detach(), targets, self.label_smoothing)
+        kernel = gradmatch_kernel(features.detach(), errors, bias=self.head_bias)
+        return gradmatch_select(kernel, k, self.gradmatch_ridge, self.nnls_iterations)
+
+    # ----------------------------------------------------------------------------- logging
+    def record(self, index: torch.Tensor, weights: torch.Tensor) -> None:
+        """Keep the last selection in the ``last_index``/``last_weights`` buffers (no copy)."""
+        self.last_index = index.detach()
+        self.last_weights = weights.detach()
+
+    def summary(self) -> dict:
+        """Counters for the report (reads device values: one host sync)."""
+        weights = self.last_weights
+        positive = weights[weights > 0]
+        seen = int(self.rows_seen)
+        return {
+            "steps": int(self.steps),
+            "mean_selected_fraction": round(float(self.rows_selected) / seen, 4) if seen else None,
+            "last_mean_weight": round(float(positive.mean()), 6) if positive.numel() else None,
+            "history_fill": f"{int(self.history_fill)}/{self.history_size}",
+        }
+
+
+def _adopt_checkpoint_shapes(module: SampleSelector, state_dict, prefix, *args) -> None:
+    """The last selection's size depends on the batch size: take the checkpoint's; fill missing state."""
+    for name in ("last_index", "last_weights"):
+        key = prefix + name
+        if key in state_dict:
+            setattr(module, name, torch.empty_like(state_dict[key], device=getattr(module, name).device))
+    for name, buffer in module.named_buffers(recurse=False):
+        state_dict.setdefault(prefix + name, buffer.detach().clone())
+
+
+def selector_of(model: nn.Module) -> Optional[SampleSelector]:
+    """The ``SampleSelector`` the sample-selection pass attached to ``model`` (None if not applied)."""
+    from effcompile.api import _unwrap
+
+    for module in _unwrap(model).modules():
+        if isinstance(module, SampleSelector):
+            return module
+    return None
+
+
+# ------------------------------------------------------------------------------ per-sample losses
+def per_sample_loss_fn(loss_fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[Any, Any], torch.Tensor]:
+    """Rewrite a batch-reduced loss into ``(outputs, targets) -> (B,)`` per-sample losses ℓ_i.
+
+    ℓ_i is scaled so that ``mean_i ℓ_i`` equals the original loss: ``reduction="mean"`` losses
+    average the unreduced elements of each sample, ``reduction="sum"`` ones sum them and multiply
+    by B.  Loss modules with a ``reduction`` attribute are copied with ``reduction="none"``;
+    functions with a ``reduction`` keyword are called with it; any other callable is vmapped over
+    the batch dimension (each sample as a batch of one), with a clear error if that fails.
+    """
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        return _unreduced_module_loss(loss_fn)
+    if _accepts_reduction(loss_fn):
+        return _unreduced_function_loss(loss_fn)
+    return _vmapped_loss(loss_fn)
+
+
+def _batch_reduce(unreduced: torch.Tensor, batch: int, reduction: str) -> torch.Tensor:
+    if unreduced.dim() == 0 or unreduced.shape[0] != batch:
+        raise ValueError(f"the unreduced loss has shape {tuple(unreduced.shape)}, expected a leading batch "
+                         f"dimension of {batch}; per-sample selection needs a loss whose elements belong to samples")
+    per_sample = unreduced.reshape(batch, -1)
+    if reduction == "sum":
+        return per_sample.sum(dim=1) * batch
+    return per_sample.mean(dim=1)
+
+
+def _batch_size(outputs: Any) -> int:
+    first = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
+    if not isinstance(first, torch.Tensor):
+        raise ValueError(f"per-sample losses need tensor model outputs, got {type(first).__name__}")
+    return first.shape[0]
+
+
+def _add_batch_dim(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_add_batch_dim(item) for item in value)
+    return value.unsqueeze(0) if isinstance(value, torch.Tensor) else value
+
+
+def _check_batch_mean(loss_fn: nn.Module) -> None:
+    # A class-weighted mean divides by Σ weight[y_i], not by B: not an average of per-sample losses.
+    if getattr(loss_fn, "weight", None) is not None and getattr(loss_fn, "reduction", "mean") == "mean" \
+            and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        raise ValueError(f"{type(loss_fn).__name__}(weight=...) with reduction='mean' normalises by the batch's summed "
+                         "class weights, which is not a mean of per-sample losses; use reduction='sum' or no class weights")
+
+
+def _unreduced_module_loss(loss_fn: nn.Module) -> Callable[[Any, Any], torch.Tensor]:
+    import copy
+
+    _check_batch_mean(loss_fn)
+    reduction = loss_fn.reduction
+    unreduced = copy.copy(loss_fn)  # shares parameters/buffers; only the reduction attribute differs
+    unreduced.reduction = "none"
+
+    def per_sample(outputs: Any, targets: Any) -> torch.Tensor:
+        return _batch_reduce(unreduced(outputs, targets), _batch_size(outputs), reduction)
+
+    return per_sample
+
+
+def _accepts_reduction(loss_fn: Callable) -> bool:
+    try:
+        return "reduction" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _unreduced_function_loss(loss_fn: Callable) -> Callable[[Any, Any], torch.Tensor]:
+    default = inspect.signature(loss_fn).parameters["reduction"].default
+    reduction = default if isinstance(default, str) else "mean"
+
+    def per_sample(outputs: Any, targets: Any) -> torch.Tensor:
+        return _batch_reduce(loss_fn(outputs, targets, reduction="none"), _batch_size(outputs), reduction)
+
+    return per_sample
+
+
+def _vmapped_loss(loss_fn: Callable) -> Callable[[Any, Any], torch.Tensor]:
+    def one_sample(output: Any, target: Any) -> torch.Tensor:
+        return loss_fn(_add_batch_dim(output), _add_batch_dim(target))
+
+    batched = torch.func.vmap(one_sample)
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+    def per_sample(outputs: Any, targets: Any) -> torch.Tensor:
+        try:
+            losses = batched(outputs, targets)
+        except Exception as error:
+            raise ValueError(f"could not turn the loss {name!r} into per-sample losses with torch.func.vmap "
+                             f"({type(error).__name__}: {error}); give a loss module with a 'reduction' attribute or a "
+                             "function with a 'reduction' keyword") from error
+        if losses.dim() != 1:
+            raise ValueError(f"the loss {name!r} returned shape {tuple(losses.shape[1:])} per sample; expected a scalar")
+        return losses
+
+    return per_sample

@@ -1,0 +1,300 @@
+"""Specification of the randomized-VJP pass (passes/randomized_vjp.py).
+
+The estimator math is specified in tests/test_sketch.py; here: the rewrite of the AOT joint graph,
+its agreement with the eager path, unbiasedness through whole compiled models, the Plan, and the
+errors that keep a missing rewrite from passing silently as exact gradients.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import effcompile
+from effcompile.plan import Action
+from effcompile.passes import randomized_vjp
+
+DRAWS = 300
+Z = 5.0  # per-entry z bound; with a few hundred entries a false alarm is ~1e-4
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 5))
+
+
+def _sketch(model, x, **config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return effcompile.transform(model, effcompile.RandomizedVJP(**config), example_inputs=(x,))
+
+
+def _data():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 12, generator=generator) * torch.logspace(-1, 1, 64)[:, None]  # skewed rows
+    return x, torch.randint(0, 5, (64,), generator=generator)
+
+
+def _gradients(model, forward, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(forward(x), y).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _draws(model, forward, x, y, draws=DRAWS):
+    return torch.stack([_gradients(model, forward, x, y) for _ in range(draws)])
+
+
+def _assert_unbiased(samples, exact):
+    mean, std = samples.mean(0), samples.std(0)
+    bound = Z * std / samples.shape[0] ** 0.5 + 1e-6
+    assert ((mean - exact).abs() <= bound).all(), float(((mean - exact).abs() / bound).max())
+
+
+@pytest.fixture(scope="module")
+def exact_gradient():
+    model, (x, y) = _mlp(), _data()
+    return _gradients(model, model, x, y)
+
+
+class TestJointGraphRewrite:
+    def test_rewrites_both_weight_gemms_and_removes_markers(self, joint_log):
+        model, (x, y) = _mlp(), _data()
+        _sketch(model, x, keep=0.25)
+        compiled = torch.compile(model, backend="effcompile_aot_eager")
+        _gradients(model, compiled, x, y)
+        records = {(r.layer, r.gemm): r for r in joint_log.last("randomized_vjp")}
+        assert set(records) == {("0", "grad_weight"), ("2", "grad_weight")}
+        assert (records["0", "grad_weight"].n, records["0", "grad_weight"].k) == (64, 16)
+        assert "index" in records["0", "grad_weight"].after and "mm" in records["0", "grad_weight"].before
+
+    def test_rewrite_is_idempotent(self):
+        from effcompile._compat import aot_eager_with_partition
+
+        model, (x, y) = _mlp(), _data()
+        _sketch(model, x, keep=0.25)
+        runs = []
+
+        def rewrite_twice(partition):
+            def partition_fn(joint, inputs, **kwargs):
+                runs.append(len(randomized_vjp.rewrite_joint_graph(joint.graph)))
+                runs.append(len(randomized_vjp.rewrite_joint_graph(joint.graph)))
+                joint.recompile()
+                return partition(joint, inputs, **kwargs)
+
+            return partition_fn
+
+        _gradients(model, torch.compile(model, backend=aot_eager_with_partition(rewrite_twice)), x, y)
+        assert runs == [2, 0]
+
+    @pytest.mark.parametrize("target", ["grad_input", "both"])
+    def test_grad_input_samples_output_features(self, target, joint_log):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 5))
+        x, y = _data()
+        _sketch(model, x, keep=0.5, target=target, multiple=4)
+        _gradients(model, torch.compile(model, backend="effcompile_aot_eager"), x, y)
+        gemms = {(r.layer, r.gemm, r.k, r.n) for r in joint_log.last("randomized_vjp")}
+        assert ("2", "grad_input", 12, 24) not in gemms  # grad_input of layer 2 contracts over its 40 outputs
+        assert ("2", "grad_input", 20, 40) in gemms
+        assert any(g == "grad_weight" for _, g, _, _ in gemms) == (target == "both")
+
+
+@pytest.mark.parametrize("estimator", ["importance", "uniform", "sketch"])
+def test_compiled_estimates_are_unbiased(estimator, exact_gradient):
+    model, (x, y) = _mlp(), _data()
+    _sketch(model, x, keep=0.25, estimator=estimator)
+    samples = _draws(model, torch.compile(model, backend="effcompile_aot_eager"), x, y)
+    _assert_unbiased(samples, exact_gradient)
+    assert samples.std(0).max() > 0, "the estimate is random"
+
+
+def test_eager_and_compiled_paths_agree_in_distribution(exact_gradient):
+    model, (x, y) = _mlp(), _data()
+    _sketch(model, x, keep=0.25, estimator="importance")
+    eager = _draws(model, model, x, y)
+    compiled = _draws(model, torch.compile(model, backend="effcompile_aot_eager"), x, y)
+    _assert_unbiased(eager, exact_gradient)
+    _assert_unbiased(compiled, exact_gradient)
+    # Same design, same variance: the per-entry variance ratio stays near 1 (F-test-like band).
+    ratio = (eager.var(0).sum() / compiled.var(0).sum()).item()
+    assert 0.75 < ratio < 1.33, ratio
+
+
+def test_importance_beats_uniform_at_equal_budget():
+    model, (x, y) = _mlp(), _data()
+    variances = {}
+    for estimator in ("importance", "uniform"):
+        sketched = _sketch(copy.deepcopy(model), x, keep=0.25, estimator=estimator)
+        variances[estimator] = _draws(sketched, torch.compile(sketched, backend="effcompile_aot_eager"), x, y, 150).var(0).sum()
+        torch._dynamo.reset()
+    assert variances["importance"] < variances["uniform"]
+
+
+def test_keep_one_is_exact_on_every_path(exact_gradient, joint_log):
+    model, (x, y) = _mlp(), _data()
+    _sketch(model, x, keep=1.0, target="both")
+    for forward in (model, torch.compile(model, backend="effcompile_aot_eager")):
+        torch.testing.assert_close(_gradients(model, forward, x, y), exact_gradient)
+    assert joint_log.graphs and joint_log.all("randomized_vjp") == []
+
+
+def test_no_recompiles_across_steps():
+    model, (x, y) = _mlp(), _data()
+    _sketch(model, x, keep=0.25)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step = effcompile.train_step(model, F.cross_entropy, optimizer, compile=True, backend="effcompile_aot_eager")
+        losses = [float(step(x, y)) for _ in range(20)]
+    assert losses[-1] < losses[0]
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, groups=2),
+                         nn.Flatten(), nn.Linear(36, 3))
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_convolution_weight_gradients_are_unbiased(path, joint_log):
+    x = torch.randn(32, 1, 8, 8) * torch.logspace(-1, 1, 32)[:, None, None, None]
+    y = torch.randint(0, 3, (32,))
+    reference = _cnn()
+    exact = _gradients(reference, reference, x, y)
+    model = _sketch(_cnn(), x, keep=0.25)
+    forward = model if path == "eager" else torch.compile(model, backend="effcompile_aot_eager")
+    samples = _draws(model, forward, x, y, 200)
+    _assert_unbiased(samples, exact)
+    if path == "compiled":
+        assert {(r.layer, r.sampled_dim, r.k) for r in joint_log.last("randomized_vjp")} == {
+            ("0", "images", 8), ("2", "images", 8), ("4", "rows", 8)}
+
+
+@pytest.mark.slow
+def test_inductor_path_is_unbiased(exact_gradient, joint_log):
+    model, (x, y) = _mlp(), _data()
+    _sketch(model, x, keep=0.25, estimator="importance")
+    compiled = torch.compile(model, backend="effcompile")
+    samples = _draws(model, compiled, x, y, 200)
+    assert {r.gemm for r in joint_log.last("randomized_vjp")} == {"grad_weight"}
+    _assert_unbiased(samples, exact_gradient)
+
+
+_CACHE_PROBE = textwrap.dedent("""
+    import sys, warnings, torch, torch.nn as nn, torch.nn.functional as F, effcompile
+    from effcompile.passes.joint import recording
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 5))
+    x = torch.randn(64, 12)
+    effcompile.transform(model, effcompile.RandomizedVJP(keep=float(sys.argv[1])), example_inputs=(x,))
+    with recording() as log:
+        F.cross_entropy(torch.compile(model, backend="effcompile")(x), torch.zeros(64, dtype=torch.long)).backward()
+    print(sorted({r.k for results in log for r in results["randomized_vjp"].records}))
+""")
+
+
+@pytest.mark.slow
+def test_compile_cache_never_mixes_configs(tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    outputs = []
+    for keep in ("0.25", "0.5"):
+        result = subprocess.run([sys.executable, "-c", _CACHE_PROBE, keep], env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout.strip().splitlines()[-1])
+    assert outputs == ["[16]", "[32]"]
+
+
+class TestPlanAndErrors:
+    def test_plan_lists_every_layer_with_its_budget(self):
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+        effcompile.transform(model, effcompile.RandomizedVJP(keep=0.5, multiple=2), example_inputs=(torch.randn(8, 1, 4, 4),))
+        plan = effcompile.report(model)
+        assert plan.row("0").action == Action.REWRITE and plan.row("0").details["k_images"] == "4/8"
+        row = plan.row("2")
+        assert row.action == Action.REWRITE and row.details["k_rows"] == "4/8" and row.details["eager"] == "yes"
+
+    def test_unsupported_combinations_are_skipped_with_reason(self):
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+        with pytest.warns(UserWarning, match="skipped 1 layer"):
+            effcompile.transform(model, effcompile.RandomizedVJP(keep=0.5, estimator="sketch"),
+                                 example_inputs=(torch.randn(8, 1, 4, 4),))
+        assert "importance/uniform only" in effcompile.report(model).row("0").reason
+
+    def test_excluded_layers_are_explicit_skip_rows_with_exact_gradients(self):
+        model, (x, y) = _mlp(), _data()
+        with pytest.warns(UserWarning, match="skipped 1 layer"):
+            effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25, exclude=("0",)), example_inputs=(x,))
+        plan = effcompile.report(model)
+        assert plan.row("0").action == Action.SKIP and "exclude" in plan.row("0").reason
+        assert plan.row("2").action == Action.REWRITE and type(model[0]) is nn.Linear
+        reference = _mlp()
+        exact = _gradients(reference, reference, x, y)
+        first_layer = model[0].weight.numel() + model[0].bias.numel()
+        torch.testing.assert_close(_gradients(model, model, x, y)[:first_layer], exact[:first_layer])
+
+    def test_other_backends_fail_loudly_instead_of_computing_exact_gradients(self):
+        model, (x, y) = _mlp(), _data()
+        _sketch(model, x, keep=0.25)
+        with pytest.raises(Exception, match="RandomizedVJP rewrite that was not applied"):
+            _gradients(model, torch.compile(model, backend="aot_eager"), x, y)
+
+    def test_functional_linear_needs_compilation(self, joint_log):
+        class Functional(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = nn.Parameter(torch.randn(3, 12))
+
+            def forward(self, x):
+                return F.linear(x, self.w)
+
+        model = Functional()
+        x, y = _data()
+        _sketch(model, x, keep=0.5)
+        assert effcompile.report(model).row("w").details["eager"] == "compiled only"
+        with pytest.raises(RuntimeError, match="runs only in compiled training"):
+            model(x)
+        model.eval()
+        assert model(x).shape == (64, 3)  # inference is untouched
+        model.train()
+        _gradients(model, torch.compile(model, backend="effcompile_aot_eager"), x, y[:64].clamp(max=2))
+        assert [r.layer for r in joint_log.last("randomized_vjp")] == ["w"]
+
+    def test_fold_restores_plain_layers(self):
+        model, (x, _) = _mlp(), _data()
+        _sketch(model, x, keep=0.25)
+        plain = effcompile.fold(model)
+        assert type(plain[0]) is nn.Linear and set(plain.state_dict()) == set(_mlp().state_dict())
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_composes_with_decorrelation_by_sketching_the_fused_weight(path):
+    """On a decorrelated layer the sketch applies to W·R; ∂L/∂W = ∂L/∂(W·R)·Rᵀ stays unbiased."""
+    model, (x, y) = _mlp(), _data()
+    effcompile.transform(model, effcompile.Decorrelation(update_every=10**6), effcompile.RandomizedVJP(keep=0.25),
+                         example_inputs=(x,))
+    plan = effcompile.report(model)
+    assert {row.action for row in plan.for_pass("decorrelation")} == {Action.REWRITE}
+    assert all(row.applied for row in plan.for_pass("randomized_vjp"))
+    model(x)  # the first training forward updates R; with update_every=10**6 it then stays fixed
+    matrices = [m.weight_decorrelation.matrix.clone() for m in (model[0], model[2])]
+    model.eval()  # eval: the same W·R forward, exact backward
+    exact = _gradients(model, model, x, y)
+    model.train()
+    forward = model if path == "eager" else torch.compile(model, backend="effcompile_aot_eager")
+    samples = _draws(model, forward, x, y)
+    _assert_unbiased(samples, exact)
+    assert samples.std(0).max() > 0, "the estimate is random"
+    assert all(torch.equal(m.weight_decorrelation.matrix, r) for m, r in zip((model[0], model[2]), matrices))
+    folded = effcompile.fold(model)  # both rewrites undone, in reverse order: plain layers with W·R baked in
+    assert type(folded[0]) is nn.Linear and not hasattr(folded[0], "weight_decorrelation")
+    model.eval()
+    torch.testing.assert_close(folded.eval()(x), model(x))
