@@ -15,7 +15,7 @@ from .config import PASS_CONFIGS, PassConfig, config_from_dict
 from .plan import Action, Plan, PlanRow
 from .api import fold, report, train_step, transform
 from .onnx_export import export_onnx, inspect_onnx
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from . import backend as _backend  # registers the "effcompile" torch.compile backend
 from . import passes as _passes  # noqa: F401  (registers every technique's config and passes)
 
@@ -28,5 +28,5 @@ globals().update(_CONFIG_CLASSES)
 __all__ = [
     *sorted(_CONFIG_CLASSES), "PassConfig", "PASS_CONFIGS", "config_from_dict", "Action", "Plan", "PlanRow",
     "transform", "report", "fold", "train_step", "export_onnx", "inspect_onnx",
-    "save_checkpoint", "load_checkpoint", "__version__",
+    "save_checkpoint", "load_checkpoint", "CheckpointError", "__version__",
 ]

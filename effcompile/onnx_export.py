@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .plan import layer_key
 
-__all__ = ["export_onnx", "inspect_onnx", "NAME_SCOPES_KEY"]
+__all__ = ["export_onnx", "inspect_onnx", "OnnxFileError", "NAME_SCOPES_KEY"]
 
 # Every node of torch.onnx.export(dynamo=True) carries its module path in this metadata entry.
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -78,16 +78,42 @@ def _inserted_by(scopes: List[str]) -> Any:
     return None
 
 
+class OnnxFileError(ValueError):
+    """An ONNX file that cannot be inspected: missing, empty, not a protobuf ModelProto or invalid."""
+
+
+def _read_onnx(path: Union[str, os.PathLike]) -> Any:
+    """The checked ModelProto at ``path`` (external tensor data is not read: only the graph is needed)."""
+    import onnx
+
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise OnnxFileError(f"ONNX file {name}: {'is a directory' if os.path.isdir(name) else 'does not exist'}")
+    if os.path.getsize(name) == 0:
+        raise OnnxFileError(f"ONNX file {name}: is empty (0 bytes)")
+    try:
+        model = onnx.load(name, load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError, or whatever a malformed file provokes
+        raise OnnxFileError(f"ONNX file {name}: is truncated or not an ONNX model "
+                            f"({type(error).__name__}: {error})") from None
+    if not model.graph.node and not model.opset_import:
+        raise OnnxFileError(f"ONNX file {name}: is not an ONNX model (it decodes to an empty ModelProto)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as error:  # onnx.checker.ValidationError and friends
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise OnnxFileError(f"ONNX file {name}: is not a valid ONNX model ({type(error).__name__}: {first})") from None
+    return model
+
+
 def inspect_onnx(path: Union[str, os.PathLike]) -> List[Dict[str, str]]:
     """Rows ``{layer, op, pass, nodes}``: what the passes inserted, read from the ONNX node metadata.
 
     ``op`` names the compute ops of the inserted scope (e.g. ``MatMul``), ``nodes`` counts every
-    node in it including shape plumbing.
+    node in it including shape plumbing.  A missing, empty, truncated or invalid file raises
+    ``OnnxFileError`` (a ``ValueError``) naming ``path``.
     """
-    import onnx
-
-    model = onnx.load(os.fspath(path))
-    onnx.checker.check_model(model)
+    model = _read_onnx(path)
     ops: Dict[tuple, List[str]] = {}
     for node in model.graph.node:
         inserted = _inserted_by(_scopes(node))
