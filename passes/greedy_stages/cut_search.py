@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = [
     "LEAF_RULES", "register_leaf_module", "StageTraceError", "TracedModel", "Boundary", "NodeCost",
     "trace_for_stages", "live_values", "find_boundaries", "measure_node_costs", "count_flops",
-    "stage_costs", "min_max_partition", "boundary_for_module", "split_stages",
+    "stage_costs", "min_max_partition", "boundary_for_module", "split_stages", "trainable_elements",
 ]
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
@@ -454,23 +454,29 @@ def stage_costs(node_costs: Sequence[int], positions: Sequence[int], head_cost: 
 
 def min_max_partition(node_costs: Sequence[int], candidates: Sequence[int], num_stages: int,
                       head_cost: Callable[[int], float], boundary_bytes: Callable[[int], int],
-                      bytes_weight: float) -> Tuple[List[int], float]:
+                      bytes_weight: float, trainable: Optional[Sequence[int]] = None) -> Tuple[List[int], float]:
     """The ``num_stages − 1`` candidate positions minimising the maximum stage cost (exact DP).
 
     ``best[k][j]`` = (max stage cost, total cost) of the best way to cover the nodes up to
     candidate ``j`` with ``k`` stages, ties broken by the smaller total; ``O(K·m²)`` for ``m``
-    candidates.  Returns (positions, max stage cost).
+    candidates.  ``trainable`` (trainable parameter elements per node): a stage without any is
+    infeasible — its local loss would train its aux head and nothing else.  Returns (positions,
+    max stage cost).
     """
     candidates = sorted(candidates)
     m, cuts = len(candidates), num_stages - 1
     if m < cuts:
         raise ValueError(f"{num_stages} stages need {cuts} cuts but only {m} candidate boundaries exist")
-    prefix = [0]
+    prefix, owned = [0], [0]
     for cost in node_costs:
         prefix.append(prefix[-1] + cost)
+    for count in trainable if trainable is not None else [1] * len(node_costs):
+        owned.append(owned[-1] + count)
     last = len(node_costs) - 1
 
     def segment(start: int, end: int, first: bool, final: bool) -> float:
+        if owned[end + 1] == owned[start + 1]:
+            return math.inf
         cost = prefix[end + 1] - prefix[start + 1]
         if not first:
             cost += bytes_weight * boundary_bytes(start)
@@ -502,6 +508,9 @@ def min_max_partition(node_costs: Sequence[int], candidates: Sequence[int], num_
         option = (max(best[cuts][j][0], value), best[cuts][j][1] + value)
         if option < final_best:
             final_best, final_j = option, j
+    if final_j < 0:
+        raise ValueError(f"no choice of {cuts} cuts among the {m} candidate boundaries gives each of the {num_stages} "
+                         "stages a trainable parameter")
     chosen, j = [], final_j
     for k in range(cuts, 0, -1):
         chosen.append(candidates[j])
@@ -510,6 +519,22 @@ def min_max_partition(node_costs: Sequence[int], candidates: Sequence[int], num_
 
 
 # ------------------------------------------------------------------------------------ splitting
+def trainable_elements(traced: TracedModel) -> List[int]:
+    """Trainable parameter elements each traced node uses (a leaf module's, or a get_attr parameter)."""
+    gm = traced.graph_module
+    counts = []
+    for node in traced.nodes:
+        if node.op == "call_module":
+            parameters = list(gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr":
+            value = _fetch_attr(gm, node.target)
+            parameters = [value] if isinstance(value, nn.Parameter) else []
+        else:
+            parameters = []
+        counts.append(sum(p.numel() for p in parameters if p.requires_grad))
+    return counts
+
+
 def split_stages(traced: TracedModel, positions: Sequence[int]) -> List[fx.GraphModule]:
     """One ``fx.GraphModule`` per stage; stage 0 takes the model inputs, stage k the boundary.
 

@@ -43,7 +43,7 @@ from effcompile.passes.base import ModelPass, StepOptions, register_pass
 from effcompile.passes.analysis.capture import GraphCapture
 from .cut_search import (
     Boundary, TracedModel, boundary_for_module, count_flops, find_boundaries, measure_node_costs,
-    min_max_partition, split_stages, stage_costs, trace_for_stages,
+    min_max_partition, split_stages, stage_costs, trace_for_stages, trainable_elements,
 )
 
 __all__ = [
@@ -148,7 +148,7 @@ def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyS
     if config.cuts is not None:
         chosen = _user_cuts(model, traced, boundaries, live_counts, config)
     else:
-        chosen = _automatic_cuts(model, boundaries, node_totals, head_cost, config)
+        chosen = _automatic_cuts(model, traced, boundaries, node_totals, head_cost, config)
     positions = [b.position for b in chosen]
     by_position = {b.position: b for b in chosen}
     edges = [-1] + positions + [len(traced.nodes) - 1]
@@ -189,8 +189,8 @@ def _user_cuts(model: nn.Module, traced: TracedModel, boundaries: List[Boundary]
     return chosen
 
 
-def _automatic_cuts(model: nn.Module, boundaries: List[Boundary], node_totals: List[int], head_cost: _HeadCosts,
-                    config: GreedyStages) -> List[Boundary]:
+def _automatic_cuts(model: nn.Module, traced: TracedModel, boundaries: List[Boundary], node_totals: List[int],
+                    head_cost: _HeadCosts, config: GreedyStages) -> List[Boundary]:
     """The K−1 candidates minimising the most expensive stage (``cut_search.min_max_partition``)."""
     if config.head != "auto":  # an explicit head kind restricts the usable boundaries
         boundaries = [b for b in boundaries if _head_fits(b.shape, config.head)]
@@ -202,9 +202,14 @@ def _automatic_cuts(model: nn.Module, boundaries: List[Boundary], node_totals: L
             f"one activation crosses{fits}), fewer than the {cut_count} cuts that num_stages={config.num_stages} "
             f"needs: {[b.label or b.value for b in boundaries]}")
     by_position = {b.position: b for b in boundaries}
-    positions, _ = min_max_partition(
-        node_totals, list(by_position), config.num_stages, head_cost=lambda p: head_cost(by_position[p]),
-        boundary_bytes=lambda p: by_position[p].nbytes, bytes_weight=config.bytes_weight)
+    try:
+        positions, _ = min_max_partition(
+            node_totals, list(by_position), config.num_stages, head_cost=lambda p: head_cost(by_position[p]),
+            boundary_bytes=lambda p: by_position[p].nbytes, bytes_weight=config.bytes_weight,
+            trainable=trainable_elements(traced))
+    except ValueError as error:
+        raise ValueError(f"greedy_stages: {type(model).__name__}: {error}: "
+                         f"{[b.label or b.value for b in boundaries]}") from None
     return [by_position[p] for p in positions]
 
 
@@ -340,8 +345,9 @@ def _stage_loss(loss_fn: Callable, logits: Any, targets: Any, stage: int) -> tor
     return loss_fn(logits, targets)
 
 
-def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any, int], torch.Tensor]:
-    """Every stage's local loss; with the sample_selection pass applied too, the selected subset's.
+def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any, int], Tuple[torch.Tensor, Any]]:
+    """Every stage's local loss (and its selection: ``(index, weights)``, or None without the
+    sample_selection pass); with the selection pass applied too, the selected subset's loss.
 
     Composition: each stage scores its batch by its own per-sample local loss, selects ``k`` rows
     (the selector's strategy, shared history) and backpropagates ``Σ w_j ℓ[idx_j]``.  The loss
@@ -353,15 +359,15 @@ def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any,
 
     selector = selector_of(model)
     if selector is None:
-        return lambda logits, targets, stage: _stage_loss(loss_fn, logits, targets, stage)
+        return lambda logits, targets, stage: (_stage_loss(loss_fn, logits, targets, stage), None)
     from effcompile.passes.sample_selection.row_sparse_backward import select_rows
 
     per_sample = per_sample_loss_fn(loss_fn)
 
-    def selected_stage_loss(logits: Any, targets: Any, stage: int) -> torch.Tensor:
+    def selected_stage_loss(logits: Any, targets: Any, stage: int) -> Tuple[torch.Tensor, Any]:
         losses = per_sample(logits, targets)
         index, weights = selector.select(losses.detach(), logits=logits.detach(), targets=targets)
-        return (select_rows(losses, index) * weights.to(losses.dtype)).sum()
+        return (select_rows(losses, index) * weights.to(losses.dtype)).sum(), (index, weights)
 
     return selected_stage_loss
 
@@ -369,12 +375,13 @@ def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any,
 def _stage_loss_function(staged: StagedModel, k: int, objective: Callable) -> Callable:
     stage, head = staged.stage(k), staged.head(k)
 
-    def stage_forward_loss(inputs: tuple, targets: Any) -> Tuple[torch.Tensor, Any]:
+    def stage_forward_loss(inputs: tuple, targets: Any) -> Tuple[torch.Tensor, Any, Any]:
         out = stage(*inputs)
         logits = out if head is None else head(out)
+        loss, selection = objective(logits, targets, k)
         # The boundary leaves detached: the next stage gets no gradient path back, and a compiled
         # stage has no tangent for it (which would also make the backward's start dense).
-        return objective(logits, targets, k), out.detach() if isinstance(out, torch.Tensor) else out
+        return loss, out.detach() if isinstance(out, torch.Tensor) else out, selection
 
     # A distinct code object per stage: torch.compile caches per code object, so stages that
     # shared one would count as recompiles of each other.
@@ -390,21 +397,28 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     """The single-process DGL step (see the module docstring)."""
     from effcompile.api import check_finite_loss
 
+    from effcompile.passes.sample_selection.selectors import selector_of
+
     staged = staged_model(model)
     objective = _stage_objective(_unwrap(model), loss_fn)
+    selector = selector_of(_unwrap(model))
     functions = [_stage_loss_function(staged, k, objective) for k in range(staged.num_stages)]
     if options.compile:
-        functions = [torch.compile(fn, backend=options.backend) for fn in functions]
+        # Static shapes per batch size (a partial last batch compiles once more): a composed
+        # selection's row-sparse backward needs the batch size as a number.
+        functions = [torch.compile(fn, backend=options.backend, dynamic=False) for fn in functions]
     counter = {"step": 0}
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         x, losses = _as_tuple(inputs), []
         for function in functions:
-            loss, out = function(x, targets)
+            loss, out, selection = function(x, targets)
             if options.check_finite:
                 check_finite_loss(loss, counter["step"])
             loss.backward()  # frees this stage's saved activations before the next stage runs
+            if selection is not None:  # the report's selection counters: the last stage's selection
+                selector.record(*selection)
             losses.append(loss.detach())
             x = (out.detach(),) if isinstance(out, torch.Tensor) else None
         # Gradients never cross stages, so one optimizer over all parameters takes exactly the

@@ -40,7 +40,7 @@ __all__ = [
     "sample_indices_op", "sketched_grad_weight", "sketched_grad_input", "horvitz_thompson_variance",
     "analytic_variance_grad_weight", "analytic_variance_grad_input", "SketchedLinear", "sketched_linear",
     "SketchedConv", "sketched_conv", "sketch_statistics", "statistics_slot", "MemorySketchedLinear",
-    "memory_sketched_linear",
+    "memory_sketched_linear", "apply_like_autocast",
 ]
 
 SAMPLING_ESTIMATORS = ("uniform", "importance")  # index-sampling designs (sample_indices)
@@ -481,11 +481,30 @@ class SketchedLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, statistics, None
 
 
+def apply_like_autocast(function: type, tensors: Sequence[Tensor | None], *args) -> Tensor:
+    """``function.apply(*tensors, *args)`` the way autocast runs a linear or a convolution.
+
+    Under autocast ``F.linear``/``F.conv*`` cast their input, weight and bias to the autocast dtype;
+    a custom autograd function is not covered, so without this its forward would mix dtypes (a
+    bf16 fused weight against an fp32 input) and its backward would return gradients in the wrong
+    dtype.  The cast happens outside the function, so autograd casts the gradients back to each
+    tensor's own dtype; ``args`` (e.g. fp32 statistics) are left alone.
+    """
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return function.apply(*tensors, *args)
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    with torch.autocast(device_type, enabled=False):
+        return function.apply(*cast, *args)
+
+
 def sketched_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, keep_weight: float | None = None,
                     keep_input: float | None = None, estimator: str = "importance", uniform_mix: float = 0.1,
                     multiple: int = 8) -> Tensor:
     """``F.linear(input, weight, bias)`` whose backward uses :class:`SketchedLinear`."""
-    return SketchedLinear.apply(input, weight, bias, keep_weight, keep_input, estimator, uniform_mix, multiple)
+    return apply_like_autocast(SketchedLinear, (input, weight, bias), keep_weight, keep_input, estimator, uniform_mix,
+                               multiple)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,8 +602,8 @@ def sketched_conv(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
                   groups: int = 1, *, keep_weight: float | None = None, estimator: str = "importance",
                   uniform_mix: float = 0.1, multiple: int = 8) -> Tensor:
     """``torch.convolution(...)`` (like ``F.conv{1,2,3}d``, integer padding) with :class:`SketchedConv` backward."""
-    return SketchedConv.apply(input, weight, bias, stride, padding, dilation, groups, keep_weight, estimator,
-                              uniform_mix, multiple)
+    return apply_like_autocast(SketchedConv, (input, weight, bias), stride, padding, dilation, groups, keep_weight,
+                               estimator, uniform_mix, multiple)
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,4 +727,4 @@ class MemorySketchedLinear(torch.autograd.Function):
 def memory_sketched_linear(input: Tensor, weight: Tensor, bias: Tensor | None, position_grad_norms: Tensor, k: int,
                            estimator: str = "importance", uniform_mix: float = 0.1) -> Tensor:
     """``F.linear`` with :class:`MemorySketchedLinear` backward (``k`` rows saved and used for ``grad_W``)."""
-    return MemorySketchedLinear.apply(input, weight, bias, position_grad_norms, k, estimator, uniform_mix)
+    return apply_like_autocast(MemorySketchedLinear, (input, weight, bias), position_grad_norms, k, estimator, uniform_mix)

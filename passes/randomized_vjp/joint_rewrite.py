@@ -49,8 +49,10 @@ which samples the grad_weight rows in the forward and saves ``X[idx]`` instead o
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 import operator
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -61,7 +63,7 @@ from effcompile.passes.base import JointPass, JointResult, register_joint_pass
 
 from .config import RandomizedVJP
 
-__all__ = ["LayerSketch", "RewriteRecord", "RandomizedVJPJointPass", "MARKER", "rewrite_joint_graph", "inspect_backward"]
+__all__ = ["LayerSketch", "RewriteRecord", "MissingRewriteError", "RandomizedVJPJointPass", "MARKER", "rewrite_joint_graph", "inspect_backward"]
 
 aten = torch.ops.aten
 prims = torch.ops.prims  # the joint graph is decomposed: casts are prims.convert_element_type
@@ -142,8 +144,8 @@ class RewriteRecord:
     layer: str
     gemm: str  # "grad_weight" | "grad_input"
     sampled_dim: str  # "rows" (M) | "output features" (N) | "images" (convolution batch)
-    n: int
-    k: int
+    n: Any  # an int, or the size expression of a symbolic (dynamic) dimension
+    k: Any
     estimator: str
     before: str
     after: str
@@ -151,6 +153,20 @@ class RewriteRecord:
 
 def _static(value: Any) -> Optional[int]:
     return int(value) if isinstance(value, int) else None
+
+
+def _size_text(value: Any) -> Any:
+    """A static size as an int; a symbolic one (a node or SymInt) as its expression, e.g. ``ceil(s0/4)``."""
+    if isinstance(value, torch.fx.Node):
+        value = value.meta["val"]
+    return int(value) if isinstance(value, int) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exact:
+    """A planned GEMM that legitimately stays exact for this graph (the budget keeps every index)."""
+
+    reason: str
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -186,15 +202,28 @@ def _sampled_rows(graph, like, scores, k, settings, dtype):
     return indices, _insert(graph, like, prims.convert_element_type.default, scale, dtype)
 
 
-def _sample_size(size: Any, keep: float, multiple: int) -> Optional[int]:
-    """Static k for a GEMM dimension of ``size``, or None when the exact GEMM stays (k ≥ n, symbolic n)."""
+def _sample_size(graph, like, sized: torch.fx.Node, dim: int, keep: float, multiple: int) -> Tuple[Any, Any, str]:
+    """(k, n, why) for sampling dimension ``dim`` of ``sized``.
+
+    A static size gives ``k = round_budget(n, keep, multiple)``, or ``k = None`` with the reason when
+    the budget rounds up to every index (the exact GEMM stays).  A symbolic size (Dynamo made the
+    batch dynamic after a batch-size change, or ``dynamic=True``) gives graph nodes computing
+    ``k = ⌈keep·n⌉`` from the size at run time, so one compiled graph keeps sampling at every
+    batch size: ``1 ≤ k ≤ n`` for ``0 < keep < 1`` without min/max, and no rounding to
+    ``multiple`` (a rounded-up k could exceed a small n).
+    """
     from .estimators import round_budget
 
-    n = _static(size)
-    if n is None:
-        return None
-    k = round_budget(n, keep, multiple)
-    return k if k < n else None
+    n = sized.meta["val"].shape[dim]
+    if isinstance(n, int):
+        k = round_budget(n, keep, multiple)
+        if k >= n:
+            return None, n, f"k = round_budget({n}, keep={keep:g}, multiple={multiple}) = {k} keeps every index"
+        return k, n, ""
+    numerator, denominator = fractions.Fraction(keep).as_integer_ratio()
+    size = _insert(graph, like, aten.sym_size.int, sized, dim)
+    scaled = _insert(graph, like, operator.add, _insert(graph, like, operator.mul, size, numerator), denominator - 1)
+    return _insert(graph, like, operator.floordiv, scaled, denominator), size, ""
 
 
 def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> None:
@@ -204,19 +233,24 @@ def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> N
 
 def _rewrite_grad_weight(graph, mm, grad_out, layer_input,
                          settings: LayerSketch) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
-    """(the record or None when the exact GEMM stays, the node that now computes grad_W, rows it used)."""
-    rows = layer_input.meta["val"].shape[0]
-    k = _sample_size(rows, settings.keep, settings.multiple)
-    if k is None:
-        return None, mm, _static(rows)
+    """(the record, or None with the reason when the exact GEMM stays; the node that now computes
+    grad_W; the number of rows it used when static)."""
     before = _describe(mm)
     with graph.inserting_before(mm):
+        k, rows, why = _sample_size(graph, mm, layer_input, 0, settings.keep, settings.multiple)
+        if k is None:
+            return _Exact(why), mm, _static(rows)
         if settings.estimator == "sketch":
             val = grad_out.meta["val"]
             # Rademacher S/√k (E[S·Sᵀ] = I): lower variance than Gaussian, and the eager path's design.
             gaussian = _insert(graph, mm, aten.randn.default, [rows, k], dtype=val.dtype, device=val.device)
-            sketch_matrix = _insert(graph, mm, aten.mul.Tensor, _insert(graph, mm, aten.sign.default, gaussian),
-                                    1.0 / math.sqrt(k))
+            signs = _insert(graph, mm, aten.sign.default, gaussian)
+            if isinstance(k, int):
+                sketch_matrix = _insert(graph, mm, aten.mul.Tensor, signs, 1.0 / math.sqrt(k))
+            else:  # 1/√k of a size known at run time only
+                inverse_root = _insert(graph, mm, aten.rsqrt.default, _insert(
+                    graph, mm, aten.scalar_tensor.default, k, dtype=val.dtype, device=val.device))
+                sketch_matrix = _insert(graph, mm, aten.mul.Tensor, signs, inverse_root)
             left = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_out), sketch_matrix)
             right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), layer_input)
             new = _insert(graph, mm, aten.mm.default, left, right)
@@ -228,7 +262,8 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input,
             input_rows = _gather(graph, mm, layer_input, 0, indices)
             new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_rows), input_rows)
     _replace(graph, mm, new)
-    return RewriteRecord(settings.layer, "grad_weight", "rows", rows, k, settings.estimator, before, _describe(new)), new, k
+    return RewriteRecord(settings.layer, "grad_weight", "rows", _size_text(rows), _size_text(k), settings.estimator,
+                         before, _describe(new)), new, _static(k)
 
 
 def _insert_statistics(graph, marker: torch.fx.Node, grad_weight: torch.fx.Node, current_k: int, grad_out,
@@ -256,21 +291,20 @@ def _insert_statistics(graph, marker: torch.fx.Node, grad_weight: torch.fx.Node,
     return True
 
 
-def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) -> Optional[RewriteRecord]:
-    features = grad_out.meta["val"].shape[1]
-    k = _sample_size(features, settings.keep_input, settings.multiple)
-    if k is None:
-        return None
+def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) -> Any:
     before = _describe(mm)
     with graph.inserting_before(mm):
+        k, features, why = _sample_size(graph, mm, grad_out, 1, settings.keep_input, settings.multiple)
+        if k is None:
+            return _Exact(why)
         scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [0]), _norms(graph, mm, weight_t, [1]))
         indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
         grad_columns = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 1, indices), scale)
         weight_rows = _gather(graph, mm, weight_t, 0, indices)
         new = _insert(graph, mm, aten.mm.default, grad_columns, weight_rows)
     _replace(graph, mm, new)
-    return RewriteRecord(settings.layer, "grad_input", "output features", features, k, settings.estimator, before,
-                         _describe(new))
+    return RewriteRecord(settings.layer, "grad_input", "output features", _size_text(features), _size_text(k),
+                         settings.estimator, before, _describe(new))
 
 
 def _per_image_norms(graph, like, tensor):
@@ -285,13 +319,13 @@ def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSke
     """
     grad_out, layer_input, weight = backward.args[:3]
     conv_args, output_mask = list(backward.args[3:10]), list(backward.args[10])
-    if not output_mask[1] or settings.estimator == "sketch":
-        return None
-    k = _sample_size(layer_input.meta["val"].shape[0], settings.keep, settings.multiple)
-    if k is None:
+    if not output_mask[1] or settings.estimator == "sketch":  # the Plan keeps conv layers exact under "sketch"
         return None
     before = _describe_multi(backward)
     with graph.inserting_before(backward):
+        k, images, why = _sample_size(graph, backward, layer_input, 0, settings.keep, settings.multiple)
+        if k is None:
+            return _Exact(why)
         rest = _insert(graph, backward, aten.convolution_backward.default, grad_out, layer_input, weight, *conv_args,
                        [output_mask[0], False, output_mask[2]])
         scores = _insert(graph, backward, aten.mul.Tensor, _per_image_norms(graph, backward, grad_out),
@@ -308,13 +342,26 @@ def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSke
         user.meta["val"] = source.meta["val"][user.args[1]]
     graph.erase_node(backward)
     after = _describe_multi(sampled)
-    return RewriteRecord(settings.layer, "grad_weight", "images", int(layer_input.meta["val"].shape[0]), k,
+    return RewriteRecord(settings.layer, "grad_weight", "images", _size_text(images), _size_text(k),
                          settings.estimator, before, after)
 
 
 def _describe_multi(node: torch.fx.Node) -> str:
     args = ", ".join(getattr(a, "name", repr(a)) for a in node.args[:3])
     return f"{node.name} = {getattr(node.target, '__name__', node.target)}({args}, ...)"
+
+
+_CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+
+
+def _weight_views(marker: torch.fx.Node) -> List[torch.fx.Node]:
+    """The marker and every cast of it (autocast runs a layer on ``convert_element_type(W, bf16)``)."""
+    views, frontier = [marker], [marker]
+    while frontier:
+        casts = [u for node in frontier for u in node.users if u.op == "call_function" and u.target in _CASTS]
+        views += casts
+        frontier = casts
+    return views
 
 
 def _forward_matmuls(transposed_weight: torch.fx.Node) -> List[torch.fx.Node]:
@@ -324,29 +371,82 @@ def _forward_matmuls(transposed_weight: torch.fx.Node) -> List[torch.fx.Node]:
             or (user.target is aten.mm.default and user.args[1] is transposed_weight)]
 
 
-def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch) -> List[RewriteRecord]:
-    records = []
+def _is_row_gather(node: Any, source: torch.fx.Node) -> bool:
+    """``source[idx]`` along rows, as the row-sparse backward gathers a saved input (selected samples)."""
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.index.Tensor
+            and node.args[0] is source and len(node.args[1]) == 1 and node.args[1][0] is not None)
+
+
+def _weight_gradient_mms(layer_input: torch.fx.Node) -> List[Tuple[torch.fx.Node, torch.fx.Node]]:
+    """``(mm(t(G), X), X)`` for the layer input X, or for its rows gathered by the row-sparse backward."""
+    inputs = [layer_input] + [u for u in layer_input.users if _is_row_gather(u, layer_input)]
+    return [(mm, rows) for rows in inputs for mm in rows.users
+            if mm.target is aten.mm.default and mm.args[1] is rows and _is_transpose(mm.args[0])]
+
+
+def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch) -> List[Any]:
+    """Every outcome for the marked layer: a RewriteRecord per sampled GEMM, an _Exact per GEMM whose
+    budget keeps every index."""
+    outcomes: List[Any] = []
+    views = _weight_views(marker)
     if settings.keep < 1:
-        for backward in [u for u in marker.users if u.target is aten.convolution_backward.default and u.args[2] is marker]:
-            record = _rewrite_conv_grad_weight(graph, backward, settings)
-            records += [record] if record else []
-    for transposed in [u for u in marker.users if _is_transpose(u)]:
+        for backward in [u for view in views for u in view.users
+                         if u.target is aten.convolution_backward.default and u.args[2] is view]:
+            outcome = _rewrite_conv_grad_weight(graph, backward, settings)
+            outcomes += [outcome] if outcome else []
+    for transposed in [u for view in views for u in view.users if _is_transpose(u)]:
         for forward in _forward_matmuls(transposed):
             layer_input = forward.args[1] if forward.target is aten.addmm.default else forward.args[0]
             if settings.keep < 1 or settings.ladder:
-                for mm in [u for u in layer_input.users if u.target is aten.mm.default and u.args[1] is layer_input
-                           and _is_transpose(u.args[0])]:
+                for mm, rows in _weight_gradient_mms(layer_input):
                     grad_out = mm.args[0].args[0]
-                    record, grad_weight, rows_used = _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings)
-                    records += [record] if record else []
-                    if settings.ladder and rows_used is not None:
-                        _insert_statistics(graph, marker, grad_weight, rows_used, grad_out, layer_input, settings)
+                    outcome, grad_weight, rows_used = _rewrite_grad_weight(graph, mm, grad_out, rows, settings)
+                    outcomes.append(outcome)
+                    if settings.ladder:
+                        _insert_statistics(graph, marker, grad_weight, rows_used, grad_out, rows, settings)
             if settings.keep_input < 1:
                 for back_t in [u for u in transposed.users if _is_transpose(u)]:
                     for mm in [u for u in back_t.users if u.target is aten.mm.default and u.args[1] is back_t]:
-                        record = _rewrite_grad_input(graph, mm, mm.args[0], back_t, settings)
-                        records += [record] if record else []
-    return records
+                        outcomes.append(_rewrite_grad_input(graph, mm, mm.args[0], back_t, settings))
+    _verify(marker, settings, outcomes)
+    return [outcome for outcome in outcomes if isinstance(outcome, RewriteRecord)]
+
+
+def _gets_gradient(weight: torch.fx.Node) -> bool:
+    """Whether the joint graph returns a gradient for this primal (a frozen weight has none).
+
+    AOT's joint graph returns ``[*forward outputs, *one gradient or None per primal]``; a weight
+    that is not a primal placeholder is assumed to need its gradient.
+    """
+    graph = weight.graph
+    primals = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
+    outputs = next((n for n in graph.nodes if n.op == "output"), None)
+    flat = outputs.args[0] if outputs is not None and outputs.args else ()
+    if weight not in primals or not isinstance(flat, (list, tuple)) or len(flat) < len(primals):
+        return True
+    return flat[len(flat) - len(primals) + primals.index(weight)] is not None
+
+
+class MissingRewriteError(RuntimeError):
+    """A layer the Plan sketches has no backward GEMM this pass could rewrite in the compiled graph."""
+
+
+def _verify(marker: torch.fx.Node, settings: LayerSketch, outcomes: List[Any]) -> None:
+    """Never silently exact: a trainable weight whose Plan samples ``grad_weight`` must have had its
+    weight-gradient GEMM rewritten, or provably stay exact because the budget keeps every index
+    (warned).  (``grad_input`` exists only where the layer input needs a gradient, so it is reported
+    by the records but not required.)"""
+    trainable = _gets_gradient(marker.args[0])
+    exact = sorted({outcome.reason for outcome in outcomes if isinstance(outcome, _Exact)})
+    if exact:
+        warnings.warn(f"effcompile randomized_vjp: layer {settings.layer!r} stays exact in this compiled graph: "
+                      f"{'; '.join(exact)}", stacklevel=2)
+    sampled = {outcome.gemm for outcome in outcomes if isinstance(outcome, RewriteRecord)}
+    if trainable and settings.keep < 1 and "grad_weight" not in sampled and not exact:
+        raise MissingRewriteError(
+            f"effcompile randomized_vjp: layer {settings.layer!r} is planned to sample its grad_weight GEMM but the "
+            "compiled joint graph has no matching backward GEMM, so it would silently train with exact gradients. "
+            "Exclude it with RandomizedVJP(exclude=(...)) or report the graph pattern.")
 
 
 def rewrite_joint_graph(graph: torch.fx.Graph) -> List[RewriteRecord]:

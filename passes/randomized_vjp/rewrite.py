@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -208,22 +209,22 @@ def _marked_weight_property(attr: str, base_getter: Optional[Any]) -> property:
 def _sketched_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     if is_compiling() or not (self.training and torch.is_grad_enabled()):
         return F.linear(input, self.weight, self.bias)
-    from .estimators import SketchedLinear
+    from .estimators import SketchedLinear, apply_like_autocast
 
     settings = _current_settings(self, "weight")
     state = _state(self, "weight")
     keep_weight = settings.keep if settings.keep < 1 else None
     keep_input = settings.keep_input if settings.keep_input < 1 else None
-    return SketchedLinear.apply(input, _base_weight(self, "weight"), self.bias, keep_weight, keep_input,
-                                settings.estimator, settings.uniform_mix, settings.multiple,
-                                state.statistics if state is not None else None, settings.ladder)
+    return apply_like_autocast(SketchedLinear, (input, _base_weight(self, "weight"), self.bias), keep_weight, keep_input,
+                               settings.estimator, settings.uniform_mix, settings.multiple,
+                               state.statistics if state is not None else None, settings.ladder)
 
 
 def _memory_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """Memory mode, eager and compiled alike: Dynamo traces the autograd function."""
     if not (self.training and torch.is_grad_enabled()):
         return F.linear(input, self.weight, self.bias)
-    from .estimators import MemorySketchedLinear, round_budget
+    from .estimators import MemorySketchedLinear, apply_like_autocast, round_budget
 
     state = _state(self, "weight")
     settings = state.settings
@@ -231,20 +232,20 @@ def _memory_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor
     k = round_budget(rows, settings.keep, settings.multiple)
     if k >= rows:
         return F.linear(input, self.weight, self.bias)
-    return MemorySketchedLinear.apply(input, self.weight, self.bias, state.position_grad_norms, k, settings.estimator,
-                                      settings.uniform_mix)
+    return apply_like_autocast(MemorySketchedLinear, (input, self.weight, self.bias), state.position_grad_norms, k,
+                               settings.estimator, settings.uniform_mix)
 
 
 def _sketched_conv_forward(self: ConvNd, input: torch.Tensor) -> torch.Tensor:
     original = type(self)._effcompile_original_class
     if is_compiling() or not (self.training and torch.is_grad_enabled()):
         return original.forward(self, input)
-    from .estimators import SketchedConv
+    from .estimators import SketchedConv, apply_like_autocast
 
     settings: LayerSketch = self._effcompile_sketch["weight"]
-    return SketchedConv.apply(input, _base_weight(self, "weight"), self.bias, self.stride, self.padding, self.dilation,
-                              self.groups, settings.keep if settings.keep < 1 else None, settings.estimator,
-                              settings.uniform_mix, settings.multiple)
+    return apply_like_autocast(SketchedConv, (input, _base_weight(self, "weight"), self.bias), self.stride, self.padding,
+                               self.dilation, self.groups, settings.keep if settings.keep < 1 else None,
+                               settings.estimator, settings.uniform_mix, settings.multiple)
 
 
 def _eager_forward(cls: type, attrs: Tuple[str, ...]):
@@ -324,7 +325,13 @@ class RandomizedVJPPass(ModelPass):
         row.details = {"estimator": settings.estimator, "target": config.target}
         if settings.keep < 1:
             sampled = "k_images" if is_conv else "k_rows"
-            row.details.update({"keep": settings.keep, sampled: f"{round_budget(rows, settings.keep, settings.multiple)}/{rows}"})
+            k = round_budget(rows, settings.keep, settings.multiple) if rows else 0
+            row.details.update({"keep": settings.keep, sampled: f"{k}/{rows}"})
+            if rows and k >= rows:  # never a silent no-op: say so in the Plan and warn
+                row.reason = (f"keep={settings.keep:g} of {rows} {'images' if is_conv else 'rows'} rounds up to all "
+                              f"{rows} with multiple={settings.multiple}: exact at this batch size (lower "
+                              "RandomizedVJP(multiple=...) or use a larger batch)")
+                warnings.warn(f"effcompile randomized_vjp: layer {candidate.layer!r}: {row.reason}", stacklevel=4)
         if settings.keep_input < 1:
             features = candidate.weight_shape[0]
             row.details.update(keep_input=settings.keep_input,

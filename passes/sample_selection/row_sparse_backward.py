@@ -82,6 +82,7 @@ def select_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 import dataclasses  # noqa: E402  (kept next to the pass it serves)
 import logging  # noqa: E402
 import operator  # noqa: E402
+import warnings  # noqa: E402
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 from effcompile.passes.analysis.graph_utils import insert_node, is_transpose, tensor_meta  # noqa: E402
@@ -186,7 +187,12 @@ class _RowSparseRewriter:
                 continue
             if node.target is SCATTER:
                 rows, index, num_rows = node.args
-                self.sparse[node] = RowSparse(rows, index, int(num_rows), 1)
+                if not isinstance(num_rows, int):  # a symbolic batch: still exact, only not row-sparse
+                    warnings.warn("effcompile row_sparse_backward: the batch size of this compiled graph is symbolic "
+                                  "(dynamic shapes), so the selected rows' backward runs at full size (exact, no "
+                                  "saving); compile with dynamic=False (effcompile.train_step does)", stacklevel=2)
+                    continue
+                self.sparse[node] = RowSparse(rows, index, num_rows, 1)
                 continue
             if not any(arg in self.sparse or arg in self.multi for arg in node.all_input_nodes):
                 continue
