@@ -69,10 +69,15 @@ def test_outputs_json_markdown_plots_and_readme_section(quick_result, tmp_path):
 
 
 def test_gpu_preset_code_path_runs_with_bf16_autocast_on_cpu():
-    result = suite.run_suite(_tiny("gpu"), progress=lambda message: None)
+    """The GPU preset's compiled timing under bf16 autocast (Inductor on the CPU), every configuration."""
+    result = suite.run_suite(_tiny("gpu", modes=("compiled",)), progress=lambda message: None)
     assert result["settings"]["autocast"] == "bf16"
     run = result["cases"]["mlp"]["accuracy"][BACKPROP][0]
     assert run["config"]["autocast"] == "bf16"
+    compiled = result["cases"]["mlp"]["timing"]["compiled"]
+    assert set(suite.configurations()) <= set(compiled)
+    for label, row in compiled.items():
+        assert row["graphs"] >= 1 and row["compile_s"] is not None and row["median_step_s"] > 0, label
 
 
 def test_settings_are_validated():

@@ -50,6 +50,13 @@ def _accuracy(digits, name, model_kwargs, config, seed, epochs, optimizer):
         for start in range(0, len(train_x) - 63, 64):
             batch = permutation[start:start + 64]
             step(train_x[batch], train_y[batch])
+    if config is not None:  # the accuracy is the sketched model's: two draws of one batch's gradient differ
+        draws = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(train_x[:64]), train_y[:64]).backward()
+            draws.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert not torch.equal(*draws), "the randomized VJP did not sketch"
     model.eval()
     with torch.no_grad():
         return (model(test_x).argmax(1) == test_y).float().mean().item()
