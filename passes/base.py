@@ -38,7 +38,7 @@ from effcompile.plan import PlanRow
 
 from .analysis.capture import GraphCapture
 
-__all__ = ["ModelPass", "JointPass", "JointResult", "PASSES", "JOINT_PASSES", "StepOptions", "register_pass",
+__all__ = ["ModelPass", "JointPass", "JointResult", "RecordsJointPass", "PASSES", "JOINT_PASSES", "StepOptions", "register_pass",
            "register_joint_pass", "step_owners"]
 
 
@@ -128,6 +128,21 @@ class JointPass(abc.ABC):
     @abc.abstractmethod
     def sources(self) -> List[str]:
         """Paths of every file that shapes the rewrite (hashed into the compile cache key)."""
+
+
+class RecordsJointPass(JointPass):
+    """A joint pass made of a rewrite function that returns one record per rewritten place."""
+
+    def __init__(self, name: str, order: int, rewrite: Callable[[torch.fx.Graph], List[Any]],
+                 sources: Sequence[str]) -> None:
+        self.name, self.order, self._rewrite, self._sources = name, order, rewrite, list(sources)
+
+    def __call__(self, graph: torch.fx.Graph) -> JointResult:
+        records = self._rewrite(graph)
+        return JointResult(len(records), records)
+
+    def sources(self) -> List[str]:
+        return list(self._sources)
 
 
 @dataclasses.dataclass(frozen=True)

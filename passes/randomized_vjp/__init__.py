@@ -6,8 +6,8 @@ the backward GEMMs), ``estimators`` (sampling designs, sketches, variances, cust
 """
 
 from .config import RandomizedVJP
-from .joint_rewrite import RandomizedVJPJointPass, RewriteRecord, inspect_backward, rewrite_joint_graph
+from .joint_rewrite import JOINT_PASS, MissingRewriteError, RewriteRecord, inspect_backward, rewrite_joint_graph
 from .rewrite import MemoryModeState, RandomizedVJPPass, VarianceControl
 
-__all__ = ["RandomizedVJP", "RandomizedVJPPass", "RandomizedVJPJointPass", "RewriteRecord", "VarianceControl",
+__all__ = ["RandomizedVJP", "RandomizedVJPPass", "JOINT_PASS", "MissingRewriteError", "RewriteRecord", "VarianceControl",
            "MemoryModeState", "inspect_backward", "rewrite_joint_graph"]

@@ -59,11 +59,11 @@ import torch
 import torch.nn as nn
 
 from effcompile.passes.analysis.graph_utils import insert_node as _insert, is_transpose as _is_transpose
-from effcompile.passes.base import JointPass, JointResult, register_joint_pass
+from effcompile.passes.base import RecordsJointPass, register_joint_pass
 
 from .config import RandomizedVJP
 
-__all__ = ["LayerSketch", "RewriteRecord", "MissingRewriteError", "RandomizedVJPJointPass", "MARKER", "rewrite_joint_graph", "inspect_backward"]
+__all__ = ["LayerSketch", "RewriteRecord", "MissingRewriteError", "JOINT_PASS", "MARKER", "rewrite_joint_graph", "inspect_backward"]
 
 aten = torch.ops.aten
 prims = torch.ops.prims  # the joint graph is decomposed: casts are prims.convert_element_type
@@ -463,23 +463,14 @@ def rewrite_joint_graph(graph: torch.fx.Graph) -> List[RewriteRecord]:
     return records
 
 
-class RandomizedVJPJointPass(JointPass):
-    """Runs after the (exact) row-sparse backward, which may shrink the GEMMs this pass samples."""
+def _sources() -> List[str]:
+    from . import estimators
 
-    name = "randomized_vjp"
-    order = 20
-
-    def __call__(self, graph: torch.fx.Graph) -> JointResult:
-        records = rewrite_joint_graph(graph)
-        return JointResult(len(records), records)
-
-    def sources(self) -> List[str]:
-        from . import estimators
-
-        return [__file__, estimators.__file__]
+    return [__file__, estimators.__file__]
 
 
-register_joint_pass(RandomizedVJPJointPass())
+# Runs after the (exact) row-sparse backward, which may shrink the GEMMs this pass samples.
+JOINT_PASS = register_joint_pass(RecordsJointPass("randomized_vjp", 20, rewrite_joint_graph, _sources()))
 
 
 def inspect_backward(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> List[RewriteRecord]:
@@ -499,7 +490,7 @@ def inspect_backward(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -
         parameters = [p for p in model.parameters() if p.requires_grad]
         with recording() as log:
             torch.autograd.grad(compiled(*example_inputs).float().sum(), parameters, allow_unused=True)
-        return [record for results in log for record in results[RandomizedVJPJointPass.name].records]
+        return [record for results in log for record in results[JOINT_PASS.name].records]
     finally:
         torch.compiler.reset()
         model.train(was_training)

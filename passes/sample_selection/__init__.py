@@ -7,8 +7,8 @@ the backward of the selected rows only).
 
 from .config import SampleSelection
 from .rewrite import SELECTOR_NAME, SampleSelectionPass, SelectionStep, batch_coupled_layers
-from .row_sparse_backward import RowSparseJointPass, rewrite_row_sparse_backward, select_rows
+from .row_sparse_backward import rewrite_row_sparse_backward, select_rows
 from .selectors import SampleSelector, selector_of
 
-__all__ = ["SampleSelection", "SampleSelectionPass", "SelectionStep", "SampleSelector", "RowSparseJointPass",
+__all__ = ["SampleSelection", "SampleSelectionPass", "SelectionStep", "SampleSelector",
            "SELECTOR_NAME", "batch_coupled_layers", "rewrite_row_sparse_backward", "select_rows", "selector_of"]

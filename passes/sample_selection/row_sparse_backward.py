@@ -86,7 +86,7 @@ import warnings  # noqa: E402
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 from effcompile.passes.analysis.graph_utils import insert_node, is_transpose, tensor_meta  # noqa: E402
-from effcompile.passes.base import JointPass, JointResult, register_joint_pass  # noqa: E402
+from effcompile.passes.base import RecordsJointPass, register_joint_pass  # noqa: E402
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -601,18 +601,5 @@ def rewrite_row_sparse_backward(graph: torch.fx.Graph) -> List[RowSparseRecord]:
     return _RowSparseRewriter(graph).run()
 
 
-class RowSparseJointPass(JointPass):
-    """Exact, so it runs first: the randomized VJPs then sample the already row-sparse GEMMs."""
-
-    name = "row_sparse_backward"
-    order = 10
-
-    def __call__(self, graph: torch.fx.Graph) -> JointResult:
-        records = rewrite_row_sparse_backward(graph)
-        return JointResult(len(records), records)
-
-    def sources(self) -> List[str]:
-        return [__file__]
-
-
-register_joint_pass(RowSparseJointPass())
+# Exact, so it runs first: the randomized VJPs then sample the already row-sparse GEMMs.
+JOINT_PASS = register_joint_pass(RecordsJointPass("row_sparse_backward", 10, rewrite_row_sparse_backward, [__file__]))
