@@ -6,6 +6,9 @@ Checked on torch 2.11 (the GPU machines' image) and 2.13 (CI); the supported ran
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -89,7 +92,7 @@ ConvNd = torch.nn.modules.conv._ConvNd
 
 __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
-    "unique_graph_count", "is_compiling", "ConvNd", "custom_graph_pass_base", "hash_files",
+    "unique_graph_count", "is_compiling", "ConvNd", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
 ]
 
 
@@ -105,3 +108,19 @@ def hash_files(paths):
     from torch._inductor.custom_graph_pass import get_hash_for_files
 
     return get_hash_for_files(tuple(paths))
+
+
+@contextlib.contextmanager
+def compile_caches_disabled() -> Iterator[None]:
+    """Inside the block every compile runs the graph passes: no FX-graph or AOTAutograd cache hits.
+
+    A cache hit replays a compiled artifact without calling ``joint_custom_pre_pass``; whoever
+    wants to see each rewrite (``recording()``) needs every graph compiled afresh.  The config
+    flags are read at compile time (``torch._inductor.config.fx_graph_cache``,
+    ``torch._functorch.config.enable_autograd_cache``); environment variables set after import
+    are not.
+    """
+    import torch._functorch.config as functorch_config
+
+    with inductor_config().patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield

@@ -7,7 +7,8 @@ serves a graph rewritten by other code.
 
 What each joint pass rewrote is returned to whoever asks, never kept in module globals: inside
 ``with recording() as log:`` every joint graph rewritten appends ``{pass name: JointResult}`` to
-``log`` (``effcompile inspect`` and the tests read it).
+``log`` (``effcompile inspect`` and the tests read it).  The block turns the compile caches off:
+a cache hit replays a compiled graph without running the passes, and would leave the log short.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Dict, Iterator, List
 
 import torch
 
-from effcompile._compat import custom_graph_pass_base, hash_files
+from effcompile._compat import compile_caches_disabled, custom_graph_pass_base, hash_files
 
 from .base import JOINT_PASSES, JointResult
 
@@ -36,13 +37,18 @@ def run_joint_passes(graph: torch.fx.Graph) -> Dict[str, JointResult]:
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[List[Dict[str, JointResult]]]:
-    """Collect the results of every joint graph rewritten in this thread inside the block."""
+def recording(cache_hits: bool = False) -> Iterator[List[Dict[str, JointResult]]]:
+    """Collect the results of every joint graph compiled in this thread inside the block.
+
+    Compile caches are off inside the block, so every compiled graph is rewritten (and logged);
+    ``cache_hits=True`` leaves them on (a hit then logs nothing: how a test sees that it missed).
+    """
     log: List[Dict[str, JointResult]] = []
     stack = _recorders.__dict__.setdefault("stack", [])
     stack.append(log)
     try:
-        yield log
+        with contextlib.nullcontext() if cache_hits else compile_caches_disabled():
+            yield log
     finally:
         stack.remove(log)
 

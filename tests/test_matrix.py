@@ -92,8 +92,6 @@ def test_technique_effect(technique, model_name, rung, precision, schedule, join
 @pytest.mark.parametrize("technique, model_name, rung, precision, schedule",  # the composed model only:
                          [case for case in _cases(("effcompile",))        # each technique alone has its own
                           if case.values[:2] == ("composed", "mlp")])      # Inductor tests (CI time)
-def test_technique_effect_through_inductor(technique, model_name, rung, precision, schedule, joint_log, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")  # count the joint passes of every compile
-    monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+def test_technique_effect_through_inductor(technique, model_name, rung, precision, schedule, joint_log):
     run, names = _run(technique, model_name, rung, precision, schedule, joint_log)
     _check(run, names, model_name)

@@ -196,7 +196,7 @@ _CACHE_PROBE = textwrap.dedent("""
     model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 5))
     x = torch.randn(64, 12)
     effcompile.transform(model, effcompile.RandomizedVJP(keep=float(sys.argv[1])), example_inputs=(x,))
-    with recording() as log:
+    with recording(cache_hits=True) as log:  # a wrong hit on the other run's graph would log nothing
         F.cross_entropy(torch.compile(model, backend="effcompile")(x), torch.zeros(64, dtype=torch.long)).backward()
     print(sorted({r.k for results in log for r in results["randomized_vjp"].records}))
 """)

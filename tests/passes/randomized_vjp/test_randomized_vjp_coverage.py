@@ -121,9 +121,7 @@ def test_a_changed_batch_is_sampled_at_its_own_size(joint_log):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["bf16_batch_change", "with_selection_batch_change"])
-def test_inductor_samples_under_autocast_and_batch_changes(case, joint_log, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")  # count the joint pass of every compile
-    monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+def test_inductor_samples_under_autocast_and_batch_changes(case, joint_log):
     samples, exact = _run(joint_log, "effcompile", **CASES[case])
     assert joint_log.graphs and all(results["randomized_vjp"].rewrites == 3 for results in joint_log.graphs)
     _assert_unbiased(samples, exact, CASES[case].get("dtype"))
