@@ -15,7 +15,11 @@ step.  ``effcompile.train_step`` then builds one of two steps (``B`` rows, ``k``
         L.backward()                       # only rows idx carry gradient
 
     re-forward (models with batch-coupled layers, or mode="reforward"):
-        with no_grad, model.eval():  z = model(x); ℓ = per_sample_loss(z, y); idx, w = select(...)
+        scoring mode: every module in eval mode except the normalisation layers whose forward
+        depends on the mode (BatchNorm of any dim, InstanceNorm tracking running stats, a
+        training-mode batch-norm op found on the graph), which stay in train mode:
+        with no_grad, scoring mode, their running stats saved and restored:
+            z = model(x); ℓ = per_sample_loss(z, y); idx, w = select(...)   # train-mode batch stats of B rows
         L = Σ_j w_j · per_sample_loss(model(x[idx]), y[idx])_j     # train mode, k rows
         L.backward()
 
@@ -24,13 +28,19 @@ Step cost (forward 1, backward 2) relative to backprop: forward reuse (1+2f)/3 o
 it, in eager or other backends, the gradient is identical but the backward is full-size);
 re-forward (1+3f)/3.  BatchNorm couples rows through batch statistics, so forward reuse would
 differentiate through full-batch statistics while a true subset step would not: the plan falls
-back to re-forward there, whose eval-mode scoring pass leaves running statistics untouched.
+back to re-forward there.  Its scores are the per-sample losses of a training-mode forward of
+the whole batch (normalised by that batch's statistics, exactly what backprop's forward computes),
+not of an eval-mode forward: early in training the running statistics lag the weights, and an
+eval-mode scoring loss ranks rows by that lag (observed: eval losses of 1e14 and more where the
+training loss is ~10).  The scoring forward leaves every running statistic as it was (saved and
+restored around it; dropout is off in it, see ``scoring_description``), and the step returns the
+mean of those training-mode per-sample losses: the loss plain backprop reports for that batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -71,6 +81,13 @@ class SelectionSpec:
     head_input: Optional[InputLocation] = None
     head_bias: bool = True
     coupled: Tuple[str, ...] = ()
+    # Re-forward scoring: modules kept in train mode (the rest is in eval mode) and the buffers
+    # saved before and restored after the scoring forward (their running statistics).
+    train_mode_modules: Tuple[str, ...] = ()
+    protected_buffers: Tuple[str, ...] = ()
+    dropout: Tuple[str, ...] = ()
+    scoring: str = ""
+    requested_mode: str = "auto"  # the config's mode (``mode`` is the decided one)
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -88,6 +105,83 @@ def batch_coupled_layers(model: nn.Module, captured: GraphCapture) -> Dict[str, 
         if node.op == "call_function" and node.target in _BATCH_NORM_OPS and _is_training_batch_norm(node):
             coupled.setdefault(_scope(node) or "<root>", f"{node.target.name()} in the graph")
     return coupled
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringLayers:
+    """The layers whose training and eval forwards differ, as the re-forward scoring pass treats them.
+
+    ``train_mode``: module path → construct of the normalisation layers kept in train mode while
+    scoring (batch or instance statistics instead of running statistics); ``buffers``: the FQNs of
+    the buffers they update in train mode (saved before, restored after the scoring forward);
+    ``dropout``: the dropout modules, switched off while scoring.
+    """
+
+    train_mode: Dict[str, str]
+    buffers: Tuple[str, ...]
+    dropout: Tuple[str, ...]
+
+
+def scoring_layers(model: nn.Module, captured: GraphCapture, coupled: Dict[str, str]) -> ScoringLayers:
+    """Every layer whose forward depends on ``module.training`` and how the scoring pass runs it.
+
+    * ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants): train mode — normalised by
+      the statistics of the scored batch, as in the training forward; running stats protected.
+    * ``_InstanceNorm`` with ``track_running_stats=True``: train mode (instance statistics), same.
+    * a training-mode batch-norm op found on the graph in a custom module: that module (only its
+      own flag) in train mode, and every buffer the captured training forward mutates under it
+      protected.
+    * ``_DropoutNd`` (Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout): off, so a
+      row's score is not a random draw.  Functional dropout inside a custom module follows that
+      module's flag (eval: off).
+    Every other module runs in eval mode (e.g. decorrelation matrices do not update).
+    """
+    train_mode: Dict[str, str] = {}
+    buffers: List[str] = []
+    dropout: List[str] = []
+    prefix = lambda path: f"{path}." if path else ""
+    for path, module in model.named_modules():
+        norm = isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats)
+        if norm:
+            train_mode[path] = type(module).__name__
+            buffers += [prefix(path) + name for name, value in module.named_buffers(recurse=False) if value is not None]
+        elif isinstance(module, nn.modules.dropout._DropoutNd):
+            dropout.append(path or "<root>")
+    mutated = list(captured.exported.graph_signature.buffers_to_mutate.values())
+    for path, construct in coupled.items():
+        scope = "" if path == "<root>" else path
+        if scope in train_mode:
+            continue
+        train_mode[scope] = construct
+        buffers += [fqn for fqn in mutated if not scope or fqn.startswith(scope + ".")]
+    return ScoringLayers(train_mode, tuple(dict.fromkeys(buffers)), tuple(dropout))
+
+
+def _listed(paths: Sequence[str], limit: int = 4) -> str:
+    names = [f"'{path or '<root>'}'" for path in paths]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def scoring_description(mode: str, layers: ScoringLayers, staged: bool = False) -> str:
+    """The Plan's ``details["scoring"]``: which forward the per-sample scores come from."""
+    dropout = f"; dropout on ({_listed(layers.dropout)})" if layers.dropout else ""
+    if staged:
+        norms = (f"train-mode batch statistics of all B rows ({_listed(list(layers.train_mode))}), running stats "
+                 "updated once by that forward as in backprop; " if layers.train_mode else "")
+        return f"each greedy stage's training forward over B rows (its local per-sample loss): {norms}forward reuse{dropout}"
+    if mode == FORWARD_REUSE:
+        return f"the training forward itself (train mode, backpropagated on the selected rows){dropout}"
+    groups: Dict[str, List[str]] = {}
+    for path, construct in layers.train_mode.items():
+        groups.setdefault(construct, []).append(path)
+    norms = "; ".join(f"{construct} in {_listed(paths)}" for construct, paths in groups.items())
+    off = f"; dropout off ({_listed(layers.dropout)})" if layers.dropout else ""
+    if not norms:
+        return f"eval-mode no-grad forward (no layer normalises by batch statistics){off}"
+    return (f"train-mode batch statistics of all B rows ({norms}), no-grad, running stats untouched "
+            f"(saved and restored){off}; every other module in eval mode")
 
 
 def _is_training_batch_norm(node: torch.fx.Node) -> bool:
@@ -197,9 +291,13 @@ def _label_smoothing_for_gradmatch(loss_fn: Any) -> float:
 class SelectionStep:
     """``step(inputs, targets) -> loss``: one optimizer step on the selected, weighted rows.
 
-    Returns the detached full-batch mean of the per-sample losses (of the forward in forward-reuse
-    mode, of the eval-mode scoring forward in re-forward mode), so it is comparable with plain
-    backprop's loss.  ``last_selection`` holds the last ``(index, weights)`` (device tensors).
+    Returns the detached full-batch mean of the per-sample losses of a **training-mode** forward
+    of the batch before the update (the step's own forward in forward-reuse mode, the scoring
+    forward in re-forward mode: batch statistics, running stats untouched, dropout off), i.e. the
+    loss plain backprop returns for that batch.  ``last_subset_loss`` is the weighted loss of the
+    selected rows that was backpropagated (in re-forward mode: of their own train forward, with
+    the k rows' batch statistics); ``last_selection`` holds the last ``(index, weights)``.  All are
+    device tensors (no host sync).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: Any, options: StepOptions,
@@ -216,6 +314,15 @@ class SelectionStep:
             selector.label_smoothing = _label_smoothing_for_gradmatch(loss_fn)
         self.step_index = 0
         self.last_selection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.last_subset_loss: Optional[torch.Tensor] = None
+        # Re-forward scoring: the modules kept in train mode, the (module, buffer name) pairs whose
+        # values the scoring forward must leave as they were (looked up by name at every call, so
+        # model.to(...) and load_state_dict keep working).
+        self._train_mode_modules = [self.base.get_submodule(path) for path in self.spec.train_mode_modules]
+        self._protected = []
+        for fqn in self.spec.protected_buffers:
+            owner, _, name = fqn.rpartition(".")
+            self._protected.append((self.base.get_submodule(owner), name))
         compile_fn = (lambda fn: torch.compile(fn, backend=options.backend, dynamic=False)) if options.compile \
             else (lambda fn: fn)
         if self.spec.mode == FORWARD_REUSE:
@@ -244,7 +351,10 @@ class SelectionStep:
 
     def _score_eager(self, inputs: tuple, targets: Any):
         with torch.no_grad():
+            saved = [getattr(module, name).clone() for module, name in self._protected]
             outputs = self.model(*inputs)
+            for (module, name), value in zip(self._protected, saved):
+                getattr(module, name).copy_(value)  # the train-mode norms updated them: undo exactly
             losses = self.per_sample_loss(outputs, targets)
             index, weights = self._select(outputs, losses, targets)
         return losses.mean(), index, weights
@@ -275,13 +385,22 @@ class SelectionStep:
         self.optimizer.step()
         self.selector.record(index, weights)
         self.last_selection = (index, weights)
+        self.last_subset_loss = loss.detach()
         self.step_index += 1
         return batch_loss.detach()
 
     def _scoring_pass(self, inputs: tuple, targets: Any):
-        """Eval semantics: BatchNorm uses running stats and updates nothing; dropout is off."""
+        """Training-mode normalisation, nothing else: the layers of ``spec.train_mode_modules``
+        (BatchNorm & co.) keep the flag they have in the training forward (train mode: normalised
+        by the statistics of this batch; a BN the user froze in eval mode stays frozen), and their
+        running stats are restored afterwards; every other module is in eval mode
+        (dropout off, no decorrelation update).  The flags are the same at every call, so a
+        compiled scoring function never recompiles."""
         modes = [(module, module.training) for module in self.base.modules()]
+        norm_modes = [module.training for module in self._train_mode_modules]
         self.base.train(False)
+        for module, training in zip(self._train_mode_modules, norm_modes):
+            module.training = training  # as in the training forward (a frozen, eval-mode BN stays frozen)
         try:
             return self._score(inputs, targets)
         finally:
@@ -298,7 +417,9 @@ class SampleSelectionPass(ModelPass):
         batch = _batch_size(captured)
         k = batch if config.probabilistic else num_selected(config.keep, batch)
         coupled = batch_coupled_layers(model, captured)
-        mode, mode_reason = self._decide_mode(config, coupled)
+        staged = _greedy_stages_applied(model)
+        mode, mode_reason = self._decide_mode(config, coupled, staged)
+        layers = scoring_layers(model, captured, coupled)
         head, head_use, no_head = find_head(captured)
         problem = _head_problem(captured, head, head_use) if head is not None else no_head
         if config.strategy == "gradmatch" and problem:
@@ -311,9 +432,15 @@ class SampleSelectionPass(ModelPass):
             head_input=head_use.input_location if config.strategy == "gradmatch" else None,
             head_bias=_has_bias(captured, head_use) if head_use is not None else True,
             coupled=tuple(coupled),
+            train_mode_modules=tuple(layers.train_mode) if mode == REFORWARD else (),
+            protected_buffers=layers.buffers if mode == REFORWARD else (),
+            dropout=layers.dropout,
+            scoring=scoring_description(mode, layers, staged),
+            requested_mode=config.mode,
         )
         common = {"mode": mode, "strategy": config.strategy, "keep": config.keep,
-                  "k": f"~{batch / (config.beta + 1):.0f}/{batch}" if config.probabilistic else f"{k}/{batch}"}
+                  "k": f"~{batch / (config.beta + 1):.0f}/{batch}" if config.probabilistic else f"{k}/{batch}",
+                  "scoring": spec.scoring, "returned_loss": _returned_loss(mode, staged)}
         reason = mode_reason
         if config.probabilistic:
             reason = "; ".join(filter(None, [reason, "probabilistic Selective Backprop selects a random number of rows: "
@@ -327,20 +454,26 @@ class SampleSelectionPass(ModelPass):
             if head is not None and candidate is head:
                 row.details["head"] = "gradmatch features = its input" if config.strategy == "gradmatch" else "yes"
             rows.append(row)
-        layers = {row.layer for row in rows}
+        listed = {row.layer for row in rows}
         for path, construct in coupled.items():
-            if path not in layers:
+            if path not in listed:
+                how = ("batch statistics of all B rows in each stage's forward" if staged else
+                       "scored in train mode (batch statistics), running stats restored")
                 rows.append(PlanRow(layer=path, pass_name=self.name, action=Action.REWRITE, op=construct, details=dict(common),
-                                    reason=f"{construct}: batch statistics couple the rows", spec=spec))
+                                    reason=f"{construct}: batch statistics couple the rows; {how}", spec=spec))
         if not rows:
             rows.append(PlanRow(layer="<root>", pass_name=self.name, action=Action.REWRITE, details=dict(common), reason=reason,
                                 spec=spec))
         return rows
 
     @staticmethod
-    def _decide_mode(config: SampleSelection, coupled: Dict[str, str]) -> Tuple[str, str]:
+    def _decide_mode(config: SampleSelection, coupled: Dict[str, str], staged: bool = False) -> Tuple[str, str]:
         listed = ", ".join(f"{path} ({construct})" for path, construct in list(coupled.items())[:4])
         more = f" and {len(coupled) - 4} more" if len(coupled) > 4 else ""
+        if staged:
+            if config.mode == REFORWARD:
+                raise ValueError(_STAGED_REFORWARD)
+            return FORWARD_REUSE, _staged_reason(coupled)
         if config.mode == FORWARD_REUSE and coupled:
             raise ValueError(f"sample_selection: mode='forward_reuse' is not exact with batch-coupled layers {listed}{more}: "
                              "their batch statistics mix the rows, so the subset's gradient would differ from a subset "
@@ -348,9 +481,20 @@ class SampleSelectionPass(ModelPass):
         if config.mode == REFORWARD:
             return REFORWARD, "re-forward requested"
         if coupled:
-            return REFORWARD, (f"batch-coupled layers ({listed}{more}) make forward reuse inexact; re-forward with an "
-                               "eval-mode scoring pass (running stats untouched)")
+            return REFORWARD, (f"batch-coupled layers ({listed}{more}) make forward reuse inexact; re-forward: the rows "
+                               "are scored by a no-grad forward with train-mode batch statistics (running stats "
+                               "untouched), then the k selected rows are forwarded and backpropagated in train mode")
         return FORWARD_REUSE, ""
+
+    def refusals(self, model: nn.Module, configs: Sequence[Any]) -> List[PlanRow]:
+        """mode='reforward' with greedy stages: the staged step scores each stage by its own forward."""
+        selector = selector_of(model)
+        applied = getattr(selector, "spec", None) if selector is not None else None
+        forced = [c.mode for c in configs if c.name == self.name] + ([applied.requested_mode] if applied else [])
+        stages = any(c.name == "greedy_stages" for c in configs) or _greedy_stages_applied(model)
+        if stages and REFORWARD in forced:
+            return [PlanRow(layer="<root>", pass_name=self.name, action=Action.REFUSE, reason=_STAGED_REFORWARD)]
+        return []
 
     def apply(self, model: nn.Module, rows: List[PlanRow], config: SampleSelection) -> int:
         spec: SelectionSpec = rows[0].spec
@@ -387,9 +531,17 @@ class SampleSelectionPass(ModelPass):
 
     def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
         selector, first = selector_of(model), _first_row(model, self.name)
+        live: Dict[str, object] = {}
+        spec = row.spec if isinstance(row.spec, SelectionSpec) else None
+        if spec is not None and _greedy_stages_applied(model) and "greedy" not in row.details.get("scoring", ""):
+            # Greedy stages were applied after this pass planned (later in the same transform, or a
+            # later transform): the staged step owns the step and reuses each stage's forward.
+            live.update(mode=FORWARD_REUSE, scoring=_STAGED_SCORING, returned_loss=_returned_loss(FORWARD_REUSE, True),
+                        composed=f"greedy_stages was applied after this pass planned mode={row.details.get('mode')!r}, "
+                                 f"which does not run: {_staged_reason({})}")
         if selector is None or first is None or row.layer != first.layer:
-            return {}  # the counters belong to the whole model: shown once, on the first row
-        return selector.summary()
+            return live  # the counters belong to the whole model: shown once, on the first row
+        return {**live, **selector.summary()}
 
     def make_train_step(self, model: nn.Module, loss_fn: Callable, optimizer: Any,
                         options: StepOptions) -> Optional[Callable]:
@@ -397,6 +549,35 @@ class SampleSelectionPass(ModelPass):
         if selector is None:
             return None
         return SelectionStep(model, loss_fn, optimizer, options, selector)
+
+
+_STAGED_REFORWARD = ("sample_selection(mode='reforward') cannot compose with greedy_stages: the staged step scores "
+                     "and selects each stage's rows on that stage's own training forward (forward reuse); use "
+                     "mode='auto' or 'forward_reuse'")
+_STAGED_SCORING = ("each greedy stage's training forward over B rows (its local per-sample loss): train-mode batch "
+                   "statistics, running stats updated once by that forward as in backprop; forward reuse")
+
+
+def _greedy_stages_applied(model: nn.Module) -> bool:
+    from effcompile.passes.base import PASSES
+
+    stages = PASSES.get("greedy_stages")
+    return stages is not None and stages.is_applied(model)
+
+
+def _staged_reason(coupled: Dict[str, str]) -> str:
+    norms = (f"; BatchNorm there ({_listed(list(coupled))}) normalises by all B rows, so a stage's gradient is the "
+             "selected rows' loss through full-batch statistics, not a k-row step" if coupled else "")
+    return ("greedy stages own the step: each stage scores its rows by its local per-sample loss in its training "
+            f"forward and backpropagates the selected rows of that forward (forward reuse, no re-forward){norms}")
+
+
+def _returned_loss(mode: str, staged: bool) -> str:
+    if staged:
+        return "the greedy step's loss (the last stage's selected weighted loss)"
+    if mode == FORWARD_REUSE:
+        return "full-batch mean per-sample loss of the training forward"
+    return "full-batch mean per-sample loss of the train-mode scoring forward (= plain backprop's loss on the batch)"
 
 
 def _first_row(model: nn.Module, pass_name: str) -> Optional[PlanRow]:
