@@ -18,8 +18,9 @@ class GreedyStages(PassConfig):
 
     Fields:
         num_stages: number of stages K, an integer >= 2.
-        cuts: ``None`` (cut search picks the boundaries) or ``num_stages − 1`` module paths, in
-            forward order, whose outputs are the stage boundaries.
+        cuts: ``None`` (cut search picks the boundaries) or ``num_stages − 1`` names, in forward
+            order: a module path (any module called once in forward: the cut falls after its
+            forward) or a node name the Plan shows for a non-module cut (``cut_kind=node``).
         head: auxiliary head kind: ``"auto"``, ``"mlp_sr"``, ``"pool_mlp"``, ``"mlp"`` or ``"linear"``.
         head_width: hidden width of the auxiliary heads; ``None`` picks a default.
         mode: ``"sync"`` (stages step one after another) or ``"async"`` (stages run decoupled,
@@ -32,6 +33,9 @@ class GreedyStages(PassConfig):
         vq_decay: EMA decay of the ``vq`` codebook updates, in [0, 1).
         bytes_weight: FLOP-equivalents per boundary byte in the cut cost, a real number >= 0.
         timeout_s: seconds an async stage waits for its input before failing, a real number > 0.
+        min_stage_share: a stage with less than this share of the model's forward+backward FLOPs
+            *and* of its trainable weights is negligible: the Plan row says so (``warning=``) and
+            ``transform`` warns.  A real number in [0, 1); 0 turns the warning off.
     """
 
     name: ClassVar[str] = "greedy_stages"
@@ -49,6 +53,7 @@ class GreedyStages(PassConfig):
     vq_decay: float = 0.99
     bytes_weight: float = 1.0
     timeout_s: float = 60.0
+    min_stage_share: float = 0.05
 
     HEADS: ClassVar[tuple] = ("auto", "mlp_sr", "pool_mlp", "mlp", "linear")
     MODES: ClassVar[tuple] = ("sync", "async")
@@ -85,3 +90,5 @@ class GreedyStages(PassConfig):
             self._fail("bytes_weight", "a real number >= 0")
         if not (is_real(self.timeout_s) and self.timeout_s > 0):
             self._fail("timeout_s", "a real number > 0")
+        if not (is_real(self.min_stage_share) and 0 <= self.min_stage_share < 1):
+            self._fail("min_stage_share", "a real number in [0, 1)")

@@ -1,21 +1,43 @@
 """Graph analysis for greedy local-loss stages: a stage-able trace, boundaries, costs, the cut DP.
 
+Graph before: the model's ``forward`` (Python).  Graph after: one ``torch.fx`` graph of the whole
+forward (``trace_for_stages``) and, for the chosen cuts, one ``fx.GraphModule`` per stage
+(``split_stages``): stage 0 takes the model inputs, stage k>0 exactly one tensor — the boundary
+activation — and each non-last stage returns its boundary.
+
 1. ``trace_for_stages(model)`` traces the model with ``torch.fx`` symbolic tracing.  The leaves
    (``call_module`` nodes that run the original module objects, so other passes' class swaps,
    weight properties and hooks keep working) follow ``LEAF_RULES`` below.  A non-root module whose
-   forward cannot be traced (data-dependent control flow, ...) becomes a leaf automatically and the
-   reason is recorded; a root forward that cannot be traced raises :class:`StageTraceError`.
-2. ``find_boundaries(traced)`` lists the *candidate boundaries*: positions in the node order
-   where exactly one value — a floating activation tensor — is defined before and used after,
-   no parameter or buffer is used on both sides, and some module's forward ends (so a cut
-   falls after a block's output, not between a residual sum and the block's final ReLU, and
-   every boundary can be named by a module path in ``cuts=``).
+   forward cannot be traced becomes a leaf automatically; a module whose train and eval traces
+   differ (it branches on ``self.training``) becomes a leaf when it is a stochastic regulariser
+   (parameter-free and the identity in eval: drop-path / stochastic depth written by hand) and
+   otherwise raises :class:`StageTraceError` naming that module, its class and the fix.
+2. ``find_boundaries(traced, values, probe)`` lists the *candidate boundaries*: every position in
+   the node order where exactly one *activation* crosses — one floating, batch-first tensor that
+   depends on the model's tensor inputs is defined before and used after.  What never counts as
+   crossing (each stage recomputes or bakes it itself, see ``value_kind``):
+
+   * values that do not depend on a tensor input: constants, ``None``/bool flags, root forward
+     arguments left at their defaults, parameter and buffer reads, masks built from them;
+   * non-tensor values derived from the activation's *shape* (``x.shape``, ``x.size(0)``,
+     ``B, N, C = x.shape``): with the batch probe (the same graph run on a batch one row larger)
+     a value equal on both batches is baked as a literal, and an int (or a tuple of ints) linear
+     in the batch size is rebuilt from the boundary's batch axis in the later stage.
+
+   A trainable parameter (or a leaf module's state) used on both sides forbids the cut (its
+   gradient would come from two local losses).  Cuts are *not* limited to module ends: a point
+   inside a residual chain (``x = relu(x + block(x))``), inside a container that owns parameters
+   (an encoder owning ``pos_embedding``) or between the blocks of a ``ModuleList`` is a candidate
+   when one activation crosses there.  A boundary is named by the outermost module whose forward
+   ends there (``Boundary.label``, e.g. ``blocks.3``) or, when no module ends there, by its node
+   (``Boundary.value``, e.g. ``relu_3``; ``Boundary.kind == "node"``).
 3. ``measure_node_costs(traced, example_inputs)`` runs the graph node by node on the example
    inputs and counts each node's forward and backward FLOPs with
    ``torch.utils.flop_counter.FlopCounterMode`` (backward measured, not estimated: the node's
    output is back-propagated to its floating inputs and parameters).
 4. ``min_max_partition`` chooses the K−1 cuts minimising the most expensive stage by dynamic
-   programming; ``split_stages`` cuts the graph into one ``fx.GraphModule`` per stage.
+   programming (ties: smaller total, then fewer node-named cuts, i.e. module ends preferred);
+   ``split_stages`` cuts the graph into one ``fx.GraphModule`` per stage.
 
 Cost of a stage (FLOP-equivalents; every term is linear in the batch size, so the example batch
 ranks cuts the same way as the training batch)::
@@ -28,7 +50,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,9 +61,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
-    "LEAF_RULES", "register_leaf_module", "StageTraceError", "TracedModel", "Boundary", "NodeCost",
-    "trace_for_stages", "live_values", "find_boundaries", "measure_node_costs", "count_flops",
-    "stage_costs", "min_max_partition", "boundary_for_module", "split_stages", "trainable_elements",
+    "LEAF_RULES", "STOCHASTIC_LEAF_NAMES", "register_leaf_module", "StageTraceError", "TracedModel", "Boundary",
+    "NodeCost", "trace_for_stages", "live_values", "find_boundaries", "crossing_values", "probe_batch_values",
+    "measure_node_costs", "count_flops", "stage_costs", "min_max_partition", "boundary_for_module", "split_stages",
+    "trainable_elements", "batch_dependent_value",
 ]
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
@@ -49,21 +74,35 @@ LEAF_RULES: Tuple[Tuple[str, str], ...] = (
     ("owns parameters or buffers directly",
      "each parameter then has exactly one owning leaf, so it belongs to exactly one stage, and the "
      "per-module rewrites of other passes (decorrelation's fused-weight properties, randomized VJP's "
-     "class swaps) run unchanged because the stage calls the original module object"),
+     "class swaps) run unchanged because the stage calls the original module object.  A module that "
+     "owns parameters *and* has submodules with trainable parameters (an encoder owning pos_embedding, "
+     "a model owning a class token) is a container: it is traced through and its own parameters are "
+     "read as get_attr nodes, so it can be cut inside"),
     ("carries forward hooks or pre-hooks",
      "hooks (e.g. decorrelation's input observers) only fire when the module itself is called"),
     ("is a torch.nn built-in other than a container",
      "built-ins such as nn.MultiheadAttention hold argument checks symbolic tracing cannot follow, "
-     "and they are the units users name in cuts= and reports"),
+     "and they are the units users name in cuts= and reports (nn.Dropout* included)"),
     ("is registered with register_leaf_module", "a user-declared leaf, with the reason given there"),
+    ("is a stochastic regulariser",
+     "a parameter-free module whose class (or a base class) is named like StochasticDepth / DropPath / "
+     "DropBlock / Drop* (torchvision, timm), or a parameter-free module that branches on self.training and "
+     "is the identity in eval: it runs whole, so train and eval behave as the original"),
     ("its forward could not be traced", "data-dependent control flow inside it; it runs eagerly as one leaf"),
 )
+
+# Class names (or base class names) of stochastic-depth / drop-path style regularisers.
+STOCHASTIC_LEAF_NAMES = ("StochasticDepth", "DropPath", "DropBlock", "DropBlock2d", "DropBlock3d", "DropConnect")
+_STOCHASTIC_PATTERN = re.compile(r"^(Drop[A-Z0-9]|Dropout|StochasticDepth)")
 
 _USER_LEAF_TYPES: Dict[type, str] = {}
 
 
 def register_leaf_module(cls: type, reason: str) -> None:
-    """Keep every module of class ``cls`` whole in the stage trace (``reason`` shows in errors)."""
+    """Keep every module of class ``cls`` whole in the stage trace (``reason`` shows in errors).
+
+    Exposed as ``effcompile.passes.greedy_stages.register_leaf_module``.
+    """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_leaf_module expects an nn.Module subclass, got {cls!r}")
     _USER_LEAF_TYPES[cls] = reason
@@ -73,12 +112,33 @@ class StageTraceError(ValueError):
     """The model's forward cannot be traced into stages."""
 
 
-def leaf_reason(module: nn.Module, path: str, untraceable: Dict[str, str]) -> Optional[str]:
-    """Which of ``LEAF_RULES`` makes ``module`` a leaf, or None when the tracer enters it."""
-    if path in untraceable:
-        return f"its forward could not be traced: {untraceable[path]}"
-    if next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None) is not None:
-        return LEAF_RULES[0][0]
+def _stateless(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is None and next(module.buffers(), None) is None
+
+
+def is_stochastic_regulariser(module: nn.Module) -> bool:
+    """A parameter-free module whose class or a base class is named like a drop-path/stochastic-depth layer."""
+    if not _stateless(module):
+        return False
+    names = [cls.__name__ for cls in type(module).__mro__ if cls not in (nn.Module, object)]
+    return any(name in STOCHASTIC_LEAF_NAMES or _STOCHASTIC_PATTERN.match(name) for name in names)
+
+
+def leaf_reason(module: nn.Module, path: str, forced: Dict[str, str]) -> Optional[str]:
+    """Which of ``LEAF_RULES`` makes ``module`` a leaf, or None when the tracer enters it.
+
+    ``forced``: module path → reason, for leaves found while tracing (untraceable forwards,
+    stochastic regularisers found by their train/eval difference).
+    """
+    if path in forced:
+        return forced[path]
+    owns = (next(module.parameters(recurse=False), None) is not None
+            or next(module.buffers(recurse=False), None) is not None)
+    if owns and path:
+        rewritten = hasattr(type(module), "_effcompile_original_class")  # another pass swapped its class
+        container = any(p.requires_grad for child in module.children() for p in child.parameters())
+        if rewritten or not container:
+            return LEAF_RULES[0][0]
     if module._forward_hooks or module._forward_pre_hooks:
         return LEAF_RULES[1][0]
     for cls, reason in _USER_LEAF_TYPES.items():
@@ -87,16 +147,18 @@ def leaf_reason(module: nn.Module, path: str, untraceable: Dict[str, str]) -> Op
     builtin = type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
     if builtin and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return LEAF_RULES[2][0]
+    if is_stochastic_regulariser(module):
+        return LEAF_RULES[4][0]
     return None
 
 
 class _StageTracer(fx.Tracer):
-    def __init__(self, untraceable: Dict[str, str]) -> None:
+    def __init__(self, forced: Dict[str, str]) -> None:
         super().__init__()
-        self.untraceable = untraceable
+        self.forced = forced
 
     def is_leaf_module(self, module: nn.Module, path: str) -> bool:
-        return leaf_reason(module, path, self.untraceable) is not None
+        return leaf_reason(module, path, self.forced) is not None
 
 
 @dataclasses.dataclass
@@ -107,6 +169,10 @@ class TracedModel:
     nodes: List[fx.Node]  # every node in topological order (placeholders first, output last)
     leaves: Dict[str, str]  # leaf module path → the rule that made it a leaf
     untraceable: Dict[str, str]  # module path → why its forward could not be traced
+    auto_leaves: Dict[str, str] = dataclasses.field(default_factory=dict)  # path → why (training branch)
+    num_inputs: int = 0  # placeholders given by the example inputs (the rest keep their defaults)
+    # node name → how a later stage gets that value (``value_kind``), set by ``find_boundaries``.
+    value_kinds: Dict[str, tuple] = dataclasses.field(default_factory=dict)
 
 
 def _describe_construct(error: BaseException) -> str:
@@ -116,59 +182,136 @@ def _describe_construct(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-def _trace_once(model: nn.Module, untraceable: Dict[str, str]) -> fx.GraphModule:
-    tracer = _StageTracer(untraceable)
-    try:
-        graph = tracer.trace(model)
-    except Exception as error:  # find the innermost module being traced when it failed
-        stack = list(tracer.module_stack.values())
-        path = stack[-1][0] if stack else ""
-        construct = _describe_construct(error)
-        if not path or path in untraceable:
-            where = f"module {path!r}" if path else f"the root forward of {type(model).__name__}"
-            raise StageTraceError(
-                f"greedy_stages: cannot trace {where} with torch.fx: {construct}. Stages are cut from a "
-                "symbolic trace; write the branch with torch.where/torch.cond, move it into a submodule "
-                "(which then runs whole inside one stage), or give a simpler forward. cuts= only chooses "
-                "among traceable boundaries.") from error
-        untraceable[path] = construct
-        return _trace_once(model, untraceable)
-    return fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Staged")
+def _trace_once(model: nn.Module, untraceable: Dict[str, str], auto: Dict[str, str]) -> fx.GraphModule:
+    while True:
+        forced = {path: f"its forward could not be traced: {why}" for path, why in untraceable.items()}
+        forced.update(auto)
+        tracer = _StageTracer(forced)
+        try:
+            graph = tracer.trace(model)
+        except Exception as error:  # find the innermost module being traced when it failed
+            stack = list(tracer.module_stack.values())
+            path = stack[-1][0] if stack else ""
+            construct = _describe_construct(error)
+            if not path or path in untraceable:
+                where = f"module {path!r}" if path else f"the root forward of {type(model).__name__}"
+                raise StageTraceError(
+                    f"greedy_stages: cannot trace {where} with torch.fx: {construct}. Stages are cut from a "
+                    "symbolic trace; write the branch with torch.where/torch.cond, move it into a submodule "
+                    "(which then runs whole inside one stage), or give a simpler forward. cuts= only chooses "
+                    "among traceable boundaries.") from error
+            untraceable[path] = construct
+            continue
+        return fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Staged")
 
 
-def trace_for_stages(model: nn.Module) -> TracedModel:
+def _innermost_module(node: fx.Node) -> str:
+    """The module whose forward created ``node`` (for a leaf call: the caller, not the leaf)."""
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module" and stack and stack[-1] == node.target:
+        stack = stack[:-1]
+    return stack[-1] if stack else ""
+
+
+def _signature(node: fx.Node) -> str:
+    """What a node computes, without node identities (names shift when one trace has extra nodes)."""
+    args = fx.node.map_arg((node.args, node.kwargs), lambda n: "%")
+    return f"{node.op}|{node.target}|{args!r}|{_innermost_module(node)}"
+
+
+def _training_culprits(train: fx.GraphModule, evaluation: fx.GraphModule) -> List[str]:
+    """Module paths (innermost) whose code differs between the train and the eval trace ("" = root)."""
+    a, b = list(train.graph.nodes), list(evaluation.graph.nodes)
+    matcher = difflib.SequenceMatcher(None, [_signature(n) for n in a], [_signature(n) for n in b], autojunk=False)
+    found: List[str] = []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        for node in a[i1:i2] + b[j1:j2]:
+            path = _innermost_module(node)
+            if path not in found:
+                found.append(path)
+    return found
+
+
+def _eval_identity(evaluation: fx.GraphModule, path: str) -> bool:
+    """No node of the eval trace was created inside module ``path``: it returned its input."""
+    for node in evaluation.graph.nodes:
+        stack = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        if path in stack:
+            return False
+    return True
+
+
+def trace_for_stages(model: nn.Module, num_inputs: Optional[int] = None) -> TracedModel:
     """Trace ``model`` with the stage leaf rules (see the module docstring).
 
     The trace is taken in training and in eval mode; a traced-through forward that branches on
-    ``self.training`` would freeze one branch into the stages, so different traces raise.
+    ``self.training`` would freeze one branch into the stages.  The modules whose code differs
+    between the traces are found node by node (``nn_module_stack``): a parameter-free one that is
+    the identity in eval becomes a leaf (a stochastic regulariser); any other raises
+    :class:`StageTraceError` naming that module's path and class and the fix.
+    ``num_inputs``: how many positional inputs the example gives (default: every placeholder).
     """
     was_training = {module: module.training for module in model.modules()}
+    modules = dict(model.named_modules())
     untraceable: Dict[str, str] = {}
+    auto: Dict[str, str] = {}
     try:
-        model.train()
-        traced = _trace_once(model, untraceable)
-        model.eval()
-        traced_eval = _trace_once(model, dict(untraceable))
+        while True:
+            model.train()
+            traced = _trace_once(model, untraceable, auto)
+            model.eval()
+            known = len(untraceable)
+            traced_eval = _trace_once(model, untraceable, auto)
+            if len(untraceable) != known:
+                continue  # the eval trace found another untraceable module: trace train again
+            if traced.code == traced_eval.code:
+                break
+            added = False
+            for path in _training_culprits(traced, traced_eval):
+                if path == "":
+                    raise StageTraceError(
+                        f"greedy_stages: the forward of {type(model).__name__} (the root) branches on self.training "
+                        "outside a leaf module (its train and eval traces differ); stages would freeze one branch. "
+                        "Move that code into a submodule and register its class with "
+                        "effcompile.passes.greedy_stages.register_leaf_module(cls, reason), or use torch.nn.Dropout-"
+                        "style built-in modules.")
+                module = modules[path]
+                if _stateless(module) and not any(True for _ in module.children()) and _eval_identity(traced_eval, path):
+                    auto[path] = (f"{LEAF_RULES[4][0]}: parameter-free, branches on self.training and is the "
+                                  "identity in eval")
+                    added = True
+                    continue
+                cls = type(module)
+                raise StageTraceError(
+                    f"greedy_stages: module {path!r} ({cls.__module__}.{cls.__qualname__}) branches on self.training "
+                    f"in a forward the stage tracer enters (its train and eval traces differ), so the stages would "
+                    f"freeze one branch. Fix: effcompile.passes.greedy_stages.register_leaf_module("
+                    f"{cls.__qualname__}, reason) before transform — the module then runs whole (both modes) inside "
+                    "one stage; or write the branch without self.training.")
+            if not added:
+                raise StageTraceError(f"greedy_stages: the train and eval traces of {type(model).__name__} differ "
+                                      "and no module could be blamed; register the module that branches on "
+                                      "self.training with register_leaf_module")
     finally:
         for module, flag in was_training.items():
             module.training = flag
-    if traced.code != traced_eval.code:
-        raise StageTraceError(
-            f"greedy_stages: the forward of {type(model).__name__} branches on self.training outside a leaf "
-            "module (its train and eval traces differ); stages would freeze one branch. Move that code into "
-            "an nn.Module that owns parameters or use torch.nn.Dropout-style built-in modules.")
-    modules = dict(model.named_modules())
     leaves = {}
+    forced = {path: f"its forward could not be traced: {why}" for path, why in untraceable.items()}
+    forced.update(auto)
     for node in traced.graph.nodes:
         if node.op == "call_module":
-            leaves[node.target] = leaf_reason(modules[node.target], node.target, untraceable) or ""
-    return TracedModel(traced, list(traced.graph.nodes), leaves, untraceable)
+            leaves[node.target] = leaf_reason(modules[node.target], node.target, forced) or ""
+    placeholders = sum(1 for n in traced.graph.nodes if n.op == "placeholder")
+    return TracedModel(traced, list(traced.graph.nodes), leaves, untraceable, auto,
+                       placeholders if num_inputs is None else min(num_inputs, placeholders))
 
 
 # ------------------------------------------------------------------------------------ boundaries
 @dataclasses.dataclass(frozen=True)
 class Boundary:
-    """A cut after ``nodes[position]``: exactly the value of node ``value`` crosses it."""
+    """A cut after ``nodes[position]``: exactly the activation of node ``value`` crosses it."""
 
     position: int
     value: str  # name of the node whose value crosses
@@ -176,6 +319,16 @@ class Boundary:
     shape: Tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
+
+    @property
+    def kind(self) -> str:
+        """``"module"`` (a module's forward ends here) or ``"node"`` (named by its crossing node)."""
+        return "module" if self.label else "node"
+
+    @property
+    def name(self) -> str:
+        """What ``cuts=`` and the Plan call this boundary: the module path, else the node name."""
+        return self.label or self.value
 
 
 def live_values(nodes: Sequence[fx.Node]) -> List[List[fx.Node]]:
@@ -188,24 +341,150 @@ def live_values(nodes: Sequence[fx.Node]) -> List[List[fx.Node]]:
     return live
 
 
-def _state_uses(traced: TracedModel) -> Dict[int, Tuple[str, List[int]]]:
-    """id(parameter or buffer) → (its name, positions of the nodes that use it)."""
-    gm = traced.graph_module
-    uses: Dict[int, Tuple[str, List[int]]] = {}
+_RANDOM_NAMES = ("rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli",
+                 "bernoulli_", "normal", "normal_", "uniform_", "dropout", "multinomial", "exponential_")
 
-    def add(tensor: Any, name: str, position: int) -> None:
-        if isinstance(tensor, torch.Tensor):
-            uses.setdefault(id(tensor), (name, []))[1].append(position)
 
+def _is_random(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name in _RANDOM_NAMES
+
+
+_SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _is_literal(value: Any) -> bool:
+    if isinstance(value, _SIMPLE):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_literal(item) for item in value)
+    return False
+
+
+def _batch_spec(value: Any, probe: Any, batch: int) -> Optional[tuple]:
+    """How ``value`` (at batch ``batch``) depends on the batch size, from its value at ``batch + 1``.
+
+    ``("int", a, c)``: ``a·B + c``; ``("seq", type name, [specs])``; ``("lit", v)``: independent.
+    None when it is not an int (or tuple/list of ints) affine in the batch size.
+    """
+    if isinstance(value, bool) or isinstance(probe, bool):
+        return ("lit", value) if value == probe and type(value) is type(probe) else None
+    if isinstance(value, int) and isinstance(probe, int):
+        a = probe - value
+        return ("lit", value) if a == 0 else ("int", a, value - a * batch)
+    if isinstance(value, (tuple, list)) and isinstance(probe, (tuple, list)) and len(value) == len(probe):
+        specs = [_batch_spec(v, p, batch) for v, p in zip(value, probe)]
+        if any(s is None for s in specs):
+            return None
+        kind = "size" if isinstance(value, torch.Size) else type(value).__name__
+        if kind not in ("size", "tuple", "list"):
+            return None
+        return ("seq", kind, tuple(specs))
+    if _is_literal(value) and _is_literal(probe) and value == probe:
+        return ("lit", value)
+    return None
+
+
+def batch_dependent_value(boundary: torch.Tensor, spec: tuple) -> Any:
+    """Rebuild a shape-derived value from the boundary's batch axis (``_batch_spec``'s ``spec``)."""
+    if spec[0] == "lit":
+        return spec[1]
+    if spec[0] == "int":
+        return spec[1] * boundary.shape[0] + spec[2]
+    items = [batch_dependent_value(boundary, item) for item in spec[2]]
+    return torch.Size(items) if spec[1] == "size" else list(items) if spec[1] == "list" else tuple(items)
+
+
+def _spec_is_literal(spec: tuple) -> bool:
+    return spec[0] == "lit" or (spec[0] == "seq" and all(_spec_is_literal(s) for s in spec[2]))
+
+
+def _example_batch(traced: TracedModel, values: Dict[str, Any]) -> Optional[int]:
+    for node in traced.nodes[: traced.num_inputs]:
+        value = values.get(node.name)
+        if node.op == "placeholder" and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
+
+
+def value_kinds(traced: TracedModel, values: Dict[str, Any],
+                probe: Optional[Dict[str, Any]] = None) -> Dict[str, tuple]:
+    """How a later stage gets each node's value, by node name:
+
+    * ``("const",)``: it does not depend on a tensor model input (a constant, a root argument left
+      at its default or given as a non-tensor, a parameter/buffer read, a mask built from those):
+      the later stage recomputes it (copies the node and what it needs; placeholders become their
+      example value).  Random ops and module calls never count as constants.
+    * ``("batch", spec)``: a non-tensor derived from the activation's shape (``x.shape``,
+      ``x.size(0)``): a literal when equal on the example and the probe batch, else ints affine in
+      the batch size rebuilt from the boundary (``batch_dependent_value``).  Needs ``probe``.
+    * ``("cross",)``: an activation: it can only reach a later stage as the boundary tensor.
+    """
+    kinds: Dict[str, tuple] = {}
+    batch = _example_batch(traced, values)
     for position, node in enumerate(traced.nodes):
+        if node.op == "output":
+            continue
+        if node.op == "placeholder":
+            tensor = isinstance(values.get(node.name), torch.Tensor)
+            kinds[node.name] = (("cross",) if tensor and position < traced.num_inputs
+                                else ("const", values.get(node.name)))
+            continue
+        inputs = node.all_input_nodes
+        dependent = any(kinds.get(a.name, ("cross",))[0] != "const" for a in inputs)
+        if not dependent and node.op != "call_module" and not _is_random(node):
+            kinds[node.name] = ("const",)
+            continue
+        value = values.get(node.name)
+        if not isinstance(value, torch.Tensor) and probe is not None and batch is not None and node.name in probe:
+            spec = _batch_spec(value, probe[node.name], batch)
+            if spec is not None:
+                kinds[node.name] = ("batch", spec)
+                continue
+        kinds[node.name] = ("cross",)
+    return kinds
+
+
+def _state_spans(traced: TracedModel, kinds: Dict[str, tuple]) -> List[Tuple[int, int, str]]:
+    """(first, last use position, name) of every trainable parameter read and every stateful leaf.
+
+    A cut inside a span would put that state in two stages (two local losses for one parameter).
+    A parameter read through constants (``pos = self.pos * 2``) is used where those are used.
+    Buffers read directly (``get_attr``) are not state here: every stage may read them.
+    """
+    gm = traced.graph_module
+    index = {node: i for i, node in enumerate(traced.nodes)}
+    uses: Dict[int, Tuple[str, List[int]]] = {}
+    feeds: Dict[fx.Node, Dict[int, str]] = {}  # constant node → trainable parameters it was made from
+    for position, node in enumerate(traced.nodes):
+        if node.op == "get_attr":
+            value = _fetch_attr(gm, node.target)
+            feeds[node] = ({id(value): node.target} if isinstance(value, nn.Parameter) and value.requires_grad
+                           else {})
+            continue
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-                add(tensor, f"{node.target}.{name}", position)
-        elif node.op == "get_attr":
-            for user in node.users:
-                add(_fetch_attr(gm, node.target), node.target, traced.nodes.index(user))
-    return uses
+                uses.setdefault(id(tensor), (f"{node.target}.{name}", []))[1].append(position)
+        carried: Dict[int, str] = {}
+        for arg in node.all_input_nodes:
+            carried.update(feeds.get(arg, {}))
+        if kinds.get(node.name, ("cross",))[0] == "const" and node.op != "output":
+            feeds[node] = carried
+            continue
+        for key, name in carried.items():
+            uses.setdefault(key, (name, []))[1].append(position)
+    del index
+    return [(min(p), max(p), name) for name, p in uses.values()]
+
+
+def crossing_values(traced: TracedModel, position: int) -> List[fx.Node]:
+    """The activations (``value_kinds`` ``cross``) defined at or before ``position`` and used after it."""
+    kinds = traced.value_kinds
+    index = {node: i for i, node in enumerate(traced.nodes)}
+    return [node for node in traced.nodes[: position + 1]
+            if kinds.get(node.name, ("cross",))[0] == "cross" and node.op not in ("get_attr", "output")
+            and any(index[user] > position for user in node.users)]
 
 
 def _module_end_positions(traced: TracedModel) -> Dict[str, int]:
@@ -220,33 +499,62 @@ def _module_end_positions(traced: TracedModel) -> Dict[str, int]:
     return ends
 
 
-def find_boundaries(traced: TracedModel, values: Dict[str, Any]) -> Tuple[List[Boundary], List[int]]:
-    """Candidate boundaries, plus every position's live-value count (for error messages).
+def find_boundaries(traced: TracedModel, values: Dict[str, Any],
+                    probe: Optional[Dict[str, Any]] = None) -> Tuple[List[Boundary], List[int]]:
+    """Candidate boundaries, plus every position's crossing-activation count (for error messages).
 
-    ``values`` holds each node's value on the example inputs (from ``measure_node_costs``).
+    ``values`` holds each node's value on the example inputs (from ``measure_node_costs``);
+    ``probe`` the values on a batch one row larger (``probe_batch_values``; without it every
+    activation-derived non-tensor counts as crossing, and the batch axis is not verified).
+    Sets ``traced.value_kinds`` (what ``split_stages`` needs).
     """
     nodes = traced.nodes
-    live = live_values(nodes)
+    kinds = value_kinds(traced, values, probe)
+    traced.value_kinds = kinds
+    index = {node: i for i, node in enumerate(nodes)}
+    n = len(nodes)
+    count_delta, index_delta = [0] * (n + 1), [0] * (n + 1)
+    for node in nodes:
+        if node.op in ("get_attr", "output") or kinds.get(node.name, ("cross",))[0] != "cross":
+            continue
+        start = index[node]
+        last = max((index[user] for user in node.users), default=start)
+        if last > start:  # live on positions start .. last-1
+            count_delta[start] += 1
+            count_delta[last] -= 1
+            index_delta[start] += start
+            index_delta[last] -= start
+    live_counts, live_index = [], []
+    count = total = 0
+    for i in range(n):
+        count += count_delta[i]
+        total += index_delta[i]
+        live_counts.append(count)
+        live_index.append(total)
     compute = [i for i, node in enumerate(nodes) if node.op in COMPUTE_OPS]
     if not compute:
-        return [], [len(values) for values in live]
+        return [], live_counts
     last_compute = compute[-1]
-    state_spans = [(min(p), max(p)) for _, p in _state_uses(traced).values()]
+    spans = _state_spans(traced, kinds)
+    batch = _example_batch(traced, values)
     labels = _labels(traced)
     out = []
     for i in compute:
-        if i >= last_compute or len(live[i]) != 1:
+        if i >= last_compute or live_counts[i] != 1:
             continue
-        value = values.get(live[i][0].name)
+        node = nodes[live_index[i]]
+        value = values.get(node.name)
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2):
             continue
-        if any(first <= i < last for first, last in state_spans):
-            continue  # a parameter or buffer would be used in two stages
-        if i not in labels:
-            continue  # not the end of a module call (e.g. a residual sum before its block's ReLU)
-        out.append(Boundary(i, live[i][0].name, labels.get(i, ""), tuple(value.shape), value.dtype,
+        if probe is not None and batch is not None:  # the boundary's first axis must be the batch
+            probed = probe.get(node.name)
+            if not (isinstance(probed, torch.Tensor) and value.shape[0] == batch and probed.shape[0] == batch + 1):
+                continue
+        if any(first <= i < last for first, last, _ in spans):
+            continue  # a trainable parameter or a stateful leaf would be used in two stages
+        out.append(Boundary(i, node.name, labels.get(i, ""), tuple(value.shape), value.dtype,
                             value.numel() * value.element_size()))
-    return out, [len(values) for values in live]
+    return out, live_counts
 
 
 def _labels(traced: TracedModel) -> Dict[int, str]:
@@ -259,36 +567,109 @@ def _labels(traced: TracedModel) -> Dict[int, str]:
     return labels
 
 
+def merge_equivalent(boundaries: Sequence[Boundary], node_costs: Sequence[int],
+                     head_cost: Callable[[Boundary], float], bytes_weight: float) -> List[Boundary]:
+    """Drop candidates that another candidate dominates without changing any stage's FLOPs.
+
+    Consecutive candidates with only zero-cost nodes between them (a residual add and the ReLU
+    after it, a block end and the next block's shape reads) give every stage the same node FLOPs;
+    of such a group the ones not dominated on (head cost + bytes, bytes) are kept, module ends
+    first.  Keeps the DP small (every node can be a candidate now) and exact.
+    """
+    groups: List[List[Boundary]] = []
+    for boundary in sorted(boundaries, key=lambda b: b.position):
+        if groups and sum(node_costs[groups[-1][-1].position + 1: boundary.position + 1]) == 0:
+            groups[-1].append(boundary)
+        else:
+            groups.append([boundary])
+    kept: List[Boundary] = []
+    for group in groups:
+        scored = [(head_cost(b) + bytes_weight * b.nbytes, bytes_weight * b.nbytes, b.kind != "module", b.position, b)
+                  for b in group]
+        scored.sort(key=lambda item: item[:4])
+        front: List[tuple] = []
+        for item in scored:
+            if not any(f[0] <= item[0] and f[1] <= item[1] for f in front):
+                front.append(item)
+        kept.extend(item[-1] for item in front)
+    return sorted(kept, key=lambda b: b.position)
+
+
+def _leaf_containing(traced: TracedModel, path: str) -> Optional[str]:
+    for leaf in traced.leaves:
+        if path.startswith(leaf + "."):
+            return leaf
+    return None
+
+
 def boundary_for_module(traced: TracedModel, model: nn.Module, path: str, boundaries: Sequence[Boundary],
                         live_counts: Sequence[int]) -> Boundary:
-    """The boundary right after the forward of module ``path``; ``ValueError`` when it is not one."""
+    """The boundary right after the forward of module ``path`` (or after node ``path``).
+
+    ``ValueError`` stating the real reason when it is not a boundary: not a module path or node
+    name, inside a leaf (and why it is a leaf), called more than once, never called, or which
+    values cross there — with the nearest valid cut after it.
+    """
+    for boundary in boundaries:
+        if boundary.label == path:
+            return boundary
+    node_names = {node.name: i for i, node in enumerate(traced.nodes)}
     try:
-        model.get_submodule(path)
+        module = model.get_submodule(path)
     except AttributeError:
+        by_value = [b for b in boundaries if b.value == path]
+        if by_value:  # a node-named cut: the first position where that node's value alone crosses
+            return by_value[0]
+        if path in node_names:
+            return _not_a_boundary(traced, path, node_names[path], boundaries, live_counts, "a node")
         raise ValueError(_unknown_cut_message(path, boundaries)) from None
+    described = f"{path!r} ({type(module).__name__})"
+    leaf = _leaf_containing(traced, path)
+    if leaf is not None:
+        raise ValueError(
+            f"greedy_stages: cut {described} is inside the leaf module {leaf!r} ({type(model.get_submodule(leaf)).__name__}), "
+            f"which runs whole inside one stage because it {traced.leaves[leaf]}. Cut before or after {leaf!r}, or "
+            "(when it is a leaf for owning parameters) give its parameters to a submodule. " + _valid_cuts_hint(boundaries))
     calls = sum(1 for node in traced.nodes if node.op == "call_module" and node.target == path)
     if calls > 1:
-        raise ValueError(f"greedy_stages: cut {path!r} is ambiguous: the module is called {calls} times in forward")
+        raise ValueError(f"greedy_stages: cut {described} is ambiguous: the module is called {calls} times in forward")
     end = _module_end_positions(traced).get(path)
     if end is None:
-        raise ValueError(f"greedy_stages: cut {path!r}: the module is never called in forward. "
+        raise ValueError(f"greedy_stages: cut {described}: no node of the traced forward runs inside this module "
+                         "(it is not called by forward, or its forward does nothing with the activation). "
                          + _valid_cuts_hint(boundaries))
     for boundary in boundaries:
         if boundary.position == end:
             return boundary
-    crossing = live_counts[end]
-    why = (f"{crossing} values cross there (a residual/skip connection or an input used later)" if crossing != 1
-           else "the crossing value is not a floating activation tensor, the stage after it would be empty, "
-                "or a parameter/buffer is used on both sides")
-    raise ValueError(f"greedy_stages: cut {path!r} is not a single-tensor boundary: {why}. " + _valid_cuts_hint(boundaries))
+    return _not_a_boundary(traced, path, end, boundaries, live_counts, type(module).__name__)
+
+
+def _not_a_boundary(traced: TracedModel, path: str, end: int, boundaries: Sequence[Boundary],
+                    live_counts: Sequence[int], what: str) -> Boundary:
+    crossing = crossing_values(traced, end) if traced.value_kinds else []
+    if len(crossing) > 1 or live_counts[end] > 1:
+        names = ", ".join(n.name for n in crossing[:6]) + (" ..." if len(crossing) > 6 else "")
+        why = (f"{max(len(crossing), live_counts[end])} values cross there ({names}: a residual/skip connection, "
+               "an input or activation used later)")
+    elif end >= max((i for i, n in enumerate(traced.nodes) if n.op in COMPUTE_OPS), default=0):
+        why = "it is the end of the forward (the stage after it would be empty)"
+    elif not crossing:
+        why = "no activation crosses there"
+    else:
+        why = (f"the crossing value {crossing[0].name} is not a floating batch-first activation tensor, or a "
+               "trainable parameter / stateful module is used on both sides")
+    later = [b for b in boundaries if b.position > end]
+    nearest = f" The nearest cut after it: {later[0].name!r}." if later else ""
+    raise ValueError(f"greedy_stages: cut {path!r} ({what}) is not a single-tensor boundary: {why}.{nearest} "
+                     + _valid_cuts_hint(boundaries))
 
 
 def _unknown_cut_message(path: str, boundaries: Sequence[Boundary]) -> str:
-    return f"greedy_stages: cut {path!r} is not a module path of the model. " + _valid_cuts_hint(boundaries)
+    return f"greedy_stages: cut {path!r} is not a module path of the model nor a node of its trace. " + _valid_cuts_hint(boundaries)
 
 
 def _valid_cuts_hint(boundaries: Sequence[Boundary]) -> str:
-    names = [b.label for b in boundaries if b.label]
+    names = [b.name for b in boundaries]
     shown = ", ".join(repr(n) for n in names[:12]) + (f" (and {len(names) - 12} more)" if len(names) > 12 else "")
     return f"Valid cuts: {shown or 'none'}."
 
@@ -422,6 +803,28 @@ def measure_node_costs(traced: TracedModel, example_inputs: Sequence[Any],
     return values, costs
 
 
+def probe_batch_values(traced: TracedModel, example_inputs: Sequence[Any]) -> Optional[Dict[str, Any]]:
+    """Every node's value on the example inputs with one more row (each tensor input's row 0
+    appended), or None when the model cannot run on it (then no value counts as batch-derived).
+
+    Tells which non-tensor values depend on the batch size (``value_kinds``) and which tensor
+    axis 0 is the batch (a boundary must be batch-first).  Runs like ``measure_node_costs``
+    (eval mode, RNG forked, buffers restored, no FLOP counting).
+    """
+    probe_inputs = []
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0 or value.shape[0] == 0:
+                return None
+            value = torch.cat([value, value[:1]], dim=0)
+        probe_inputs.append(value)
+    try:
+        values, _ = measure_node_costs(traced, probe_inputs, count=False)
+    except Exception:  # noqa: BLE001 — a model with a fixed batch size: no probe, conservative kinds
+        return None
+    return values
+
+
 def _callable(gm: fx.GraphModule, node: fx.Node, args: Sequence[Any]) -> Tuple[Callable, List[torch.Tensor]]:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -454,12 +857,14 @@ def stage_costs(node_costs: Sequence[int], positions: Sequence[int], head_cost: 
 
 def min_max_partition(node_costs: Sequence[int], candidates: Sequence[int], num_stages: int,
                       head_cost: Callable[[int], float], boundary_bytes: Callable[[int], int],
-                      bytes_weight: float, trainable: Optional[Sequence[int]] = None) -> Tuple[List[int], float]:
+                      bytes_weight: float, trainable: Optional[Sequence[int]] = None,
+                      penalty: Optional[Callable[[int], int]] = None) -> Tuple[List[int], float]:
     """The ``num_stages − 1`` candidate positions minimising the maximum stage cost (exact DP).
 
-    ``best[k][j]`` = (max stage cost, total cost) of the best way to cover the nodes up to
-    candidate ``j`` with ``k`` stages, ties broken by the smaller total; ``O(K·m²)`` for ``m``
-    candidates.  ``trainable`` (trainable parameter elements per node): a stage without any is
+    ``best[k][j]`` = (max stage cost, total cost, penalty) of the best way to cover the nodes up
+    to candidate ``j`` with ``k`` stages, ties broken by the smaller total, then by the smaller
+    summed ``penalty`` of the cuts (1 for a cut not at a module end: module ends are preferred);
+    ``O(K·m²)`` for ``m`` candidates.  ``trainable`` (trainable parameter elements per node): a stage without any is
     infeasible — its local loss would train its aux head and nothing else.  Returns (positions,
     max stage cost).
     """
@@ -484,28 +889,35 @@ def min_max_partition(node_costs: Sequence[int], candidates: Sequence[int], num_
             cost += head_cost(end) + bytes_weight * boundary_bytes(end)
         return float(cost)
 
-    inf = (math.inf, math.inf)
+    inf = (math.inf, math.inf, math.inf)
+    cut_penalty = penalty or (lambda position: 0)
     # best[k][j]: first k stages end exactly at candidates[j].
     best = [[inf] * m for _ in range(cuts + 1)]
     parent = [[-1] * m for _ in range(cuts + 1)]
     for j in range(m):
         value = segment(-1, candidates[j], True, False)
-        best[1][j] = (value, value)
+        if value < math.inf:
+            best[1][j] = (value, value, cut_penalty(candidates[j]))
     for k in range(2, cuts + 1):
         for j in range(m):
             for i in range(j):
-                if best[k - 1][i] == inf:
+                if best[k - 1][i][0] == math.inf:
                     continue
                 value = segment(candidates[i], candidates[j], False, False)
-                option = (max(best[k - 1][i][0], value), best[k - 1][i][1] + value)
+                if value == math.inf:
+                    continue
+                option = (max(best[k - 1][i][0], value), best[k - 1][i][1] + value,
+                          best[k - 1][i][2] + cut_penalty(candidates[j]))
                 if option < best[k][j]:
                     best[k][j], parent[k][j] = option, i
     final_best, final_j = inf, -1
     for j in range(m):
-        if best[cuts][j] == inf:
+        if best[cuts][j][0] == math.inf:
             continue
         value = segment(candidates[j], last, False, True)
-        option = (max(best[cuts][j][0], value), best[cuts][j][1] + value)
+        if value == math.inf:
+            continue
+        option = (max(best[cuts][j][0], value), best[cuts][j][1] + value, best[cuts][j][2])
         if option < final_best:
             final_best, final_j = option, j
     if final_j < 0:
@@ -535,32 +947,62 @@ def trainable_elements(traced: TracedModel) -> List[int]:
     return counts
 
 
-def split_stages(traced: TracedModel, positions: Sequence[int]) -> List[fx.GraphModule]:
+def split_stages(traced: TracedModel, positions: Sequence[int],
+                 boundary_values: Optional[Sequence[str]] = None) -> List[fx.GraphModule]:
     """One ``fx.GraphModule`` per stage; stage 0 takes the model inputs, stage k the boundary.
 
-    Each stage copies its nodes (and the ``get_attr`` nodes they use) into a fresh graph whose
-    root is the traced model, so ``call_module`` targets and parameters are the original objects.
+    Each stage copies its nodes into a fresh graph whose root is the traced model, so
+    ``call_module`` targets and parameters are the original objects.  A value a stage uses but
+    does not compute is (``traced.value_kinds``, set by ``find_boundaries``): the boundary tensor
+    (the stage's one placeholder); a constant, recomputed here (its nodes copied, ``get_attr``
+    reads included; a root argument becomes its example value); or a shape-derived value, baked
+    or rebuilt from the boundary's batch axis (``batch_dependent_value``).
+    ``boundary_values``: the crossing node of each cut (default: the one live activation there).
     """
     nodes, gm = traced.nodes, traced.graph_module
+    kinds = traced.value_kinds
+    by_name = {node.name: node for node in nodes}
+    if boundary_values is None:
+        boundary_values = []
+        for position in positions:
+            crossing = crossing_values(traced, position) if kinds else live_values(nodes)[position]
+            if len(crossing) != 1:
+                raise ValueError(f"position {position} is not a single-activation boundary")
+            boundary_values.append(crossing[0].name)
+    # placeholder name → its example value (a root argument not given, or given as a non-tensor)
+    literal = {node.name: kinds[node.name][1] for node in nodes
+               if node.op == "placeholder" and kinds.get(node.name, ("cross",))[0] == "const"}
     edges = [-1] + list(positions) + [len(nodes) - 1]
-    live = live_values(nodes)
     stages = []
     for s in range(len(edges) - 1):
         start, end = edges[s], edges[s + 1]
         graph = fx.Graph()
-        env: Dict[fx.Node, fx.Node] = {}
+        env: Dict[fx.Node, Any] = {}
+        boundary_input: Optional[fx.Node] = None
         if s == 0:
             for node in nodes:
                 if node.op == "placeholder":
                     env[node] = graph.node_copy(node)
         else:
-            env[live[start][0]] = graph.placeholder(live[start][0].name)
+            crossing = by_name[boundary_values[s - 1]]
+            boundary_input = graph.placeholder(crossing.name)
+            env[crossing] = boundary_input
 
-        def lookup(arg: fx.Node) -> fx.Node:
-            if arg not in env:  # a get_attr used in this stage: copy it here
-                if arg.op != "get_attr":
-                    raise AssertionError(f"value {arg.name} used in stage {s} is not available there")
-                env[arg] = graph.node_copy(arg)
+        def lookup(arg: fx.Node) -> Any:
+            if arg in env:
+                return env[arg]
+            kind = kinds.get(arg.name, ("cross",))
+            if arg.op == "get_attr" or kind[0] == "const":
+                if arg.op == "placeholder":
+                    env[arg] = literal.get(arg.name)
+                else:  # recompute the constant here (a parameter/buffer read, a mask built from constants)
+                    env[arg] = graph.node_copy(arg, lookup)
+            elif kind[0] == "batch" and boundary_input is not None:
+                spec = kind[1]
+                env[arg] = (batch_dependent_value(None, spec) if _spec_is_literal(spec)
+                            else graph.call_function(batch_dependent_value, (boundary_input, spec)))
+            else:
+                raise AssertionError(f"value {arg.name} used in stage {s} is not available there")
             return env[arg]
 
         for node in nodes[start + 1: end + 1]:
@@ -569,7 +1011,7 @@ def split_stages(traced: TracedModel, positions: Sequence[int]) -> List[fx.Graph
             elif node.op == "output":
                 graph.node_copy(node, lookup)
         if s < len(edges) - 2:
-            graph.output(lookup(live[end][0]))
+            graph.output(lookup(by_name[boundary_values[s]]))
         graph.lint()
         stages.append(fx.GraphModule(gm, graph, class_name=f"GreedyStage{s}"))
     return stages

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -42,8 +43,8 @@ from effcompile.plan import Action, PlanRow
 from effcompile.passes.base import ModelPass, StepOptions, register_pass
 from effcompile.passes.analysis.capture import GraphCapture
 from .cut_search import (
-    Boundary, TracedModel, boundary_for_module, count_flops, find_boundaries, measure_node_costs,
-    min_max_partition, split_stages, stage_costs, trace_for_stages, trainable_elements,
+    Boundary, TracedModel, boundary_for_module, count_flops, find_boundaries, measure_node_costs, merge_equivalent,
+    min_max_partition, probe_batch_values, split_stages, stage_costs, trace_for_stages, trainable_elements,
 )
 
 __all__ = [
@@ -87,18 +88,65 @@ class StagePlan:
     stage_cost: List[float]  # the partition objective per stage (FLOPs + heads + weighted bytes)
     stage_modules: List[List[str]]
     stage_attributes: List[List[str]]  # parameters/buffers used directly (get_attr) per stage
+    stage_weights: List[int] = dataclasses.field(default_factory=list)  # trainable elements per stage
+    warnings: List[str] = dataclasses.field(default_factory=list)  # per stage: "" or why it is negligible
+
+    def flop_share(self, k: int) -> float:
+        """Stage k's share of the model's forward+backward FLOPs (stage bodies, heads excluded)."""
+        return self.stage_flops[k] / max(sum(self.stage_flops), 1)
+
+    def weight_share(self, k: int) -> float:
+        """Stage k's share of the model's trainable parameter elements (heads excluded)."""
+        return self.stage_weights[k] / max(sum(self.stage_weights), 1)
 
 
 def _stage_contents(traced: TracedModel, positions: Sequence[int]) -> Tuple[List[List[str]], List[List[str]]]:
+    """Leaf modules called, and parameters/buffers read directly, per stage (a read shared by
+    several stages, e.g. a buffer mask, is listed in the first)."""
     edges = [-1] + list(positions) + [len(traced.nodes) - 1]
-    modules, attributes = [], []
+    modules, attributes, seen = [], [], set()
     for s in range(len(edges) - 1):
         nodes = traced.nodes[edges[s] + 1: edges[s + 1] + 1]
         called = [n.target for n in nodes if n.op == "call_module"]
-        used = [a.target for n in nodes for a in n.all_input_nodes if a.op == "get_attr"]
+        used = [n.target for n in nodes if n.op == "get_attr" and n.target not in seen]
+        used += [a.target for n in nodes for a in n.all_input_nodes if a.op == "get_attr" and a.target not in seen]
+        used = list(dict.fromkeys(used))
+        seen.update(used)
         modules.append(list(dict.fromkeys(called)))
-        attributes.append(list(dict.fromkeys(used)))
+        attributes.append(used)
     return modules, attributes
+
+
+def _stage_weights(traced: TracedModel, modules: List[List[str]], attributes: List[List[str]]) -> List[int]:
+    gm = traced.graph_module
+    out = []
+    for paths, targets in zip(modules, attributes):
+        found = {}
+        for path in paths:
+            for p in gm.get_submodule(path).parameters():
+                found[id(p)] = p
+        for target in targets:
+            value = _fetch(gm, target)
+            if isinstance(value, nn.Parameter):
+                found[id(value)] = value
+        out.append(sum(p.numel() for p in found.values() if p.requires_grad))
+    return out
+
+
+def _negligible_stages(plan: "StagePlan", threshold: float) -> List[str]:
+    """Per stage: "" or the warning for a stage below ``threshold`` of both FLOPs and weights."""
+    out = []
+    for k in range(len(plan.stage_flops)):
+        flops, weights = plan.flop_share(k), plan.weight_share(k)
+        if threshold > 0 and flops < threshold and weights < threshold:
+            where = "before the first cut" if k == 0 else f"after cut {plan.boundaries[k - 1].name!r}"
+            out.append(f"stage {k} ({where}) is negligible: {100 * flops:.1f}% of the fwd+bwd FLOPs and "
+                       f"{100 * weights:.1f}% of the trainable weights (< {100 * threshold:g}%); its local loss "
+                       "trains little. The model offers no better-balanced cut at this K: lower num_stages, "
+                       "choose cuts=, or set min_stage_share=0 to silence this")
+        else:
+            out.append("")
+    return out
 
 
 class _HeadCosts:
@@ -132,15 +180,16 @@ def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyS
         raise ValueError(f"greedy_stages: the root module {type(model).__name__} carries forward hooks, which the "
                          "stages (cut from inside its forward) would not run; apply greedy_stages to a model "
                          "whose root has no hooks")
-    traced = trace_for_stages(model)
+    traced = trace_for_stages(model, num_inputs=len(example_inputs))
     values, costs = measure_node_costs(traced, example_inputs, count=decided is None)
+    probe = probe_batch_values(traced, example_inputs)
     result = traced.nodes[-1].args[0]
     output = values.get(result.name) if isinstance(result, fx.Node) else None
     if not (isinstance(output, torch.Tensor) and output.dim() >= 1):
         raise ValueError(f"greedy_stages: {type(model).__name__} must return one logits tensor (classes on the last "
                          "axis) so aux heads know the number of classes")
     num_classes = int(output.shape[-1])
-    boundaries, live_counts = find_boundaries(traced, values)
+    boundaries, live_counts = find_boundaries(traced, values, probe)
     node_totals = [cost.total for cost in costs]
     if decided is not None:
         return _decided_plan(traced, boundaries, decided, num_classes, output.device, config)
@@ -156,9 +205,11 @@ def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyS
     objective = stage_costs(node_totals, positions, lambda p: head_cost(by_position[p]),
                             lambda p: by_position[p].nbytes, config.bytes_weight)
     modules, attributes = _stage_contents(traced, positions)
-    return StagePlan(traced, chosen, [head_kind_for(b.shape, config.head) for b in chosen], config.head_width,
+    plan = StagePlan(traced, chosen, [head_kind_for(b.shape, config.head) for b in chosen], config.head_width,
                      num_classes, output.device, stage_flops, [head_cost(b) for b in chosen] + [0], objective,
-                     modules, attributes)
+                     modules, attributes, _stage_weights(traced, modules, attributes))
+    plan.warnings = _negligible_stages(plan, config.min_stage_share)
+    return plan
 
 
 def _decided_plan(traced: TracedModel, boundaries: List[Boundary], decided: Sequence[int], num_classes: int,
@@ -172,7 +223,7 @@ def _decided_plan(traced: TracedModel, boundaries: List[Boundary], decided: Sequ
     chosen = [by_position[p] for p in decided]
     modules, attributes = _stage_contents(traced, list(decided))
     return StagePlan(traced, chosen, [head_kind_for(b.shape, config.head) for b in chosen], config.head_width,
-                     num_classes, device, [], [], [], modules, attributes)
+                     num_classes, device, [], [], [], modules, attributes, _stage_weights(traced, modules, attributes))
 
 
 def _user_cuts(model: nn.Module, traced: TracedModel, boundaries: List[Boundary], live_counts: List[int],
@@ -200,16 +251,17 @@ def _automatic_cuts(model: nn.Module, traced: TracedModel, boundaries: List[Boun
         raise ValueError(
             f"greedy_stages: {type(model).__name__} has {len(boundaries)} candidate boundaries (points where exactly "
             f"one activation crosses{fits}), fewer than the {cut_count} cuts that num_stages={config.num_stages} "
-            f"needs: {[b.label or b.value for b in boundaries]}")
-    by_position = {b.position: b for b in boundaries}
+            f"needs: {[b.name for b in boundaries]}")
+    # Every node can be a candidate: candidates that another one dominates at equal FLOPs go first.
+    by_position = {b.position: b for b in merge_equivalent(boundaries, node_totals, head_cost, config.bytes_weight)}
     try:
         positions, _ = min_max_partition(
             node_totals, list(by_position), config.num_stages, head_cost=lambda p: head_cost(by_position[p]),
             boundary_bytes=lambda p: by_position[p].nbytes, bytes_weight=config.bytes_weight,
-            trainable=trainable_elements(traced))
+            trainable=trainable_elements(traced), penalty=lambda p: int(by_position[p].kind != "module"))
     except ValueError as error:
         raise ValueError(f"greedy_stages: {type(model).__name__}: {error}: "
-                         f"{[b.label or b.value for b in boundaries]}") from None
+                         f"{[b.name for b in boundaries]}") from None
     return [by_position[p] for p in positions]
 
 
@@ -495,6 +547,8 @@ class GreedyStagesPass(ModelPass):
                 details: Dict[str, Any] = {"stage": k}
                 if path in plan.traced.untraceable:
                     details["leaf"] = "untraceable forward"
+                elif path in plan.traced.auto_leaves:
+                    details["leaf"] = "stochastic regulariser"
                 rows.append(PlanRow(layer=path, pass_name=self.name, action=Action.ASSIGN, op=type(module).__name__,
                                     details=details))
             for target in plan.stage_attributes[k]:
@@ -502,6 +556,9 @@ class GreedyStagesPass(ModelPass):
                                     details={"stage": k}))
         for k in range(config.num_stages):
             rows.append(self._stage_row(plan, k, config))
+        for warning in plan.warnings:
+            if warning:
+                warnings.warn(f"greedy_stages: {warning}", UserWarning, stacklevel=2)
         return rows
 
     def _stage_row(self, plan: StagePlan, k: int, config: GreedyStages) -> PlanRow:
@@ -517,11 +574,18 @@ class GreedyStagesPass(ModelPass):
             boundary = plan.boundaries[k]
             details["boundary"] = "x".join(map(str, boundary.shape))
             details["boundary_bytes"] = boundary.nbytes
-            details["cut_after"] = boundary.label or boundary.value
+            details["cut_after"] = boundary.name
+            details["cut_kind"] = boundary.kind  # "module": a module's forward ends there; "node": named by its node
             details["cut_position"] = boundary.position  # traced-node index: what a stage process applies
+        if plan.stage_flops:
+            details["flops_share"] = f"{100.0 * plan.flop_share(k):.1f}%"
+            details["weights_share"] = f"{100.0 * plan.weight_share(k):.1f}%"
+        warning = plan.warnings[k] if plan.warnings else ""
+        if warning:
+            details["warning"] = "negligible stage"
         return PlanRow(
             layer=f"<stage {k}>" if last else f"{HEADS_ATTR}.{k}", pass_name=self.name, action=Action.ASSIGN,
-            op="model output" if last else plan.head_kinds[k],
+            op="model output" if last else plan.head_kinds[k], reason=warning,
             input_shape=None if last else plan.boundaries[k].shape, details=details, spec=plan)
 
     def replan(self, model: nn.Module, rows: List[PlanRow], config: GreedyStages,
@@ -550,7 +614,7 @@ class GreedyStagesPass(ModelPass):
         ])
         heads.train(model.training)
         model.add_module(HEADS_ATTR, heads)
-        stages = split_stages(plan.traced, [b.position for b in plan.boundaries])
+        stages = split_stages(plan.traced, [b.position for b in plan.boundaries], [b.value for b in plan.boundaries])
         model.__dict__[_STAGED_ATTR] = StagedModel(model, stages, plan.boundaries, plan.stage_modules,
                                                    plan.stage_attributes)
         return len(stages)

@@ -133,7 +133,9 @@ class TestBoundaries:
         boundaries, live_counts = find_boundaries(traced, values)
         position = {n.target: i for i, n in enumerate(traced.nodes) if n.op == "call_module"}
         assert live_counts[position["fc1"]] == 2 and live_counts[position["fc2"]] == 2  # activation + x
-        assert boundaries == []
+        # the only cut is after the residual sum (no module ends there: it is named by its node)
+        assert [(b.value, b.kind) for b in boundaries] == [("add", "node")]
+        assert all(b.position > position["fc2"] for b in boundaries)
 
     def test_parameter_used_in_two_places_forbids_cuts_between(self):
         _, _, _, boundaries = _analyse(_SharedParameter(), torch.randn(3, 4))
