@@ -411,10 +411,10 @@ def value_kinds(traced: TracedModel, values: Dict[str, Any],
                 probe: Optional[Dict[str, Any]] = None) -> Dict[str, tuple]:
     """How a later stage gets each node's value, by node name:
 
-    * ``("const",)``: it does not depend on a tensor model input (a constant, a root argument left
-      at its default or given as a non-tensor, a parameter/buffer read, a mask built from those):
-      the later stage recomputes it (copies the node and what it needs; placeholders become their
-      example value).  Random ops and module calls never count as constants.
+    * ``("const",)``: it does not depend on an activation (a constant, a root argument left at
+      its default or given as a non-tensor, a parameter/buffer read, a mask built from those and
+      from shape values): the later stage recomputes it (copies the node and what it needs;
+      placeholders become their example value).  Random ops and module calls never count.
     * ``("batch", spec)``: a non-tensor derived from the activation's shape (``x.shape``,
       ``x.size(0)``): a literal when equal on the example and the probe batch, else ints affine in
       the batch size rebuilt from the boundary (``batch_dependent_value``).  Needs ``probe``.
@@ -431,7 +431,9 @@ def value_kinds(traced: TracedModel, values: Dict[str, Any],
                                 else ("const", values.get(node.name)))
             continue
         inputs = node.all_input_nodes
-        dependent = any(kinds.get(a.name, ("cross",))[0] != "const" for a in inputs)
+        # A node made only of constants and of shape values a later stage can rebuild is itself
+        # recomputed there (``torch.zeros(B, 1, C)``, ``self.mask[:N, :N]``, ``self.bias.to(x.dtype)``).
+        dependent = any(kinds.get(a.name, ("cross",))[0] == "cross" for a in inputs)
         if not dependent and node.op != "call_module" and not _is_random(node):
             kinds[node.name] = ("const",)
             continue
@@ -573,8 +575,10 @@ def merge_equivalent(boundaries: Sequence[Boundary], node_costs: Sequence[int],
 
     Consecutive candidates with only zero-cost nodes between them (a residual add and the ReLU
     after it, a block end and the next block's shape reads) give every stage the same node FLOPs;
-    of such a group the ones not dominated on (head cost + bytes, bytes) are kept, module ends
-    first.  Keeps the DP small (every node can be a candidate now) and exact.
+    of such a group the ones not dominated on (head cost + bytes, bytes) are kept; among equals a
+    module end beats a node, and the outermost module (``features.1`` over its last conv's
+    ``features.1.0.block.3.0``, before that conv's BatchNorm) beats inner ones, then the later
+    position (after a residual sum's ReLU rather than between the sum and the ReLU).  Keeps the DP small (every node can be a candidate now) and exact.
     """
     groups: List[List[Boundary]] = []
     for boundary in sorted(boundaries, key=lambda b: b.position):
@@ -584,9 +588,9 @@ def merge_equivalent(boundaries: Sequence[Boundary], node_costs: Sequence[int],
             groups.append([boundary])
     kept: List[Boundary] = []
     for group in groups:
-        scored = [(head_cost(b) + bytes_weight * b.nbytes, bytes_weight * b.nbytes, b.kind != "module", b.position, b)
-                  for b in group]
-        scored.sort(key=lambda item: item[:4])
+        scored = [(head_cost(b) + bytes_weight * b.nbytes, bytes_weight * b.nbytes, b.kind != "module",
+                   b.label.count("."), -b.position, b) for b in group]
+        scored.sort(key=lambda item: item[:5])
         front: List[tuple] = []
         for item in scored:
             if not any(f[0] <= item[0] and f[1] <= item[1] for f in front):
@@ -628,7 +632,7 @@ def boundary_for_module(traced: TracedModel, model: nn.Module, path: str, bounda
     if leaf is not None:
         raise ValueError(
             f"greedy_stages: cut {described} is inside the leaf module {leaf!r} ({type(model.get_submodule(leaf)).__name__}), "
-            f"which runs whole inside one stage because it {traced.leaves[leaf]}. Cut before or after {leaf!r}, or "
+            f"which runs whole inside one stage (it is a leaf: {traced.leaves[leaf]}). Cut before or after {leaf!r}, or "
             "(when it is a leaf for owning parameters) give its parameters to a submodule. " + _valid_cuts_hint(boundaries))
     calls = sum(1 for node in traced.nodes if node.op == "call_module" and node.target == path)
     if calls > 1:
