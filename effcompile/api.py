@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import PassConfig
+from .inputs import call, model_inputs
 from .plan import Plan, PlanRefused
 
 __all__ = ["transform", "apply_plan", "report", "fold", "train_step", "plain_train_step", "check_finite_loss", "plan_of"]
@@ -29,11 +30,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
+    """Positional inputs only (for code paths that take no keyword batch); dicts raise."""
+    batch = model_inputs(example_inputs)
+    if batch.kwargs:
+        raise TypeError(f"this entry point takes positional inputs; got a dict batch with keys {sorted(batch.kwargs)}")
+    return batch.args
 
 
 def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None) -> nn.Module:
@@ -41,8 +42,8 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
 
     The model keeps its call signature and every original ``state_dict`` key; pass state (e.g.
     decorrelation matrices) is added as buffers of new submodules.  Layers are found on the graph
-    captured by ``torch.export`` from ``example_inputs`` (a tensor or a tuple of positional
-    inputs).  Every per-layer decision is recorded in the Plan (``effcompile.report(model)``);
+    captured by ``torch.export`` from ``example_inputs``: a tensor, a tuple of positional inputs, or
+    a dict of keyword arguments (``model(**batch)``, e.g. a Hugging Face batch).  Every per-layer decision is recorded in the Plan (``effcompile.report(model)``);
     layers a pass cannot handle are listed there with the reason and reported in one warning.
     """
     from effcompile.passes import PASSES, capture  # imported late: the passes import the core
@@ -65,7 +66,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
             raise ValueError(f"model already carries the {config.name!r} pass; fold it or transform the original model")
         names.append(config.name)
     if example_inputs is None:
-        raise ValueError("transform needs example_inputs (a tensor or tuple of the forward's inputs): "
+        raise ValueError("transform needs example_inputs (a tensor, a tuple or a dict of the forward's inputs): "
                          "layers are found on the graph captured from one call of the model")
 
     involved = [PASSES[name] for name in names] + [p for p in PASSES.values() if p.name not in names and p.is_applied(model)]
@@ -73,7 +74,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
     if refused:
         raise PlanRefused(refused)
 
-    captured = capture(model, _as_tuple(example_inputs))
+    captured = capture(model, model_inputs(example_inputs))
     plan = plan_of(model) or Plan()
     # Plan and apply one pass at a time: a later pass must see the earlier passes' rewrites
     # (e.g. it skips a layer whose weight another pass already rewrites).
@@ -104,9 +105,8 @@ def apply_plan(model: nn.Module, plan: Plan, *configs: PassConfig, example_input
     order = list(dict.fromkeys(row.pass_name for row in plan))
     if set(order) != set(by_name):
         raise ValueError(f"apply_plan: the Plan holds passes {order} but the configs are {sorted(by_name)}")
-    inputs = _as_tuple(example_inputs)
     for name in order:
-        rows = PASSES[name].replan(model, plan.for_pass(name).rows, by_name[name], inputs)
+        rows = PASSES[name].replan(model, plan.for_pass(name).rows, by_name[name], example_inputs)
         PASSES[name].apply(model, [row for row in rows if row.applied], by_name[name])
     model.__dict__[_PLAN_ATTR] = Plan(list(plan))
     return model
@@ -174,7 +174,8 @@ def train_step(
 ) -> Callable[[Any, Any], torch.Tensor]:
     """Return ``step(inputs, targets) -> loss``: one optimizer step, pass updates included.
 
-    ``inputs`` is a tensor or a tuple of positional inputs.  With ``compile=True`` the forward and
+    ``inputs`` is a tensor, a tuple of positional inputs or a dict of keyword arguments; the loss
+    function receives the model's output as the model returned it (tensor, tuple, ``ModelOutput``).  With ``compile=True`` the forward and
     loss run through ``torch.compile(backend=backend)`` (``"effcompile"``: Inductor with the
     effcompile graph passes).  The returned loss is detached and stays on device (no host sync);
     ``check_finite=True`` raises ``FloatingPointError`` on a non-finite loss before the optimizer
@@ -198,7 +199,7 @@ def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
     """One loss, one backward, one optimizer step (the step of every pass that keeps its shape)."""
 
     def forward_loss(inputs: Any, targets: Any) -> torch.Tensor:
-        return loss_fn(model(*_as_tuple(inputs)), targets)
+        return loss_fn(call(model, inputs), targets)
 
     if options.compile:
         forward_loss = torch.compile(forward_loss, backend=options.backend)

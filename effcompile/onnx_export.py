@@ -30,14 +30,16 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     """
     import onnx
 
-    from .api import _as_tuple, _unwrap
+    from .api import _unwrap
+    from .inputs import model_inputs
 
     module = _unwrap(model)
     was_training = module.training
     module.eval()
     try:
-        program = torch.onnx.export(module, _as_tuple(example_inputs), dynamo=True, opset_version=opset_version, optimize=False,
-                                    verbose=False)
+        batch = model_inputs(example_inputs)  # a tensor, a tuple or a dict of keyword inputs
+        program = torch.onnx.export(module, batch.args, kwargs=batch.kwargs or None, dynamo=True,
+                                    opset_version=opset_version, optimize=False, verbose=False)
         program.save(os.fspath(path))
     finally:
         module.train(was_training)

@@ -8,6 +8,12 @@ or ``aten.matmul``/``aten.mm`` whose weight operand is a parameter, possibly see
 ``F.linear`` in a custom module, ``x @ self.weight`` and attention projections are found the
 same way as ``nn.Linear``.
 
+The model is called as users call it: ``example_inputs`` may be a tensor, a tuple of positional
+inputs or a dict of keyword arguments (a Hugging Face batch); outputs may be anything whose
+tensors ``effcompile.inputs.tensor_leaves`` finds (a ``ModelOutput`` holding a KV-cache object
+exports as its tensors).  ``addmm(b, X, W)`` with ``W`` stored in×out (GPT-2's ``Conv1D``) is a
+``matmul`` use with contracted axis 0, like ``X @ W``.
+
 For each use the analysis also locates the op's *input* among the arguments of the module call
 that contains the op (its innermost ``nn_module_stack`` scope), using the module call
 signatures that ``preserve_module_call_signature`` records.  Passes that need the layer input at
@@ -29,9 +35,10 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from effcompile.inputs import model_inputs, tensor_leaves
 from effcompile.plan import layer_key
 
-__all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError"]
+__all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError", "input_node"]
 
 aten = torch.ops.aten
 
@@ -209,10 +216,9 @@ def _module_signatures(exported: torch.export.ExportedProgram) -> Dict[str, Any]
     return signatures
 
 
-def _leaf_locations(module: nn.Module, signature: Any) -> Dict[int, InputLocation]:
+def _leaf_locations(module: nn.Module, in_spec: Any, n_leaves: int) -> Dict[int, InputLocation]:
     """Map flattened-input index → (positional index, parameter name) for a module call."""
-    n_leaves = len(signature.inputs)
-    args, kwargs = pytree.tree_unflatten(list(range(n_leaves)), signature.in_spec)
+    args, kwargs = pytree.tree_unflatten(list(range(n_leaves)), in_spec)
     params = list(inspect.signature(module.forward).parameters.values())
     locations: Dict[int, InputLocation] = {}
     for position, leaf in enumerate(args):
@@ -225,20 +231,25 @@ def _leaf_locations(module: nn.Module, signature: Any) -> Dict[int, InputLocatio
     return locations
 
 
+def input_node(use_node: torch.fx.Node) -> Any:
+    """The layer-input operand of a weight-use op (``addmm(b, X, W)`` holds it second)."""
+    return use_node.args[1] if use_node.target is aten.addmm.default else use_node.args[0]
+
+
 def _locate_input(
     use_node: torch.fx.Node, scope: str, row_preserving: bool, signatures: Dict[str, Any],
-    modules: Dict[str, nn.Module], user_inputs: List[str],
+    modules: Dict[str, nn.Module], user_inputs: List[str], root_spec: Any,
 ) -> Tuple[Optional[InputLocation], str]:
-    node = use_node.args[0]
+    node = input_node(use_node)
     allowed = _ROW_PRESERVING_OPS if row_preserving else _WEIGHT_IDENTITY_OPS
     if scope:
         signature = signatures.get(_scope_call(use_node))
         if signature is None:
             return None, f"the call signature of module {scope!r} was not recorded"
         names = [getattr(arg, "name", None) for arg in signature.inputs]
-        locations = _leaf_locations(modules[scope], signature)
-    else:
-        names, locations = user_inputs, {i: InputLocation(i, name) for i, name in enumerate(user_inputs)}
+        locations = _leaf_locations(modules[scope], signature.in_spec, len(names))
+    else:  # the root: its user inputs, flattened from (args, kwargs) by the program's input spec
+        names, locations = user_inputs, _leaf_locations(modules[""], root_spec, len(user_inputs))
     while isinstance(node, torch.fx.Node):
         if node.name in names:
             location = locations.get(names.index(node.name))
@@ -263,6 +274,8 @@ def _use_from_node(node: torch.fx.Node, params: Dict[str, str]) -> Optional[Tupl
         op, weight, axis = f"conv{len(_shape(node.args[1])) - 2}d", node.args[1], 1
     elif target in _MATMUL_OPS and len(node.args) == 2:
         op, weight, axis = "matmul", node.args[1], 0
+    elif target is aten.addmm.default and len(node.args) >= 3 and _is_plain_addmm(node):
+        op, weight, axis = "matmul", node.args[2], 0  # b + X @ W (GPT-2 Conv1D: W stored in×out)
     else:
         return None
     if not isinstance(weight, torch.fx.Node):
@@ -270,7 +283,7 @@ def _use_from_node(node: torch.fx.Node, params: Dict[str, str]) -> Optional[Tupl
     fqn, param_axis, reason = _trace_weight(weight, axis, params)
     if fqn is None:
         return None
-    use = WeightUse(op=op, node=node.name, scope=_scope(node), input_shape=_shape(node.args[0]),
+    use = WeightUse(op=op, node=node.name, scope=_scope(node), input_shape=_shape(input_node(node)),
                     contracted_axis=param_axis, unsupported=reason)
     if op.startswith("conv"):
         use.conv = _conv_geometry(node, int(op[4]), _shape(weight))
@@ -281,17 +294,50 @@ def _use_from_node(node: torch.fx.Node, params: Dict[str, str]) -> Optional[Tupl
     return fqn, use
 
 
-def capture(model: nn.Module, example_inputs: Sequence[Any]) -> GraphCapture:
-    """Export ``model`` on ``example_inputs`` and list the parameters used as layer weights."""
-    if not isinstance(example_inputs, tuple):
-        example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
+def _is_plain_addmm(node: torch.fx.Node) -> bool:
+    """``addmm(b, X, W)`` with the default ``beta = alpha = 1`` (a linear map plus a bias)."""
+    return node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
+
+
+def _export(model: nn.Module, example_inputs: Any, scopes: Tuple[str, ...]) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model(*args, **kwargs)`` whose outputs are reduced to their tensors.
+
+    Layer analysis needs only the graph; outputs such as a KV-cache object that pytree cannot
+    flatten would fail the export, so ``forward`` is wrapped (on the instance, for this call only)
+    to return ``tensor_leaves(output)``.  The wrapper keeps ``forward``'s signature, so module
+    paths, parameter names and the recorded call signatures are the model's own.
+    """
+    import inspect as _inspect
+
+    batch = model_inputs(example_inputs)
+    original = model.forward
+    had_instance_forward = "forward" in model.__dict__
+
+    def forward(*args: Any, **kwargs: Any) -> Tuple[torch.Tensor, ...]:
+        return tensor_leaves(original(*args, **kwargs))
+
+    forward.__signature__ = _inspect.signature(original)  # type: ignore[attr-defined]
+    model.forward = forward
+    try:
+        try:
+            return torch.export.export(model, batch.args, kwargs=batch.kwargs, strict=False,
+                                       preserve_module_call_signature=scopes)
+        except Exception:  # some modules' calls cannot be preserved; the analysis then reports it
+            return torch.export.export(model, batch.args, kwargs=batch.kwargs, strict=False)
+    finally:
+        if had_instance_forward:
+            model.forward = original
+        else:
+            del model.forward
+
+
+def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
+    """Export ``model`` on ``example_inputs`` (tensor, tuple or dict) and list the parameters used
+    as layer weights."""
     modules = dict(model.named_modules())
     scopes = tuple(path for path, module in modules.items() if path and next(module.parameters(recurse=False), None) is not None)
     try:
-        try:
-            exported = torch.export.export(model, example_inputs, strict=False, preserve_module_call_signature=scopes)
-        except Exception:  # some modules' calls cannot be preserved; the analysis then reports it
-            exported = torch.export.export(model, example_inputs, strict=False)
+        exported = _export(model, example_inputs, scopes)
     except Exception as error:
         raise CaptureError(_describe_capture_failure(model, error)) from error
 
@@ -319,7 +365,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any]) -> GraphCapture:
         layer_ops.add(node)
         row_preserving = use.op in ("linear", "matmul")
         use.input_location, use.input_unobservable = _locate_input(
-            node, use.scope, row_preserving, signatures, modules, user_inputs)
+            node, use.scope, row_preserving, signatures, modules, user_inputs, exported.call_spec.in_spec)
         candidate(fqn).uses.append(use)
 
     # Any other use of a candidate parameter (as a bias, in a norm, ...) makes it unsafe to rewrite.
