@@ -47,6 +47,7 @@ from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
 
 from .config import Decorrelation
+from .observe import observed_forward
 from .state import MIN_ROWS, DecorrelationState, LayerSpec, block_layout
 
 __all__ = ["DecorrelationPass", "decorrelation_states", "state_name"]
@@ -72,7 +73,7 @@ class _ScopeObserver:
 
 
 # ------------------------------------------------------------------------------------ class swap
-_DECORRELATED_CLASSES: Dict[Tuple[type, Tuple[str, ...]], type] = {}
+_DECORRELATED_CLASSES: Dict[Tuple[type, Tuple[str, ...], bool], type] = {}
 
 
 STATE_SUFFIX = "_decorrelation"
@@ -92,13 +93,19 @@ def _fused_weight_property(attr: str) -> property:
     return property(fused_weight)
 
 
-def _decorrelated_class(cls: type, attrs: Tuple[str, ...]) -> type:
-    """A subclass whose ``attr`` reads return ``W·R``; ``_parameters`` (and state_dict keys) are unchanged."""
-    key = (cls, attrs)
+def _decorrelated_class(cls: type, attrs: Tuple[str, ...], observes: bool = False) -> type:
+    """A subclass whose ``attr`` reads return ``W·R``; ``_parameters`` (and state_dict keys) are unchanged.
+
+    ``observes``: the module's forward computes the input of decorrelated layers, so it runs
+    inside a LayerInputObserver in training mode (observe.py).
+    """
+    key = (cls, attrs, observes)
     if key not in _DECORRELATED_CLASSES:
         namespace = {attr: _fused_weight_property(attr) for attr in attrs}
         namespace["_effcompile_original_class"] = cls
         namespace["_effcompile_decorrelated"] = attrs
+        if observes:
+            namespace["forward"] = observed_forward(cls)
         _DECORRELATED_CLASSES[key] = type(f"Decorrelated{cls.__name__}", (cls,), namespace)
     return _DECORRELATED_CLASSES[key]
 
@@ -139,6 +146,8 @@ class DecorrelationPass(ModelPass):
                        "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))}
         if len(candidate.uses) > 1:
             row.details["uses"] = len(candidate.uses)
+        if spec.observer_scopes:
+            row.details["observed_in"] = ",".join(scope or "<root>" for scope in spec.observer_scopes)
         row.spec = spec
         return row
 
@@ -155,9 +164,6 @@ class DecorrelationPass(ModelPass):
                  for use in candidate.uses}
         if len(kinds) > 1:
             return "the weight is used by ops of different kinds or shapes"
-        for use in candidate.uses:
-            if use.input_unobservable:
-                return f"layer input not observable: {use.input_unobservable}"
         return ""
 
     @staticmethod
@@ -183,6 +189,7 @@ class DecorrelationPass(ModelPass):
     def apply(self, model: nn.Module, rows: List[PlanRow], config: Decorrelation) -> int:
         observers: Dict[str, _ScopeObserver] = {}
         by_owner: Dict[str, List[LayerSpec]] = {}
+        observed_in: Dict[str, List[DecorrelationState]] = {}  # scope path → states observed in its forward
         for row in rows:
             by_owner.setdefault(row.spec.owner_path, []).append(row.spec)
         for owner_path, specs in by_owner.items():
@@ -193,8 +200,15 @@ class DecorrelationPass(ModelPass):
                 owner.add_module(state_name(spec.attr), state)
                 for scope, locations in spec.scopes:
                     observers.setdefault(scope, _ScopeObserver()).targets.append((state, locations))
-            attrs = tuple(sorted(spec.attr for spec in specs))
-            owner.__class__ = _decorrelated_class(type(owner), attrs)
+                for scope in spec.observer_scopes:
+                    observed_in.setdefault(scope, []).append(state)
+        for path in dict.fromkeys([*by_owner, *observed_in]):
+            module = model.get_submodule(path)
+            attrs = tuple(sorted(spec.attr for spec in by_owner.get(path, ())))
+            if path in observed_in:
+                module.__dict__["_effcompile_observed"] = observed_in[path]
+                module.__dict__["_effcompile_scope"] = path
+            module.__class__ = _decorrelated_class(type(module), attrs, path in observed_in)
         handles = []
         for scope, observer in observers.items():
             handles.append(model.get_submodule(scope).register_forward_pre_hook(observer, with_kwargs=True))
@@ -208,8 +222,10 @@ class DecorrelationPass(ModelPass):
         folded = 0
         for module in list(model.modules()):
             attrs = type(module).__dict__.get("_effcompile_decorrelated")
-            if not attrs:
+            if attrs is None:
                 continue
+            module.__dict__.pop("_effcompile_observed", None)
+            module.__dict__.pop("_effcompile_scope", None)
             with torch.no_grad():
                 for attr in attrs:
                     parameter = module._parameters[attr]
@@ -238,16 +254,31 @@ def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:
     else:
         groups, group_dim, kind = 1, shape[first.contracted_axis], "linear"
     scopes: Dict[str, List[InputLocation]] = {}
-    for use in candidate.uses:
-        locations = scopes.setdefault(use.scope, [])
-        if use.input_location not in locations:
-            locations.append(use.input_location)
+    observer_scopes: Tuple[str, ...] = ()
+    if any(use.input_unobservable or use.input_location is None for use in candidate.uses):
+        # Some input is computed inside the module that calls the layer: every use is observed
+        # where the graph computes it, in the forward of its scope module (observe.py).  A mode
+        # around a module call also sees the ops of the modules it calls, so nested scopes go.
+        found = list(dict.fromkeys(use.scope for use in candidate.uses))
+        observer_scopes = tuple(scope for scope in found
+                                if not any(_encloses(other, scope) for other in found if other != scope))
+    else:
+        for use in candidate.uses:
+            locations = scopes.setdefault(use.scope, [])
+            if use.input_location not in locations:
+                locations.append(use.input_location)
     return LayerSpec(
         param_fqn=candidate.param_fqn, owner_path=candidate.owner_path, attr=candidate.attr, kind=kind,
         contracted_axis=first.contracted_axis, groups=groups, group_dim=group_dim,
         block=config.max_block_size, conv=first.conv,
         scopes=tuple((scope, tuple(locations)) for scope, locations in scopes.items()),
+        observer_scopes=observer_scopes,
     )
+
+
+def _encloses(outer: str, inner: str) -> bool:
+    """Module path ``outer`` is an ancestor of ``inner`` (``""`` is the root)."""
+    return outer == "" or inner.startswith(outer + ".")
 
 
 def _tied_parameters(model: nn.Module) -> Dict[str, List[str]]:

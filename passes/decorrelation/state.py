@@ -21,9 +21,43 @@ from effcompile.passes.analysis.capture import ConvGeometry, InputLocation
 
 from .config import Decorrelation
 
-__all__ = ["DecorrelationState", "LayerSpec", "MIN_ROWS", "block_layout", "sample_patches"]
+__all__ = ["DecorrelationState", "LayerSpec", "MIN_ROWS", "UPDATE_FORMULAS", "block_layout", "sample_patches",
+           "update_formula", "update_macs"]
 
 MIN_ROWS = 64
+
+# The three exact ways to compute one R update from n rows per block of size b.
+UPDATE_FORMULAS = ("rows", "gram", "covariance")
+
+
+def update_macs(formula: str, n: int, b: int) -> int:
+    """Multiply-accumulates per block of one R update (the cost rule :func:`update_formula` uses).
+
+    * ``rows``:       Z = X·Rᵀ (n·b²), Z·R (n·b²), Zᵀ(Z·R) (n·b²)              → 3·n·b²
+    * ``gram``:       Z = X·Rᵀ (n·b²), Σ = ZᵀZ (n·b²), (Σ − diag Σ)·R (b³)     → 2·n·b² + b³
+    * ``covariance``: S = XᵀX (n·b²), R·S (b³), (R·S)·Rᵀ (b³), Σ·R (b³)        → n·b² + 3·b³
+
+    (``XᵀX`` is symmetric, but torch has no symmetric rank-k product (syrk) to halve it, so it is
+    counted as a full product.)  The diag(v)·R term is a row scaling, b² in every formula.
+    """
+    if formula == "rows":
+        return 3 * n * b * b
+    if formula == "gram":
+        return 2 * n * b * b + b ** 3
+    if formula == "covariance":
+        return n * b * b + 3 * b ** 3
+    raise ValueError(f"unknown update formula {formula!r}; expected one of {UPDATE_FORMULAS}")
+
+
+def update_formula(n: int, b: int, syncing: bool = False) -> str:
+    """The cheapest exact formula for ``n`` rows and block size ``b`` (all give the same R).
+
+    From :func:`update_macs`: ``rows`` wins for n < b, ``gram`` for b ≤ n ≤ 2b, ``covariance``
+    for n > 2b (the default budget n = 4·b: 7·b³ instead of 9·b³).  Under DDP the statistic is
+    averaged over ranks, which ``rows`` never forms, so it is not a candidate there.
+    """
+    candidates = UPDATE_FORMULAS[1:] if syncing else UPDATE_FORMULAS
+    return min(candidates, key=lambda formula: update_macs(formula, n, b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +74,9 @@ class LayerSpec:
     block: int
     conv: Optional[ConvGeometry]
     scopes: Tuple[Tuple[str, Tuple[InputLocation, ...]], ...]  # (scope module path, input locations)
+    # Module calls whose forward computes this layer's input: observed in the graph (observe.py)
+    # instead of by a pre-hook on ``scopes``.
+    observer_scopes: Tuple[str, ...] = ()
 
 
 def block_layout(group_dim: int, max_block: int) -> Tuple[int, int]:
@@ -72,6 +109,8 @@ class DecorrelationState(nn.Module):
             self.register_buffer(name, torch.empty((), dtype=torch.long, device=device))
         self.reset_parameters()
         self._register_load_state_dict_pre_hook(_keep_state_missing_from_checkpoint, with_module=True)
+        # The LayerInputObserver of the scope call in progress (observe.py), else None.
+        self._active_observer = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -89,10 +128,19 @@ class DecorrelationState(nn.Module):
 
     # ----------------------------------------------------------------------------- fused weight
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """Return the fused weight ``W·R`` (``Rᵀ·W`` for a (d, out) matmul operand)."""
+        """Return the fused weight ``W·R`` (``Rᵀ·W`` for a (d, out) matmul operand).
+
+        Inside a scope call observed in the graph, the observer is told which tensor is the fused
+        weight, so it can find the op that uses it (observe.py).
+        """
         if self.spec.contracted_axis == 0:
-            return self._right_multiply(weight.t()).t()
-        return self._right_multiply(weight)
+            fused = self._right_multiply(weight.t()).t()
+        else:
+            fused = self._right_multiply(weight)
+        observer = self._active_observer
+        if observer is not None:
+            observer.watch(fused, self)
+        return fused
 
     def _matrix_snapshot(self, dtype: torch.dtype) -> torch.Tensor:
         # Autograd saves R to form ∂L/∂W = ∂L/∂A·Rᵀ; a module called twice in one forward updates R
@@ -148,26 +196,50 @@ class DecorrelationState(nn.Module):
             rows = flat
         return rows.to(torch.float32).view(rows.shape[0], self.spec.groups, self.spec.group_dim)
 
-    def _decorrelated_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """z = R·x per block: (n, groups, d) rows → (n, blocks, b), padded features zero."""
+    def _padded_blocks(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, groups, d) rows → (n, blocks, b) per-block rows, padded features zero."""
         groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
         if blocks * b != d:
             rows = F.pad(rows, (0, blocks * b - d))
-        return torch.einsum("nkb,kcb->nkc", rows.view(rows.shape[0], groups * blocks, b), self.matrix)
+        return rows.view(rows.shape[0], groups * blocks, b)
 
-    def _update(self, rows: torch.Tensor, gate) -> None:
+    def _decorrelated_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """z = R·x per block: (n, groups, d) rows → (n, blocks, b), padded features zero."""
+        return torch.einsum("nkb,kcb->nkc", self._padded_blocks(rows), self.matrix)
+
+    def _update(self, rows: torch.Tensor, gate, formula: Optional[str] = None) -> None:
+        """One step ``R ← R − η[(1−κ)·C·R + κ·diag(v)·R]`` from sampled rows (n, groups, d).
+
+        ``formula`` forces one of :data:`UPDATE_FORMULAS` (tests, benchmarks); by default
+        :func:`update_formula` picks the cheapest for this ``n`` and block size.
+        """
         n, b = rows.shape[0], self.block
-        z = self._decorrelated_rows(rows)
-        if n < b and not self._syncing():
-            # Fewer rows than features: C·R = (ZᵀZ/n)·R − diag(var)·R as Zᵀ(Z·R)/n costs 3·n·b²
-            # instead of n·b² + b³ for forming C and multiplying.
+        syncing = self._syncing()
+        formula = formula or update_formula(n, b, syncing)
+        if formula == "rows":
+            if syncing:
+                raise ValueError("the 'rows' formula needs every rank's rows: use 'gram' or 'covariance' with DDP")
+            # C·R = (ZᵀZ/n)·R − diag(var)·R as Zᵀ(Z·R)/n: never forms a b×b statistic.
+            z = self._decorrelated_rows(rows)
             variance = (z * z).mean(dim=0)
             gram_times_matrix = torch.einsum("nkc,nke->kce", z, torch.einsum("nkc,kce->nke", z, self.matrix)) / n
             off_diagonal_times_matrix = gram_times_matrix - variance.unsqueeze(-1) * self.matrix
-        else:
+        elif formula == "gram":
+            # Σ = ZᵀZ/n from the decorrelated rows z = R·x, then (Σ − diag Σ)·R.
+            z = self._decorrelated_rows(rows)
             covariance = self._average_over_ranks(torch.einsum("nkc,nke->kce", z, z) / n)
             variance = torch.diagonal(covariance, dim1=-2, dim2=-1)
             off_diagonal_times_matrix = (covariance - torch.diag_embed(variance)) @ self.matrix
+        elif formula == "covariance":
+            # Σ = R·S·Rᵀ with S = XᵀX/n the covariance of the raw rows: z = R·x is never formed.
+            # S is linear in the rows, so averaging S over ranks equals averaging Σ (R is identical).
+            x = self._padded_blocks(rows)
+            second_moment = self._average_over_ranks(torch.einsum("nkb,nkc->kbc", x, x) / n)
+            covariance = (self.matrix @ second_moment) @ self.matrix.transpose(-1, -2)
+            variance = torch.diagonal(covariance, dim1=-2, dim2=-1)
+            off_diagonal_times_matrix = covariance @ self.matrix - variance.unsqueeze(-1) * self.matrix
+        else:
+            raise ValueError(f"unknown update formula {formula!r}; expected one of {UPDATE_FORMULAS}")
         excess_variance = (variance - 1.0) * self.feature_mask  # padded features stay untouched
         step = (1.0 - self.kappa) * off_diagonal_times_matrix + self.kappa * excess_variance.unsqueeze(-1) * self.matrix
         proposal = self.matrix - self.lr * step

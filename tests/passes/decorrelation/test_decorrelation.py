@@ -108,7 +108,7 @@ class TestFusedForward:
         y = torch.einsum("oc,ncl->nol", conv._parameters["weight"].reshape(3, -1), z) + conv.bias[:, None]
         torch.testing.assert_close(conv(x), y.reshape(2, 3, 7, 7), rtol=1e-4, atol=1e-5)
 
-    def test_multihead_attention_input_projection(self):
+    def test_multihead_attention_input_and_output_projections(self):
         mha = nn.MultiheadAttention(8, 2, batch_first=True)
         x = torch.randn(3, 5, 8)
         model = _SelfAttention(mha)
@@ -116,16 +116,19 @@ class TestFusedForward:
         _randomise_matrices(model)
         model.eval()
         R = _state(model, "mha.in_proj_weight").matrix[0]
+        R_out = _state(model, "mha.out_proj").matrix[0]
         reference = nn.MultiheadAttention(8, 2, batch_first=True).eval()
-        reference.load_state_dict({k: v for k, v in mha.state_dict().items() if "decorrelation" not in k})
+        weights = {k: v for k, v in mha.state_dict().items() if "decorrelation" not in k}
+        weights["out_proj.weight"] = weights["out_proj.weight"] @ R_out  # out_proj sees z = R_out·attn
+        reference.load_state_dict(weights)
         z = x @ R.T
         expected, _ = reference(z, z, z, need_weights=False)
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
         plan = effcompile.report(model)
         assert plan.row("mha.in_proj_weight").action == Action.REWRITE
-        # out_proj's input is computed inside nn.MultiheadAttention: reported, never guessed.
-        assert plan.row("mha.out_proj").action == Action.SKIP
-        assert "not observable" in plan.row("mha.out_proj").reason
+        # out_proj's input is computed inside nn.MultiheadAttention: observed where the graph computes it.
+        assert plan.row("mha.out_proj").action == Action.REWRITE
+        assert plan.row("mha.out_proj").details["observed_in"] == "mha"
 
     def test_functional_linear_and_matmul_against_parameters(self):
         model = _FunctionalLayers()
