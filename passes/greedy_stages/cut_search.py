@@ -153,6 +153,10 @@ def leaf_reason(module: nn.Module, path: str, forced: Dict[str, str]) -> Optiona
 
 
 class _StageTracer(fx.Tracer):
+    # Buffers read in a traced-through forward become get_attr nodes (read at run time), not
+    # tensor constants frozen at trace time (a mask buffer that changes must be seen changing).
+    proxy_buffer_attributes = True
+
     def __init__(self, forced: Dict[str, str]) -> None:
         super().__init__()
         self.forced = forced
@@ -213,10 +217,25 @@ def _innermost_module(node: fx.Node) -> str:
     return stack[-1] if stack else ""
 
 
+_TENSOR_CONSTANT = re.compile(r"_tensor_constant\d+")
+
+
 def _signature(node: fx.Node) -> str:
-    """What a node computes, without node identities (names shift when one trace has extra nodes)."""
+    """What a node computes, without node identities (names shift when one trace has extra nodes;
+    fx numbers the tensor constants it creates per trace)."""
     args = fx.node.map_arg((node.args, node.kwargs), lambda n: "%")
-    return f"{node.op}|{node.target}|{args!r}|{_innermost_module(node)}"
+    target = _TENSOR_CONSTANT.sub("_tensor_constant", str(node.target))
+    return f"{node.op}|{target}|{args!r}|{_innermost_module(node)}"
+
+
+def _wired_signatures(gm: fx.GraphModule) -> List[str]:
+    """Every node's signature with its inputs as node indices: equal lists = the same program."""
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    out = []
+    for node in gm.graph.nodes:
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        out.append(f"{_signature(node)}|{args!r}")
+    return out
 
 
 def _training_culprits(train: fx.GraphModule, evaluation: fx.GraphModule) -> List[str]:
@@ -231,6 +250,10 @@ def _training_culprits(train: fx.GraphModule, evaluation: fx.GraphModule) -> Lis
             path = _innermost_module(node)
             if path not in found:
                 found.append(path)
+    if not found:  # the same ops, wired differently (``return y if self.training else z``)
+        for node, wired, other in zip(a, _wired_signatures(train), _wired_signatures(evaluation)):
+            if wired != other:
+                return [_innermost_module(node)]
     return found
 
 
@@ -266,7 +289,7 @@ def trace_for_stages(model: nn.Module, num_inputs: Optional[int] = None) -> Trac
             traced_eval = _trace_once(model, untraceable, auto)
             if len(untraceable) != known:
                 continue  # the eval trace found another untraceable module: trace train again
-            if traced.code == traced_eval.code:
+            if _wired_signatures(traced) == _wired_signatures(traced_eval):
                 break
             added = False
             for path in _training_culprits(traced, traced_eval):

@@ -8,7 +8,9 @@ Model after ``transform(model, GreedyStages(K), example_inputs=...)``:
 * ``model.greedy_stage_heads`` (an ``nn.ModuleList``, so parameters, ``state_dict`` and
   checkpoints include it; every original key is unchanged) holds the aux heads ``h_1 … h_{K−1}``.
 * The stages ``f_k`` are ``fx.GraphModule`` objects cut from a symbolic trace of the model at
-  automatically chosen single-tensor boundaries (``passes/cut_search.py``).  They call the
+  automatically chosen single-activation boundaries (``cut_search.py``: any point where one
+  activation crosses, module ends preferred on ties; constants, flags and shape values are
+  recomputed per stage, never passed).  They call the
   original leaf modules and parameters (shared objects), and live outside the module tree
   (``model.__dict__``) so no parameter is duplicated in ``state_dict``.
 * ``model(x)`` still runs the original forward, which equals ``f_K∘…∘f_1`` exactly.

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from effcompile.passes import GreedyStages
 from effcompile.models import example_inputs, get_model
@@ -206,3 +207,133 @@ class TestTracing:
         assert traced.graph_module.get_submodule("layer1.0.conv1") is model.layer1[0].conv1
         assert traced.leaves["layer1.0.conv1"] == "owns parameters or buffers directly"
         assert "layer1.0" not in traced.leaves  # containers are traced through
+
+
+class _Owner(nn.Module):
+    """Owns a parameter and a child with parameters: a container (traced through)."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(4))
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x + self.offset)))
+
+
+class _PlainOwner(nn.Module):
+    """Owns a parameter, no child with parameters: a leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x * self.scale)
+
+
+class _GatedBlock(nn.Module):
+    """Untraceable (data-dependent branch) with a child: a leaf whose inside cannot be cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y if y.sum() > 0 else -y
+
+
+class _Containers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.owner, self.plain, self.gated, self.head = _Owner(), _PlainOwner(), _GatedBlock(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.gated(self.plain(self.owner(x))))
+
+
+class TestContainersAndCuts:
+    def test_a_module_owning_parameters_and_blocks_is_cut_inside(self):
+        model = _Containers()
+        traced, values, _, boundaries = _analyse(model, torch.randn(3, 4))
+        assert "owner" not in traced.leaves and "owner.fc1" in traced.leaves
+        assert any(n.op == "get_attr" and n.target == "owner.offset" for n in traced.nodes)
+        assert traced.leaves["plain"] == "owns parameters or buffers directly"
+        assert "owner.fc1" in {b.name for b in boundaries}  # a cut inside the container
+        plan = plan_stages(model, (torch.randn(3, 4),), GreedyStages(num_stages=2, cuts=("owner.fc1",)))
+        assert plan.stage_attributes[0] == ["owner.offset"]
+
+    def test_a_decorrelated_style_class_swap_stays_a_leaf(self):
+        class Swapped(_Owner):
+            _effcompile_original_class = _Owner  # what another pass's class swap marks
+
+        model = _Containers()
+        model.owner.__class__ = Swapped
+        assert trace_for_stages(model).leaves["owner"] == "owns parameters or buffers directly"
+
+    def test_cut_inside_a_leaf_states_which_leaf_and_why(self):
+        model = _Containers()
+        with pytest.raises(ValueError, match=r"cut 'gated\.fc' \(Linear\) is inside the leaf module 'gated' "
+                                             r"\(_GatedBlock\), which runs whole inside one stage \(it is a leaf: "
+                                             r"its forward could not be traced"):
+            plan_stages(model, (torch.randn(3, 4),), GreedyStages(num_stages=2, cuts=("gated.fc",)))
+
+    def test_a_module_never_called_says_so(self):
+        model = _Containers()
+        model.unused = nn.Linear(4, 4)
+        with pytest.raises(ValueError, match=r"cut 'unused' \(Linear\): no node of the traced forward runs inside"):
+            plan_stages(model, (torch.randn(3, 4),), GreedyStages(num_stages=2, cuts=("unused",)))
+
+    def test_a_node_named_cut_from_the_plan_is_accepted(self):
+        model = _SkipFromInput()
+        plan = plan_stages(model, (torch.randn(3, 4),), GreedyStages(num_stages=2, cuts=("add",)))
+        assert plan.boundaries[0].kind == "node" and plan.boundaries[0].name == "add"
+
+    def test_constants_and_default_arguments_never_cross(self):
+        class WithFlags(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+                self.register_buffer("mask", torch.ones(4))
+
+            def forward(self, x, scale=None, flip=False):
+                m = self.mask * 2  # made from a buffer: recomputed where used
+                x = self.fc1(x) * m
+                x = torch.relu(F.layer_norm(x, (4,), weight=scale))  # None and False reach ops as values
+                return self.fc2(F.dropout(x, 0.0, flip)) + m[:3]
+
+        traced, values, _, boundaries = _analyse(WithFlags(), torch.randn(3, 4))
+        assert traced.value_kinds["scale"][0] == "const" and traced.value_kinds["mul"][0] == "const"
+        assert {"fc1", "relu"} <= {b.name for b in boundaries}
+
+
+def test_dp_prefers_module_ends_on_ties():
+    costs = [5, 0, 0, 5]  # a cut after node 0, 1 or 2 gives the same stages
+    cuts, _ = min_max_partition(costs, [0, 1, 2], 2, lambda p: 0, lambda p: 0, 0.0, penalty=lambda p: int(p != 1))
+    assert cuts == [1]
+
+
+class _RewiredInTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y, z = self.fc(x), torch.relu(x)
+        return torch.relu(y) if self.training else torch.relu(z)  # same ops, different wiring
+
+
+class _WithRewired(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = _RewiredInTraining(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_a_training_branch_that_only_rewires_is_found_and_named():
+    with pytest.raises(StageTraceError, match=r"module 'inner' \(.*_RewiredInTraining\) branches on self\.training"):
+        trace_for_stages(_WithRewired())
