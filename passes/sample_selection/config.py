@@ -33,8 +33,11 @@ class SampleSelection(PassConfig):
         beta: exponent β of the selection probability percentile^β, in (0, 16].
         mode: ``"auto"`` (forward reuse unless the model has batch-coupled layers such as
             BatchNorm, then re-forward), ``"forward_reuse"`` (one forward over the batch, the
-            backward over the selected rows only) or ``"reforward"`` (no-grad scoring forward in
-            eval mode, then forward+backward of the selected rows).
+            backward over the selected rows only) or ``"reforward"`` (no-grad scoring forward over
+            the batch — BatchNorm and other mode-dependent norms in train mode, i.e. normalised by
+            the batch's statistics, with running stats saved and restored; dropout off; everything
+            else in eval mode — then forward+backward of the selected rows).  Not available with
+            greedy stages, whose step scores each stage on its own training forward.
         history_size: length of the rolling loss history used for percentiles, in [1, 2**20].
         gradmatch_ridge: ridge term of the OMP least-squares refits, relative to the mean squared
             proxy-gradient norm, in (0, 1).

@@ -148,14 +148,29 @@ def scoring_layers(model: nn.Module, captured: GraphCapture, coupled: Dict[str, 
             buffers += [prefix(path) + name for name, value in module.named_buffers(recurse=False) if value is not None]
         elif isinstance(module, nn.modules.dropout._DropoutNd):
             dropout.append(path or "<root>")
-    mutated = list(captured.exported.graph_signature.buffers_to_mutate.values())
+    signature = captured.exported.graph_signature
+    mutated = list(signature.buffers_to_mutate.values())
+    read = _graph_norm_buffers(captured)
     for path, construct in coupled.items():
         scope = "" if path == "<root>" else path
         if scope in train_mode:
             continue
         train_mode[scope] = construct
-        buffers += [fqn for fqn in mutated if not scope or fqn.startswith(scope + ".")]
+        buffers += read.get(scope, []) + [fqn for fqn in mutated if not scope or fqn.startswith(scope + ".")]
     return ScoringLayers(train_mode, tuple(dict.fromkeys(buffers)), tuple(dropout))
+
+
+def _graph_norm_buffers(captured: GraphCapture) -> Dict[str, List[str]]:
+    """Scope → FQNs of the buffers passed as running mean/var to the training batch-norm ops there
+    (argument 3 and 4 of every batch-norm op overload; the training IR updates them in place)."""
+    to_buffer = captured.exported.graph_signature.inputs_to_buffers
+    found: Dict[str, List[str]] = {}
+    for node in captured.exported.graph.nodes:
+        if node.op == "call_function" and node.target in _BATCH_NORM_OPS and _is_training_batch_norm(node):
+            for arg in node.args[3:5]:
+                if isinstance(arg, torch.fx.Node) and arg.name in to_buffer:
+                    found.setdefault(_scope(node), []).append(to_buffer[arg.name])
+    return found
 
 
 def _listed(paths: Sequence[str], limit: int = 4) -> str:

@@ -137,6 +137,7 @@ class TestSubsetSteps:
 
 class TestBatchNorm:
     def test_plan_falls_back_to_reforward_and_scoring_leaves_running_stats_alone(self):
+        """(More under BatchNorm — train-mode scores, returned loss, composition: test_batch_norm_scoring.py.)"""
         torch.manual_seed(0)
         x, y = _data()
         model = _selecting(get_model("cnn", widths=(8, 16)), x, keep=0.25, strategy="loss")
@@ -353,10 +354,12 @@ class TestCompiled:
         for n in range(5):
             if n == 2:
                 torch._dynamo.config.error_on_recompile = True
-            compiled(x, y)
+            compiled_loss = compiled(x, y)
             index, weights = compiled.last_selection
             selector_of(eager_model).select = lambda *args, **kwargs: (index, weights)
-            eager(x, y)
+            # the train-mode scoring loss (batch statistics), compiled and eager alike
+            torch.testing.assert_close(compiled_loss, eager(x, y), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(compiled.last_subset_loss, eager.last_subset_loss, rtol=1e-4, atol=1e-5)
         for key, value in eager_model.state_dict().items():
             if not key.startswith(SELECTOR_NAME):  # the eager selector was bypassed (forced selection)
                 torch.testing.assert_close(compiled_model.state_dict()[key].float(), value.float(), rtol=1e-4, atol=1e-5)
