@@ -7,7 +7,18 @@ records one :class:`EpochMetrics` per epoch.  :mod:`effcompile.harness.reports` 
 
 Timing convention: ``EpochMetrics.seconds`` is cumulative *training* wall-clock time (optimizer
 steps and data loading) since the start of ``fit``; evaluation is excluded so that a slower
-evaluation never makes a training technique look slower.
+evaluation never makes a training technique look slower.  ``RunResult.step_seconds`` is the median
+over epochs of each epoch's training time per step (the first epoch is left out under ``compile``
+when there are more, since it includes the compilation).
+
+Activation memory: in eager mode ``fit`` runs its first training step under
+:class:`effcompile.measure.SavedTensorMeter` and stores the peak bytes autograd saved for backward
+(parameters and buffers excluded) as ``RunResult.saved_activation_bytes``.
+
+Progress: one tqdm bar per run on stderr, counting steps, with the epoch, loss and test accuracy
+as postfix; it stays on screen as one line when the run ends.  On a terminal it refreshes twice a
+second; written to a log (stderr not a terminal) it is ASCII and refreshes at most every
+``LOG_REFRESH_S`` seconds, so a log holds a few carriage-return updates per run, not thousands.
 """
 
 from __future__ import annotations
@@ -18,12 +29,15 @@ import sys
 import time
 from typing import Any, Iterable, Mapping
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from effcompile.api import train_step
+from effcompile.measure import SavedTensorMeter
 from .data import make_loaders
 
 __all__ = [
@@ -33,9 +47,11 @@ __all__ = [
     "evaluate",
     "make_optimizer",
     "autocast_context",
+    "progress_bar",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
+LOG_REFRESH_S = 15.0  # progress-bar refresh interval when stderr is a log, not a terminal
 
 
 @dataclasses.dataclass
@@ -47,6 +63,7 @@ class EpochMetrics:
     test_loss: float
     test_accuracy: float
     seconds: float  # cumulative training wall-clock seconds, evaluation excluded
+    steps: int = 0  # training steps in this epoch (0: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return {key: _json_float(value) for key, value in dataclasses.asdict(self).items()}
@@ -60,6 +77,7 @@ class EpochMetrics:
             test_loss=_float_or_nan(data["test_loss"]),
             test_accuracy=_float_or_nan(data["test_accuracy"]),
             seconds=_float_or_nan(data["seconds"]),
+            steps=int(data.get("steps", 0)),
         )
 
 
@@ -77,6 +95,8 @@ class RunResult:
         target_epoch: first epoch whose test accuracy reached ``target_accuracy`` (None: never).
         target_seconds: training seconds at ``target_epoch`` (None: never).
         config: the hyperparameters and anything else the caller wants stored with the run.
+        saved_activation_bytes: peak bytes of activations saved for backward during the first
+            training step (eager runs; None when not measured, e.g. under ``compile``).
     """
 
     label: str
@@ -87,6 +107,7 @@ class RunResult:
     target_epoch: int | None = None
     target_seconds: float | None = None
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    saved_activation_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.group:
@@ -109,6 +130,22 @@ class RunResult:
     def seconds_per_epoch(self) -> float:
         return self.total_seconds / len(self.history) if self.history else math.nan
 
+    @property
+    def step_seconds(self) -> float:
+        """Median over epochs of training seconds per step (NaN when steps were not recorded).
+
+        Under ``compile`` the first epoch (which includes the compilation) is left out when
+        there are more epochs.
+        """
+        per_step, previous = [], 0.0
+        for metrics in self.history:
+            if metrics.steps > 0 and math.isfinite(metrics.seconds):
+                per_step.append((metrics.seconds - previous) / metrics.steps)
+            previous = metrics.seconds
+        if self.config.get("compile") and len(per_step) > 1:
+            per_step = per_step[1:]
+        return statistics.median(per_step) if per_step else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
@@ -120,6 +157,8 @@ class RunResult:
             "final_accuracy": _json_float(self.final_accuracy),
             "best_accuracy": _json_float(self.best_accuracy),
             "seconds_per_epoch": _json_float(self.seconds_per_epoch),
+            "step_seconds": _json_float(self.step_seconds),
+            "saved_activation_bytes": self.saved_activation_bytes,
             "config": self.config,
             "history": [m.to_dict() for m in self.history],
         }
@@ -136,6 +175,7 @@ class RunResult:
             target_epoch=data.get("target_epoch"),
             target_seconds=data.get("target_seconds"),
             config=dict(data.get("config", {})),
+            saved_activation_bytes=data.get("saved_activation_bytes"),
         )
 
 
@@ -174,6 +214,8 @@ def fit(
     label: str = "run",
     group: str = "",
     autocast: str | None = None,
+    max_steps: int | None = None,
+    measure_memory: bool = True,
 ) -> RunResult:
     """Train ``model`` for ``epochs`` epochs with cross-entropy and evaluate after each epoch.
 
@@ -188,10 +230,16 @@ def fit(
 
     ``device`` defaults to the device of the model's parameters.  ``autocast`` (``"bf16"`` or
     ``"fp16"``) runs training steps and evaluation under ``torch.autocast`` on the model's device.
+    ``max_steps`` caps the training steps of the whole run (a smoke test): the epoch in which it
+    is reached is the last one and is evaluated as usual.  ``measure_memory`` runs the first
+    step of an eager run under a :class:`~effcompile.measure.SavedTensorMeter` (compiled runs are
+    not metered: the hooks would change what Dynamo traces).  ``progress`` shows a tqdm bar.
     Returns a :class:`RunResult` whose ``history`` has one :class:`EpochMetrics` per epoch.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps={max_steps!r} is invalid: expected None or a positive int")
     device = torch.device(device) if device is not None else _model_device(model)
     model.to(device)
     torch.manual_seed(seed)
@@ -204,26 +252,56 @@ def fit(
         config={"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                 "momentum": momentum, "compile": compile, "device": str(device), "autocast": autocast},
     )
-    training_seconds = 0.0
-    bar = tqdm(range(1, epochs + 1), desc=label, unit="epoch", leave=False,
-               disable=not progress or not sys.stderr.isatty())
-    for epoch in bar:
+    meter = None
+    if measure_memory and not compile:
+        meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
+    steps_per_epoch = len(train_loader)
+    total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    bar = progress_bar(total_steps, label, disable=not progress)
+    training_seconds, steps_left = 0.0, total_steps
+    for epoch in range(1, epochs + 1):
         with autocast_context(autocast, device):
-            train_loss, seconds = _train_epoch(model, step, train_loader, device)
+            train_loss, seconds, steps = _train_epoch(model, step, train_loader, device, max_steps=steps_left,
+                                                      meter=meter if epoch == 1 else None, bar=bar)
             test_loss, test_accuracy = evaluate(model, test_loader, device)
         training_seconds += seconds
-        result.history.append(EpochMetrics(epoch, train_loss, test_loss, test_accuracy, training_seconds))
+        steps_left -= steps
+        result.history.append(EpochMetrics(epoch, train_loss, test_loss, test_accuracy, training_seconds, steps))
         if target_accuracy is not None and result.target_epoch is None and test_accuracy >= target_accuracy:
             result.target_epoch, result.target_seconds = epoch, training_seconds
-        bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{test_accuracy:.4f}")
+        bar.set_postfix_str(f"epoch {epoch}/{epochs} loss {train_loss:.4f} acc {test_accuracy:.4f}")
+        if steps_left <= 0:
+            break
+    if meter is not None and meter.peak_bytes:
+        result.saved_activation_bytes = meter.peak_bytes
     bar.close()
     return result
 
 
+def progress_bar(total: int, label: str, *, disable: bool = False, file: Any = None) -> tqdm:
+    """One tqdm line per run: live on a terminal, ASCII and rarely refreshed in a log file."""
+    file = sys.stderr if file is None else file
+    is_terminal = bool(getattr(file, "isatty", lambda: False)())
+    return tqdm(
+        total=total, desc=label, unit="step", leave=True, disable=disable, file=file,
+        ascii=not is_terminal, dynamic_ncols=False,
+        mininterval=0.5 if is_terminal else LOG_REFRESH_S, maxinterval=LOG_REFRESH_S * 2,
+        bar_format="{desc} {percentage:3.0f}%|{bar:20}| {n}/{total} [{elapsed}<{remaining}]{postfix}",
+    )
+
+
 def _train_epoch(
-    model: nn.Module, step: Any, loader: Iterable, device: torch.device
-) -> tuple[float, float]:
-    """Run one epoch of steps; return (mean training loss, training wall-clock seconds)."""
+    model: nn.Module,
+    step: Any,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    max_steps: int | None = None,
+    meter: SavedTensorMeter | None = None,
+    bar: tqdm | None = None,
+) -> tuple[float, float, int]:
+    """Run one epoch of steps (at most ``max_steps``); return (mean training loss, training
+    wall-clock seconds, steps).  With ``meter``, the first step runs under it."""
     model.train()
     _synchronize(device)
     start = time.perf_counter()
@@ -232,14 +310,22 @@ def _train_epoch(
     total = torch.zeros((), device=device)
     batches = 0
     for inputs, targets in loader:
+        if max_steps is not None and batches >= max_steps:
+            break
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        loss = step(inputs, targets)
+        if meter is not None and batches == 0:
+            with meter:
+                loss = step(inputs, targets)
+        else:
+            loss = step(inputs, targets)
         total += loss.detach().float()
         batches += 1
+        if bar is not None:
+            bar.update(1)
     mean_loss = total.item() / max(batches, 1)  # .item() synchronizes, so the clock is honest
     _synchronize(device)
-    return mean_loss, time.perf_counter() - start
+    return mean_loss, time.perf_counter() - start, batches
 
 
 @torch.no_grad()

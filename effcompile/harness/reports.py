@@ -10,7 +10,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .fit import RunResult
 
-__all__ = ["bench_table", "save_metrics", "load_metrics", "plot_runs", "compare_table", "summary_table", "markdown_table"]
+__all__ = ["bench_table", "save_metrics", "load_metrics", "load_metadata", "plot_runs", "compare_table", "summary_table",
+           "comparison_table", "plot_comparison", "case_name", "markdown_table"]
+
+BASELINE = "backprop"  # the group the comparison's ratios divide by
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,6 +36,21 @@ def load_metrics(path: str | Path) -> dict[str, RunResult]:
     """Read the runs written by :func:`save_metrics`."""
     payload = json.loads(Path(path).read_text())
     return {label: RunResult.from_dict(data) for label, data in payload["runs"].items()}
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """Read the metadata written by :func:`save_metrics` (empty if there is none)."""
+    return dict(json.loads(Path(path).read_text()).get("metadata", {}))
+
+
+def case_name(metadata: Mapping[str, Any], default: str = "run") -> str:
+    """``dataset/model`` from the metadata ``effcompile train`` writes (``default`` if absent)."""
+    dataset = (metadata.get("dataset") or {}).get("name")
+    model = (metadata.get("command") or {}).get("model")
+    if model and (str(model).partition(":")[0].endswith(".py")):
+        model = Path(str(model).partition(":")[0]).stem
+    parts = [str(part) for part in (dataset, model) if part]
+    return "/".join(parts) or default
 
 
 def plot_runs(results: Mapping[str, RunResult], path: str | Path) -> Path:
@@ -71,6 +89,60 @@ def plot_runs(results: Mapping[str, RunResult], path: str | Path) -> Path:
             ax.grid(alpha=0.3)
     if results:
         axes[0, 0].legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _groups(results: Mapping[str, RunResult]) -> dict[str, list[RunResult]]:
+    groups: dict[str, list[RunResult]] = {}
+    for run in results.values():
+        groups.setdefault(run.group, []).append(run)
+    return groups
+
+
+def _mean_curve(runs: Sequence[RunResult]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per epoch over seeds: mean seconds, mean / min / max accuracy (epochs that all seeds ran)."""
+    epochs = min(len(run.history) for run in runs)
+    seconds, mean, low, high = [], [], [], []
+    for index in range(epochs):
+        accuracies = [run.history[index].test_accuracy for run in runs]
+        seconds.append(statistics.fmean(run.history[index].seconds for run in runs))
+        mean.append(statistics.fmean(accuracies))
+        low.append(min(accuracies))
+        high.append(max(accuracies))
+    return seconds, mean, low, high
+
+
+def plot_comparison(cases: Mapping[str, Mapping[str, RunResult]], path: str | Path) -> Path:
+    """One PNG: test accuracy against training wall-clock, one panel per case and one curve per
+    configuration (mean over seeds, min–max band shaded; the target accuracy dashed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = max(len(cases), 1)
+    fig = Figure(figsize=(6.5 * count, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, count, squeeze=False)[0]
+    colours: dict[str, str] = {}
+    for ax, (name, results) in zip(axes, cases.items()):
+        targets = set()
+        for group, runs in _groups(results).items():
+            if not runs or not all(run.history for run in runs):
+                continue
+            colour = colours.setdefault(group, f"C{len(colours) % 10}")
+            seconds, mean, low, high = _mean_curve(runs)
+            ax.plot(seconds, mean, color=colour, marker="o", markersize=3, label=f"{group} ({len(runs)} seeds)")
+            if len(runs) > 1:
+                ax.fill_between(seconds, low, high, color=colour, alpha=0.15, linewidth=0)
+            targets.update(run.target_accuracy for run in runs if run.target_accuracy is not None)
+        for target in sorted(targets):
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+        ax.set(title=name, xlabel="training wall-clock (s, mean over seeds)", ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small", loc="lower right")
     fig.savefig(path, dpi=100)
     return path
 
@@ -128,6 +200,63 @@ def summary_table(results: Mapping[str, RunResult]) -> str:
             _spread([r.seconds_per_epoch for r in runs], ".3f"),
         ])
     return markdown_table(header, rows)
+
+
+def comparison_table(cases: Mapping[str, Mapping[str, RunResult]], *, baseline: str = BASELINE) -> str:
+    """One Markdown table over cases (``{case: {label: RunResult}}``), one row per configuration.
+
+    Columns: seeds, epochs and training seconds to the target (mean [min, max] over the seeds
+    that reached it), final accuracy (mean [min, max]), the median step time and its ratio to
+    ``baseline`` of the same case, and the activations saved for backward in the first step
+    (eager runs) with their ratio to ``baseline``.  Ratios are "—" without a baseline group.
+    """
+    header = ["case", "configuration", "seeds", "target", "epochs to target", "seconds to target",
+              "final accuracy", "step (ms)", "step vs backprop", "saved activations (KiB)", "memory vs backprop"]
+    rows = []
+    for case, results in cases.items():
+        groups = _groups(results)
+        base = groups.get(baseline, [])
+        base_step = _median([r.step_seconds for r in base])
+        base_memory = _median([r.saved_activation_bytes for r in base])
+        for group, runs in groups.items():
+            reached = [r for r in runs if r.target_epoch is not None]
+            targets = {r.target_accuracy for r in runs if r.target_accuracy is not None}
+            step = _median([r.step_seconds for r in runs])
+            memory = _median([r.saved_activation_bytes for r in runs])
+            rows.append([
+                case,
+                group,
+                str(len(runs)),
+                "/".join(f"{t:g}" for t in sorted(targets)) or "—",
+                _reached(runs, reached, [r.target_epoch for r in reached], ".1f"),
+                _reached(runs, reached, [r.target_seconds for r in reached], ".1f"),
+                _spread([r.final_accuracy for r in runs], ".3f"),
+                _fmt(None if step is None else step * 1e3, ".2f"),
+                _ratio(step, base_step),
+                _fmt(None if memory is None else memory / 1024, ".0f"),
+                _ratio(memory, base_memory),
+            ])
+    return markdown_table(header, rows)
+
+
+def _reached(runs: Sequence[RunResult], reached: Sequence[RunResult], values: Sequence[Any], spec: str) -> str:
+    if not any(r.target_accuracy is not None for r in runs):
+        return "—"
+    if not reached:
+        return "not reached"
+    text = _spread(values, spec)
+    return text if len(reached) == len(runs) else f"{text} ({len(reached)}/{len(runs)} seeds)"
+
+
+def _median(values: Sequence[float | int | None]) -> float | None:
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else None
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "—"
+    return f"{value / base:.2f}x"
 
 
 def _spread(values: Sequence[float | int | None], spec: str) -> str:

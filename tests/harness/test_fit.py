@@ -11,7 +11,8 @@ import torch
 from effcompile.harness.data import get_dataset
 from effcompile.models import get_model
 from effcompile.harness.fit import EpochMetrics, RunResult, fit
-from effcompile.harness.reports import compare_table, load_metrics, plot_runs, save_metrics, summary_table
+from effcompile.harness.reports import (compare_table, comparison_table, load_metrics, plot_comparison, plot_runs,
+                                       save_metrics, summary_table)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGET = 0.5
@@ -74,6 +75,37 @@ def test_fit_unreached_target_is_none(digits):
     assert run.target_epoch is None and run.target_seconds is None
 
 
+def test_fit_records_steps_step_time_and_saved_activations(two_runs):
+    run = two_runs[0]
+    assert [m.steps for m in run.history] == [1437 // 64] * 2  # drop_last
+    per_step = [(run.history[0].seconds) / 22, (run.history[1].seconds - run.history[0].seconds) / 22]
+    assert run.step_seconds == pytest.approx(sum(per_step) / 2)  # the median of two epochs
+    # The MLP saves its 64x64 input, two 64x128 hidden activations and ReLU outputs (float32).
+    assert 64 * (64 + 2 * 128) * 4 <= run.saved_activation_bytes < 64 * (64 + 6 * 128) * 4
+    record = run.to_dict()
+    assert record["step_seconds"] == run.step_seconds and record["saved_activation_bytes"] == run.saved_activation_bytes
+    assert RunResult.from_dict(record).to_dict() == record
+
+
+def test_fit_max_steps_stops_early_and_evaluates_the_last_epoch(digits):
+    run = _fit_mlp(digits, epochs=3, max_steps=30)
+    assert [m.steps for m in run.history] == [22, 8]
+    assert math.isfinite(run.history[-1].test_accuracy)
+    with pytest.raises(ValueError, match="max_steps"):
+        _fit_mlp(digits, epochs=1, max_steps=0)
+
+
+def test_fit_progress_is_one_ascii_line_per_run_in_a_log(digits, capsys):
+    _fit_mlp(digits, epochs=2, progress=True, label="digits/mlp backprop/seed0")
+    err = capsys.readouterr().err  # pytest's capture is not a terminal: the log format
+    assert err.count("\n") == 1 and err.endswith("\n")
+    final = err.rstrip("\n").split("\r")[-1]
+    assert final.startswith("digits/mlp backprop/seed0 100%|") and "44/44" in final
+    assert "epoch 2/2 loss " in final and " acc " in final
+    assert err.isascii()
+    assert err.count("\r") <= 2 + 2 + 1  # start, one postfix per epoch, close: no per-step refreshes
+
+
 def test_fit_rejects_unknown_optimizer(digits):
     with pytest.raises(ValueError, match="unknown optimizer"):
         _fit_mlp(digits, epochs=1, optimizer="lbfgs")
@@ -122,6 +154,38 @@ def test_compare_table_has_one_row_per_run():
     assert len(lines) == 2 + 3
     assert "| decorrelation/seed0 | 0.9500 | 0.9500 | 2 | 0.50 | 0.250 |" in lines
     assert "| backprop/seed1 | 0.8800 | 0.8800 | — | — | 0.250 |" in lines
+
+
+def test_comparison_table_ratios_to_backprop_per_case():
+    results = _synthetic_results()
+    for run in results.values():
+        for metrics in run.history:
+            metrics.steps = 10  # 0.25 s per epoch: 25 ms per step
+        run.saved_activation_bytes = 2048 if run.group == "backprop" else 1024
+    results["decorrelation/seed0"].history[1].seconds = 0.75  # epoch 2 takes 0.5 s, epoch 3 none: median of 25/50/0 ms
+    table = comparison_table({"digits/mlp": results, "other/mlp": {"x/seed0": results["decorrelation/seed0"]}})
+    lines = table.splitlines()
+    assert lines[0].startswith("| case | configuration | seeds | target | epochs to target | seconds to target | "
+                               "final accuracy | step (ms) | step vs backprop | saved activations (KiB) |")
+    assert len(lines) == 2 + 3
+    assert lines[2] == ("| digits/mlp | backprop | 2 | 0.9 | 3.0 (1/2 seeds) | 0.8 (1/2 seeds) | 0.900 [0.880, 0.920] "
+                        "| 25.00 | 1.00x | 2 | 1.00x |")
+    assert lines[3] == "| digits/mlp | decorrelation | 1 | 0.9 | 2.0 | 0.5 | 0.950 | 25.00 | 1.00x | 1 | 0.50x |"
+    assert lines[4].startswith("| other/mlp | decorrelation | 1 |") and lines[4].endswith("| — | 1 | — |")
+
+
+def test_comparison_table_says_not_reached():
+    results = _synthetic_results()
+    del results["backprop/seed0"]
+    row = comparison_table({"c": results}).splitlines()[2]
+    assert "| not reached | not reached |" in row
+
+
+def test_plot_comparison_writes_one_png(tmp_path):
+    results = _synthetic_results()
+    path = plot_comparison({"digits/mlp": results, "mnist5k/mlp": results}, tmp_path / "accuracy_vs_time.png")
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
 
 
 def test_summary_table_gives_mean_and_spread_per_group():
