@@ -57,19 +57,21 @@ _LAYER_OPS: Tuple[Tuple[Any, int, str, int, str], ...] = (
     (torch.Tensor.mm, 0, "input", 1, "mat2"),
     (torch.addmm, 1, "mat1", 2, "mat2"),
     (torch.Tensor.addmm, 1, "mat1", 2, "mat2"),
-)
-# Ops whose result is the weight itself up to layout or dtype (what capture's weight tracing follows).
+) + tuple(  # the same ops called as torch.ops.aten.* (packet or default overload)
+    (op, input_position, input_keyword, weight_position, weight_keyword)
+    for name, input_position, input_keyword, weight_position, weight_keyword in (
+        ("linear", 0, "input", 1, "weight"), ("conv1d", 0, "input", 1, "weight"), ("conv2d", 0, "input", 1, "weight"),
+        ("conv3d", 0, "input", 1, "weight"), ("matmul", 0, "self", 1, "other"), ("mm", 0, "self", 1, "mat2"),
+        ("addmm", 1, "mat1", 2, "mat2"))
+    for op in (getattr(torch.ops.aten, name), getattr(torch.ops.aten, name).default))
+# Ops whose result is the weight itself up to layout or dtype (what capture's weight tracing follows;
+# ``.T``/``.mT`` are properties Dynamo does not dispatch to modes, and capture does not follow them).
 _WEIGHT_VIEWS: Tuple[Any, ...] = (
     torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute,
-    torch._C.TensorBase.T.__get__, torch._C.TensorBase.mT.__get__, torch.Tensor.contiguous, torch.Tensor.to,
-    torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double, torch.Tensor.type_as,
-    torch.Tensor.clone, torch.clone, torch.Tensor.detach, torch.detach,
+    torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
+    torch.Tensor.double, torch.Tensor.type_as, torch.Tensor.clone, torch.clone, torch.Tensor.detach, torch.detach,
+    torch.Tensor.chunk, torch.chunk, torch.Tensor.split, torch.split,
 )
-_WEIGHT_SPLITS: Tuple[Any, ...] = (torch.Tensor.chunk, torch.chunk, torch.Tensor.split, torch.split)
-# Tensor methods written in Python (``split``, ``unflatten``...): called as methods under Dynamo.
-_PYTHON_TENSOR_METHODS: Tuple[Tuple[Any, str], ...] = tuple(
-    (value, name) for name, value in vars(torch.Tensor).items() if isinstance(value, types.FunctionType))
-_METHOD_WRAPPER = type(torch._C.TensorBase.T.__get__)
 
 
 def _undecorated(func: types.FunctionType) -> types.FunctionType:
@@ -79,31 +81,49 @@ def _undecorated(func: types.FunctionType) -> types.FunctionType:
     return copy
 
 
-# Python composites of torch.nn.functional (F.multi_head_attention_forward, ...) paired with their
-# copies, made here: Dynamo cannot build a function object while tracing.
-_COMPOSITES: Tuple[Tuple[Any, types.FunctionType], ...] = tuple(
-    (value, _undecorated(value)) for name, value in sorted(vars(F).items())
+# Python composites of torch.nn.functional (F.multi_head_attention_forward, ...) and their copies,
+# made here: Dynamo cannot build a function object while tracing.
+_COMPOSITES: Tuple[types.FunctionType, ...] = tuple(
+    _undecorated(value) for name, value in sorted(vars(F).items())
     if isinstance(value, types.FunctionType) and not name.startswith("__"))
 
+# func → its role: ("layer", input position, input keyword, weight position, weight keyword),
+# ("view", method name or None), ("method", name): a Tensor method written in Python (``split``,
+# ``unflatten``: Dynamo cannot inline their ``super()`` call from inside a mode, so they are
+# re-issued as method calls), ("composite", index into _COMPOSITES).
+_ROLES: Dict[Any, Tuple[Any, ...]] = {}
+for _name, _value in vars(torch.Tensor).items():
+    if isinstance(_value, types.FunctionType):
+        _ROLES[_value] = ("method", _name)
+for _index, (_name, _value) in enumerate(
+        (name, value) for name, value in sorted(vars(F).items())
+        if isinstance(value, types.FunctionType) and not name.startswith("__")):
+    _ROLES.setdefault(_value, ("composite", _index))
+for _value in _WEIGHT_VIEWS:
+    _method = _ROLES.get(_value, (None, None))
+    _ROLES[_value] = ("view", _method[1] if _method[0] == "method" else None)
+for _entry in _LAYER_OPS:
+    _ROLES[_entry[0]] = ("layer",) + _entry[1:]
+_OTHER = ("other",)
 
-def _find(func: Any, table: Sequence[Any]) -> Optional[Any]:
-    # Identity tests only: Dynamo resolves them while tracing (dict/set lookups of functions it does not).
-    for entry in table:
-        candidate = entry[0] if isinstance(entry, tuple) else entry
-        if func is candidate or (type(candidate) is _METHOD_WRAPPER and func == candidate):  # ``.T``: a fresh wrapper per access
-            return entry
-    return None
+
+@torch.compiler.assume_constant_result
+def _role(func: Any) -> Tuple[Any, ...]:
+    # A dict lookup, run as Python even while Dynamo traces (its result is a constant): Dynamo
+    # would otherwise trace a lookup per torch call of the scope's forward, which is slow.
+    try:
+        return _ROLES.get(func, _OTHER)
+    except TypeError:  # an unhashable callable
+        return _OTHER
 
 
 def _argument(args: tuple, kwargs: dict, position: int, keyword: str) -> Any:
     return args[position] if len(args) > position else kwargs.get(keyword)
 
 
-def _call(func: Any, args: tuple, kwargs: dict) -> Any:
-    if isinstance(func, types.FunctionType) and args and isinstance(args[0], torch.Tensor):
-        method = _find(func, _PYTHON_TENSOR_METHODS)
-        if method is not None:
-            return getattr(args[0], method[1])(*args[1:], **kwargs)
+def _call(func: Any, method: Any, args: tuple, kwargs: dict) -> Any:
+    if method is not None and args and isinstance(args[0], torch.Tensor):
+        return getattr(args[0], method)(*args[1:], **kwargs)
     return func(*args, **kwargs)
 
 
@@ -135,9 +155,10 @@ class LayerInputObserver(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        layer_op = _find(func, _LAYER_OPS)
-        if layer_op is not None:
-            _, input_position, input_keyword, weight_position, weight_keyword = layer_op
+        role = _role(func)
+        kind = role[0]
+        if kind == "layer":
+            _, input_position, input_keyword, weight_position, weight_keyword = role
             state = self._state_of(_argument(args, kwargs, weight_position, weight_keyword))
             if state is not None:
                 if state.training:
@@ -145,20 +166,18 @@ class LayerInputObserver(TorchFunctionMode):
                 if not any(state is seen for seen in self.observed):
                     self.observed.append(state)
             return func(*args, **kwargs)
-        if _find(func, _WEIGHT_VIEWS) is not None or _find(func, _WEIGHT_SPLITS) is not None:
+        if kind == "view":
             state = self._state_of(args[0]) if args else None
-            out = _call(func, args, kwargs)
+            out = _call(func, role[1], args, kwargs)
             if state is not None:
                 for piece in (out if isinstance(out, (tuple, list)) else (out,)):
                     self.watched.append((piece, state))
             return out
-        if isinstance(func, types.FunctionType) and self._holds_watched(args, kwargs):
-            composite = _find(func, _COMPOSITES)
-            if composite is not None:
-                # A composite (F.multi_head_attention_forward) gets a fused weight: run its body observed.
-                with self:
-                    return redispatch_function(composite[1], types_, args, kwargs)
-        return _call(func, args, kwargs)
+        if kind == "composite" and self._holds_watched(args, kwargs):
+            # A composite (F.multi_head_attention_forward) gets a fused weight: run its body observed.
+            with self:
+                return redispatch_function(_COMPOSITES[role[1]], types_, args, kwargs)
+        return _call(func, role[1] if kind == "method" else None, args, kwargs)
 
     def check(self, scope: str) -> None:
         for state in self.formed:

@@ -129,7 +129,10 @@ class DecorrelationPass(ModelPass):
         rows = []
         for candidate in captured.layers:
             rows.append(self._plan_layer(candidate, tied, config))
-        rows.extend(self._unused_weights(model, captured, tied))
+        untraced = _untraced_weights(model, captured)
+        rows.extend(untraced)
+        rows.extend(row for row in self._unused_weights(model, captured, tied)
+                    if row.layer not in {untraced_row.layer for untraced_row in untraced})
         return rows
 
     def _plan_layer(self, candidate: LayerCandidate, tied: Dict[str, List[str]], config: Decorrelation) -> PlanRow:
@@ -279,6 +282,58 @@ def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:
 def _encloses(outer: str, inner: str) -> bool:
     """Module path ``outer`` is an ancestor of ``inner`` (``""`` is the root)."""
     return outer == "" or inner.startswith(outer + ".")
+
+
+_aten = torch.ops.aten
+# Layer ops of the captured graph → the position of their weight operand.
+_WEIGHT_POSITION = {
+    _aten.linear.default: 1, _aten.conv1d.default: 1, _aten.conv2d.default: 1, _aten.conv3d.default: 1,
+    _aten.conv1d.padding: 1, _aten.conv2d.padding: 1, _aten.conv3d.padding: 1, _aten.convolution.default: 1,
+    _aten.matmul.default: 1, _aten.mm.default: 1, _aten.addmm.default: 2,
+    _aten.einsum.default: None,  # any operand: einsum against a parameter is no recognised layer form
+}
+
+
+def _untraced_weights(model: nn.Module, captured: GraphCapture) -> List[PlanRow]:
+    """Parameters that reach a layer op's weight operand through ops the layer analysis does not follow.
+
+    The analysis follows a weight through views and casts (``t``, ``transpose``, ``chunk``...);
+    a parameter reaching a linear/conv/matmul through anything else (``.T`` is ``aten.numpy_T``,
+    ``w * mask``...) is not a candidate, so it would have no Plan row at all.  It gets a SKIP row.
+    """
+    params = dict(captured.exported.graph_signature.inputs_to_parameters)
+    found = {candidate.param_fqn for candidate in captured.layers}
+    rows: Dict[str, PlanRow] = {}
+    for node in captured.exported.graph.nodes:
+        if node.op != "call_function" or node.target not in _WEIGHT_POSITION:
+            continue
+        position = _WEIGHT_POSITION[node.target]
+        if position is None:
+            operands = list(node.args[1]) if len(node.args) > 1 else []
+        else:
+            operands = [node.args[position]] if len(node.args) > position else []
+        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        for source in operands:
+            through = []
+            while isinstance(source, torch.fx.Node) and source.op == "call_function" and source.args \
+                    and isinstance(source.args[0], torch.fx.Node):
+                through.append(getattr(source.target, "__name__", str(source.target)))
+                source = source.args[0]
+            fqn = params.get(source.name) if isinstance(source, torch.fx.Node) and source.op == "placeholder" else None
+            if fqn is None or fqn in found:
+                continue
+            owner_path, _, attr = fqn.rpartition(".")
+            key = layer_key(owner_path, attr)
+            if key in rows:
+                continue
+            if position is None:
+                reason = "einsum against a parameter is not a recognised layer form (write it as F.linear or @)"
+            else:
+                reason = (f"the weight reaches {op} through {' → '.join(reversed(through))}, which the layer "
+                          "analysis does not follow")
+            rows[key] = PlanRow(layer=key, pass_name=Decorrelation.name, action=Action.SKIP, op=op,
+                                weight_shape=tuple(model.get_parameter(fqn).shape), reason=reason)
+    return list(rows.values())
 
 
 def _tied_parameters(model: nn.Module) -> Dict[str, List[str]]:
