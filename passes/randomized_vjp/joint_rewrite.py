@@ -231,10 +231,14 @@ def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> N
     graph.erase_node(old)
 
 
-def _rewrite_grad_weight(graph, mm, grad_out, layer_input,
-                         settings: LayerSketch) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
+def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch,
+                         in_out: bool = False) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
     """(the record, or None with the reason when the exact GEMM stays; the node that now computes
-    grad_W; the number of rows it used when static)."""
+    grad_W; the number of rows it used when static).
+
+    ``in_out``: the exact GEMM is ``mm(t(X), G)`` (K×N: a weight stored in×out, ``X @ W``, or the
+    gradient of ``t(W)`` in ``X @ W.t()``), and the estimate keeps that orientation.
+    """
     before = _describe(mm)
     with graph.inserting_before(mm):
         k, rows, why = _sample_size(graph, mm, layer_input, 0, settings.keep, settings.multiple)
@@ -251,8 +255,9 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input,
                 inverse_root = _insert(graph, mm, aten.rsqrt.default, _insert(
                     graph, mm, aten.scalar_tensor.default, k, dtype=val.dtype, device=val.device))
                 sketch_matrix = _insert(graph, mm, aten.mul.Tensor, signs, inverse_root)
-            left = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_out), sketch_matrix)
-            right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), layer_input)
+            first, second = (layer_input, grad_out) if in_out else (grad_out, layer_input)
+            left = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, first), sketch_matrix)
+            right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), second)
             new = _insert(graph, mm, aten.mm.default, left, right)
         else:
             scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [1]), _norms(graph, mm, layer_input, [1]))
@@ -260,7 +265,10 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input,
             scale = _insert(graph, mm, aten.unsqueeze.default, scale, 1)
             grad_rows = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 0, indices), scale)
             input_rows = _gather(graph, mm, layer_input, 0, indices)
-            new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_rows), input_rows)
+            if in_out:
+                new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, input_rows), grad_rows)
+            else:
+                new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_rows), input_rows)
     _replace(graph, mm, new)
     return RewriteRecord(settings.layer, "grad_weight", "rows", _size_text(rows), _size_text(k), settings.estimator,
                          before, _describe(new)), new, _static(k)
@@ -364,11 +372,25 @@ def _weight_views(marker: torch.fx.Node) -> List[torch.fx.Node]:
     return views
 
 
-def _forward_matmuls(transposed_weight: torch.fx.Node) -> List[torch.fx.Node]:
-    """Forward ``addmm(b, X, t(W))`` / ``mm(X, t(W))`` nodes that use the transposed weight."""
-    return [user for user in transposed_weight.users
-            if (user.target is aten.addmm.default and user.args[2] is transposed_weight)
-            or (user.target is aten.mm.default and user.args[1] is transposed_weight)]
+def forward_nodes(graph: torch.fx.Graph) -> set:
+    """The joint graph's nodes that do not depend on a tangent: the forward.
+
+    Backward GEMMs have the forward's shapes too (``grad_X = mm(G, W)`` looks like a forward
+    ``mm(X, W)``), so the matchers check which side of the joint graph a product is on.  Nodes
+    inserted later are in neither set and never match as forward.
+    """
+    backward: set = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+    return {node for node in graph.nodes if node not in backward}
+
+
+def _direct_matmuls(weight: torch.fx.Node, forward: set) -> List[torch.fx.Node]:
+    """Forward ``addmm(b, X, B)`` / ``mm(X, B)`` nodes with ``weight`` as their B operand."""
+    return [user for user in weight.users if user in forward
+            and ((user.target is aten.addmm.default and user.args[2] is weight)
+                 or (user.target is aten.mm.default and user.args[1] is weight))]
 
 
 def _is_row_gather(node: Any, source: torch.fx.Node) -> bool:
@@ -377,14 +399,102 @@ def _is_row_gather(node: Any, source: torch.fx.Node) -> bool:
             and node.args[0] is source and len(node.args[1]) == 1 and node.args[1][0] is not None)
 
 
-def _weight_gradient_mms(layer_input: torch.fx.Node) -> List[Tuple[torch.fx.Node, torch.fx.Node]]:
-    """``(mm(t(G), X), X)`` for the layer input X, or for its rows gathered by the row-sparse backward."""
+def _weight_gradient_mms(layer_input: torch.fx.Node, sources: Optional[set]) -> List[Tuple[torch.fx.Node, torch.fx.Node, bool]]:
+    """Weight-gradient GEMMs of the layer input X (or of its rows gathered by the row-sparse backward),
+    as ``(mm, rows, transposed)``: ``mm(t(G), X)`` (``transposed=False``: N×K, nn.Linear's layout) or
+    ``mm(t(X), G)`` (``True``: K×N, e.g. ``X @ W`` with W in×out, or ``X @ W.t()``).
+
+    ``sources``, when known, are the backward nodes the weight's own gradient is computed from:
+    a GEMM of another layer fed by the same X (q/k/v projections of one input) never matches.
+    """
     inputs = [layer_input] + [u for u in layer_input.users if _is_row_gather(u, layer_input)]
-    return [(mm, rows) for rows in inputs for mm in rows.users
-            if mm.target is aten.mm.default and mm.args[1] is rows and _is_transpose(mm.args[0])]
+    found = []
+    for rows in inputs:
+        for user in rows.users:
+            if user.target is aten.mm.default and user.args[1] is rows and _is_transpose(user.args[0]):
+                found.append((user, rows, False))
+            elif _is_transpose(user):
+                found += [(mm, rows, True) for mm in user.users if mm.target is aten.mm.default and mm.args[0] is user]
+    return [item for item in found if sources is None or item[0] in sources]
 
 
-def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch) -> List[Any]:
+def _gradient_sources(marker: torch.fx.Node, forward: set) -> Optional[set]:
+    """The backward nodes the gradients of the weight's primals are computed from (None: unknown).
+
+    The marked weight is a primal, or is computed from primals in the forward (decorrelation's
+    ``W·R``); AOT's joint graph returns one gradient per primal after the forward outputs.
+    """
+    graph = marker.graph
+    primals = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
+    outputs = next((n for n in graph.nodes if n.op == "output"), None)
+    flat = outputs.args[0] if outputs is not None and outputs.args else ()
+    if not primals or not isinstance(flat, (list, tuple)) or len(flat) < len(primals):
+        return None
+    ancestors, stack = set(), [marker.args[0]]
+    while stack:
+        node = stack.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            stack += node.all_input_nodes
+    gradients = [flat[len(flat) - len(primals) + i] for i, primal in enumerate(primals) if primal in ancestors]
+    sources, stack = set(), [g for g in gradients if isinstance(g, torch.fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in sources and node not in forward:
+            sources.add(node)
+            stack += node.all_input_nodes
+    return sources
+
+
+def _weight_operands(marker: torch.fx.Node, forward: set) -> List[torch.fx.Node]:
+    """The marked weight up to forward casts and transposes, in any order (autocast casts ``W`` or
+    ``t(W)``; ``X @ W.t()`` and nn.Linear read ``t(W)``, ``X @ W`` reads ``W``)."""
+    operands, frontier = [marker], [marker]
+    while frontier:
+        frontier = [user for node in frontier for user in node.users if user in forward and user not in operands
+                    and user.op == "call_function" and (user.target in _CASTS or _is_transpose(user))]
+        operands += frontier
+    return operands
+
+
+def _dense_products(marker: torch.fx.Node, forward: set) -> List[Tuple[torch.fx.Node, torch.fx.Node]]:
+    """``(forward GEMM, its weight operand B)`` for every ``mm(X, B)`` / ``addmm(b, X, B)`` with B one
+    of the weight's operands (``t(W)``: nn.Linear, ``X @ W.t()``; ``W``: ``X @ W``, GPT-2's Conv1D)."""
+    return [(product, operand) for operand in _weight_operands(marker, forward)
+            for product in _direct_matmuls(operand, forward)]
+
+
+def _rewrite_dense(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch, forward: set) -> List[Any]:
+    """The backward GEMMs of every dense product of the marked weight, in either layout.
+
+    Every matching GEMM is found before any is rewritten: a rewrite inserts ``t(X)`` products of
+    its own, which must not be matched again.
+    """
+    sources = _gradient_sources(marker, forward)
+    grad_weight_mms, grad_input_mms = [], []
+    for product, operand in _dense_products(marker, forward):
+        layer_input = product.args[1] if product.target is aten.addmm.default else product.args[0]
+        if settings.keep < 1 or settings.ladder:
+            grad_weight_mms += _weight_gradient_mms(layer_input, sources)
+        if settings.keep_input < 1:  # grad_X = mm(G, t(B)): t(B) is the N×K operand
+            grad_input_mms += [(mm, back) for back in operand.users if _is_transpose(back) for mm in back.users
+                               if mm.target is aten.mm.default and mm.args[1] is back and mm not in forward]
+    outcomes: List[Any] = []
+    for mm, rows, transposed in dict.fromkeys(grad_weight_mms):
+        grad_out = mm.args[1] if transposed else mm.args[0].args[0]
+        outcome, grad_weight, rows_used = _rewrite_grad_weight(graph, mm, grad_out, rows, settings, in_out=transposed)
+        outcomes.append(outcome)
+        if settings.ladder:
+            if transposed:  # the statistics read grad_W as N×K
+                with graph.inserting_after(grad_weight):
+                    grad_weight = _transpose(graph, grad_weight, grad_weight)
+            _insert_statistics(graph, marker, grad_weight, rows_used, grad_out, rows, settings)
+    for mm, back in dict.fromkeys(grad_input_mms):
+        outcomes.append(_rewrite_grad_input(graph, mm, mm.args[0], back, settings))
+    return outcomes
+
+
+def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch, forward: set) -> List[Any]:
     """Every outcome for the marked layer: a RewriteRecord per sampled GEMM, an _Exact per GEMM whose
     budget keeps every index."""
     outcomes: List[Any] = []
@@ -394,20 +504,7 @@ def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: Layer
                          if u.target is aten.convolution_backward.default and u.args[2] is view]:
             outcome = _rewrite_conv_grad_weight(graph, backward, settings)
             outcomes += [outcome] if outcome else []
-    for transposed in [u for view in views for u in view.users if _is_transpose(u)]:
-        for forward in _forward_matmuls(transposed):
-            layer_input = forward.args[1] if forward.target is aten.addmm.default else forward.args[0]
-            if settings.keep < 1 or settings.ladder:
-                for mm, rows in _weight_gradient_mms(layer_input):
-                    grad_out = mm.args[0].args[0]
-                    outcome, grad_weight, rows_used = _rewrite_grad_weight(graph, mm, grad_out, rows, settings)
-                    outcomes.append(outcome)
-                    if settings.ladder:
-                        _insert_statistics(graph, marker, grad_weight, rows_used, grad_out, rows, settings)
-            if settings.keep_input < 1:
-                for back_t in [u for u in transposed.users if _is_transpose(u)]:
-                    for mm in [u for u in back_t.users if u.target is aten.mm.default and u.args[1] is back_t]:
-                        outcomes.append(_rewrite_grad_input(graph, mm, mm.args[0], back_t, settings))
+    outcomes += _rewrite_dense(graph, marker, settings, forward)
     _verify(marker, settings, outcomes)
     return [outcome for outcome in outcomes if isinstance(outcome, RewriteRecord)]
 
@@ -452,10 +549,11 @@ def _verify(marker: torch.fx.Node, settings: LayerSketch, outcomes: List[Any]) -
 def rewrite_joint_graph(graph: torch.fx.Graph) -> List[RewriteRecord]:
     """Rewrite every marked layer's backward GEMMs; remove the markers. Idempotent."""
     records: List[RewriteRecord] = []
+    forward = forward_nodes(graph)
     for marker in [n for n in graph.nodes if n.op == "call_function" and n.target is MARKER]:
         *fields, ladder = marker.args[2:]
         settings = LayerSketch(*fields, tuple(ladder))
-        records += _rewrite_layer(graph, marker, settings)
+        records += _rewrite_layer(graph, marker, settings, forward)
         marker.replace_all_uses_with(marker.args[0])
         graph.erase_node(marker)
     graph.eliminate_dead_code()
@@ -473,13 +571,14 @@ def _sources() -> List[str]:
 JOINT_PASS = register_joint_pass(RecordsJointPass("randomized_vjp", 20, rewrite_joint_graph, _sources()))
 
 
-def inspect_backward(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> List[RewriteRecord]:
+def inspect_backward(model: nn.Module, example_inputs: Any) -> List[RewriteRecord]:
     """Compile one training step of ``model`` (AOT joint graph, no Inductor) and return its rewrites.
 
     The backward never reaches ONNX; this is how ``effcompile inspect`` shows, per layer, which
     backward GEMM was sketched, along which dimension, with which k, and the nodes before/after.
     Parameters are left untouched (gradients are computed and discarded).
     """
+    from effcompile.inputs import call, tensor_leaves
     from effcompile.passes.joint import recording
 
     was_training = model.training
@@ -489,7 +588,8 @@ def inspect_backward(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -
         compiled = torch.compile(model, backend="effcompile_aot_eager")
         parameters = [p for p in model.parameters() if p.requires_grad]
         with recording() as log:
-            torch.autograd.grad(compiled(*example_inputs).float().sum(), parameters, allow_unused=True)
+            output = tensor_leaves(call(compiled, example_inputs))[0]  # any batch form, any output type
+            torch.autograd.grad(output.float().sum(), parameters, allow_unused=True)
         return [record for results in log for record in results[JOINT_PASS.name].records]
     finally:
         torch.compiler.reset()

@@ -353,8 +353,9 @@ class RandomizedVJPPass(ModelPass):
         if candidate.other_uses:
             return f"the weight is also used by {', '.join(sorted(set(candidate.other_uses)))}"
         kinds = {use.op for use in candidate.uses}
-        if len(kinds) != 1 or not (kinds <= {"linear"} or next(iter(kinds)).startswith("conv")):
-            return f"{'/'.join(sorted(kinds))}: only linear and conv layers have a sketched backward in this version"
+        dense = kinds <= {"linear", "matmul"}  # matmul: X @ W in either layout (GPT-2's Conv1D is addmm(b, X, W))
+        if not dense and (len(kinds) != 1 or not next(iter(kinds)).startswith("conv")):
+            return f"{'/'.join(sorted(kinds))}: a weight used by both dense and convolution ops has no single sketch"
         if any(use.unsupported for use in candidate.uses):
             return candidate.uses[0].unsupported
         if next(iter(kinds)).startswith("conv") and (config.estimator == "sketch" or config.target == "grad_input"):
@@ -406,7 +407,7 @@ class RandomizedVJPPass(ModelPass):
         """The backward is not in ONNX: the joint-graph GEMMs one compiled step rewrites."""
         from effcompile.harness.reports import markdown_table
 
-        records = inspect_backward(model, tuple(example_inputs))
+        records = inspect_backward(model, example_inputs)
         table = markdown_table(["layer", "gemm", "sampled dim", "k/n", "estimator", "before", "after"],
                                [[r.layer, r.gemm, r.sampled_dim, f"{r.k}/{r.n}", r.estimator, r.before, r.after]
                                 for r in records])

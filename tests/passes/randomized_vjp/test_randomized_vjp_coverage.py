@@ -144,7 +144,7 @@ def test_eager_sketch_under_autocast_is_unbiased():
 
 def test_a_planned_layer_without_a_rewritable_backward_fails_loudly(monkeypatch):
     """If the matcher finds no weight-gradient GEMM for a marked layer, compilation raises (no silent exact)."""
-    monkeypatch.setattr(joint_rewrite, "_weight_gradient_mms", lambda layer_input: [])
+    monkeypatch.setattr(joint_rewrite, "_weight_gradient_mms", lambda layer_input, sources: [])
     model = _mlp()
     effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25), example_inputs=(_batch(64)[0],))
     x, y = _batch(64)
