@@ -1,0 +1,68 @@
+"""Every technique on the real-client zoo (``tests/clients.py``): Hugging Face models with dict batches.
+
+Per model × technique: ``transform`` with the dict batch, every weight layer handled (a skip only
+where ``clients.py`` says why), the technique's effect from ``tests/settings.py`` (R moves,
+sketched gradients differ draw to draw, ...), and learning: the training loss of a fixed batch
+falls through ``train_step``.  The randomized VJP trains compiled (``effcompile_aot_eager``).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import effcompile
+
+from clients import CLIENTS
+from settings import SETTINGS, Run
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TECHNIQUES = ("decorrelation", "randomized_vjp")
+ROWS = 8
+
+
+def _cases():
+    for technique in TECHNIQUES:
+        for name in CLIENTS:
+            yield pytest.param(technique, name, id=f"{technique}-{name}")
+
+
+def _transformed(technique, name):
+    torch.manual_seed(0)
+    client = CLIENTS[name]
+    model = client.build()
+    model.train()
+    inputs, _ = client.batch(ROWS, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skips are Plan rows, checked below
+        effcompile.transform(model, SETTINGS[technique].config(), example_inputs=inputs)
+    return client, model
+
+
+@pytest.mark.parametrize("technique, name", list(_cases()))
+def test_technique_handles_every_layer_and_learns(technique, name, joint_log):
+    client, model = _transformed(technique, name)
+    plan = effcompile.report(model)
+    for row in plan.for_pass(technique):
+        if not row.applied:
+            assert any(pattern in row.layer for pattern in client.expected_skips), f"unexpected skip {row.layer}: {row.reason}"
+    assert len(plan.for_pass(technique).applied()) >= 8  # every projection and MLP layer of two blocks
+
+    initial = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    compiled = technique == "randomized_vjp"
+    step = effcompile.train_step(model, client.loss, optimizer, compile=compiled, backend="effcompile_aot_eager")
+    inputs, targets = client.batch(ROWS, 1)
+    gradients = []
+    for _ in range(2):  # lr 0: two draws of the gradient of one batch
+        step(inputs, targets)
+        gradients.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    SETTINGS[technique].effect(Run(model, gradients, list(joint_log.graphs), [ROWS, ROWS], compiled, initial))
+
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2
+    losses = [float(step(inputs, targets)) for _ in range(10)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses  # dropout stays on: compare a mean
