@@ -11,6 +11,7 @@ BENCHMARKS = {
     "randomized_vjp": "sketched step/backward ratios, saved memory, digits accuracy",
     "greedy_stages": "staged vs backprop step time, activation memory, digits accuracy",
     "sample_selection": "step cost vs backprop per (mode, keep), digits time-to-target per strategy",
+    "decorrelation": "one R update: the old formula vs the cost rule's (time ratio, same R)",
     "rewrite_coverage": "is the randomized VJP really applied under autocast, batch changes, dynamic, composition",
 }
 
