@@ -1,10 +1,13 @@
-"""Command-line interface: ``effcompile train | inspect | bench``.
+"""Command-line interface: ``effcompile train | report | inspect | bench``.
 
 Usage::
 
     effcompile train --model mlp --dataset digits --passes decorrelation \\
         --pass-arg decorrelation.lr=0.01 --epochs 10 --seeds 0,1,2 --target-accuracy 0.95 \\
         --compare --out runs/mlp
+    effcompile train --model cnn --dataset digits --compare --each \\
+        --passes decorrelation,randomized_vjp,greedy_stages,sample_selection --out runs/cnn
+    effcompile report runs/cnn/metrics.json runs/mlp/metrics.json --out runs
     effcompile inspect --model cnn --passes decorrelation --onnx cnn.onnx
     effcompile bench --model cnn --passes decorrelation --batch-size 64 --steps 50 --warmup 5 \\
         --compile --out results.json
@@ -36,17 +39,19 @@ from torch import nn
 
 from . import models
 from .api import report, transform
-from .measure import bench_pass
+from .measure import bench_pass, machine_info
 from .config import PASS_CONFIGS, config_from_dict
 from .passes import PASSES
 from .harness.data import DATASETS, get_dataset
 from .onnx_export import export_onnx, inspect_onnx
 from .harness.fit import fit
-from .harness.reports import bench_table, compare_table, markdown_table, plot_runs, save_metrics, summary_table
+from .harness.reports import (bench_table, case_name, compare_table, comparison_table, load_metadata, load_metrics,
+                               markdown_table, plot_comparison, plot_runs, save_metrics)
 
 __all__ = ["main", "build_parser", "CLIError"]
 
 PLAIN_GROUP = "backprop"
+COMPOSED_GROUP = "composed"  # the name of all passes together under --each
 
 
 class CLIError(Exception):
@@ -60,7 +65,7 @@ class CLIError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effcompile", description="Cheaper training through graph passes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,inspect,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,inspect,bench}")
 
     train = sub.add_parser("train", help="train with passes (and optionally plain backprop) and compare")
     _add_model_args(train, shape=False)
@@ -77,10 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="report epochs and seconds until this test accuracy")
     train.add_argument("--compile", action="store_true", help='torch.compile(backend="effcompile") the step')
     train.add_argument("--compare", action="store_true", help="also train plain backprop with the same seeds")
+    train.add_argument("--each", action="store_true",
+                       help=f"with several passes, also train each pass alone (all of them together are "
+                            f"named {COMPOSED_GROUP!r})")
+    train.add_argument("--max-steps", type=_positive_int, default=None,
+                       help="stop each run after this many training steps (a smoke test); the last epoch is evaluated")
+    train.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch intra-op threads (torch.set_num_threads); default: torch's")
     train.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     train.add_argument("--out", default=None, help="output directory (default: runs/train-<model>-<time>)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=cmd_train)
+
+    report_cmd = sub.add_parser("report", help="one comparison table and one accuracy-vs-time PNG "
+                                               "from the metrics.json files of several train runs")
+    report_cmd.add_argument("metrics", nargs="+", help="metrics.json files written by effcompile train")
+    report_cmd.add_argument("--out", default=None,
+                            help="directory for comparison.md and accuracy_vs_time.png (default: print only)")
+    report_cmd.set_defaults(handler=cmd_report)
 
     inspect = sub.add_parser("inspect", help="show what the passes decide for every layer")
     _add_model_args(inspect, shape=True)
@@ -325,15 +344,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.batch_size > len(train_set):
         raise CLIError(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training samples of {args.dataset}")
     device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     shape = dict(num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size)
     build_model(args.model, **shape, model_args=args.model_arg)  # fail fast, before any training
 
-    variants: list[tuple[str, list[Any]]] = []
-    if args.compare or not configs:
-        variants.append((PLAIN_GROUP, []))
-    if configs:
-        variants.append(("+".join(config.name for config in configs), configs))
+    variants = train_variants(configs, compare=args.compare, each=args.each)
     example = _dataset_batch(train_set, args.batch_size, device)
+    case = f"{info.name}/{_slug(args.model)}"
+    width = max(len(f"{case} {group}/seed{seed}") for group, _ in variants for seed in args.seeds)
 
     results = {}
     for group, variant_configs in variants:
@@ -347,23 +366,101 @@ def cmd_train(args: argparse.Namespace) -> int:
                 model, train_set, test_set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 optimizer=args.optimizer, momentum=args.momentum, seed=seed, compile=args.compile,
                 progress=not args.no_progress, target_accuracy=args.target_accuracy, device=device,
-                label=label, group=group,
+                label=f"{case} {label}".ljust(width), group=group, max_steps=args.max_steps,
             )
+            results[label].label = label
             results[label].config["passes"] = [config.to_dict() for config in variant_configs]
 
     out = Path(args.out or f"runs/train-{_slug(args.model)}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     metadata = {"command": _command_record(args), "dataset": _info_record(info),
-                "torch": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                "torch": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine_info(device)}
     save_metrics(results, out / "metrics.json", metadata=metadata)
     plot_runs(results, out / "curves.png")
 
     print(compare_table(results))
     if len(variants) > 1 or len(args.seeds) > 1:
-        print("\nMean over seeds [min, max]:")
-        print(summary_table(results))
+        print("\nMean over seeds [min, max]; step time: median over epochs of training seconds per step:")
+        print(comparison_table({case: results}))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'curves.png'} "
           "(seconds are training time; evaluation excluded)")
     return 0
+
+
+def train_variants(configs: Sequence[Any], *, compare: bool, each: bool) -> list[tuple[str, list[Any]]]:
+    """The ``(group, configs)`` that ``train`` runs: plain backprop (with ``compare``, or when no
+    pass is given), each pass alone (with ``each`` and several passes), then all passes together
+    (named ``composed`` under ``each``, else by joining the pass names with ``+``)."""
+    variants: list[tuple[str, list[Any]]] = []
+    if compare or not configs:
+        variants.append((PLAIN_GROUP, []))
+    if each and len(configs) > 1:
+        variants.extend((config.name, [config]) for config in configs)
+        variants.append((COMPOSED_GROUP, list(configs)))
+    elif configs:
+        variants.append(("+".join(config.name for config in configs), list(configs)))
+    return variants
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One comparison table and one accuracy-vs-wall-clock PNG over several train runs."""
+    cases: dict[str, Any] = {}
+    notes = []
+    for item in args.metrics:
+        path = Path(item)
+        if not path.is_file():
+            raise CLIError(f"metrics file {item!r} does not exist (write one with effcompile train --out DIR)")
+        try:
+            results, metadata = load_metrics(path), load_metadata(path)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CLIError(f"{item}: not a metrics.json written by effcompile train ({exc})") from None
+        name = case_name(metadata, default=path.parent.name or path.stem)
+        while name in cases:  # the same dataset/model twice: keep both, distinguishably
+            name = f"{name} ({path.parent.name})"
+        cases[name] = results
+        notes.append(_case_note(name, metadata, results))
+    table = comparison_table(cases)
+    text = "\n".join([table, "", *notes, "",
+                      "Seconds are training wall-clock (evaluation excluded); epochs/seconds to target and final "
+                      "accuracy are mean [min, max] over seeds; step time is the median over runs of each run's median "
+                      "seconds per step; saved activations: peak bytes autograd saved in the first (eager) step, "
+                      "parameters excluded."])
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.md").write_text(text + "\n")
+        plot_comparison(cases, out / "accuracy_vs_time.png")
+        print(f"\nwrote {out / 'comparison.md'} and {out / 'accuracy_vs_time.png'}")
+    return 0
+
+
+def _case_note(name: str, metadata: dict[str, Any], results: dict[str, Any]) -> str:
+    """One line per case: the settings and machine that the numbers depend on."""
+    command = metadata.get("command") or {}
+    dataset = metadata.get("dataset") or {}
+    machine = metadata.get("machine") or {}
+    passes = {}
+    for run in results.values():
+        for config in run.config.get("passes", []):
+            passes.setdefault(config.get("pass"), {k: v for k, v in config.items() if k != "pass"})
+    settings = ", ".join(f"{key} {command[key]}" for key in ("epochs", "batch_size", "lr", "optimizer")
+                         if key in command)
+    changed = "; ".join(f"{name_}: {_non_default(name_, config)}" for name_, config in passes.items() if name_)
+    where = ", ".join(str(v) for v in (machine.get("device_name"), machine.get("torch_threads") and
+                                       f"{machine['torch_threads']} threads", metadata.get("torch")) if v)
+    train_test = f"{dataset.get('num_train', '?')}/{dataset.get('num_test', '?')} images" if dataset else ""
+    return f"- **{name}**: {train_test}; {settings}; passes ({changed or 'defaults'}); {where}"
+
+
+def _non_default(name: str, config: dict[str, Any]) -> str:
+    """The fields of a pass config that differ from its defaults (or 'defaults')."""
+    cls = PASS_CONFIGS.get(name)
+    if cls is None:
+        return "?"
+    defaults = json.loads(json.dumps(cls().to_dict()))  # tuples become lists, as in metrics.json
+    changed = {key: value for key, value in config.items() if defaults.get(key) != value}
+    return ", ".join(f"{key}={value}" for key, value in changed.items()) or "defaults"
 
 
 def _dataset_batch(dataset: Any, batch_size: int, device: torch.device) -> tuple[torch.Tensor]:
