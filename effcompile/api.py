@@ -177,7 +177,10 @@ def train_step(
     ``inputs`` is a tensor, a tuple of positional inputs or a dict of keyword arguments; the loss
     function receives the model's output as the model returned it (tensor, tuple, ``ModelOutput``).  With ``compile=True`` the forward and
     loss run through ``torch.compile(backend=backend)`` (``"effcompile"``: Inductor with the
-    effcompile graph passes).  The returned loss is detached and stays on device (no host sync);
+    effcompile graph passes).  The returned loss is the batch's training loss at the weights before
+    the update (sample selection: the full-batch mean of its train-mode per-sample losses —
+    BatchNorm by batch statistics, running stats untouched; ``step.last_subset_loss`` is what was
+    backpropagated).  It is detached and stays on device (no host sync);
     ``check_finite=True`` raises ``FloatingPointError`` on a non-finite loss before the optimizer
     step, at the cost of one host sync per step.
     """

@@ -2,7 +2,7 @@
 
 Per model × technique: ``transform`` with the dict batch, every weight layer handled (a skip only
 where ``clients.py`` says why), the technique's effect from ``tests/settings.py`` (R moves,
-sketched gradients differ draw to draw, ...), and learning: the training loss of a fixed batch
+sketched gradients differ draw to draw, selection backpropagates k sequences), and learning: the training loss of a fixed batch
 falls through ``train_step``.  The randomized VJP trains compiled (``effcompile_aot_eager``).
 """
 
@@ -19,7 +19,7 @@ from settings import SETTINGS, Run
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TECHNIQUES = ("decorrelation", "randomized_vjp")
+TECHNIQUES = ("decorrelation", "randomized_vjp", "sample_selection")
 ROWS = 8
 
 

@@ -45,7 +45,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from effcompile.api import _as_tuple, _unwrap, check_finite_loss
+from effcompile.api import _unwrap, check_finite_loss
+from effcompile.inputs import model_inputs, tensor_leaves
 from .config import SampleSelection
 from effcompile.plan import Action, PlanRow
 from .selectors import SampleSelector, num_selected, per_sample_loss_fn, selector_of
@@ -349,10 +350,12 @@ class SelectionStep:
     # The compiled functions --------------------------------------------------------------
     def _select(self, outputs: Any, losses: torch.Tensor, targets: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         features = self.tap.take() if self.tap is not None else None
-        return self.selector.select(losses, features=features, logits=outputs, targets=targets)
+        logits = outputs if isinstance(outputs, torch.Tensor) else tensor_leaves(outputs)[0]
+        return self.selector.select(losses, features=features, logits=logits, targets=targets)
 
-    def _forward_select_eager(self, inputs: tuple, targets: Any):
-        outputs = self.model(*inputs)
+    # The batch arrives as (args, kwargs): a tensor, tuple or dict batch (model(**batch)) alike.
+    def _forward_select_eager(self, args: tuple, kwargs: dict, targets: Any):
+        outputs = self.model(*args, **kwargs)
         losses = self.per_sample_loss(outputs, targets)
         index, weights = self._select(outputs, losses, targets)
         batch, k = losses.shape[0], index.shape[0]
@@ -364,20 +367,23 @@ class SelectionStep:
             loss = (select_rows(losses, index) * weights.to(losses.dtype)).sum()
         return loss, losses.detach().mean(), index, weights
 
-    def _score_eager(self, inputs: tuple, targets: Any):
+    def _score_eager(self, args: tuple, kwargs: dict, targets: Any):
         with torch.no_grad():
             saved = [getattr(module, name).clone() for module, name in self._protected]
-            outputs = self.model(*inputs)
+            outputs = self.model(*args, **kwargs)
             for (module, name), value in zip(self._protected, saved):
                 getattr(module, name).copy_(value)  # the train-mode norms updated them: undo exactly
             losses = self.per_sample_loss(outputs, targets)
             index, weights = self._select(outputs, losses, targets)
         return losses.mean(), index, weights
 
-    def _train_rows_eager(self, inputs: tuple, targets: Any, index: torch.Tensor, weights: torch.Tensor):
+    def _train_rows_eager(self, args: tuple, kwargs: dict, targets: Any, index: torch.Tensor, weights: torch.Tensor):
         batch = targets.shape[0] if isinstance(targets, torch.Tensor) else None
-        rows = lambda value: value.index_select(0, index) if isinstance(value, torch.Tensor) else value
-        outputs = self.model(*(rows(x) for x in inputs))
+        # Every tensor with the batch's leading dimension is cut to the selected rows (ids, masks,
+        # pixel values, per-sample targets); anything else (a shared mask, a scalar) is kept whole.
+        rows = lambda value: (value.index_select(0, index) if isinstance(value, torch.Tensor) and value.dim() >= 1
+                              and (batch is None or value.shape[0] == batch) else value)
+        outputs = self.model(*(rows(x) for x in args), **{key: rows(value) for key, value in kwargs.items()})
         if self.tap is not None:
             self.tap.take()
         losses = self.per_sample_loss(outputs, rows(targets))
@@ -387,13 +393,14 @@ class SelectionStep:
 
     # The step ------------------------------------------------------------------------------
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
-        inputs = _as_tuple(inputs)
+        batch = model_inputs(inputs)
+        args, kwargs = batch.args, batch.kwargs
         self.optimizer.zero_grad(set_to_none=True)
         if self.spec.mode == FORWARD_REUSE:
-            loss, batch_loss, index, weights = self._forward_select(inputs, targets)
+            loss, batch_loss, index, weights = self._forward_select(args, kwargs, targets)
         else:
-            batch_loss, index, weights = self._scoring_pass(inputs, targets)
-            loss = self._train_rows(inputs, targets, index, weights)
+            batch_loss, index, weights = self._scoring_pass(batch, targets)
+            loss = self._train_rows(args, kwargs, targets, index, weights)
         if self.options.check_finite:
             check_finite_loss(loss, self.step_index)
         loss.backward()
@@ -404,7 +411,7 @@ class SelectionStep:
         self.step_index += 1
         return batch_loss.detach()
 
-    def _scoring_pass(self, inputs: tuple, targets: Any):
+    def _scoring_pass(self, inputs: Any, targets: Any):
         """Training-mode normalisation, nothing else: the layers of ``spec.train_mode_modules``
         (BatchNorm & co.) keep the flag they have in the training forward (train mode: normalised
         by the statistics of this batch; a BN the user froze in eval mode stays frozen), and their
@@ -417,7 +424,8 @@ class SelectionStep:
         for module, training in zip(self._train_mode_modules, norm_modes):
             module.training = training  # as in the training forward (a frozen, eval-mode BN stays frozen)
         try:
-            return self._score(inputs, targets)
+            batch = model_inputs(inputs)
+            return self._score(batch.args, batch.kwargs, targets)
         finally:
             for module, training in modes:
                 module.training = training

@@ -321,16 +321,12 @@ def _batch_reduce(unreduced: torch.Tensor, batch: int, reduction: str) -> torch.
 
 
 def _batch_size(outputs: Any) -> int:
-    first = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
-    if not isinstance(first, torch.Tensor):
-        raise ValueError(f"per-sample losses need tensor model outputs, got {type(first).__name__}")
-    return first.shape[0]
+    from effcompile.inputs import tensor_leaves
 
-
-def _add_batch_dim(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_add_batch_dim(item) for item in value)
-    return value.unsqueeze(0) if isinstance(value, torch.Tensor) else value
+    tensors = tensor_leaves(outputs)  # a tensor, a tuple, a dict or a ModelOutput: its first tensor
+    if not tensors or tensors[0].dim() == 0:
+        raise ValueError(f"per-sample losses need model outputs with a batch dimension, got {type(outputs).__name__}")
+    return tensors[0].shape[0]
 
 
 def _check_batch_mean(loss_fn: nn.Module) -> None:
@@ -373,15 +369,30 @@ def _unreduced_function_loss(loss_fn: Callable) -> Callable[[Any, Any], torch.Te
 
 
 def _vmapped_loss(loss_fn: Callable) -> Callable[[Any, Any], torch.Tensor]:
-    def one_sample(output: Any, target: Any) -> torch.Tensor:
-        return loss_fn(_add_batch_dim(output), _add_batch_dim(target))
+    """The user's loss on each sample as a batch of one (a sequence's loss: the mean over its tokens).
 
-    batched = torch.func.vmap(one_sample)
+    Outputs and targets are flattened with pytree first, so any output type works (tuples, dicts,
+    ``ModelOutput``s, which pytree rebuilds field by field); tensors with the batch's leading
+    dimension are vmapped over it, every other leaf (a KV-cache object, a shared mask, a number)
+    is passed to each sample unchanged.
+    """
+    from torch.utils import _pytree as pytree
+
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
 
     def per_sample(outputs: Any, targets: Any) -> torch.Tensor:
+        batch = _batch_size(outputs)
+        leaves, spec = pytree.tree_flatten((outputs, targets))
+        dims = tuple(0 if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 and leaf.shape[0] == batch else None
+                     for leaf in leaves)
+
+        def one_sample(*sample_leaves: Any) -> torch.Tensor:
+            restored = [leaf.unsqueeze(0) if dim == 0 else leaf for leaf, dim in zip(sample_leaves, dims)]
+            output, target = pytree.tree_unflatten(restored, spec)
+            return loss_fn(output, target)
+
         try:
-            losses = batched(outputs, targets)
+            losses = torch.func.vmap(one_sample, in_dims=dims)(*leaves)
         except Exception as error:
             raise ValueError(f"could not turn the loss {name!r} into per-sample losses with torch.func.vmap "
                              f"({type(error).__name__}: {error}); give a loss module with a 'reduction' attribute or a "

@@ -262,3 +262,25 @@ class TestConfig:
     def test_round_trip(self):
         config = SampleSelection(keep=0.1, strategy="gradmatch", mode="reforward", beta=2.0)
         assert config_from_dict(config.to_dict()) == config
+
+
+def test_per_sample_losses_of_a_model_output_are_per_sequence_token_means():
+    """A user's causal-LM loss over a ``ModelOutput`` (with a non-tensor cache field): ℓ_i is the
+    mean over sequence i's tokens, i.e. the same loss on that sequence alone."""
+    transformers = pytest.importorskip("transformers")
+
+    class Cache:  # stands in for a KV-cache object pytree cannot flatten
+        pass
+
+    def causal_lm_loss(output, ids):
+        logits = output.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    torch.manual_seed(0)
+    logits, ids = torch.randn(5, 7, 11), torch.randint(0, 11, (5, 7))
+    output = transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits, past_key_values=Cache())
+    losses = per_sample_loss_fn(causal_lm_loss)(output, ids)
+    expected = torch.stack([causal_lm_loss(transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits[i:i + 1]),
+                                           ids[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(losses, expected)
+    torch.testing.assert_close(losses.mean(), causal_lm_loss(output, ids))  # equal-length sequences
