@@ -10,8 +10,9 @@ its own — no hook sees it.  For those layers the scope module's ``forward`` ru
 
 * Reading a decorrelated weight inside the scope forms ``A = W·R`` (``DecorrelationState.forward``),
   which registers ``A`` with the active observer (``watch``): identity, not shape, identifies it.
-* Views of ``A`` the capture also follows (``t``, ``transpose``, ``permute``, ``.T``, casts,
-  ``contiguous``, ``chunk``/``split``) stay watched.
+* Views of ``A`` the capture also follows (``t``, ``transpose``, ``permute``, casts,
+  ``contiguous``, ``chunk``/``split``) stay watched, and so does a same-shaped result of any other
+  op applied to ``A`` (a marker another pass puts on the weight, e.g. the randomized VJP's).
 * Every ``linear`` / ``conv{1,2,3}d`` / ``matmul`` / ``mm`` / ``addmm`` whose weight operand is a
   watched tensor hands its input to that layer's ``DecorrelationState.observe`` (in training mode),
   then runs unchanged.  The update comes after ``A`` was formed, so this step's product uses the R
@@ -177,7 +178,14 @@ class LayerInputObserver(TorchFunctionMode):
             # A composite (F.multi_head_attention_forward) gets a fused weight: run its body observed.
             with self:
                 return redispatch_function(_COMPOSITES[role[1]], types_, args, kwargs)
-        return _call(func, role[1] if kind == "method" else None, args, kwargs)
+        out = _call(func, role[1] if kind == "method" else None, args, kwargs)
+        if args and isinstance(out, torch.Tensor):
+            # An op that returns a same-shaped tensor from a watched weight (another pass's weight
+            # marker, e.g. the randomized VJP's): the plan saw only layer and view uses of the weight.
+            state = self._state_of(args[0])
+            if state is not None and out.shape == args[0].shape:
+                self.watched.append((out, state))
+        return out
 
     def check(self, scope: str) -> None:
         for state in self.formed:

@@ -257,3 +257,22 @@ def test_einsum_against_a_parameter_is_a_skip_row():
         effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(2, 4),))
     assert effcompile.report(model).row("e").action == Action.SKIP
     assert "einsum" in effcompile.report(model).row("e").reason
+
+
+def test_composes_with_the_randomized_vjp_marker_on_observed_weights(joint_log):
+    """The randomized VJP wraps W·R in its marker op; the observer follows it (compiled aot_eager)."""
+    torch.manual_seed(0)
+    model = _Attention()
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layer w keeps all of its 2 rows: exact, and says so
+        effcompile.transform(model, effcompile.Decorrelation(lr=0.05), effcompile.RandomizedVJP(keep=0.5),
+                             example_inputs=(x,))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        step = effcompile.train_step(model, lambda out, _: out.sum(), optimizer, compile=True,
+                                     backend="effcompile_aot_eager")
+        for _ in range(2):
+            step(x, None)
+    for layer, state in decorrelation_states(model).items():
+        assert int(state.updates) == 2, layer
+    assert {"mha.in_proj_weight", "mha.out_proj"} <= {record.layer for record in joint_log.all("randomized_vjp")}
