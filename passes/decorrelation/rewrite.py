@@ -1,23 +1,37 @@
 """Decorrelation pass: decorrelated backpropagation (Dalm et al., arXiv 2405.02385).
 
 Graph before, for every parameter ``W`` found on the captured graph as the weight of a linear
-map (``aten.linear``, ``aten.conv{1,2,3}d`` incl. grouped/depthwise, ``aten.matmul`` against a
-parameter, the packed input projection of ``nn.MultiheadAttention``)::
+map (``aten.linear``, ``aten.conv{1,2,3}d`` incl. grouped/depthwise, ``aten.matmul``/``mm``/
+``addmm`` against a parameter, the packed input projection of ``nn.MultiheadAttention``)::
 
     y = linear(x, W, b)                   # or conv(x, W, b, stride, padding, dilation, groups)
 
-Graph after (one fused op per layer; ``R`` is a buffer, so ``∂L/∂W = δ·zᵀ`` with ``z = R·x``)::
+Graph after (one fused op per layer; ``R`` is a buffer, so ``∂L/∂W = δ·zᵀ`` with ``z = R·x``),
+when ``x`` is an argument of the module call that contains the op::
 
     # training mode only, in a forward pre-hook of the module call that receives x:
     R ← R − η·[(1−κ)·C·R + κ·diag(v)·R]    # C, v from sampled rows (patches) of z = R·x
     A = W·R                                 # owner.<attr>_decorrelation(W); R detached
     y = linear(x, A, b)                     # conv: A = W·R over the (C/groups)·k… patch
 
+and when ``x`` is computed inside that module (``nn.MultiheadAttention.out_proj``, ``F.linear(t,
+self.w)`` on a ``t`` of the module's own, the root's forward), observed where the graph computes
+it (observe.py: a TorchFunctionMode around the scope module's forward, traced by Dynamo)::
+
+    A = W·R                                 # read inside the scope: A is watched by identity
+    R ← R − η·[(1−κ)·C·R + κ·diag(v)·R]    # at the op whose weight operand is A, from its input x
+    y = linear(x, A, b)                     # unchanged; the next step uses the new R
+
+The Plan row of such a layer says where it is observed (``details["observed_in"]``).
+
 Details that make it cheap and safe:
 
 * Rows: at most ``max(64, rows_per_dim·b)`` random rows of the layer input (patches for
   convolutions, gathered directly from the unpadded input) feed the statistics, where ``b`` is
   the block size; no host synchronisation anywhere in the update.
+* Formula: per block, the cheapest of three exact ways to form ``C·R`` (``state.update_formula``):
+  ``Zᵀ(Z·R)/n`` for n < b, ``(ZᵀZ/n − diag)·R`` for b ≤ n ≤ 2b, and ``Σ = R·S·Rᵀ`` from the raw
+  input covariance ``S = XᵀX/n`` for n > 2b (the default n = 4b: 7·b³ MACs instead of 9·b³).
 * Structure: layers whose per-group input dimension exceeds ``max_block_size`` get a
   block-diagonal ``R``; grouped convolutions get one ``R`` per group.
 * Statistics are computed in fp32 with autocast disabled; ``R`` is stored in fp32 and cast to the
@@ -26,11 +40,15 @@ Details that make it cheap and safe:
   rejected on device (``R`` keeps its last good value) and counted in ``rejected_updates``.
 * DDP: when torch.distributed is initialised, the statistics are averaged over ranks before the
   update, so every rank applies the same update and ``R`` stays identical.
+* Nothing silent: a weight that reaches a layer op through ops the analysis does not follow
+  (``w.T``, ``w * mask``, ``einsum``) is a SKIP row; an observed weight read but never seen at a
+  layer op raises at run time.
 
 The R update runs inside ``forward`` as an in-place buffer update under ``no_grad`` (the same
 pattern BatchNorm uses for running statistics), so plain eager loops need no extra call and
-compiled steps contain the update.  Because ``R`` is updated before ``W·R`` is formed, the
-fused weight of a step always uses the freshest ``R``.
+compiled steps contain the update.  On the pre-hook path ``R`` is updated before ``W·R`` is
+formed, so the fused weight of a step uses the freshest ``R``; on the in-graph path the update
+follows the op (``A`` is formed first) and takes effect at the next step.
 """
 
 from __future__ import annotations
