@@ -41,7 +41,7 @@ Details that make it cheap and safe:
 * DDP: when torch.distributed is initialised, the statistics are averaged over ranks before the
   update, so every rank applies the same update and ``R`` stays identical.
 * Nothing silent: a weight that reaches a layer op through ops the analysis does not follow
-  (``w.T``, ``w * mask``, ``einsum``) is a SKIP row; an observed weight read but never seen at a
+  (``w.T``, ``0.5 * w``, ``einsum``) is a SKIP row; an observed weight read but never seen at a
   layer op raises at run time.
 
 The R update runs inside ``forward`` as an in-place buffer update under ``no_grad`` (the same
@@ -317,7 +317,7 @@ def _untraced_weights(model: nn.Module, captured: GraphCapture) -> List[PlanRow]
 
     The analysis follows a weight through views and casts (``t``, ``transpose``, ``chunk``...);
     a parameter reaching a linear/conv/matmul through anything else (``.T`` is ``aten.numpy_T``,
-    ``w * mask``...) is not a candidate, so it would have no Plan row at all.  It gets a SKIP row.
+    ``0.5 * w``...) is not a candidate, so it would have no Plan row at all.  It gets a SKIP row.
     """
     params = dict(captured.exported.graph_signature.inputs_to_parameters)
     found = {candidate.param_fqn for candidate in captured.layers}
@@ -334,7 +334,7 @@ def _untraced_weights(model: nn.Module, captured: GraphCapture) -> List[PlanRow]
         for source in operands:
             through = []
             while isinstance(source, torch.fx.Node) and source.op == "call_function" and source.args \
-                    and isinstance(source.args[0], torch.fx.Node):
+                    and isinstance(source.args[0], torch.fx.Node) and _tensor_inputs(source) == 1:
                 through.append(getattr(source.target, "__name__", str(source.target)))
                 source = source.args[0]
             fqn = params.get(source.name) if isinstance(source, torch.fx.Node) and source.op == "placeholder" else None
@@ -352,6 +352,12 @@ def _untraced_weights(model: nn.Module, captured: GraphCapture) -> List[PlanRow]
             rows[key] = PlanRow(layer=key, pass_name=Decorrelation.name, action=Action.SKIP, op=op,
                                 weight_shape=tuple(model.get_parameter(fqn).shape), reason=reason)
     return list(rows.values())
+
+
+def _tensor_inputs(node: torch.fx.Node) -> int:
+    """How many graph values ``node`` reads: a weight is followed through one-input ops only
+    (``x + pos_embed`` is no use of ``pos_embed`` as a layer weight)."""
+    return len(node.all_input_nodes)
 
 
 def _tied_parameters(model: nn.Module) -> Dict[str, List[str]]:
