@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train with passes (and optionally plain backprop) and compare")
     _add_model_args(train, shape=False)
     _add_pass_args(train)
-    train.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
-    train.add_argument("--data-root", default=None, help="dataset cache directory")
+    train.add_argument("--dataset", default="digits",
+                       help=f"{', '.join(DATASETS)} (default: digits; digits and mnist5k are bundled)")
+    train.add_argument("--data-root", default=None,
+                       help="directory holding cifar10/mnist files (default: $EFFCOMPILE_DATA or ./data; never downloaded)")
     train.add_argument("--epochs", type=_positive_int, default=10)
     train.add_argument("--batch-size", type=_positive_int, default=64)
     train.add_argument("--lr", type=float, default=0.01, help="optimizer learning rate")
@@ -137,7 +139,7 @@ def _add_model_args(parser: argparse.ArgumentParser, *, shape: bool, required: b
 
 
 def _add_pass_args(parser: argparse.ArgumentParser) -> None:
-    known = "|".join(PASS_CONFIGS)
+    known = ", ".join(PASS_CONFIGS)
     parser.add_argument("--passes", required=True, metavar="PASS[,PASS...]",
                         help=f'comma-separated pass names ({known}), applied in that order, or "none" for plain backprop')
     parser.add_argument("--pass-arg", action="append", default=[], metavar="PASS.FIELD=VALUE",
@@ -447,8 +449,10 @@ def _case_note(name: str, metadata: dict[str, Any], results: dict[str, Any]) -> 
     settings = ", ".join(f"{key} {command[key]}" for key in ("epochs", "batch_size", "lr", "optimizer")
                          if key in command)
     changed = "; ".join(f"{name_}: {_non_default(name_, config)}" for name_, config in passes.items() if name_)
-    where = ", ".join(str(v) for v in (machine.get("device_name"), machine.get("torch_threads") and
-                                       f"{machine['torch_threads']} threads", metadata.get("torch")) if v)
+    threads = machine.get("torch_threads")
+    threads = threads and f"{threads} torch thread{'s' if threads != 1 else ''}"
+    where = ", ".join(str(v) for v in (machine.get("device_name"), threads, metadata.get("torch") and
+                                       f"torch {metadata['torch']}") if v)
     train_test = f"{dataset.get('num_train', '?')}/{dataset.get('num_test', '?')} images" if dataset else ""
     return f"- **{name}**: {train_test}; {settings}; passes ({changed or 'defaults'}); {where}"
 

@@ -114,8 +114,8 @@ def _mean_curve(runs: Sequence[RunResult]) -> tuple[list[float], list[float], li
 
 
 def plot_comparison(cases: Mapping[str, Mapping[str, RunResult]], path: str | Path) -> Path:
-    """One PNG: test accuracy against training wall-clock, one panel per case and one curve per
-    configuration (mean over seeds, min–max band shaded; the target accuracy dashed)."""
+    """One PNG: test accuracy against training wall-clock (log scale), one panel per case and one
+    curve per configuration (mean over seeds, min–max band shaded; the target accuracy dashed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -138,7 +138,9 @@ def plot_comparison(cases: Mapping[str, Mapping[str, RunResult]], path: str | Pa
                 ax.fill_between(seconds, low, high, color=colour, alpha=0.15, linewidth=0)
             targets.update(run.target_accuracy for run in runs if run.target_accuracy is not None)
         for target in sorted(targets):
-            ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+        if ax.lines and all(x > 0 for line in ax.lines[: len(ax.lines) - len(targets)] for x in line.get_xdata()):
+            ax.set_xscale("log")  # configurations differ by multiples in time: log spacing shows them all
         ax.set(title=name, xlabel="training wall-clock (s, mean over seeds)", ylabel="test accuracy")
         ax.grid(alpha=0.3)
         if ax.lines:
