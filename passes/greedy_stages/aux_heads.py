@@ -24,7 +24,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["MLPSRHead", "PoolMLPHead", "MLPHead", "LinearHead", "HEAD_KINDS", "head_kind_for", "make_aux_head"]
+__all__ = ["MLPSRHead", "PoolMLPHead", "MLPHead", "LinearHead", "HEAD_KINDS", "head_kind_for", "make_aux_head",
+           "TokenHead", "FirstTokenHead", "OUTPUT_HEAD_KINDS", "output_head_kind", "make_output_head"]
 
 HEAD_KINDS = ("mlp_sr", "pool_mlp", "mlp", "linear")
 
@@ -143,3 +144,61 @@ class _ChannelFirstMean(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=2)
+
+
+# ------------------------------------------------------------------------------------ output-shaped heads
+class TokenHead(nn.Module):
+    """``(B, …, H)`` hidden state → LayerNorm → Linear to ``V`` per position: the shape of a causal
+    LM's ``(B, T, V)`` logits (the block-stack path's head for token-level outputs)."""
+
+    def __init__(self, hidden: int, outputs: int, norm: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden) if norm else nn.Identity()
+        self.proj = nn.Linear(hidden, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+class FirstTokenHead(nn.Module):
+    """``(B, T, H)`` → LayerNorm of the first token → Linear(H, H) + tanh → Linear to ``C`` (a BERT-style
+    pooled classifier; ``norm=False``: the first token → one Linear)."""
+
+    def __init__(self, hidden: int, outputs: int, norm: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden) if norm else nn.Identity()
+        self.pool = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if norm else nn.Identity()
+        self.proj = nn.Linear(hidden, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(self.norm(x[:, 0])))
+
+
+OUTPUT_HEAD_KINDS = ("token", "token_linear", "first_token", "first_token_linear")
+
+
+def output_head_kind(hidden: Sequence[int], target: Sequence[int], requested: str = "auto") -> str:
+    """The head mapping a hidden state of shape ``hidden`` to the model's output shape ``target``.
+
+    ``target[:-1] == hidden[:-1]`` (per-token logits) → ``token``; ``target`` of rank 2 with the same
+    batch (a classifier over a token sequence) → ``first_token``; ``requested="linear"`` drops the
+    norm (and the pooler).  Anything else raises ``ValueError`` naming both shapes.
+    """
+    hidden, target = tuple(hidden), tuple(target)
+    suffix = "_linear" if requested == "linear" else ""
+    if len(hidden) >= 2 and target[:-1] == hidden[:-1]:
+        return "token" + suffix
+    if len(hidden) == 3 and len(target) == 2 and target[0] == hidden[0]:
+        return "first_token" + suffix
+    raise ValueError(f"greedy_stages: no aux head maps a hidden state {hidden} to the model's output {target} "
+                     "(supported: per-token outputs (B, T, V) and per-sequence outputs (B, C))")
+
+
+def make_output_head(hidden: Sequence[int], target: Sequence[int], kind: str) -> nn.Module:
+    """A fresh output-shaped aux head of ``kind`` (from :func:`output_head_kind`)."""
+    width, outputs = int(hidden[-1]), int(target[-1])
+    if kind.startswith("token"):
+        return TokenHead(width, outputs, norm=kind == "token")
+    if kind.startswith("first_token"):
+        return FirstTokenHead(width, outputs, norm=kind == "first_token")
+    raise ValueError(f"unknown output head kind {kind!r}; expected one of {OUTPUT_HEAD_KINDS}")

@@ -29,6 +29,7 @@ parameters, evaluation from any stage); the multi-process runtime builds on the 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -37,14 +38,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from effcompile.inputs import model_inputs
 from effcompile.measure import SavedTensorMeter
-from .aux_heads import head_kind_for, make_aux_head
+from .aux_heads import head_kind_for, make_aux_head, make_output_head
+from .block_stack import CUT_KIND, BlockStagedModel, BlockStagePlan, make_block_train_step, plan_block_stages
 from .config import GreedyStages
 from effcompile.plan import Action, PlanRow
 
 from effcompile.passes.base import ModelPass, StepOptions, register_pass
 from effcompile.passes.analysis.capture import GraphCapture
-from .cut_search import (
+from effcompile.inputs import ModelInputs
+from .cut_search import (StageTraceError, 
     Boundary, TracedModel, boundary_for_module, count_flops, find_boundaries, measure_node_costs, merge_equivalent,
     min_max_partition, probe_batch_values, split_stages, stage_costs, trace_for_stages, trainable_elements,
 )
@@ -92,6 +96,7 @@ class StagePlan:
     stage_attributes: List[List[str]]  # parameters/buffers used directly (get_attr) per stage
     stage_weights: List[int] = dataclasses.field(default_factory=list)  # trainable elements per stage
     warnings: List[str] = dataclasses.field(default_factory=list)  # per stage: "" or why it is negligible
+    input_names: Optional[List[str]] = None  # a dict batch: the forward parameters its keys fill, in order
 
     def flop_share(self, k: int) -> float:
         """Stage k's share of the model's forward+backward FLOPs (stage bodies, heads excluded)."""
@@ -286,6 +291,19 @@ class StagedModel:
         self.boundaries = boundaries
         self._stage_modules = stage_modules
         self._stage_attributes = stage_attributes
+        self.input_names: Optional[List[str]] = None  # set for a dict batch (keys → positional inputs)
+
+    def positional(self, inputs: Any) -> tuple:
+        """Stage 0's positional inputs from a batch in any form (a dict batch by ``input_names``)."""
+        batch = model_inputs(inputs)
+        if not batch.kwargs:
+            return _as_tuple(inputs)
+        names = self.input_names
+        if names is None or set(batch.kwargs) != set(names) or batch.args:
+            raise ValueError(f"greedy_stages: this model was staged for "
+                             f"{'positional inputs' if names is None else f'the keyword inputs {names}'}; got a "
+                             f"batch with {len(batch.args)} positional and the keyword inputs {sorted(batch.kwargs)}")
+        return tuple(batch.kwargs[name] for name in names)
 
     @property
     def num_stages(self) -> int:
@@ -358,7 +376,7 @@ class StagedModel:
         try:
             self.model.eval()
             with torch.no_grad():
-                x = _as_tuple(inputs)
+                x = self.positional(inputs)
                 for j in range(k + 1):
                     out = self.stages[j](*x)
                     x = (out,)
@@ -454,6 +472,8 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     from effcompile.passes.sample_selection.selectors import selector_of
 
     staged = staged_model(model)
+    if isinstance(staged, BlockStagedModel):
+        return make_block_train_step(_unwrap(model), staged, loss_fn, optimizer, options)
     objective = _stage_objective(_unwrap(model), loss_fn)
     selector = selector_of(_unwrap(model))
     functions = [_stage_loss_function(staged, k, objective) for k in range(staged.num_stages)]
@@ -465,7 +485,7 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        x, losses = _as_tuple(inputs), []
+        x, losses = staged.positional(inputs), []
         for function in functions:
             loss, out, selection = function(x, targets)
             if options.check_finite:
@@ -496,6 +516,8 @@ def saved_activation_bytes(model: nn.Module, inputs: Any, targets: Any, loss_fn:
     """
     base = _unwrap(model)
     staged = staged_model(base)
+    if isinstance(staged, BlockStagedModel):
+        staged.stage(0)  # raises: the hook path has no per-stage modules to measure
     state = list(base.parameters()) + list(base.buffers())
     buffers = [(b, b.detach().clone()) for b in base.buffers()]
     grads = [(p, p.grad) for p in base.parameters()]
@@ -540,8 +562,13 @@ class GreedyStagesPass(ModelPass):
     step_order = 10  # outermost: each stage runs its local loss through the selection
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: GreedyStages) -> List[PlanRow]:
-        example_inputs = _example_inputs(captured)
-        plan = plan_stages(model, example_inputs, config)
+        batch = _example_inputs(captured)
+        try:
+            example_inputs, names = _positional_inputs(model, batch)
+            plan = plan_stages(model, example_inputs, config)
+            plan.input_names = names
+        except StageTraceError as error:  # the root forward cannot be fx-traced: cut its block stack
+            return self._block_stack_rows(model, batch, config, str(error))
         rows: List[PlanRow] = []
         for k in range(config.num_stages):
             for path in plan.stage_modules[k]:
@@ -561,6 +588,53 @@ class GreedyStagesPass(ModelPass):
         for warning in plan.warnings:
             if warning:
                 warnings.warn(f"greedy_stages: {warning}", UserWarning, stacklevel=2)
+        return rows
+
+    def _block_stack_rows(self, model: nn.Module, batch: Any, config: GreedyStages, fx_reason: str) -> List[PlanRow]:
+        """The Plan of the block-stack hook path (``block_stack.py``)."""
+        try:
+            plan = plan_block_stages(model, batch, config, fx_reason)
+        except StageTraceError as error:
+            raise StageTraceError(f"{error}. (The fx path was tried first: {fx_reason})") from None
+        rows: List[PlanRow] = []
+        modules = dict(model.named_modules())
+        for k in range(plan.num_stages):
+            for path in plan.stage_blocks(k):
+                rows.append(PlanRow(layer=path, pass_name=self.name, action=Action.ASSIGN,
+                                    op=type(modules[path]).__name__, details={"stage": k, "block_of": plan.stack.path}))
+        inside = tuple(f"{path}." for path in plan.stack.blocks)
+        by_module: Dict[str, Dict[str, Any]] = {}
+        for name, owner in plan.owners.items():
+            if name.startswith(inside):
+                continue
+            path = name.rpartition(".")[0]
+            entry = by_module.setdefault(path, {"stage": owner})
+            if name in plan.shared:
+                entry["shared"] = (f"{name.rpartition('.')[2]} used by stages {plan.shared[name]}; owned by stage "
+                                   f"{owner}, read detached by the others")
+        for path, details in by_module.items():
+            rows.append(PlanRow(layer=path or "<root>", pass_name=self.name, action=Action.ASSIGN,
+                                op=type(modules[path]).__name__, details=details))
+        reason = fx_reason if len(fx_reason) <= 300 else fx_reason[:297] + "..."
+        for k in range(plan.num_stages):
+            last = k == plan.num_stages - 1
+            blocks = plan.stage_blocks(k)
+            total = plan.stage_flops[k] + plan.head_flops[k]
+            details: Dict[str, Any] = {
+                "stage": k, "cut_kind": CUT_KIND, "stack": plan.stack.path,
+                "blocks": blocks[0] if len(blocks) == 1 else f"{blocks[0]}..{blocks[-1]}", "layers": len(blocks),
+                "fwd": _format_flops(total), "aux": f"{100.0 * plan.head_flops[k] / max(total, 1):.1f}%",
+                "flops_share": f"{100.0 * plan.flop_share(k):.1f}%",
+                "weights_share": f"{100.0 * plan.weight_share(k):.1f}%",
+            }
+            if not last:
+                details["cut_after"] = plan.stack.blocks[plan.cuts[k]]
+                details["boundary"] = "x".join(map(str, plan.boundary_shapes[k]))
+                details["output"] = "x".join(map(str, plan.output_shape))
+            rows.append(PlanRow(
+                layer=f"<stage {k}>" if last else f"{HEADS_ATTR}.{k}", pass_name=self.name, action=Action.ASSIGN,
+                op="model output" if last else plan.head_kinds[k], input_shape=None if last else plan.boundary_shapes[k],
+                reason=f"fx path not taken: {reason}" if k == 0 else "", details=details, spec=plan))
         return rows
 
     def _stage_row(self, plan: StagePlan, k: int, config: GreedyStages) -> PlanRow:
@@ -593,8 +667,14 @@ class GreedyStagesPass(ModelPass):
     def replan(self, model: nn.Module, rows: List[PlanRow], config: GreedyStages,
                example_inputs: Sequence[Any]) -> List[PlanRow]:
         """Rows decided by a launcher: the cut positions are read from the stage rows, not searched."""
+        if any(row.details.get("cut_kind") == CUT_KIND for row in rows):
+            raise ValueError("greedy_stages: the multi-process stage runtime does not run models staged on the "
+                             "block-stack hook path (the root forward is not fx-traceable, so there is no module per "
+                             "stage to run in its own process); train them with effcompile.train_step")
         positions = [row.details["cut_position"] for row in rows if "cut_position" in row.details]
+        example_inputs, names = _positional_inputs(model, model_inputs(example_inputs))
         plan = plan_stages(model, example_inputs, config, decided=positions)
+        plan.input_names = names
         return [dataclasses.replace(row, spec=plan) for row in rows]
 
     def refusals(self, model: nn.Module, configs: Sequence[Any]) -> List[PlanRow]:
@@ -609,7 +689,16 @@ class GreedyStagesPass(ModelPass):
                                "penultimate features are not tracked; use strategy 'loss' or 'random' with stages")]
 
     def apply(self, model: nn.Module, rows: List[PlanRow], config: GreedyStages) -> int:
-        plan = next(row.spec for row in rows if isinstance(row.spec, StagePlan))
+        spec = next(row.spec for row in rows if isinstance(row.spec, (StagePlan, BlockStagePlan)))
+        if isinstance(spec, BlockStagePlan):
+            heads = GreedyStageHeads([
+                make_output_head(shape, spec.output_shape, kind).to(device=spec.device, dtype=spec.boundary_dtype)
+                for shape, kind in zip(spec.boundary_shapes, spec.head_kinds)])
+            heads.train(model.training)
+            model.add_module(HEADS_ATTR, heads)
+            model.__dict__[_STAGED_ATTR] = BlockStagedModel(model, spec, HEADS_ATTR)
+            return spec.num_stages
+        plan = spec
         heads = GreedyStageHeads([
             make_aux_head(boundary.shape, plan.num_classes, kind, plan.head_width).to(device=plan.device, dtype=boundary.dtype)
             for boundary, kind in zip(plan.boundaries, plan.head_kinds)
@@ -617,8 +706,9 @@ class GreedyStagesPass(ModelPass):
         heads.train(model.training)
         model.add_module(HEADS_ATTR, heads)
         stages = split_stages(plan.traced, [b.position for b in plan.boundaries], [b.value for b in plan.boundaries])
-        model.__dict__[_STAGED_ATTR] = StagedModel(model, stages, plan.boundaries, plan.stage_modules,
-                                                   plan.stage_attributes)
+        staged = StagedModel(model, stages, plan.boundaries, plan.stage_modules, plan.stage_attributes)
+        staged.input_names = plan.input_names
+        model.__dict__[_STAGED_ATTR] = staged
         return len(stages)
 
     def is_applied(self, model: nn.Module) -> bool:
@@ -634,15 +724,29 @@ class GreedyStagesPass(ModelPass):
         return make_staged_train_step(model, loss_fn, optimizer, options)
 
 
-def _example_inputs(captured: GraphCapture) -> tuple:
-    """The example inputs recorded by ``torch.export`` (``ExportedProgram.example_inputs``)."""
+def _example_inputs(captured: GraphCapture) -> ModelInputs:
+    """The example batch recorded by ``torch.export`` (``ExportedProgram.example_inputs``): args and kwargs."""
     example = getattr(captured.exported, "example_inputs", None)
     if example is None:
         raise ValueError("greedy_stages needs the example inputs of the captured graph")
     args, kwargs = example
-    if kwargs:
-        raise ValueError("greedy_stages: example inputs must be positional")
-    return tuple(args)
+    return ModelInputs(tuple(args), dict(kwargs or {}))
+
+
+def _positional_inputs(model: nn.Module, batch: ModelInputs) -> Tuple[tuple, Optional[List[str]]]:
+    """The fx path's positional inputs: a dict batch whose keys are the forward's first parameters
+    is passed positionally (and so is every batch the step gets); other keyword batches raise
+    :class:`StageTraceError` (the block-stack path takes them)."""
+    if not batch.kwargs:
+        return tuple(batch.args), None
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params[len(batch.args):len(batch.args) + len(batch.kwargs)]]
+    if batch.args or set(names) != set(batch.kwargs):
+        raise StageTraceError(
+            f"greedy_stages: the fx path passes a dict batch positionally, so its keys must be the first parameters "
+            f"of {type(model).__name__}.forward ({[p.name for p in params]}); got {sorted(batch.kwargs)}")
+    return tuple(batch.kwargs[name] for name in names), names
 
 
 register_pass(GreedyStagesPass())

@@ -1,0 +1,566 @@
+"""Greedy stages for models whose root forward ``torch.fx`` cannot trace: cuts between the blocks
+of the model's main block stack, made at run time by forward hooks (``cut_kind=block-stack hooks``).
+
+Hugging Face models (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``BertForSequenceClassification``)
+cannot be symbolically traced at the root (their forward inspects its arguments, builds masks
+and caches in Python).  Their layers still run as one ``nn.ModuleList`` of same-class blocks
+(``transformer.h``, ``model.layers``, ``bert.encoder.layer``), one after another, each taking the
+hidden state ``(B, T, H)`` and returning the next one.  This path cuts that stack.
+
+Model before: ``out = model(**batch)``; one loss ``loss_fn(out, targets)`` whose gradient flows
+through every block.
+
+Model after ``transform(model, GreedyStages(K), example_inputs=batch)`` on this path:
+
+* ``find_block_stack`` picks the stack: the longest ``nn.ModuleList``/``nn.Sequential`` whose
+  children are all of one class and all hold trainable parameters (ties: more parameters).
+* The example forward is run once (eval mode, RNG forked, no backward) with hooks on every block
+  and a ``TorchFunctionMode`` that records, per parameter, at which block position it is used
+  (so tied weights — GPT-2's ``lm_head.weight`` is ``wte.weight`` — are found), with the forward
+  FLOPs of every block and of what runs before (embeddings) and after (final norm, head).
+* The K−1 cuts (after blocks ``c_1 < … < c_{K−1}``) minimise the most expensive stage's forward
+  FLOPs (its blocks, the prefix for stage 0, the suffix for the last, the aux head for the others)
+  by a dynamic program.  Everything before the first cut's stage (embeddings) is stage 0;
+  everything after the last cut (final norm, the model's head) is the last stage.
+* ``model.greedy_stage_heads.k`` (the same attribute as the fx path) maps the hidden state at
+  cut k to the model's output shape, inferred from the example output's first tensor (``logits``):
+  ``(B, T, V)`` → LayerNorm + Linear to V per token (causal LM); ``(B, C)`` → LayerNorm of the
+  first token → Linear + tanh → Linear to C (classification).
+
+``effcompile.train_step`` runs the model's **own** forward with forward hooks on the cut blocks::
+
+    h_k = block_{c_k}(…)                       # the hidden state at cut k (tensor or tuple[0])
+    a_k = head_k(h_k)                          # stage k's aux output (B, T, V) or (B, C)
+    block_{c_k} returns h_k.detach().requires_grad_()   # every tensor of its output detached
+    out = the model's output (ModelOutput)     # the last stage's output
+    L_k = loss_fn(out with its first tensor (logits) replaced by a_k, targets);  L_K = loss_fn(out, targets)
+    backward(L_0 … L_K); one optimizer step
+
+so no gradient crosses a cut and each stage's parameters get gradients from its own loss only.  A
+parameter used by several stages (a tied embedding) belongs to the first; later stages read it
+detached (the ``TorchFunctionMode`` swaps it per op).  A block of a later stage that receives a
+trainable tensor other than its hidden state (a position bias computed in an earlier stage) is
+refused at plan time (``StageTraceError``), as is a stack whose blocks run more than once, out of
+order or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves
+
+from .aux_heads import make_output_head, output_head_kind
+from .config import GreedyStages
+from .cut_search import StageTraceError
+
+__all__ = ["BlockStack", "BlockStagePlan", "BlockStagedModel", "find_block_stack", "plan_block_stages",
+           "replace_first_tensor", "CUT_KIND"]
+
+CUT_KIND = "block-stack hooks"
+
+
+# ------------------------------------------------------------------------------------ the stack
+@dataclasses.dataclass
+class BlockStack:
+    path: str
+    blocks: List[str]  # module paths, in index order
+    block_class: str
+
+
+def _trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def find_block_stack(model: nn.Module) -> BlockStack:
+    """The model's main block stack (see the module docstring); ``StageTraceError`` with the reason if none."""
+    best, seen = None, []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+            continue
+        children = list(module.named_children())
+        classes = {type(child) for _, child in children}
+        seen.append(f"{path or '<root>'} ({len(children)}× {', '.join(sorted(c.__name__ for c in classes))})")
+        if len(classes) != 1 or not all(_trainable(child) > 0 for _, child in children):
+            continue
+        key = (len(children), _trainable(module))
+        if best is None or key > best[0]:
+            names = [f"{path}.{name}" if path else name for name, _ in children]
+            best = (key, BlockStack(path, names, type(children[0][1]).__name__))
+    if best is None:
+        found = "; ".join(seen) if seen else "none"
+        raise StageTraceError(
+            f"greedy_stages: {type(model).__name__} has no block stack to cut between (an nn.ModuleList or "
+            f"nn.Sequential of >= 2 blocks of one class, each with trainable parameters); containers found: {found}")
+    return best[1]
+
+
+def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+    leaves = tensor_leaves(value)
+    return leaves[0] if leaves else None
+
+
+def replace_first_tensor(output: Any, replacement: torch.Tensor) -> Any:
+    """``output`` (tensor, tuple, dict, ``ModelOutput``) with its first tensor leaf replaced."""
+    if isinstance(output, torch.Tensor):
+        return replacement
+    if isinstance(output, (tuple, list)):
+        items = list(output)
+        for index, item in enumerate(items):
+            if _first_tensor(item) is not None:
+                items[index] = replace_first_tensor(item, replacement)
+                break
+        if hasattr(output, "_fields"):  # namedtuple
+            return type(output)(*items)
+        return type(output)(items)
+    if isinstance(output, dict):  # dict and ModelOutput (an OrderedDict dataclass of its non-None fields)
+        values = dict(output)
+        for key, item in values.items():
+            if _first_tensor(item) is not None:
+                values[key] = replace_first_tensor(item, replacement)
+                break
+        try:
+            return type(output)(**values)
+        except TypeError:
+            return dict(values)
+    raise TypeError(f"greedy_stages: cannot replace the first tensor of a model output of type {type(output).__name__}")
+
+
+def _detach_all(value: Any) -> Tuple[Any, Optional[torch.Tensor]]:
+    """Every tensor leaf of a block output detached; the first one (the hidden state) also
+    ``requires_grad_()`` so the next stage trains on a detached leaf input."""
+    first: List[torch.Tensor] = []
+
+    def detach(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        out = leaf.detach()
+        if not first:
+            if out.is_floating_point():
+                out.requires_grad_()
+            first.append(out)
+        return out
+
+    if isinstance(value, torch.Tensor):
+        return detach(value), first[0]
+    return pytree.tree_map(detach, value), (first[0] if first else None)
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Records at which block position each parameter is used (by any torch function / method)."""
+
+    def __init__(self, parameters: Dict[int, str], position: Callable[[], int]) -> None:
+        super().__init__()
+        self.parameters, self.position = parameters, position
+        self.uses: Dict[str, Set[int]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, nn.Parameter):
+                name = self.parameters.get(id(leaf))
+                if name is not None:
+                    self.uses.setdefault(name, set()).add(self.position())
+        return func(*args, **kwargs)
+
+
+class _DetachForeign(TorchFunctionMode):
+    """While stage ``s`` runs, a parameter owned by an earlier stage (a tied weight) is read detached."""
+
+    def __init__(self, owners: Dict[int, Tuple[nn.Parameter, int]], stage: Callable[[], int]) -> None:
+        super().__init__()
+        self.owners, self.stage = owners, stage
+        self.cache: Dict[int, torch.Tensor] = {}
+
+    def _swap(self, leaf: Any) -> Any:
+        if isinstance(leaf, nn.Parameter) and id(leaf) in self.owners and self.owners[id(leaf)][1] != self.stage():
+            if id(leaf) not in self.cache:
+                self.cache[id(leaf)] = leaf.detach()
+            return self.cache[id(leaf)]
+        return leaf
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        args, kwargs = pytree.tree_map(self._swap, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ the plan
+@dataclasses.dataclass
+class BlockStagePlan:
+    """What ``apply`` needs for the hook path (kept as the stage rows' ``spec``)."""
+
+    stack: BlockStack
+    cuts: List[int]  # block indices: the cut falls after each
+    boundary_shapes: List[Tuple[int, ...]]
+    boundary_dtype: torch.dtype
+    device: torch.device
+    output_shape: Tuple[int, ...]  # the model's first output tensor (logits) on the example
+    head_kinds: List[str]
+    owners: Dict[str, int]  # parameter name → owning stage
+    shared: Dict[str, List[int]]  # parameter name → every stage using it (more than one)
+    stage_flops: List[int]  # forward FLOPs per stage body (example batch)
+    head_flops: List[int]  # forward FLOPs per aux head (0 for the last stage)
+    stage_weights: List[int]  # trainable elements per stage (heads excluded)
+    fx_reason: str  # why the fx path was not taken
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.cuts) + 1
+
+    def stage_blocks(self, k: int) -> List[str]:
+        edges = [-1] + list(self.cuts) + [len(self.stack.blocks) - 1]
+        return self.stack.blocks[edges[k] + 1: edges[k + 1] + 1]
+
+    def flop_share(self, k: int) -> float:
+        return self.stage_flops[k] / max(sum(self.stage_flops), 1)
+
+    def weight_share(self, k: int) -> float:
+        return self.stage_weights[k] / max(sum(self.stage_weights), 1)
+
+
+def _stage_of(position: int, cuts: Sequence[int]) -> int:
+    """Position p = number of blocks completed; a cut after block c separates p <= c from p > c."""
+    return sum(1 for c in cuts if c < position)
+
+
+def _measure(model: nn.Module, batch: ModelInputs, stack: BlockStack) -> Dict[str, Any]:
+    """One example forward (eval, RNG forked, restored): per-unit FLOPs, parameter uses, shapes."""
+    modules = dict(model.named_modules())
+    blocks = [modules[path] for path in stack.blocks]
+    parameters = {id(p): name for name, p in model.named_parameters()}
+    state = {"position": 0, "calls": [], "inputs": [], "outputs": [], "snapshots": []}
+    counter = FlopCounterMode(display=False)
+
+    def pre_hook(index):
+        def hook(module, args, kwargs):
+            state["calls"].append(index)
+            if index == 0:
+                state["snapshots"].append(counter.get_total_flops())
+            leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            state["inputs"].append([(i, tuple(t.shape)) for i, t in enumerate(leaves)
+                                    if i > 0 and t.requires_grad and t.is_floating_point()])
+        return hook
+
+    def post_hook(index):
+        def hook(module, args, output):
+            state["position"] = index + 1
+            state["snapshots"].append(counter.get_total_flops())
+            state["outputs"].append(_first_tensor(output))
+        return hook
+
+    handles = []
+    for index, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
+        handles.append(block.register_forward_hook(post_hook(index)))
+    flags = {module: module.training for module in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    uses = _ParameterUses(parameters, lambda: state["position"])
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=[]), counter, uses:
+            output = call(model, batch)
+        total = counter.get_total_flops()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags.items():
+            module.training = flag
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return {"output": output, "total": total, "uses": uses.uses, **state}
+
+
+def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_reason: str) -> BlockStagePlan:
+    """Find the stack, measure, and cut (read-only: the model's state is left untouched)."""
+    batch = model_inputs(batch)
+    stack = find_block_stack(model)
+    name = type(model).__name__
+    n = len(stack.blocks)
+    if n < config.num_stages:
+        raise ValueError(f"greedy_stages: {name}'s block stack {stack.path!r} has {n} blocks, fewer than "
+                         f"num_stages={config.num_stages} (every stage keeps at least one block)")
+    if config.head not in ("auto", "linear"):
+        raise ValueError(f"greedy_stages: head={config.head!r} does not apply to the block-stack path (its heads map "
+                         "the hidden state to the model's output shape); use head='auto' or 'linear'")
+    measured = _measure(model, batch, stack)
+    if measured["calls"] != list(range(n)):
+        raise StageTraceError(
+            f"greedy_stages: the blocks of {name}'s stack {stack.path!r} ({n}× {stack.block_class}) must each run "
+            f"once, in index order, in one forward; the example forward called them in the order {measured['calls']}")
+    output = measured["output"]
+    if isinstance(output, dict) and output.get("loss") is not None:
+        raise ValueError(f"greedy_stages: {name} computed its own loss (labels in the batch?); stage losses apply "
+                         "loss_fn to each stage's logits, so pass the targets to the step, not in the batch")
+    logits = _first_tensor(output)
+    if logits is None or logits.dim() < 2:
+        raise StageTraceError(f"greedy_stages: {name}'s output has no tensor with a batch and a feature axis to "
+                              "give the aux heads their output shape")
+    hidden = measured["outputs"]
+    for index, tensor in enumerate(hidden):
+        if tensor is None or not tensor.is_floating_point() or tensor.dim() < 2:
+            raise StageTraceError(f"greedy_stages: block {stack.blocks[index]!r} returns no floating hidden-state "
+                                  "tensor to cut at")
+    kind = output_head_kind(tuple(hidden[0].shape), tuple(logits.shape), config.head)
+
+    snapshots = measured["snapshots"]  # [start of block 0, end of block 0, …, end of block n−1]
+    units = [snapshots[i + 1] - snapshots[i] for i in range(n)]
+    units[0] += snapshots[0]  # the prefix (embeddings) runs in stage 0
+    units[-1] += measured["total"] - snapshots[-1]  # the suffix (final norm, head) in the last stage
+    head_cost = _head_flops(tuple(hidden[0].shape), tuple(logits.shape), kind, hidden[0].dtype)
+
+    if config.cuts is not None:
+        cuts = _user_cuts(stack, config.cuts, name)
+    else:
+        cuts = _min_max_cuts(units, n, config.num_stages, head_cost)
+    # Parameter ownership: the first stage that uses it; later ones read it detached.
+    named = dict(model.named_parameters())
+    uses = measured["uses"]
+    owners, shared = {}, {}
+    for pname, parameter in named.items():
+        stages = sorted({_stage_of(p, cuts) for p in uses.get(pname, set())})
+        owners[pname] = stages[0] if stages else _owner_by_path(pname, stack, cuts)
+        if len(stages) > 1 and parameter.requires_grad:
+            shared[pname] = stages
+    for index in range(n):
+        stage = _stage_of(index, cuts)
+        if stage > 0 and index > 0 and measured["inputs"][index]:
+            raise StageTraceError(
+                f"greedy_stages: block {stack.blocks[index]!r} (stage {stage}) receives trainable tensors besides its "
+                f"hidden state (argument leaves {measured['inputs'][index]}); computed in an earlier stage, their "
+                "gradient would cross the cut. This model is not supported on the block-stack path")
+    edges = [-1] + list(cuts) + [n - 1]
+    stage_flops = [sum(units[edges[s] + 1: edges[s + 1] + 1]) for s in range(len(cuts) + 1)]
+    weights = [0] * (len(cuts) + 1)
+    counted = set()
+    for pname, parameter in named.items():
+        if parameter.requires_grad and id(parameter) not in counted:
+            counted.add(id(parameter))
+            weights[owners[pname]] += parameter.numel()
+    boundary_shapes = [tuple(hidden[c].shape) for c in cuts]
+    return BlockStagePlan(stack, cuts, boundary_shapes, hidden[0].dtype, hidden[0].device, tuple(logits.shape),
+                          [kind] * len(cuts), owners, shared, stage_flops, [head_cost] * len(cuts) + [0], weights,
+                          fx_reason)
+
+
+def _owner_by_path(pname: str, stack: BlockStack, cuts: Sequence[int]) -> int:
+    """A parameter the example forward never used: its block's stage, else the last stage."""
+    for index, path in enumerate(stack.blocks):
+        if pname.startswith(path + "."):
+            return _stage_of(index, cuts)
+    return len(cuts)
+
+
+def _head_flops(hidden: Tuple[int, ...], target: Tuple[int, ...], kind: str, dtype: torch.dtype) -> int:
+    with torch.random.fork_rng(devices=[]):
+        head = make_output_head(hidden, target, kind).to(dtype).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            head(torch.randn(hidden, dtype=dtype))
+    return counter.get_total_flops()
+
+
+def _user_cuts(stack: BlockStack, cuts: Sequence[str], name: str) -> List[int]:
+    index = {path: i for i, path in enumerate(stack.blocks)}
+    bad = [c for c in cuts if c not in index]
+    if bad:
+        raise ValueError(f"greedy_stages: cuts {bad} are not blocks of {name}'s stack {stack.path!r} (the block-stack "
+                         f"path cuts after a block); valid cuts: {stack.blocks}")
+    positions = [index[c] for c in cuts]
+    if any(a >= b for a, b in zip(positions, positions[1:])):
+        raise ValueError(f"greedy_stages: cuts={tuple(cuts)} must be distinct blocks in forward order")
+    return positions
+
+
+def _min_max_cuts(units: List[int], n: int, stages: int, head_cost: int) -> List[int]:
+    """Cuts after blocks c_1 < … < c_{K−1} (each stage keeps >= 1 block) minimising the largest stage
+    cost (exact DP, O(K·n²)); ties: the earlier cut."""
+    prefix = [0]
+    for u in units:
+        prefix.append(prefix[-1] + u)
+
+    def cost(i: int, j: int, last: bool) -> int:  # blocks i..j inclusive
+        return prefix[j + 1] - prefix[i] + (0 if last else head_cost)
+
+    # best[k][j]: the smallest largest-stage cost of stages 0..k covering blocks 0..j
+    best = [[math.inf] * n for _ in range(stages)]
+    back = [[-1] * n for _ in range(stages)]
+    for j in range(n):
+        best[0][j] = cost(0, j, stages == 1)
+    for k in range(1, stages):
+        last = k == stages - 1
+        for j in range(k, n):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], cost(i + 1, j, last))
+                if value < best[k][j]:
+                    best[k][j], back[k][j] = value, i
+    cuts, k, j = [], stages - 1, n - 1
+    while k > 0:
+        j = back[k][j]
+        cuts.append(j)
+        k -= 1
+    return sorted(cuts)
+
+
+# ------------------------------------------------------------------------------------ runtime
+class BlockStagedModel:
+    """The runtime view of a model staged on the block-stack hook path (``model.__dict__``)."""
+
+    kind = CUT_KIND
+
+    def __init__(self, model: nn.Module, plan: BlockStagePlan, heads_attr: str) -> None:
+        self.model = model
+        self.plan = plan
+        self._heads_attr = heads_attr
+        named = dict(model.named_parameters())
+        self._owners = {id(named[p]): (named[p], plan.owners[p]) for p in plan.shared}
+        self.state = {"stage": 0}
+
+    @property
+    def num_stages(self) -> int:
+        return self.plan.num_stages
+
+    @property
+    def heads(self) -> nn.ModuleList:
+        return self.model._modules[self._heads_attr]
+
+    @property
+    def boundary_shapes(self) -> List[tuple]:
+        return list(self.plan.boundary_shapes)
+
+    def _check(self, k: int) -> int:
+        if not (isinstance(k, int) and -self.num_stages <= k < self.num_stages):
+            raise IndexError(f"stage {k!r} out of range for {self.num_stages} stages")
+        return k % self.num_stages
+
+    def stage(self, k: int) -> nn.Module:
+        raise NotImplementedError(
+            "greedy_stages: this model is staged on the block-stack hook path (its root forward cannot be traced by "
+            "torch.fx), which runs the model's own forward with hooks at the cuts; there is no separate module per "
+            "stage. Train it with effcompile.train_step (one process); the multi-process stage runtime and "
+            "saved_activation_bytes need the fx path")
+
+    def head(self, k: int) -> Optional[nn.Module]:
+        k = self._check(k)
+        return None if k == self.num_stages - 1 else self.heads[k]
+
+    def stage_modules(self, k: int) -> List[str]:
+        """The blocks of stage k (modules outside the stack: see ``stage_parameters`` / the Plan)."""
+        return self.plan.stage_blocks(self._check(k))
+
+    def stage_attributes(self, k: int) -> List[str]:
+        return []
+
+    def stage_parameters(self, k: int) -> List[nn.Parameter]:
+        """Parameters owned by stage k (its blocks, embeddings for stage 0, the model's head for the
+        last) and its aux head; every parameter belongs to exactly one stage."""
+        k = self._check(k)
+        found: Dict[int, nn.Parameter] = {}
+        for name, parameter in self.model.named_parameters():
+            if name.startswith(self._heads_attr + "."):
+                continue
+            if self.plan.owners.get(name, self.num_stages - 1) == k:
+                found.setdefault(id(parameter), parameter)
+        head = self.head(k)
+        if head is not None:
+            for parameter in head.parameters():
+                found.setdefault(id(parameter), parameter)
+        return list(found.values())
+
+    def run(self, inputs: Any) -> Tuple[Any, List[torch.Tensor]]:
+        """The model's forward with the cuts: ``(output, [aux output of stage k for k < K−1])``."""
+        modules = dict(self.model.named_modules())
+        blocks = self.plan.stack.blocks
+        aux: List[torch.Tensor] = []
+        self.state["stage"] = 0
+
+        def cut_hook(k):
+            def hook(module, args, output):
+                hidden = _first_tensor(output)
+                aux.append(self.heads[k](hidden))
+                self.state["stage"] = k + 1
+                detached, _ = _detach_all(output)
+                return detached
+            return hook
+
+        handles = [modules[blocks[c]].register_forward_hook(cut_hook(k)) for k, c in enumerate(self.plan.cuts)]
+        try:
+            if self._owners:
+                with _DetachForeign(self._owners, lambda: self.state["stage"]):
+                    output = call(self.model, inputs)
+            else:
+                output = call(self.model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.state["stage"] = 0
+        if len(aux) != len(self.plan.cuts):
+            raise RuntimeError(f"greedy_stages: {len(aux)} of {len(self.plan.cuts)} cut blocks ran in this forward")
+        return output, aux
+
+    def stage_outputs(self, inputs: Any) -> List[Any]:
+        """Every stage's output in the model's output type (aux logits in place of the first tensor)."""
+        output, aux = self.run(inputs)
+        return [replace_first_tensor(output, a) for a in aux] + [output]
+
+    def predict(self, inputs: Any, stage: Optional[int] = None) -> torch.Tensor:
+        """Stage ``stage``'s logits (default: the last stage's), in eval mode, without grad."""
+        k = self.num_stages - 1 if stage is None else self._check(stage)
+        flags = {module: module.training for module in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                output, aux = self.run(inputs)
+            return aux[k] if k < len(aux) else _first_tensor(output)
+        finally:
+            for module, flag in flags.items():
+                module.training = flag
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        return self.model(*inputs, **kwargs)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join("x".join(map(str, s)) for s in self.boundary_shapes)
+        return f"BlockStagedModel({self.num_stages} stages of {self.plan.stack.path!r}, boundaries: {shapes})"
+
+
+def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, optimizer: Any,
+                          options: Any) -> Callable:
+    """The single-process DGL step of the hook path (see the module docstring)."""
+    from effcompile.api import check_finite_loss
+    from effcompile.passes.sample_selection.selectors import selector_of
+
+    if options.compile:
+        raise ValueError("greedy_stages: compile=True is not supported on the block-stack hook path (the model's own "
+                         "forward runs eager with hooks at the cuts); use compile=False")
+    if selector_of(model) is not None:
+        raise ValueError("greedy_stages: the block-stack hook path does not compose with sample_selection (its "
+                         "per-stage selection needs the fx stages)")
+    counter = {"step": 0}
+
+    def step(inputs: Any, targets: Any) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        output, aux = staged.run(inputs)
+        losses = [loss_fn(replace_first_tensor(output, a), targets) for a in aux] + [loss_fn(output, targets)]
+        if options.check_finite:
+            for loss in losses:
+                check_finite_loss(loss, counter["step"])
+        # The stages' graphs are disjoint (every cut detached), so one backward over all losses
+        # gives each parameter exactly the gradient of its own stage's loss.
+        torch.autograd.backward(losses)
+        optimizer.step()
+        counter["step"] += 1
+        step.stage_losses = [loss.detach() for loss in losses]
+        return step.stage_losses[-1]
+
+    step.stage_losses = []
+    return step

@@ -1,0 +1,205 @@
+"""Greedy stages on models whose root forward torch.fx cannot trace: the block-stack hook path.
+
+Hugging Face GPT-2, Llama and BERT (tiny, random init, ``tests/clients.py``) with dict batches:
+the Plan names the stack and the stages, the stage losses fall, and no gradient crosses a cut
+(checked against the model with the detach switched off, where it does).
+"""
+
+import pathlib
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import effcompile
+from effcompile.passes.greedy_stages import GreedyStages, StageTraceError, saved_activation_bytes, staged_model
+from effcompile.passes.greedy_stages import block_stack
+from effcompile.passes.greedy_stages.block_stack import BlockStagedModel, CUT_KIND, replace_first_tensor
+from effcompile.passes.greedy_stages.rewrite import GreedyStagesPass
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # tests/: the client zoo
+from clients import CLIENTS  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ROWS = 8
+STACKS = {"gpt2": "transformer.h", "llama": "model.layers", "bert": "bert.encoder.layer"}
+EMBEDDINGS = {"gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight",
+              "bert": "bert.embeddings.word_embeddings.weight"}
+
+
+def _staged(name, seed=0, **config):
+    torch.manual_seed(seed)
+    client = CLIENTS[name]
+    model = client.build()
+    model.train()
+    inputs, targets = client.batch(ROWS, 0)
+    effcompile.transform(model, GreedyStages(num_stages=2, **config), example_inputs=inputs)
+    return client, model, inputs, targets
+
+
+def _stage_grads(model, staged, loss_fn, inputs, targets, weights=(1.0, 1.0)):
+    """Gradients of w0·L0 + w1·L1 with respect to every trainable parameter (None: no path)."""
+    output, aux = staged.run(inputs)
+    losses = [loss_fn(replace_first_tensor(output, aux[0]), targets), loss_fn(output, targets)]
+    total = weights[0] * losses[0] + weights[1] * losses[1]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    return {n: g for (n, _), g in zip(named, grads)}
+
+
+def _nonzero(grad):
+    return grad is not None and bool(grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("name", list(CLIENTS))
+def test_plan_names_the_stack_and_stages_and_both_stage_losses_fall(name):
+    client, model, inputs, targets = _staged(name)
+    stage_rows = [row for row in effcompile.report(model).for_pass("greedy_stages")
+                  if row.layer.startswith(("greedy_stage_heads", "<stage"))]
+    assert [row.details["cut_kind"] for row in stage_rows] == [CUT_KIND, CUT_KIND]
+    assert all(row.details["stack"] == STACKS[name] for row in stage_rows)
+    assert [row.details["blocks"] for row in stage_rows] == [f"{STACKS[name]}.0", f"{STACKS[name]}.1"]
+    assert stage_rows[0].details["cut_after"] == f"{STACKS[name]}.0"
+    assert stage_rows[0].reason.startswith("fx path not taken")  # not a silent fallback
+    shares = [float(row.details["weights_share"].rstrip("%")) for row in stage_rows]
+    assert abs(sum(shares) - 100) < 0.5 and min(shares) > 20
+    layers = {row.layer: row.details["stage"] for row in effcompile.report(model).for_pass("greedy_stages")}
+    assert layers[EMBEDDINGS[name].rpartition(".")[0]] == 0  # embeddings: stage 0
+
+    staged = staged_model(model)
+    assert isinstance(staged, BlockStagedModel)
+    # every trainable parameter belongs to exactly one stage
+    owned = [id(p) for k in range(2) for p in staged.stage_parameters(k)]
+    assert len(owned) == len(set(owned)) and set(owned) == {id(p) for p in model.parameters() if p.requires_grad}
+    logits = staged.predict(inputs, stage=0)
+    assert logits.shape == client.build().eval()(**inputs).logits.shape
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = effcompile.train_step(model, client.loss, optimizer)
+    history = []
+    for _ in range(10):
+        loss = step(inputs, targets)
+        assert len(step.stage_losses) == 2 and torch.equal(loss, step.stage_losses[-1])
+        history.append([float(value) for value in step.stage_losses])
+    for k in range(2):
+        first, last = history[0][k], sum(h[k] for h in history[-3:]) / 3  # dropout stays on: a mean
+        assert last < 0.9 * first, (name, k, [h[k] for h in history])
+
+
+@pytest.mark.parametrize("name", list(CLIENTS))
+def test_no_gradient_crosses_the_cut(name, monkeypatch):
+    client, model, inputs, targets = _staged(name)
+    model.eval()  # dropout off: gradients comparable between calls
+    staged = staged_model(model)
+    stage0 = {n for n, p in model.named_parameters() if any(p is q for q in staged.stage_parameters(0))}
+    stage1 = {n for n, p in model.named_parameters() if any(p is q for q in staged.stage_parameters(1))}
+    assert EMBEDDINGS[name] in stage0
+
+    only_last = _stage_grads(model, staged, client.loss, inputs, targets, weights=(0.0, 1.0))
+    assert not any(_nonzero(only_last[n]) for n in stage0)  # the last stage's loss never reaches stage 0
+    assert any(_nonzero(only_last[n]) for n in stage1)
+    only_first = _stage_grads(model, staged, client.loss, inputs, targets, weights=(1.0, 0.0))
+    assert not any(_nonzero(only_first[n]) for n in stage1)
+    both = _stage_grads(model, staged, client.loss, inputs, targets)
+    for n in stage0:  # zeroing stage 1's loss leaves stage 0's gradients unchanged
+        a, b = both[n], only_first[n]
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-7), n
+
+    # The step: the embedding's gradient is that of stage 0's aux loss alone.
+    step = effcompile.train_step(model, client.loss, torch.optim.SGD(model.parameters(), lr=0.0))
+    step(inputs, targets)
+    embedding = dict(model.named_parameters())[EMBEDDINGS[name]]
+    assert torch.allclose(embedding.grad, only_first[EMBEDDINGS[name]], atol=1e-7)
+
+    # Control: without the detach at the cut (and for tied weights), stage 1's loss reaches stage 0.
+    monkeypatch.setattr(block_stack, "_detach_all", lambda value: (value, None))
+    monkeypatch.setattr(staged, "_owners", {})
+    leaked = _stage_grads(model, staged, client.loss, inputs, targets, weights=(0.0, 1.0))
+    assert any(_nonzero(leaked[n]) for n in stage0)
+
+
+def test_tied_embedding_is_owned_by_stage_0_and_read_detached_by_the_last():
+    client, model, inputs, targets = _staged("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    row = next(r for r in effcompile.report(model) if r.layer == "transformer.wte")
+    assert row.details["stage"] == 0 and "read detached" in row.details["shared"]
+    model.eval()
+    grads = _stage_grads(model, staged_model(model), client.loss, inputs, targets, weights=(0.0, 1.0))
+    assert not _nonzero(grads["transformer.wte.weight"])
+
+
+def test_user_cuts_and_bad_cuts():
+    _, model, _, _ = _staged("llama", cuts=("model.layers.0",))
+    row = next(r for r in effcompile.report(model) if r.layer == "greedy_stage_heads.0")
+    assert row.details["cut_after"] == "model.layers.0"
+    with pytest.raises(ValueError, match="valid cuts"):
+        _staged("llama", cuts=("model.norm",))
+    with pytest.raises(ValueError, match="fewer than num_stages"):
+        torch.manual_seed(0)
+        client = CLIENTS["llama"]
+        effcompile.transform(client.build(), GreedyStages(num_stages=3), example_inputs=client.batch(ROWS, 0)[0])
+
+
+def test_refusals_are_clear():
+    client, model, inputs, targets = _staged("bert")
+    staged = staged_model(model)
+    with pytest.raises(NotImplementedError, match="block-stack hook path"):
+        staged.stage(0)
+    with pytest.raises(NotImplementedError, match="block-stack hook path"):
+        saved_activation_bytes(model, inputs, targets, client.loss)
+    with pytest.raises(ValueError, match="compile=True"):
+        effcompile.train_step(model, client.loss, torch.optim.SGD(model.parameters(), lr=0.1), compile=True)
+    rows = list(effcompile.report(model).for_pass("greedy_stages"))
+    with pytest.raises(ValueError, match="multi-process stage runtime"):
+        GreedyStagesPass().replan(model, rows, GreedyStages(num_stages=2), inputs)
+
+
+class _Untraceable(nn.Module):
+    """A root forward fx cannot trace (a branch on a traced value) and no block stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.dim() == 2:
+            x = x * 2
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_no_stack_raises_the_real_reasons():
+    with pytest.raises(StageTraceError, match=r"no block stack.*fx path was tried first.*cannot trace the root"):
+        effcompile.transform(_Untraceable(), GreedyStages(num_stages=2), example_inputs=(torch.randn(4, 4),))
+
+
+class _Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(4)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, scale=None):
+        return self.head(self.blocks(x))
+
+
+def test_fx_path_takes_dict_batches_by_parameter_name():
+    torch.manual_seed(0)
+    model = _Chain()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, GreedyStages(num_stages=2), example_inputs={"x": x})
+    row = next(r for r in effcompile.report(model) if r.layer == "greedy_stage_heads.0")
+    assert row.details["cut_kind"] in ("module", "node")  # the fx path, not the hook path
+    staged = staged_model(model)
+    assert staged.input_names == ["x"]
+    assert torch.allclose(staged.forward(*staged.positional({"x": x})), model(x))
+    step = effcompile.train_step(model, nn.functional.cross_entropy, torch.optim.Adam(model.parameters(), lr=1e-2))
+    losses = [[float(v) for v in (step({"x": x}, y), *step.stage_losses)] for _ in range(10)]
+    assert losses[-1][1] < losses[0][1] and losses[-1][2] < losses[0][2]
+    with pytest.raises(ValueError, match="keyword inputs"):
+        step({"z": x}, y)
