@@ -93,6 +93,7 @@ ConvNd = torch.nn.modules.conv._ConvNd
 __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
     "unique_graph_count", "is_compiling", "ConvNd", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
+    "is_sharded",
 ]
 
 
@@ -124,3 +125,12 @@ def compile_caches_disabled() -> Iterator[None]:
 
     with inductor_config().patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         yield
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 ``fully_shard`` parameter, a tensor-parallel shard)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(tensor, DTensor)

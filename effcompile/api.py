@@ -69,6 +69,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
         raise ValueError("transform needs example_inputs (a tensor, a tuple or a dict of the forward's inputs): "
                          "layers are found on the graph captured from one call of the model")
 
+    _refuse_sharded(model, [PASSES[name] for name in names], "transform")
     involved = [PASSES[name] for name in names] + [p for p in PASSES.values() if p.name not in names and p.is_applied(model)]
     refused = [row for model_pass in involved for row in model_pass.refusals(model, configs)]
     if refused:
@@ -110,6 +111,20 @@ def apply_plan(model: nn.Module, plan: Plan, *configs: PassConfig, example_input
         PASSES[name].apply(model, [row for row in rows if row.applied], by_name[name])
     model.__dict__[_PLAN_ATTR] = Plan(list(plan))
     return model
+
+
+def _refuse_sharded(model: nn.Module, passes: list, where: str) -> None:
+    """FSDP2-sharded parameters (DTensors) with a pass that cannot train them: say so, naming it."""
+    from ._compat import is_sharded
+
+    sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+    if sharded is None:
+        return
+    refused = [(p.name, p.sharded_parameters_unsupported) for p in passes if p.sharded_parameters_unsupported]
+    if refused:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in refused)
+        raise NotImplementedError(f"effcompile.{where}: the model's parameters are sharded (FSDP2 fully_shard: "
+                                  f"{sharded!r} is a DTensor) and {listed}")
 
 
 def _warn_skips(pass_name: str, skipped: list) -> None:
@@ -185,10 +200,11 @@ def train_step(
     step, at the cost of one host sync per step.
     """
 
-    from effcompile.passes import StepOptions, step_owners
+    from effcompile.passes import PASSES, StepOptions, step_owners
 
     options = StepOptions(compile=compile, backend=backend, check_finite=check_finite)
     base = _unwrap(model)
+    _refuse_sharded(base, [p for p in PASSES.values() if p.is_applied(base)], "train_step")
     for owner in step_owners():
         if owner.is_applied(base):
             step = owner.make_train_step(model, loss_fn, optimizer, options)

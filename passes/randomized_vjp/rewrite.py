@@ -259,19 +259,28 @@ def _eager_forward(cls: type, attrs: Tuple[str, ...]):
     return None
 
 
-def _eager_supported(owner: nn.Module, attr: str) -> bool:
-    if _eager_forward(type(owner), (attr,)) is None:
+def _used_by_owner_forward(candidate: LayerCandidate) -> bool:
+    """Whether every use of the weight is an op of its owner's own forward.  MHA reads
+    ``out_proj.weight`` inside its own forward and never calls ``out_proj``: a sketched forward
+    swapped into the owner would never run, and the eager gradient would be silently exact."""
+    return all(use.scope == candidate.owner_path for use in candidate.uses)
+
+
+def _eager_supported(owner: nn.Module, attr: str, candidate: LayerCandidate) -> bool:
+    if _eager_forward(type(owner), (attr,)) is None or not _used_by_owner_forward(candidate):
         return False
     if isinstance(owner, ConvNd):  # SketchedConv: zero padding given as numbers
         return owner.padding_mode == "zeros" and not isinstance(owner.padding, str)
     return True
 
 
-_SKETCHED_CLASSES: Dict[Tuple[type, Tuple[str, ...], bool], type] = {}
+_SKETCHED_CLASSES: Dict[Tuple[type, Tuple[str, ...], bool, bool], type] = {}
 
 
-def _sketched_class(cls: type, attrs: Tuple[str, ...], memory_mode: bool = False) -> type:
-    key = (cls, attrs, memory_mode)
+def _sketched_class(cls: type, attrs: Tuple[str, ...], memory_mode: bool = False, eager: bool = True) -> type:
+    """The owner's class with its weights read through the marker; ``eager``: also the eager
+    sketched forward (else eager training raises: the sketch runs compiled only)."""
+    key = (cls, attrs, memory_mode, eager)
     if key not in _SKETCHED_CLASSES:
         namespace = {"_effcompile_original_class": cls, "_effcompile_sketched": attrs,
                      "_effcompile_base_getters": {attr: _fused_getter(cls, attr) for attr in attrs}}
@@ -280,7 +289,7 @@ def _sketched_class(cls: type, attrs: Tuple[str, ...], memory_mode: bool = False
             name = f"MemorySketched{cls.__name__}"
         else:
             namespace.update({attr: _marked_weight_property(attr, _fused_getter(cls, attr)) for attr in attrs})
-            eager_forward = _eager_forward(cls, attrs)
+            eager_forward = _eager_forward(cls, attrs) if eager else None
             if eager_forward is not None:
                 namespace["forward"] = eager_forward
                 namespace["_effcompile_eager_sketch"] = True
@@ -298,6 +307,7 @@ class _LayerSpec:
     settings: LayerSketch
     mode: str  # "marker" | "adaptive" | "memory"
     positions: int = 1  # memory mode: token positions per sample (rows = batch · positions)
+    eager: bool = True  # the owner's eager sketched forward runs this layer's sketch
 
 
 class RandomizedVJPPass(ModelPass):
@@ -340,9 +350,10 @@ class RandomizedVJPPass(ModelPass):
             row.details["adaptive"] = "yes" if mode == "adaptive" else "no (convolution: fixed keep)"
         if mode == "memory":
             row.details["memory_mode"] = "yes"
-        row.details["eager"] = "yes" if _eager_supported(owner, candidate.attr) else "compiled only"
+        eager = _eager_supported(owner, candidate.attr, candidate)
+        row.details["eager"] = "yes" if eager else "compiled only"
         positions = math.prod(first.input_shape[1:-1]) if first.input_shape and len(first.input_shape) > 2 else 1
-        row.spec = _LayerSpec(candidate.owner_path, candidate.attr, settings, mode, positions)
+        row.spec = _LayerSpec(candidate.owner_path, candidate.attr, settings, mode, positions, eager)
         return row
 
     @staticmethod
@@ -363,7 +374,7 @@ class RandomizedVJPPass(ModelPass):
         if hasattr(type(owner), "_effcompile_original_class") and not _composes_with(owner, candidate.attr):
             return "the layer already carries a weight rewrite this pass cannot compose with"
         if config.memory_mode and not (kinds == {"linear"} and isinstance(owner, nn.Linear) and candidate.attr == "weight"
-                                       and len(candidate.uses) == 1):
+                                       and len(candidate.uses) == 1 and _used_by_owner_forward(candidate)):
             return ("memory_mode saves sampled input rows of nn.Linear layers only (convolutions and functional "
                     "uses of a weight keep their exact backward in memory mode)")
         return ""
@@ -383,7 +394,8 @@ class RandomizedVJPPass(ModelPass):
                                      MemoryModeState(spec.settings, spec.positions, config, device))
             owner.__dict__["_effcompile_sketch"] = {spec.attr: spec.settings for spec in specs}
             memory_mode = any(spec.mode == "memory" for spec in specs)
-            owner.__class__ = _sketched_class(type(owner), tuple(sorted(spec.attr for spec in specs)), memory_mode)
+            owner.__class__ = _sketched_class(type(owner), tuple(sorted(spec.attr for spec in specs)), memory_mode,
+                                              eager=all(spec.eager for spec in specs))
         return sum(len(specs) for specs in by_owner.values())
 
     def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
@@ -401,7 +413,9 @@ class RandomizedVJPPass(ModelPass):
         return details
 
     def is_applied(self, model: nn.Module) -> bool:
-        return any(type(m).__dict__.get("_effcompile_sketched") for m in model.modules())
+        # getattr, not the class __dict__: wrappers that subclass the module's class (FSDP2's
+        # fully_shard makes FSDP<Class>) keep the pass applied.
+        return any(getattr(type(m), "_effcompile_sketched", None) for m in model.modules())
 
     def inspect_views(self, model: nn.Module, example_inputs: Sequence[Any]) -> List[Tuple[str, List[str]]]:
         """The backward is not in ONNX: the joint-graph GEMMs one compiled step rewrites."""

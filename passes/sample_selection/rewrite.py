@@ -435,6 +435,9 @@ class SelectionStep:
 class SampleSelectionPass(ModelPass):
     config_type = SampleSelection
     step_order = 20
+    # Selection adds no parameter-shaped state: under FSDP2 each rank selects from its own batch
+    # (scores and history per rank) and FSDP reduces the selected rows' gradients (tested on gloo).
+    sharded_parameters_unsupported = ""
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: SampleSelection) -> List[PlanRow]:
         batch = _batch_size(captured)

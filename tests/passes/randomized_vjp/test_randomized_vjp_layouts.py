@@ -127,3 +127,29 @@ def test_other_estimators_and_grad_input_on_every_layout(config, gemms, joint_lo
     _, samples, exact = _draws(config)
     assert {(r.layer, r.gemm) for r in joint_log.all("randomized_vjp")} == gemms
     _assert_unbiased(samples, exact, None)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_attention_out_proj_is_sketched_compiled_and_never_silently_exact_eager(joint_log):
+    """MHA reads ``out_proj.weight`` in its own forward and never calls ``out_proj``: an eager
+    sketched nn.Linear forward would never run.  The Plan says compiled only, eager training raises,
+    compiled training samples it."""
+    torch.manual_seed(0)
+    model, (x, y) = _Attention(), _batch()
+    effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25), example_inputs=(x,))
+    rows = {row.layer: row for row in effcompile.report(model)}
+    assert rows["mha.out_proj"].action == Action.REWRITE and rows["mha.out_proj"].details["eager"] == "compiled only"
+    assert rows["head"].details["eager"] == "yes"
+    with pytest.raises(RuntimeError, match="compiled training"):
+        F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(torch.compile(model, backend="effcompile_aot_eager")(x), y).backward()
+    assert ("mha.out_proj", "grad_weight") in {(r.layer, r.gemm) for r in joint_log.all("randomized_vjp")}
