@@ -66,3 +66,27 @@ def test_technique_handles_every_layer_and_learns(technique, name, joint_log):
     losses = [float(step(inputs, targets)) for _ in range(10)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses  # dropout stays on: compare a mean
+
+
+@pytest.mark.parametrize("name", list(CLIENTS))
+def test_greedy_stages_cut_the_block_stack_and_every_stage_learns(name):
+    """GreedyStages(2) on a model whose root forward torch.fx cannot trace: the Plan shows the
+    block-stack hook path, and both stage losses (aux head over the model's output shape, the
+    user's loss unchanged) fall through train_step on a dict batch."""
+    torch.manual_seed(0)
+    client = CLIENTS[name]
+    model = client.build()
+    model.train()
+    effcompile.transform(model, effcompile.GreedyStages(num_stages=2), example_inputs=client.batch(ROWS, 0)[0])
+    stages = [row for row in effcompile.report(model).for_pass("greedy_stages") if "cut_kind" in row.details]
+    assert [row.details["cut_kind"] for row in stages] == ["block-stack hooks"] * 2
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = effcompile.train_step(model, client.loss, optimizer)
+    inputs, targets = client.batch(ROWS, 1)
+    history = []
+    for _ in range(10):
+        step(inputs, targets)
+        history.append([float(loss) for loss in step.stage_losses])
+    assert all(torch.isfinite(torch.tensor(history)).flatten())
+    for k in range(2):
+        assert sum(h[k] for h in history[-3:]) / 3 < 0.9 * history[0][k], (k, [h[k] for h in history])
