@@ -1,7 +1,9 @@
 """Decoupled greedy learning (Belilovsky et al., ICML 2020).  See README.md beside this file.
 
 ``config`` (GreedyStages), ``rewrite`` (the model pass and the single-process staged step),
-``cut_search`` (fx trace, cut candidates, FLOP costs, min-max cuts), ``aux_heads``, and
+``cut_search`` (fx trace, cut candidates, FLOP costs, min-max cuts), ``block_stack`` (models whose
+root forward fx cannot trace: cuts between the blocks of their ModuleList, made by forward hooks),
+``aux_heads``, and
 ``runtime/`` (one process per stage over torch.distributed: launcher, worker, wire, transport,
 replay).
 """

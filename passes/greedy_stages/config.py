@@ -20,7 +20,8 @@ class GreedyStages(PassConfig):
         num_stages: number of stages K, an integer >= 2.
         cuts: ``None`` (cut search picks the boundaries) or ``num_stages − 1`` names, in forward
             order: a module path (any module called once in forward: the cut falls after its
-            forward) or a node name the Plan shows for a non-module cut (``cut_kind=node``).
+            forward) or a node name the Plan shows for a non-module cut (``cut_kind=node``); on the
+            block-stack hook path (``cut_kind=block-stack hooks``) the paths of the blocks to cut after.
         head: auxiliary head kind: ``"auto"``, ``"mlp_sr"``, ``"pool_mlp"``, ``"mlp"`` or ``"linear"``.
         head_width: hidden width of the auxiliary heads; ``None`` picks a default.
         mode: ``"sync"`` (stages step one after another) or ``"async"`` (stages run decoupled,

@@ -22,8 +22,14 @@ Model after ``transform(model, GreedyStages(K), example_inputs=...)``:
   and then one optimizer step, so stage k's parameters get gradients from ``L_k`` only, and
   stage k's saved activations are freed before stage k+1 runs.
 
+A root forward that ``torch.fx`` cannot trace (Hugging Face models), or a dict batch the fx path
+cannot pass positionally, goes to the block-stack hook path instead (``block_stack.py``: cuts
+between the blocks of the model's ModuleList, made by forward hooks on the model's own forward;
+Plan ``cut_kind=block-stack hooks``, stage 0's reason says why the fx path was not taken).
+
 ``staged_model(model)`` returns the :class:`StagedModel` runtime view (stages, heads, per-stage
-parameters, evaluation from any stage); the multi-process runtime builds on the same names.
+parameters, evaluation from any stage; ``BlockStagedModel`` on the hook path); the multi-process
+runtime builds on the same names.
 """
 
 from __future__ import annotations
