@@ -622,7 +622,13 @@ class GreedyStagesPass(ModelPass):
             rows.append(PlanRow(layer=path or "<root>", pass_name=self.name, action=Action.ASSIGN,
                                 op=type(modules[path]).__name__, details=details))
         reason = fx_reason if len(fx_reason) <= 300 else fx_reason[:297] + "..."
+        threshold = config.min_stage_share
         for k in range(plan.num_stages):
+            if threshold > 0 and plan.flop_share(k) < threshold and plan.weight_share(k) < threshold:
+                warnings.warn(f"greedy_stages: stage {k} of {type(model).__name__} is negligible: "
+                              f"{100 * plan.flop_share(k):.1f}% of the forward FLOPs and {100 * plan.weight_share(k):.1f}% "
+                              f"of the trainable weights (< {100 * threshold:g}%); lower num_stages, choose cuts=, or "
+                              "set min_stage_share=0 to silence this", UserWarning, stacklevel=2)
             last = k == plan.num_stages - 1
             blocks = plan.stage_blocks(k)
             total = plan.stage_flops[k] + plan.head_flops[k]
@@ -633,6 +639,8 @@ class GreedyStagesPass(ModelPass):
                 "flops_share": f"{100.0 * plan.flop_share(k):.1f}%",
                 "weights_share": f"{100.0 * plan.weight_share(k):.1f}%",
             }
+            if threshold > 0 and plan.flop_share(k) < threshold and plan.weight_share(k) < threshold:
+                details["warning"] = "negligible stage"
             if not last:
                 details["cut_after"] = plan.stack.blocks[plan.cuts[k]]
                 details["boundary"] = "x".join(map(str, plan.boundary_shapes[k]))

@@ -203,3 +203,65 @@ def test_fx_path_takes_dict_batches_by_parameter_name():
     assert losses[-1][1] < losses[0][1] and losses[-1][2] < losses[0][2]
     with pytest.raises(ValueError, match="keyword inputs"):
         step({"z": x}, y)
+
+
+class _TupleBlock(nn.Module):
+    """An older-transformers-style layer: returns ``(hidden, attention-like extra)``."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, hidden, mask=None):
+        out = hidden + torch.tanh(self.fc(self.norm(hidden)))
+        return out, out.mean(-1)
+
+
+class _TupleStack(nn.Module):
+    """Root forward fx cannot trace; blocks return tuples; the output is a tuple ``(logits,)``."""
+
+    def __init__(self, vocab=11, width=16, depth=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList(_TupleBlock(width) for _ in range(depth))
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, ids, mask=None):
+        if ids.dim() == 2:  # a branch on a traced value: torch.fx cannot trace this root
+            hidden = self.embed(ids)
+        for layer in self.layers:
+            hidden, _ = layer(hidden, mask)
+        return (self.out(hidden),)
+
+
+def test_tuple_block_outputs_and_tuple_model_outputs():
+    torch.manual_seed(0)
+    model = _TupleStack()
+    ids = torch.randint(0, 11, (4, 6))
+
+    def loss_fn(output, targets):
+        return nn.functional.cross_entropy(output[0].flatten(0, 1), targets.flatten())
+
+    effcompile.transform(model, GreedyStages(num_stages=2), example_inputs={"ids": ids, "mask": torch.ones(4, 6)})
+    row = next(r for r in effcompile.report(model) if r.layer == "greedy_stage_heads.0")
+    assert row.details["cut_kind"] == CUT_KIND and row.details["cut_after"] == "layers.1"  # balanced: 2 + 2 blocks
+    staged = staged_model(model)
+    outputs = staged.stage_outputs({"ids": ids})
+    assert isinstance(outputs[0], tuple) and outputs[0][0].shape == (4, 6, 11)
+    grads = _stage_grads(model, staged, loss_fn, {"ids": ids}, ids, weights=(0.0, 1.0))
+    assert not _nonzero(grads["embed.weight"]) and not _nonzero(grads["layers.0.fc.weight"])
+    assert _nonzero(grads["layers.2.fc.weight"])
+    step = effcompile.train_step(model, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-2))
+    history = [[float(v) for v in (step({"ids": ids}, ids), *step.stage_losses)] for _ in range(10)]
+    assert history[-1][1] < history[0][1] and history[-1][2] < history[0][2]
+
+
+def test_negligible_stage_warns():
+    torch.manual_seed(0)
+    model = _TupleStack(depth=4)
+    ids = torch.randint(0, 11, (4, 6))
+    with pytest.warns(UserWarning, match="negligible"):
+        effcompile.transform(model, GreedyStages(num_stages=2, cuts=("layers.2",), min_stage_share=0.4),
+                             example_inputs=(ids,))
+    rows = [r for r in effcompile.report(model) if r.details.get("warning") == "negligible stage"]
+    assert [r.layer for r in rows] == ["<stage 1>"]
