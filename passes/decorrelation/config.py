@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from effcompile.config import PassConfig, is_int, is_real, register_config
 
@@ -34,6 +34,12 @@ class Decorrelation(PassConfig):
             is counted in the report).
         sync_statistics: average the statistics over ranks when torch.distributed is
             initialised, so R stays identical on every rank (DDP).
+        max_overhead: a budget for the pass's own work per training step, as a fraction of each
+            layer's plain training work (forward + backward MACs, from the captured graph).  Per
+            layer the cost model (``cost.py``) picks the largest block (≤ ``max_block_size``) and
+            the most frequent update (≥ ``update_every``) that meet it; the Plan shows the choice
+            and the predicted overhead, and warns where even the cheapest choice exceeds it.
+            ``None``: no budget (the knobs as given; the Plan still shows the predicted overhead).
     """
 
     name: ClassVar[str] = "decorrelation"
@@ -45,6 +51,7 @@ class Decorrelation(PassConfig):
     update_every: int = 1
     divergence_threshold: float = 1e3
     sync_statistics: bool = True
+    max_overhead: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not (is_real(self.lr) and 0 < self.lr < 1):
@@ -61,3 +68,5 @@ class Decorrelation(PassConfig):
             self._fail("divergence_threshold", "a real number > 1")
         if not isinstance(self.sync_statistics, bool):
             self._fail("sync_statistics", "a bool")
+        if self.max_overhead is not None and not (is_real(self.max_overhead) and 0 < self.max_overhead <= 100):
+            self._fail("max_overhead", "None or a real number in (0, 100]")

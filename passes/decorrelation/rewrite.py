@@ -53,10 +53,13 @@ follows the op (``A`` is formed first) and takes effect at the next step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from effcompile._compat import ConvNd
@@ -65,6 +68,7 @@ from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
 
 from .config import Decorrelation
+from .cost import choose, conv_output_positions, layer_rows, predict
 from .observe import observed_forward
 from .state import MIN_ROWS, DecorrelationState, LayerSpec, block_layout
 
@@ -162,9 +166,19 @@ class DecorrelationPass(ModelPass):
             row.action, row.reason = Action.SKIP, reason
             return row
         spec = _layer_spec(candidate, config)
+        spec, cost, within = _budgeted(spec, candidate, config)
         blocks, block = block_layout(spec.group_dim, spec.block)
         row.details = {"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}",
                        "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))}
+        if spec.update_every > 1:
+            row.details["update_every"] = spec.update_every
+        if cost is not None:
+            row.details["overhead"] = f"{cost.overhead:.2f}x"  # predicted, of the layer's training MACs
+        if not within:
+            row.details["warning"] = "over budget"
+            row.reason = (f"the cheapest configuration (blocks {blocks}x{block}, update every {spec.update_every}) "
+                          f"costs {cost.overhead:.2f}x the layer's work, above max_overhead={config.max_overhead:g}")
+            warnings.warn(f"effcompile decorrelation: layer {candidate.layer!r}: {row.reason}", stacklevel=4)
         if len(candidate.uses) > 1:
             row.details["uses"] = len(candidate.uses)
         if spec.observer_scopes:
@@ -291,10 +305,28 @@ def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:
     return LayerSpec(
         param_fqn=candidate.param_fqn, owner_path=candidate.owner_path, attr=candidate.attr, kind=kind,
         contracted_axis=first.contracted_axis, groups=groups, group_dim=group_dim,
-        block=config.max_block_size, conv=first.conv,
+        block=config.max_block_size, conv=first.conv, update_every=config.update_every,
         scopes=tuple((scope, tuple(locations)) for scope, locations in scopes.items()),
         observer_scopes=observer_scopes,
     )
+
+
+def _budgeted(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation):
+    """``spec`` with the block size and update interval the overhead budget allows, its predicted
+    cost (None without input shapes) and whether the budget is met (cost.py)."""
+    first = candidate.uses[0]
+    if not first.input_shape:
+        return spec, None, True
+    positions = conv_output_positions(first.input_shape, first.conv) if first.conv is not None else None
+    rows = sum(layer_rows(use.input_shape, positions) for use in candidate.uses)
+    numel = math.prod(candidate.weight_shape)
+    syncing = config.sync_statistics and dist.is_available() and dist.is_initialized()
+    if config.max_overhead is None:
+        return spec, predict(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
+                             spec.update_every, syncing), True
+    cost, within = choose(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
+                          config.max_overhead, syncing, min_update_every=config.update_every)
+    return dataclasses.replace(spec, block=cost.block, update_every=cost.update_every), cost, within
 
 
 def _encloses(outer: str, inner: str) -> bool:

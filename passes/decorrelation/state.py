@@ -77,6 +77,9 @@ class LayerSpec:
     # Module calls whose forward computes this layer's input: observed in the graph (observe.py)
     # instead of by a pre-hook on ``scopes``.
     observer_scopes: Tuple[str, ...] = ()
+    # R is updated every this many training forwards (the config's ``update_every``, or the
+    # budget's choice for this layer under ``max_overhead``).
+    update_every: int = 1
 
 
 def block_layout(group_dim: int, max_block: int) -> Tuple[int, int]:
@@ -97,7 +100,7 @@ class DecorrelationState(nn.Module):
         self.spec = spec
         self.lr = float(config.lr)
         self.kappa = float(config.kappa)
-        self.update_every = int(config.update_every)
+        self.update_every = int(spec.update_every)
         self.divergence_threshold = float(config.divergence_threshold)
         self.sync_statistics = bool(config.sync_statistics)
         self.blocks_per_group, self.block = block_layout(spec.group_dim, spec.block)

@@ -1,0 +1,97 @@
+"""Cost model of decorrelation, and the per-layer choice that meets an overhead budget.
+
+Counted in multiply-adds (MACs) per training step, from the captured graph's shapes:
+
+* the layer's own work: forward ``rows·|W|`` plus two backward GEMMs of the same size, where
+  ``rows`` is the number of input rows the weight is applied to (samples·tokens for a linear,
+  samples·output positions for a convolution) — ``3·rows·|W|``;
+* the fused weight ``A = W·R``: every weight element meets one length-``b`` block row of R —
+  ``|W|·b`` per step (autograd's backward of the product is the same size again; it is counted);
+* the R update: :func:`~.state.update_macs` of the cheapest exact formula for ``n`` sampled
+  rows and block size ``b``, per block, once every ``update_every`` steps.
+
+``overhead = (2·|W|·b + blocks·update / update_every) / (3·rows·|W|)`` is the predicted extra
+step time of the layer relative to its plain training work.  ``Decorrelation(max_overhead=x)``
+picks, per layer, the largest block and the most frequent update whose overhead is at most ``x``
+(:func:`choose`): blocks first shrink to keep every-step updates (down to 64 features), then the
+update interval grows.  The choice is shown in the Plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Tuple
+
+from .state import MIN_ROWS, block_layout, update_formula, update_macs
+
+__all__ = ["LayerCost", "layer_rows", "conv_output_positions", "predict", "choose"]
+
+UPDATE_INTERVALS = (1, 2, 4, 8, 16, 32, 64)
+MIN_BUDGET_BLOCK = 64  # below this a block decorrelates little; longer intervals are preferred
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    block: int
+    update_every: int
+    layer_macs: int
+    fused_macs: int
+    update_macs: int  # per update (all blocks)
+
+    @property
+    def overhead(self) -> float:
+        return (self.fused_macs + self.update_macs / self.update_every) / max(1, self.layer_macs)
+
+
+def layer_rows(input_shape: Sequence[int], conv_output_positions: Optional[int]) -> int:
+    """Input rows the weight meets per step: samples·tokens (linear) or samples·positions (conv)."""
+    if conv_output_positions is not None:
+        return int(input_shape[0]) * conv_output_positions if input_shape else 0
+    return math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1
+
+
+def conv_output_positions(input_shape: Sequence[int], conv) -> int:
+    """Output positions of a convolution from its geometry (padding on both sides)."""
+    positions = 1
+    for size, k, s, p, d in zip(input_shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        positions *= max(1, (size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return positions
+
+
+def predict(weight_numel: int, rows: int, groups: int, group_dim: int, max_block: int, rows_per_dim: float,
+            update_every: int, syncing: bool = False) -> LayerCost:
+    blocks_per_group, block = block_layout(group_dim, max_block)
+    n = max(MIN_ROWS, math.ceil(rows_per_dim * block))
+    per_block = update_macs(update_formula(n, block, syncing), n, block)
+    return LayerCost(block=block, update_every=update_every, layer_macs=3 * rows * weight_numel,
+                     fused_macs=2 * weight_numel * block, update_macs=groups * blocks_per_group * per_block)
+
+
+def _block_ladder(group_dim: int, max_block: int) -> Tuple[int, ...]:
+    """Block-size caps from the largest allowed down to 16, halving."""
+    caps, cap = [], min(group_dim, max_block)
+    while cap >= 16:
+        caps.append(cap)
+        cap //= 2
+    return tuple(caps) or (min(group_dim, max_block),)
+
+
+def choose(weight_numel: int, rows: int, groups: int, group_dim: int, max_block: int, rows_per_dim: float,
+           max_overhead: float, syncing: bool = False, min_update_every: int = 1) -> Tuple[LayerCost, bool]:
+    """The configuration meeting ``max_overhead`` (and whether it does; else the cheapest).
+
+    Preference: every-step updates with blocks shrinking to ``MIN_BUDGET_BLOCK``, then longer
+    intervals at those blocks, then smaller blocks at any interval.
+    """
+    ladder = _block_ladder(group_dim, max_block)
+    floor = min(MIN_BUDGET_BLOCK, group_dim)
+    intervals = [every for every in UPDATE_INTERVALS if every >= min_update_every] or [min_update_every]
+    preferred = [(cap, intervals[0]) for cap in ladder if cap >= floor]
+    preferred += [(cap, every) for every in intervals[1:] for cap in ladder if cap >= floor]
+    preferred += [(cap, every) for every in intervals for cap in ladder if cap < floor]
+    costs = [predict(weight_numel, rows, groups, group_dim, cap, rows_per_dim, every, syncing) for cap, every in preferred]
+    for cost in costs:
+        if cost.overhead <= max_overhead:
+            return cost, True
+    return min(costs, key=lambda cost: cost.overhead), False
