@@ -18,8 +18,9 @@ For each use the analysis also locates the op's *input* among the arguments of t
 that contains the op (its innermost ``nn_module_stack`` scope), using the module call
 signatures that ``preserve_module_call_signature`` records.  Passes that need the layer input at
 run time (decorrelation samples its rows) hook that module call; an input computed inside the
-scope (e.g. the attention output fed to ``nn.MultiheadAttention.out_proj``) is reported as not
-observable instead of being guessed.
+scope (e.g. the attention output fed to ``nn.MultiheadAttention.out_proj``) is reported in
+``input_unobservable`` instead of being guessed, and such passes observe it where the graph
+computes it (decorrelation: ``passes/decorrelation/observe.py``).
 """
 
 from __future__ import annotations
