@@ -423,7 +423,7 @@ def _stage_loss(loss_fn: Callable, logits: Any, targets: Any, stage: int) -> tor
     return loss_fn(logits, targets)
 
 
-def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any, int], Tuple[torch.Tensor, Any]]:
+def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any, int], Tuple[torch.Tensor, Any, torch.Tensor]]:
     """Every stage's local loss (and its selection: ``(index, weights)``, or None without the
     sample_selection pass); with the selection pass applied too, the selected subset's loss.
 
@@ -437,15 +437,21 @@ def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any,
 
     selector = selector_of(model)
     if selector is None:
-        return lambda logits, targets, stage: (_stage_loss(loss_fn, logits, targets, stage), None)
+        def plain_stage_loss(logits: Any, targets: Any, stage: int) -> Tuple[torch.Tensor, Any, torch.Tensor]:
+            loss = _stage_loss(loss_fn, logits, targets, stage)
+            return loss, None, loss.detach()
+
+        return plain_stage_loss
     from effcompile.passes.sample_selection.row_sparse_backward import select_rows
 
     per_sample = per_sample_loss_fn(loss_fn)
 
-    def selected_stage_loss(logits: Any, targets: Any, stage: int) -> Tuple[torch.Tensor, Any]:
+    def selected_stage_loss(logits: Any, targets: Any, stage: int) -> Tuple[torch.Tensor, Any, torch.Tensor]:
+        # (the selected rows' weighted loss, which is backpropagated; the selection; the
+        # full-batch mean of the per-sample losses, which the step reports, as selection alone does)
         losses = per_sample(logits, targets)
         index, weights = selector.select(losses.detach(), logits=logits.detach(), targets=targets)
-        return (select_rows(losses, index) * weights.to(losses.dtype)).sum(), (index, weights)
+        return (select_rows(losses, index) * weights.to(losses.dtype)).sum(), (index, weights), losses.detach().mean()
 
     return selected_stage_loss
 
@@ -453,13 +459,13 @@ def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any,
 def _stage_loss_function(staged: StagedModel, k: int, objective: Callable) -> Callable:
     stage, head = staged.stage(k), staged.head(k)
 
-    def stage_forward_loss(inputs: tuple, targets: Any) -> Tuple[torch.Tensor, Any, Any]:
+    def stage_forward_loss(inputs: tuple, targets: Any) -> Tuple[torch.Tensor, Any, Any, torch.Tensor]:
         out = stage(*inputs)
         logits = out if head is None else head(out)
-        loss, selection = objective(logits, targets, k)
+        loss, selection, reported = objective(logits, targets, k)
         # The boundary leaves detached: the next stage gets no gradient path back, and a compiled
         # stage has no tangent for it (which would also make the backward's start dense).
-        return loss, out.detach() if isinstance(out, torch.Tensor) else out, selection
+        return loss, out.detach() if isinstance(out, torch.Tensor) else out, selection, reported
 
     # A distinct code object per stage: torch.compile caches per code object, so stages that
     # shared one would count as recompiles of each other.
@@ -491,24 +497,26 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        x, losses = staged.positional(inputs), []
+        x, losses, subset_losses = staged.positional(inputs), [], []
         for function in functions:
-            loss, out, selection = function(x, targets)
+            loss, out, selection, reported = function(x, targets)
             if options.check_finite:
                 check_finite_loss(loss, counter["step"])
             loss.backward()  # frees this stage's saved activations before the next stage runs
             if selection is not None:  # the report's selection counters: the last stage's selection
                 selector.record(*selection)
-            losses.append(loss.detach())
+            losses.append(reported)
+            subset_losses.append(loss.detach())
             x = (out.detach(),) if isinstance(out, torch.Tensor) else None
         # Gradients never cross stages, so one optimizer over all parameters takes exactly the
         # per-stage optimizers' steps for per-parameter optimizers (SGD, Adam, ...).
         optimizer.step()
         counter["step"] += 1
-        step.stage_losses = losses
+        step.stage_losses = losses  # each stage's loss on the whole batch (with selection: per-sample mean)
+        step.stage_subset_losses = subset_losses  # what each stage backpropagated
         return losses[-1]
 
-    step.stage_losses = []
+    step.stage_losses, step.stage_subset_losses = [], []
     return step
 
 
