@@ -40,3 +40,36 @@ def test_plain_loop_with_all_four_passes_uses_train_step(plain_loop, capsys):
     assert math.isfinite(result["last_loss"]) and result["fold_max_abs_diff"] < 1e-4
     with pytest.raises(SystemExit, match="change the step"):
         plain_loop.main(["--steps", "1", "--passes", "greedy_stages", "--loop", "plain"])
+
+
+@pytest.fixture(scope="module")
+def hf_trainer():
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    spec = importlib.util.spec_from_file_location("_effcompile_example_hf_trainer", EXAMPLES / "hf_trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_hf_trainer_trains_a_decorrelated_gpt2_eagerly(hf_trainer, tmp_path, capsys):
+    from effcompile.passes.decorrelation import decorrelation_states
+
+    result = hf_trainer.main(["--passes", "decorrelation", "--epochs", "2", "--output-dir", str(tmp_path)])
+    assert "decorrelation" in capsys.readouterr().out
+    assert result["losses"][-1] < result["losses"][0], result["losses"]
+    states = decorrelation_states(result["model"])
+    assert states and all(int(state.updates) == 16 for state in states.values())  # 64 rows / 8 × 2 epochs
+
+
+def test_hf_trainer_with_torch_compile_samples_the_backward(hf_trainer, tmp_path, joint_log):
+    result = hf_trainer.main(["--passes", "decorrelation,randomized_vjp", "--compile", "--backend", "effcompile_aot_eager",
+                              "--epochs", "1", "--output-dir", str(tmp_path)])
+    assert all(math.isfinite(loss) for loss in result["losses"])
+    # The model's graph samples all 8 Conv1D layers (a graph without markers, e.g. the Trainer's loss, has none:
+    # a marked layer left unsampled would have raised MissingRewriteError).
+    assert max(graph["randomized_vjp"].rewrites for graph in joint_log.graphs) >= 8
+    with pytest.raises(SystemExit, match="train_step"):
+        hf_trainer.main(["--passes", "sample_selection", "--output-dir", str(tmp_path)])

@@ -1,0 +1,106 @@
+"""A Hugging Face model, transformed by effcompile, trained by ``transformers.Trainer``.
+
+    pip install 'effcompile[hf]'          # transformers + accelerate
+    python examples/hf_trainer.py --passes decorrelation
+    python examples/hf_trainer.py --passes decorrelation,randomized_vjp --compile
+
+The model is a tiny GPT-2 built from a config (random init, no download) and the data are random
+token sequences; the point is the wiring, not the result:
+
+* ``effcompile.transform(model, ..., example_inputs=batch)`` takes the batch as the Trainer feeds
+  it (a dict of keyword tensors), before the Trainer wraps or compiles the model;
+* the Trainer's own loop (its loss, optimizer, scheduler, gradient clipping) trains it: passes whose
+  work runs inside ``forward`` (decorrelation's R update) or inside the compiled backward (the
+  randomized VJP, with ``--compile``) need nothing else.  ``--compile`` compiles the model in place
+  with ``model.compile(backend="effcompile")`` before handing it to the Trainer:
+  ``TrainingArguments(torch_compile_backend=...)`` accepts only accelerate's list of backend names,
+  and ``torch_compile=True`` alone would compile with plain Inductor, where the randomized VJP's
+  markers raise instead of training exact gradients silently.
+  Passes that change the step itself (greedy stages, sample selection) need
+  ``effcompile.train_step`` and are refused here;
+* ``effcompile.report(model)`` shows what was applied and the live counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+import effcompile
+
+VOCAB, TOKENS = 97, 12
+STEP_CHANGING = {"greedy_stages", "sample_selection"}
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Fixed random sequences; the labels are the inputs (the model shifts them for causal LM)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        ids = torch.randint(0, VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(index))
+        return {"input_ids": ids, "attention_mask": torch.ones(TOKENS, dtype=torch.long), "labels": ids}
+
+
+def build_model() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _config(name: str) -> effcompile.PassConfig:
+    if name == "decorrelation":
+        return effcompile.Decorrelation(lr=0.01)
+    if name == "randomized_vjp":
+        return effcompile.RandomizedVJP(keep=0.5, multiple=1)
+    raise SystemExit(f"{name}: change the training step itself; train with effcompile.train_step, not the Trainer")
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    import transformers
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", default="decorrelation")
+    parser.add_argument("--compile", action="store_true", help="model.compile(backend=--backend) before the Trainer")
+    parser.add_argument("--backend", default="effcompile")
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--output-dir", default="runs/hf_trainer")
+    args = parser.parse_args(argv)
+
+    names = [name for name in args.passes.split(",") if name]
+    if "randomized_vjp" in names and not args.compile:
+        raise SystemExit("randomized_vjp on GPT-2's Conv1D layers runs in compiled training only: add --compile")
+    torch.manual_seed(0)
+    model = build_model()
+    data = RandomTokens()
+    example = {key: torch.stack([data[i][key] for i in range(8)]) for key in ("input_ids", "attention_mask")}
+    effcompile.transform(model, *[_config(name) for name in names], example_inputs=example)
+    if args.compile:
+        model.compile(backend=args.backend)  # in place: the Trainer sees the same module
+
+    training = transformers.TrainingArguments(
+        output_dir=args.output_dir, per_device_train_batch_size=8, num_train_epochs=args.epochs, learning_rate=1e-2,
+        logging_steps=4, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=training, train_dataset=data)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    print(effcompile.report(model).table())
+    print(f"Trainer: {len(losses)} logged losses {[round(float(l), 3) for l in losses]}, "
+          f"train_loss {result.training_loss:.3f}, {seconds:.1f} s ({'compiled: ' + args.backend if args.compile else 'eager'})")
+    return {"losses": [float(l) for l in losses], "train_loss": float(result.training_loss), "model": model}
+
+
+if __name__ == "__main__":
+    main()
