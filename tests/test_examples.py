@@ -73,3 +73,33 @@ def test_hf_trainer_with_torch_compile_samples_the_backward(hf_trainer, tmp_path
     assert max(graph["randomized_vjp"].rewrites for graph in joint_log.graphs) >= 8
     with pytest.raises(SystemExit, match="train_step"):
         hf_trainer.main(["--passes", "sample_selection", "--output-dir", str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def lightning_digits():
+    pytest.importorskip("pytorch_lightning")
+    spec = importlib.util.spec_from_file_location("_effcompile_example_lightning", EXAMPLES / "lightning_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_lightning_trains_a_decorrelated_model_with_automatic_optimisation(lightning_digits, capsys):
+    from effcompile.passes.decorrelation import decorrelation_states
+
+    result = lightning_digits.main(["--passes", "decorrelation", "--steps", "40"])
+    assert "Lightning: 40 steps" in capsys.readouterr().out
+    assert sum(result["losses"][-5:]) / 5 < 0.7 * result["losses"][0] and result["test_accuracy"] > 0.5
+    states = decorrelation_states(result["module"].net)
+    assert states and all(int(state.updates) == 40 for state in states.values())
+
+
+def test_lightning_hands_a_step_owning_pass_the_whole_step(lightning_digits):
+    from effcompile.passes.sample_selection import selector_of
+
+    result = lightning_digits.main(["--passes", "decorrelation,sample_selection", "--steps", "20"])
+    assert not result["module"].automatic_optimization
+    assert selector_of(result["module"].net).last_index.numel() == 16  # keep 0.5 of 32 rows
+    assert sum(result["losses"][-5:]) / 5 < result["losses"][0]
