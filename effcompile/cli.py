@@ -492,7 +492,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rows = inspect_onnx(args.onnx)
         columns = list(dict.fromkeys(key for row in rows for key in row)) or ["layer", "op", "pass"]
         print(f"\nONNX nodes of {args.onnx}:")
-        print(markdown_table(columns, [[row.get(col, "") for col in columns] for row in rows]))
+        if rows:
+            print(markdown_table(columns, [[row.get(col, "") for col in columns] for row in rows]))
+        else:  # the inference graph is the plain model's: say so rather than print an empty table
+            print(f"none: {', '.join(c.name for c in configs)} change(s) training only (backward, step or "
+                  "stage heads); the exported eval-mode graph is the model's own")
     return 0
 
 

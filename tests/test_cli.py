@@ -211,3 +211,8 @@ def test_bench_writes_json_with_ratio(tmp_path, capsys):
 def test_parse_value(text, annotation, expected):
     value = parse_value(text, annotation)
     assert value == expected and type(value) is type(expected)
+
+
+def test_inspect_says_when_a_pass_inserts_nothing_into_the_exported_graph(tmp_path, capsys):
+    assert main(["inspect", "--model", "mlp", "--passes", "greedy_stages", "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "none: greedy_stages change(s) training only" in capsys.readouterr().out
