@@ -431,7 +431,8 @@ class _RowSparseRewriter:
         self._emit(node, info.moved(self._insert(node, aten.bmm.default, *args)))
         self._record(node, info)
 
-    def batch_local(self, node: Node, sparse_outputs: Optional[Dict[int, bool]] = None) -> None:
+    def batch_local(self, node: Node, sparse_outputs: Optional[Dict[int, bool]] = None,
+                    batched_args: Optional[Sequence[int]] = None) -> None:
         """Ops computed independently per batch entry (convolution, layer-norm and attention backward):
         gather every batch-shaped operand; per-entry outputs stay row-sparse, reductions over the
         batch (weight and bias gradients) are exact from the selected entries."""
@@ -445,15 +446,17 @@ class _RowSparseRewriter:
                 raise _Unhandled("an output that is not per batch entry")
             sparse_outputs = {i: isinstance(out, torch.Tensor) for i, out in enumerate(outputs)}
 
-        def restrict(arg: Any) -> Any:
+        def restrict(arg: Any, position: Optional[int] = None) -> Any:
             if isinstance(arg, Node) and arg in self.sparse:
                 return self.sparse[arg].compact
+            if batched_args is not None and position not in batched_args:
+                return arg  # a weight whose first dimension happens to equal the batch: never gathered
             meta = tensor_meta(arg)
             if meta is not None and meta.dim() > 0 and meta.shape[0] == rows:
                 return self._gather(arg, info, node, 0)
             return arg
 
-        compact = self._insert(node, node.target, *[restrict(arg) for arg in node.args],
+        compact = self._insert(node, node.target, *[restrict(arg, i) for i, arg in enumerate(node.args)],
                                **{key: restrict(value) for key, value in node.kwargs.items()})
         self._record(node, info)
         if isinstance(node.meta["val"], (tuple, list)):
@@ -465,7 +468,7 @@ class _RowSparseRewriter:
         """Backward ops whose grad input is per entry, with batch reductions for the parameters."""
         if node.args[0] not in self.sparse or any(arg in self.sparse for arg in node.all_input_nodes[1:]):
             raise _Unhandled("the gradient is not the row-sparse argument")
-        self.batch_local(node, {0: True, 1: False, 2: False})
+        self.batch_local(node, {0: True, 1: False, 2: False}, _BATCH_OPERANDS[node.target])
 
     def loss_backward(self, node: Node) -> None:
         """``nll_loss_backward`` with reduction none: row i of the result only reads row i."""
@@ -557,6 +560,12 @@ _BATCH_LOCAL = [
 ]
 
 
+# Their per-batch-entry operands, by position (the rest are parameters and statistics of the layer).
+# convolution_backward(grad_out, input, weight, ...); native_layer_norm_backward(grad_out, input,
+# normalized_shape, mean, rstd, weight, bias, ...).
+_BATCH_OPERAND_POSITIONS = {"convolution_backward.default": (0, 1), "native_layer_norm_backward.default": (0, 1, 3, 4)}
+
+
 def _resolve(names: Sequence[str]) -> List[Any]:
     ops = []
     for name in names:
@@ -567,6 +576,7 @@ def _resolve(names: Sequence[str]) -> List[Any]:
     return ops
 
 
+_BATCH_OPERANDS = {op: _BATCH_OPERAND_POSITIONS[name] for name in _PER_SAMPLE_WEIGHTS for op in _resolve([name])}
 _HANDLERS: Dict[Any, Callable[[_RowSparseRewriter, Node], None]] = {
     **{op: _first_arg_zero_preserving for op in _resolve(_FIRST_ARG_LINEAR)},
     **{op: _RowSparseRewriter.reindexing for op in _resolve(_REINDEXING)},

@@ -164,3 +164,30 @@ def test_scatter_rows_op_passes_opcheck_and_rejects_bad_indices():
     torch.library.opcheck(torch.ops.effcompile.scatter_rows.default, (torch.randn(2, 3), torch.tensor([4, 1]), 6))
     with pytest.raises(ValueError, match="1-D int64 index"):
         select_rows(torch.randn(4), torch.tensor([0.0, 1.0]))
+
+
+class _ChannelsLikeTheBatch(nn.Module):
+    """Conv1d with as many output channels as the batch has rows, and a LayerNorm of that width:
+    their weights' first dimension equals the batch size, and must not be gathered with the rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, BATCH, 3, padding=1)
+        self.norm = nn.LayerNorm(BATCH)
+        self.head = nn.Linear(BATCH, 10)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.relu(self.conv(x)).mean(2)))
+
+
+def test_parameters_shaped_like_the_batch_are_not_gathered():
+    torch.manual_seed(0)
+    model, x, y = _ChannelsLikeTheBatch(), torch.randn(BATCH, 4, 6), torch.randint(0, 10, (BATCH,))
+    index, weights = SELECTION
+    expected = _gradients(lambda *a: _plain_selected_loss(model, *a), model, x, y, index, weights)
+    records = _rewritten_joint_graph(model, x, y)
+    assert {"aten.convolution_backward.default", "aten.native_layer_norm_backward.default"} <= {r.op for r in records}
+    compiled = torch.compile(_selected_loss(model), backend="effcompile_aot_eager")
+    got = _gradients(compiled, model, x, y, index, weights)
+    for (path, _), want, have in zip(model.named_parameters(), expected, got):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{path}: {m}")
