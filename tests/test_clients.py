@@ -90,3 +90,23 @@ def test_greedy_stages_cut_the_block_stack_and_every_stage_learns(name):
     assert all(torch.isfinite(torch.tensor(history)).flatten())
     for k in range(2):
         assert sum(h[k] for h in history[-3:]) / 3 < 0.9 * history[0][k], (k, [h[k] for h in history])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_compiled_selection_runs_every_weight_gradient_on_the_selected_sequences(name, joint_log):
+    """Forward reuse on a causal LM: the row-sparse backward follows the per-sequence loss (vmapped
+    cross entropy: new_zeros/scatter_add), dropout and residual adds down to every projection."""
+    torch.manual_seed(0)
+    client = CLIENTS[name]
+    model = client.build()
+    inputs, targets = client.batch(ROWS, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, effcompile.SampleSelection(keep=0.5, strategy="random"), example_inputs=inputs)
+    step = effcompile.train_step(model, client.loss, torch.optim.Adam(model.parameters(), lr=1e-2), compile=True,
+                                 backend="effcompile_aot_eager")
+    step(inputs, targets)
+    gemms = [r for r in joint_log.all("row_sparse_backward") if r.op == "aten.mm.default"]
+    projections = 8  # at least: 2 blocks × (attention in/out, MLP up/down); each has 2 backward GEMMs
+    assert len(gemms) >= 2 * projections - 1, [r.op for r in joint_log.all("row_sparse_backward")]
+    assert all(r.kept_rows * 2 == r.rows for r in gemms)  # half the sequences' tokens

@@ -415,7 +415,21 @@ def _weight_gradient_mms(layer_input: torch.fx.Node, sources: Optional[set]) -> 
                 found.append((user, rows, False))
             elif _is_transpose(user):
                 found += [(mm, rows, True) for mm in user.users if mm.target is aten.mm.default and mm.args[0] is user]
+                # The row-sparse backward gathers the selected rows of t(X) as its columns: t(X)[:, idx].
+                for gathered in [u for u in user.users if _is_column_gather(u, user)]:
+                    for mm in [u for u in gathered.users if u.target is aten.mm.default and u.args[0] is gathered]:
+                        if sources is None or mm in sources:
+                            with mm.graph.inserting_before(mm):  # X[idx] (k×K), the rows the sketch samples
+                                selected = _transpose(mm.graph, gathered, gathered)
+                            found.append((mm, selected, True))
     return [item for item in found if sources is None or item[0] in sources]
+
+
+def _is_column_gather(node: Any, source: torch.fx.Node) -> bool:
+    """``source[:, idx]``: the row-sparse backward's gather of a transposed input's rows."""
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.index.Tensor
+            and node.args[0] is source and len(node.args[1]) == 2 and node.args[1][0] is None
+            and node.args[1][1] is not None)
 
 
 def _gradient_sources(marker: torch.fx.Node, forward: set) -> Optional[set]:

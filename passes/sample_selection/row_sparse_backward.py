@@ -376,6 +376,34 @@ class _RowSparseRewriter:
         compact = self._insert(node, node.target, zeros, info.compact, *node.args[2:], **node.kwargs)
         self._emit(node, info.moved(compact, dim=row_dim))
 
+    def reads_no_values(self, node: Node) -> None:
+        """``new_zeros``/``new_empty``/``new_full``/``new_ones(x, size)``: only x's dtype and device
+        are read, so x may be the compact rows (the full-size x is then not kept alive for it)."""
+        if node.args[0] not in self.sparse or any(arg in self.sparse for arg in node.all_input_nodes[1:]):
+            raise _Unhandled("a row-sparse size argument")
+        same = self._insert(node, node.target, self.sparse[node.args[0]].compact, *node.args[1:], **node.kwargs)
+        node.replace_all_uses_with(same)
+
+    def scatter_add_into_zeros(self, node: Node) -> None:
+        """``scatter_add(zeros, dim, index, src)`` with src row-sparse along another dim (the backward
+        of a gather/one-hot, e.g. a vmapped cross entropy): untouched rows stay zero."""
+        base, dim, index, source = node.args[:4]
+        if source not in self.sparse or index in self.sparse or not _is_zero_constant(base):
+            raise _Unhandled("scatter_add of a row-sparse source into a non-zero base")
+        info = self.sparse[source]
+        dim = int(dim) % len(_shape(node))
+        index_meta = tensor_meta(index)
+        if dim == info.dim or index_meta is None or index_meta.dim() <= info.dim \
+                or index_meta.shape[info.dim] != info.full_rows:
+            raise _Unhandled("scatter_add along the rows, or an index that does not follow them")
+        meta = tensor_meta(node)
+        shape = list(meta.shape)
+        shape[info.dim] = self._kept(info)
+        zeros = self._insert(node, aten.full.default, shape, 0, dtype=meta.dtype, layout=torch.strided,
+                             device=meta.device, pin_memory=False)
+        compact = self._insert(node, node.target, zeros, dim, self._gather(index, info, node, info.dim), info.compact)
+        self._emit(node, info.moved(compact))
+
     def backward_of_indexing(self, node: Node) -> None:
         """``select_backward``/``slice_backward(grad, input_sizes, dim, …)`` along a non-row dim."""
         grad, sizes, dim = node.args[:3]
@@ -547,7 +575,7 @@ _FIRST_ARG_LINEAR = [
     "div.Tensor", "div.Scalar", "mul.Scalar", "neg.default", "alias.default", "clone.default", "detach.default",
     "_to_copy.default", "threshold_backward.default", "gelu_backward.default", "tanh_backward.default",
     "sigmoid_backward.default", "silu_backward.default", "hardswish_backward.default", "leaky_relu_backward.default",
-    "hardtanh_backward.default", "elu_backward.default",
+    "hardtanh_backward.default", "elu_backward.default", "native_dropout_backward.default",
 ]
 _REINDEXING = ["unsqueeze.default", "squeeze.dim", "squeeze.dims", "select.int", "slice.Tensor", "transpose.int",
                "permute.default", "t.default", "stack.default", "cat.default"]
@@ -591,6 +619,11 @@ _HANDLERS: Dict[Any, Callable[[_RowSparseRewriter, Node], None]] = {
     aten.expand.default: _RowSparseRewriter.expand,
     aten.select_scatter.default: _RowSparseRewriter.scatter_into_zeros,
     aten.slice_scatter.default: _RowSparseRewriter.scatter_into_zeros,
+    aten.scatter_add.default: _RowSparseRewriter.scatter_add_into_zeros,
+    aten.new_zeros.default: _RowSparseRewriter.reads_no_values,
+    aten.new_empty.default: _RowSparseRewriter.reads_no_values,
+    aten.new_full.default: _RowSparseRewriter.reads_no_values,
+    aten.new_ones.default: _RowSparseRewriter.reads_no_values,
     aten.select_backward.default: _RowSparseRewriter.backward_of_indexing,
     aten.slice_backward.default: _RowSparseRewriter.backward_of_indexing,
     aten.sum.dim_IntList: _RowSparseRewriter.sum,

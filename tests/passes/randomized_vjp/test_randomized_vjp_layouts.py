@@ -71,10 +71,10 @@ def _autocast(dtype):
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _draws(config, dtype=None):
+def _draws(config, dtype=None, *more_configs):
     model = _model()
     x, y = _batch()
-    effcompile.transform(model, config, example_inputs=(x,))
+    effcompile.transform(model, config, *more_configs, example_inputs=(x,))
     step = effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0),
                                  compile=True, backend="effcompile_aot_eager")
     samples = []
@@ -153,3 +153,15 @@ def test_attention_out_proj_is_sketched_compiled_and_never_silently_exact_eager(
         F.cross_entropy(model(x), y).backward()
     F.cross_entropy(torch.compile(model, backend="effcompile_aot_eager")(x), y).backward()
     assert ("mha.out_proj", "grad_weight") in {(r.layer, r.gemm) for r in joint_log.all("randomized_vjp")}
+
+
+def test_every_layout_samples_the_rows_selection_kept(joint_log):
+    """Composed with sample selection (forward reuse): the row-sparse backward gathers the selected
+    rows first (for in×out weights as columns of t(X)), the sketch then samples those rows."""
+    selection = effcompile.SampleSelection(keep=0.5, strategy="random")  # weighted 1/k: unbiased for the batch
+    _, samples, exact = _draws(effcompile.RandomizedVJP(keep=0.5, multiple=1), None, selection)
+    records = joint_log.all("randomized_vjp")
+    assert {(r.layer, r.gemm) for r in records} == {(layer, "grad_weight") for layer in ("p", "c_fc", "q", "w")}
+    assert all(r.n == 64 and r.k == 32 for r in records), records  # 16 of 32 samples × 4 tokens, then half
+    assert sum(graph["row_sparse_backward"].rewrites for graph in joint_log.graphs) > 0
+    _assert_unbiased(samples, exact, None)
