@@ -179,6 +179,7 @@ class _RowSparseRewriter:
         self.handled: set = set()
         self.row_indices: Dict[Tuple[Node, int], Node] = {}
         self.records: List[RowSparseRecord] = []
+        self.stops: List[str] = []  # the ops the propagation could not pass (for the warning)
 
     # --------------------------------------------------------------- driver
     def run(self) -> List[RowSparseRecord]:
@@ -204,8 +205,16 @@ class _RowSparseRewriter:
                     handler(self, node)
                 except _Unhandled as why:
                     _LOG.debug("row-sparse backward stops at %s: %s", node.format_node(), why)
+                    self.stops.append(f"{node.target} ({why})")
                     continue
             self.handled.add(node)
+        weight_ops = {"aten.mm.default", "aten.bmm.default", "aten.convolution_backward.default",
+                      "aten.native_layer_norm_backward.default"}
+        if self.sparse and not any(record.op in weight_ops for record in self.records):
+            # a selection marker, and no weight gradient computed from the selected rows only
+            warnings.warn("effcompile row_sparse_backward: no weight-gradient GEMM of this compiled graph runs on the "
+                          "selected rows (forward reuse saves nothing here): the propagation stops at "
+                          f"{'; '.join(self.stops[:3]) or 'the loss'}", stacklevel=2)
         self._densify_unhandled_uses()
         self.graph.eliminate_dead_code()
         self.graph.lint()

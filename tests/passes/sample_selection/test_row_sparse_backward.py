@@ -191,3 +191,20 @@ def test_parameters_shaped_like_the_batch_are_not_gathered():
     got = _gradients(compiled, model, x, y, index, weights)
     for (path, _), want, have in zip(model.named_parameters(), expected, got):
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{path}: {m}")
+
+
+class _EndsInSort(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(x).sort(1).values  # a backward op the row-sparse rewrite does not know
+
+
+def test_a_graph_where_nothing_runs_on_the_selected_rows_warns():
+    torch.manual_seed(0)
+    model, x, y = _EndsInSort(), torch.randn(BATCH, 6), torch.randint(0, 10, (BATCH,))
+    compiled = torch.compile(_selected_loss(model), backend="effcompile_aot_eager")
+    with pytest.warns(UserWarning, match="forward reuse saves nothing here"):
+        compiled(x, y, *SELECTION).backward()
