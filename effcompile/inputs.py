@@ -16,13 +16,13 @@ only those (graph capture).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["ModelInputs", "model_inputs", "call", "batch_size", "tensor_leaves", "map_batch"]
+__all__ = ["ModelInputs", "model_inputs", "call", "tensor_leaves"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,27 +31,6 @@ class ModelInputs:
 
     args: Tuple[Any, ...]
     kwargs: Dict[str, Any]
-
-    def tensors(self) -> Tuple[torch.Tensor, ...]:
-        """Every tensor of the batch, positional first (nested containers included)."""
-        leaves = pytree.tree_leaves((self.args, self.kwargs))
-        return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
-
-    def map(self, fn: Callable[[torch.Tensor], Any]) -> "ModelInputs":
-        """The same batch with ``fn`` applied to every tensor (e.g. ``.to(device)``)."""
-        mapped = pytree.tree_map(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf,
-                                 (self.args, self.kwargs))
-        return ModelInputs(tuple(mapped[0]), dict(mapped[1]))
-
-    def unwrap(self) -> Any:
-        """Back to the user's form: a tensor, a tuple, or a dict."""
-        if self.kwargs and not self.args:
-            return dict(self.kwargs)
-        if len(self.args) == 1 and not self.kwargs and isinstance(self.args[0], torch.Tensor):
-            return self.args[0]
-        if self.kwargs:
-            raise ValueError("a batch with both positional and keyword inputs has no single user form")
-        return tuple(self.args)
 
 
 def model_inputs(inputs: Any) -> ModelInputs:
@@ -74,25 +53,6 @@ def call(model: nn.Module, inputs: Any) -> Any:
     """``model`` on one batch in any form of :func:`model_inputs`."""
     batch = model_inputs(inputs)
     return model(*batch.args, **batch.kwargs)
-
-
-def batch_size(inputs: Any) -> Optional[int]:
-    """The leading dimension shared by the batch's tensors (the first tensor's, if any)."""
-    for tensor in model_inputs(inputs).tensors():
-        if tensor.dim() >= 1:
-            return int(tensor.shape[0])
-    return None
-
-
-def map_batch(inputs: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``fn`` on every tensor of the batch, returned in the user's form (tensor, tuple or dict)."""
-    if isinstance(inputs, torch.Tensor):
-        return fn(inputs)
-    if isinstance(inputs, Mapping):
-        return {key: map_batch(value, fn) for key, value in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(map_batch(value, fn) for value in inputs)
-    return inputs
 
 
 def tensor_leaves(output: Any) -> Tuple[torch.Tensor, ...]:

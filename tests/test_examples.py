@@ -14,14 +14,19 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def plain_loop():
-    spec = importlib.util.spec_from_file_location("_effcompile_example_plain_loop", EXAMPLES / "plain_loop.py")
+def _example(filename):
+    """Import ``examples/<filename>`` as a module for the duration of a test module."""
+    spec = importlib.util.spec_from_file_location(f"_effcompile_example_{Path(filename).stem}", EXAMPLES / filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     yield module
     del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def plain_loop():
+    yield from _example("plain_loop.py")
 
 
 def test_plain_loop_trains_a_decorrelated_model_with_a_hand_written_loop(plain_loop, capsys):
@@ -46,12 +51,7 @@ def test_plain_loop_with_all_four_passes_uses_train_step(plain_loop, capsys):
 def hf_trainer():
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    spec = importlib.util.spec_from_file_location("_effcompile_example_hf_trainer", EXAMPLES / "hf_trainer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from _example("hf_trainer.py")
 
 
 def test_hf_trainer_trains_a_decorrelated_gpt2_eagerly(hf_trainer, tmp_path, capsys):
@@ -78,12 +78,7 @@ def test_hf_trainer_with_torch_compile_samples_the_backward(hf_trainer, tmp_path
 @pytest.fixture(scope="module")
 def lightning_digits():
     pytest.importorskip("pytorch_lightning")
-    spec = importlib.util.spec_from_file_location("_effcompile_example_lightning", EXAMPLES / "lightning_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from _example("lightning_digits.py")
 
 
 def test_lightning_trains_a_decorrelated_model_with_automatic_optimisation(lightning_digits, capsys):

@@ -60,7 +60,7 @@ from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves
 
 from .aux_heads import make_output_head, output_head_kind
 from .config import GreedyStages
-from .cut_search import StageTraceError
+from .cut_search import StageTraceError, evaluating
 
 __all__ = ["BlockStack", "BlockStagePlan", "BlockStagedModel", "find_block_stack", "plan_block_stages",
            "replace_first_tensor", "CUT_KIND"]
@@ -515,15 +515,9 @@ class BlockStagedModel:
     def predict(self, inputs: Any, stage: Optional[int] = None) -> torch.Tensor:
         """Stage ``stage``'s logits (default: the last stage's), in eval mode, without grad."""
         k = self.num_stages - 1 if stage is None else self._check(stage)
-        flags = {module: module.training for module in self.model.modules()}
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                output, aux = self.run(inputs)
-            return aux[k] if k < len(aux) else _first_tensor(output)
-        finally:
-            for module, flag in flags.items():
-                module.training = flag
+        with evaluating(self.model):
+            output, aux = self.run(inputs)
+        return aux[k] if k < len(aux) else _first_tensor(output)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         return self.model(*inputs, **kwargs)

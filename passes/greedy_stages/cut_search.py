@@ -53,7 +53,7 @@ import dataclasses
 import difflib
 import math
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -106,6 +106,19 @@ def register_leaf_module(cls: type, reason: str) -> None:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_leaf_module expects an nn.Module subclass, got {cls!r}")
     _USER_LEAF_TYPES[cls] = reason
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without grad for the block; every module's training flag restored after."""
+    flags = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
 
 
 class StageTraceError(ValueError):

@@ -38,25 +38,25 @@ import dataclasses
 import inspect
 import types
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from effcompile.inputs import model_inputs
+from effcompile.inputs import ModelInputs, model_inputs
 from effcompile.measure import SavedTensorMeter
+from effcompile.passes.analysis.capture import GraphCapture
+from effcompile.passes.base import ModelPass, StepOptions, register_pass
+from effcompile.plan import Action, PlanRow
+
 from .aux_heads import head_kind_for, make_aux_head, make_output_head
 from .block_stack import CUT_KIND, BlockStagedModel, BlockStagePlan, make_block_train_step, plan_block_stages
 from .config import GreedyStages
-from effcompile.plan import Action, PlanRow
-
-from effcompile.passes.base import ModelPass, StepOptions, register_pass
-from effcompile.passes.analysis.capture import GraphCapture
-from effcompile.inputs import ModelInputs
-from .cut_search import (StageTraceError, 
-    Boundary, TracedModel, boundary_for_module, count_flops, find_boundaries, measure_node_costs, merge_equivalent,
-    min_max_partition, probe_batch_values, split_stages, stage_costs, trace_for_stages, trainable_elements,
+from .cut_search import (
+    Boundary, StageTraceError, TracedModel, boundary_for_module, count_flops, evaluating, find_boundaries,
+    measure_node_costs, merge_equivalent, min_max_partition, probe_batch_values, split_stages, stage_costs,
+    trace_for_stages, trainable_elements,
 )
 
 __all__ = [
@@ -378,18 +378,12 @@ class StagedModel:
     def predict(self, inputs: Any, stage: Optional[int] = None) -> torch.Tensor:
         """Logits from stage ``stage``'s head (default: the last stage), in eval mode, without grad."""
         k = self.num_stages - 1 if stage is None else self._check(stage)
-        flags = {module: module.training for module in self.model.modules()}
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                x = self.positional(inputs)
-                for j in range(k + 1):
-                    out = self.stages[j](*x)
-                    x = (out,)
-                return self.local_logits(k, out)
-        finally:
-            for module, flag in flags.items():
-                module.training = flag
+        with evaluating(self.model):
+            x = self.positional(inputs)
+            for j in range(k + 1):
+                out = self.stages[j](*x)
+                x = (out,)
+            return self.local_logits(k, out)
 
     def __repr__(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.boundary_shapes)

@@ -53,7 +53,7 @@ import fractions
 import math
 import operator
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
