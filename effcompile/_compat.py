@@ -20,13 +20,14 @@ if TORCH_VERSION < (2, 11):  # pragma: no cover - guarded by the dependency pin
 # costs seconds, and most processes (workers, CLI --help) never need them.
 
 
-def functional_all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """All-reduce average over the default group; traceable, so it works inside compiled graphs."""
+def functional_all_reduce_mean(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """All-reduce average over ``group`` (default: WORLD); traceable, so it works inside compiled graphs."""
     import torch.distributed as dist
     from torch.distributed import _functional_collectives as functional_collectives
 
-    total = functional_collectives.all_reduce(tensor, "sum", dist.group.WORLD)
-    return functional_collectives.wait_tensor(total) / dist.get_world_size()
+    group = dist.group.WORLD if group is None else group
+    total = functional_collectives.all_reduce(tensor, "sum", group)
+    return functional_collectives.wait_tensor(total) / dist.get_world_size(group=group)
 
 
 def compile_fx(graph_module, example_inputs, **kwargs):

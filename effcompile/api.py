@@ -97,15 +97,21 @@ def apply_plan(model: nn.Module, plan: Plan, *configs: PassConfig, example_input
     """Apply a Plan that ``transform`` decided elsewhere (another process) to this copy of the model.
 
     ``model`` must be built the same way as the one the Plan was made for, and ``configs`` must be
-    the configs of that transform.  Nothing is captured, measured or searched again: every pass
+    the configs of that transform (passes the model already carries, applied by the factory that
+    built it, are kept as they are).  Nothing is captured, measured or searched again: every pass
     rebuilds what it needs from the recorded decisions (``ModelPass.replan``) and applies them.
     """
     from effcompile.passes import PASSES
 
     by_name = {config.name: config for config in configs}
     order = list(dict.fromkeys(row.pass_name for row in plan))
-    if set(order) != set(by_name):
-        raise ValueError(f"apply_plan: the Plan holds passes {order} but the configs are {sorted(by_name)}")
+    # Passes the model already carries (its factory transformed it before this one) keep their
+    # own application; only the configs given here are applied.
+    carried = {name for name in order if name not in by_name and PASSES[name].is_applied(model)}
+    if set(order) - carried != set(by_name):
+        raise ValueError(f"apply_plan: the Plan holds passes {order} but the configs are {sorted(by_name)}"
+                         + (f" (the model already carries {sorted(carried)})" if carried else ""))
+    order = [name for name in order if name not in carried]
     for name in order:
         rows = PASSES[name].replan(model, plan.for_pass(name).rows, by_name[name], example_inputs)
         PASSES[name].apply(model, [row for row in rows if row.applied], by_name[name])

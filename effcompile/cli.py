@@ -1,4 +1,4 @@
-"""Command-line interface: ``effcompile train | report | inspect | bench``.
+"""Command-line interface: ``effcompile train | report | inspect | bench | stages``.
 
 Usage::
 
@@ -11,6 +11,7 @@ Usage::
     effcompile inspect --model cnn --passes decorrelation --onnx cnn.onnx
     effcompile bench --model cnn --passes decorrelation --batch-size 64 --steps 50 --warmup 5 \\
         --compile --out results.json
+    effcompile stages --model cnn --dataset digits --stages 2 --data-parallel 2 --steps 60 --out result.json
 
 The comparison suites (every pass alone and composed against backprop) are benchmarks, not part
 of the installed package: ``python -m benchmarks suite --preset quick`` in a checkout.
@@ -65,7 +66,7 @@ class CLIError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effcompile", description="Cheaper training through graph passes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,inspect,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,inspect,bench,stages}")
 
     train = sub.add_parser("train", help="train with passes (and optionally plain backprop) and compare")
     _add_model_args(train, shape=False)
@@ -125,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     bench.add_argument("--out", default=None, help="write the results (with machine info) to this JSON file")
     bench.set_defaults(handler=cmd_bench)
+
+    # The multi-process stage runtime owns its arguments (the same ones torchrun's ranks parse).
+    stages = sub.add_parser("stages", add_help=False,
+                            help="train greedy stages as K·D processes (K stages × D data-parallel replicas); "
+                                 "effcompile stages --help for its options")
+    stages.add_argument("runtime_args", nargs=argparse.REMAINDER)
+    stages.set_defaults(handler=cmd_stages)
     return parser
 
 
@@ -543,9 +551,23 @@ def _slug(spec: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def cmd_stages(args: argparse.Namespace) -> int:
+    from effcompile.passes.greedy_stages.runtime.launcher import StageRuntimeError, main as stages_main
+
+    try:
+        runtime_args = args.runtime_args[1:] if args.runtime_args[:1] == ["--"] else args.runtime_args
+        stages_main(runtime_args, prog="effcompile stages")
+    except StageRuntimeError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit status (0: success, 2: usage or input error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["stages"]:  # argparse's REMAINDER cannot start with an option: hand them over as they are
+        argv = ["stages", "--", *argv[1:]]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage or help

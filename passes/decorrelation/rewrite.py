@@ -59,9 +59,9 @@ import warnings
 from typing import Dict, List, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from effcompile import distributed as replicas
 from effcompile._compat import ConvNd
 from effcompile.passes.analysis.capture import GraphCapture, InputLocation, LayerCandidate
 from effcompile.passes.base import ModelPass, register_pass
@@ -320,7 +320,7 @@ def _budgeted(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation)
     positions = conv_output_positions(first.input_shape, first.conv) if first.conv is not None else None
     rows = sum(layer_rows(use.input_shape, positions) for use in candidate.uses)
     numel = math.prod(candidate.weight_shape)
-    syncing = config.sync_statistics and dist.is_available() and dist.is_initialized()
+    syncing = config.sync_statistics and replicas.is_distributed()
     if config.max_overhead is None:
         return spec, predict(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
                              spec.update_every, syncing), True

@@ -12,11 +12,11 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effcompile._compat import functional_all_reduce_mean, is_compiling
+from effcompile import distributed as replicas
+from effcompile._compat import is_compiling
 from effcompile.passes.analysis.capture import ConvGeometry, InputLocation
 
 from .config import Decorrelation
@@ -255,13 +255,13 @@ class DecorrelationState(nn.Module):
         self.rejected_updates.add_(rejected.long())
 
     def _syncing(self) -> bool:
-        return (self.sync_statistics and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1)
+        # Replicas: the ranks holding this layer (WORLD under DDP, this stage's ranks in a staged run).
+        return self.sync_statistics and replicas.replica_world_size() > 1
 
     def _average_over_ranks(self, covariance: torch.Tensor) -> torch.Tensor:
         if not self._syncing():
             return covariance
-        return functional_all_reduce_mean(covariance)
+        return replicas.all_reduce_mean(covariance)
 
     # ----------------------------------------------------------------------------- diagnostics
     def off_diagonal_correlation(self, x: torch.Tensor, num_rows: int = 1 << 16) -> torch.Tensor:

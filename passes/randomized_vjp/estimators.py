@@ -23,7 +23,13 @@ Everything runs on the device: no ``.item()``, no Python branching on tensor val
 shapes depend only on ``(n, k)``, so ``torch.compile`` never recompiles for new values.  The
 sampler is the custom op ``torch.ops.effcompile.sample_indices`` (see :func:`sample_indices`) so
 graph passes can insert it into FX graphs; it draws from torch's global RNG (reproducible under
-``torch.manual_seed``).
+``torch.manual_seed``).  The sketch's Rademacher matrix is the custom op
+``torch.ops.effcompile.rademacher`` for the same reason.
+
+Under torch.distributed every rank draws from its own stream (``effcompile.distributed.rank_generator``,
+seeded from the global RNG and the rank): data-parallel ranks are seeded alike, and identical
+draws on every rank would leave the all-reduced gradient with one rank's variance instead of
+1/D of it.  Each rank's estimate stays unbiased, so their average is too.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from effcompile.distributed import rank_generator
 
 __all__ = [
     "ESTIMATORS", "SAMPLING_ESTIMATORS", "round_budget", "inclusion_probabilities", "sample_indices",
@@ -174,10 +182,11 @@ def _systematic_pps(pi: Tensor, k: int) -> Tensor:
     the index order of a fixed-order systematic sample).
     """
     n = pi.shape[0]
-    perm = torch.randperm(n, device=pi.device)
+    generator = rank_generator(pi.device)
+    perm = torch.randperm(n, device=pi.device, generator=generator)
     cum = pi[perm].cumsum(0)
     cum.mul_(k / cum[-1])  # pin the total at k: removes accumulated rounding drift
-    u = torch.rand(1, dtype=torch.float64, device=pi.device)
+    u = torch.rand(1, dtype=torch.float64, device=pi.device, generator=generator)
     steps = torch.arange(k, device=pi.device)
     pos = torch.searchsorted(cum, steps + u, right=True)  # item whose interval holds u + j
     # In exact arithmetic pos is strictly increasing and pos[j] <= n-k+j.  Rounding can (with
@@ -199,7 +208,7 @@ def _sample_indices_impl(scores: Tensor, k: int, estimator: str, uniform_mix: fl
     if k >= n:  # exact path: every index once, weight 1
         return torch.arange(n, device=device), torch.ones(n, dtype=torch.float32, device=device)
     if estimator == "uniform":
-        idx = torch.randperm(n, device=device)[:k]
+        idx = torch.randperm(n, device=device, generator=rank_generator(device))[:k]
         idx = torch.sort(idx).values  # ascending rows gather with better locality
         return idx, torch.full((k,), n / k, dtype=torch.float32, device=device)
     pi = _inclusion_probabilities64(scores, k, estimator, uniform_mix)
@@ -269,9 +278,24 @@ def _uniform_scores(n: int, like: Tensor) -> Tensor:
     return torch.zeros(n, dtype=torch.float32, device=like.device)
 
 
+@torch.library.custom_op("effcompile::rademacher", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def rademacher_op(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.ops.effcompile.rademacher``: a rows×cols matrix of independent ±1 in ``dtype``.
+
+    An op (not ``randint`` in the graph) so compiled graphs draw from the same per-rank stream
+    as eager code; see the module docstring.
+    """
+    signs = torch.randint(0, 2, (rows, cols), device=device, dtype=torch.int8, generator=rank_generator(device))
+    return (signs * 2 - 1).to(dtype)
+
+
+@rademacher_op.register_fake
+def _rademacher_fake(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty((rows, cols), dtype=dtype, device=device)
+
+
 def _rademacher(rows: int, cols: int, like: Tensor) -> Tensor:
-    signs = torch.randint(0, 2, (rows, cols), device=like.device, dtype=torch.int8)
-    return (signs * 2 - 1).to(like.dtype)
+    return rademacher_op(rows, cols, like.dtype, like.device)
 
 
 def sketched_grad_weight(grad_output_2d: Tensor, input_2d: Tensor, k: int, estimator: str,

@@ -247,8 +247,7 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
         if settings.estimator == "sketch":
             val = grad_out.meta["val"]
             # Rademacher S/√k (E[S·Sᵀ] = I): lower variance than Gaussian, and the eager path's design.
-            gaussian = _insert(graph, mm, aten.randn.default, [rows, k], dtype=val.dtype, device=val.device)
-            signs = _insert(graph, mm, aten.sign.default, gaussian)
+            signs = _insert(graph, mm, torch.ops.effcompile.rademacher.default, rows, k, val.dtype, val.device)
             if isinstance(k, int):
                 sketch_matrix = _insert(graph, mm, aten.mul.Tensor, signs, 1.0 / math.sqrt(k))
             else:  # 1/√k of a size known at run time only

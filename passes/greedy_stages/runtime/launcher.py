@@ -66,25 +66,26 @@ import torch.nn as nn
 from effcompile.passes.greedy_stages.config import GreedyStages
 
 from .wire import HEADER_BYTES, HEADER_LEN, StageRuntimeError
-from .worker import Fault, StageJob, build_staged_model, cycle_batches, stage_process, stage_state_keys
+from .worker import Fault, Layout, StageJob, build_staged_model, cycle_batches, stage_process, stage_state_keys
 
-__all__ = ["StageRuntimeError", "Fault", "StageJob", "StageRunResult", "run_stages", "ZooJob", "load_stage_checkpoints",
+__all__ = ["StageRuntimeError", "Fault", "Layout", "StageJob", "StageRunResult", "run_stages", "ZooJob", "load_stage_checkpoints",
            "build_staged_model", "stage_state_keys", "cycle_batches", "cross_entropy", "stage_process",
            "merge_results", "HEADER_LEN", "HEADER_BYTES", "main"]
 
 
 @dataclasses.dataclass
 class StageRunResult:
-    """What a multi-process run measured (per stage lists are indexed by stage)."""
+    """What a multi-process run measured (per stage lists are indexed by stage; with D replicas
+    the per-stage losses are replica 0's and the rates and byte counts sum over the replicas)."""
 
     num_stages: int
     mode: str
     transport: str
-    losses: List[List[float]]          # per stage: the loss of every training step
-    step_ids: List[List[int]]          # per stage: the data step id each training step used
+    losses: List[List[float]]          # per stage: the loss of every training step (replica 0)
+    step_ids: List[List[int]]          # per stage: the data step id each training step used (replica 0)
     boundaries: List[Dict[str, Any]]   # per boundary k→k+1: bytes (raw vs wire), messages, codec counters
-    samples_per_s: float               # stage 0 samples / (last stage end − first stage start)
-    stage_samples_per_s: List[float]
+    samples_per_s: float               # stage 0 samples (all replicas) / (last stage end − first stage start)
+    stage_samples_per_s: List[float]   # per stage: samples it trained (all replicas) / its own span
     wall_s: float
     accuracy: Optional[float]          # last stage, on the eval batches (None without eval data)
     head_accuracy: List[Optional[float]]
@@ -93,16 +94,29 @@ class StageRunResult:
     start_steps: List[int]             # steps each stage resumed from (0 for a fresh run)
     startup_s: List[float] = dataclasses.field(default_factory=list)  # per stage: launch → model built
     build_s: List[float] = dataclasses.field(default_factory=list)    # per stage: model build (transform) only
+    data_parallel: int = 1             # replicas D per stage (K·D processes)
+    replica_losses: List[List[List[float]]] = dataclasses.field(default_factory=list)  # [stage][replica] losses
+    # Per stage: the largest |difference| of any parameter or buffer between replica 0 and another
+    # replica at the end (0.0: the replicas stayed identical; None with one replica).
+    replica_divergence: List[Optional[float]] = dataclasses.field(default_factory=list)
+    # Samples every stage trained per second: the slowest stage's rate (async stages may train
+    # more or fewer samples than stage 0 produced).
+    pipeline_samples_per_s: float = float("nan")
 
     def summary(self) -> Dict[str, Any]:
         """JSON-ready numbers (no tensors)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("model_state", "step_ids")}
+                  if f.name not in ("model_state", "step_ids", "replica_losses")}
+        fields["replica_final_losses"] = [[_mean(l[-10:]) for l in stage] for stage in self.replica_losses]
         fields["final_losses"] = [float(sum(l[-10:]) / max(1, len(l[-10:]))) if l else None for l in self.losses]
         fields["first_losses"] = [float(sum(l[:10]) / max(1, len(l[:10]))) if l else None for l in self.losses]
         fields.pop("losses")
         return fields
 
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(sum(values) / len(values)) if values else None
 
 
 # ------------------------------------------------------------------------------ launcher
@@ -156,7 +170,8 @@ def _read_result_file(path: str) -> Dict[str, Any]:
     return result
 
 
-def _collect_failure(processes: Sequence[Any], run_dir: str, progress: Any, exitcodes: Dict[int, Optional[int]]) -> str:
+def _collect_failure(processes: Sequence[Any], run_dir: str, progress: Any, exitcodes: Dict[int, Optional[int]],
+                     layout: Layout) -> str:
     parts = []
     for rank, process in enumerate(processes):
         error_path = os.path.join(run_dir, f"error{rank}.json")
@@ -165,7 +180,8 @@ def _collect_failure(processes: Sequence[Any], run_dir: str, progress: Any, exit
             continue
         code = exitcodes.get(rank)
         if code not in (0,):
-            parts.append(f"stage {rank} (pid {process.pid}) {_exit_description(code)} after {step} training steps")
+            parts.append(f"{layout.name(rank)} (pid {process.pid}, rank {rank}) {_exit_description(code)} "
+                         f"after {step} training steps")
     for rank in range(len(processes)):
         error_path = os.path.join(run_dir, f"error{rank}.json")
         if os.path.exists(error_path):
@@ -173,7 +189,8 @@ def _collect_failure(processes: Sequence[Any], run_dir: str, progress: Any, exit
     return "greedy-stage run failed: " + "; ".join(parts)
 
 
-def _monitor(processes: Sequence[Any], run_dir: str, progress: Any, timeout_s: float, start_timeout_s: float) -> None:
+def _monitor(processes: Sequence[Any], run_dir: str, progress: Any, timeout_s: float, start_timeout_s: float,
+             layout: Layout) -> None:
     """Wait for every stage; on the first failure give survivors a grace period, then stop all."""
     grace = min(timeout_s, 2.0)  # survivors next to a dead peer see its closed sockets at once
     failed_at: Optional[float] = None
@@ -193,13 +210,13 @@ def _monitor(processes: Sequence[Any], run_dir: str, progress: Any, timeout_s: f
         stalled = now - last_change > (2 * timeout_s + 5.0 if started else start_timeout_s)
         if stalled and failed_at is None:
             _terminate(processes)
-            steps = [int(progress[2 * r]) for r in range(len(processes))]
+            steps = {layout.name(r): int(progress[2 * r]) for r in range(len(processes))}
             raise _launcher_error(f"greedy-stage run hung: no stage made progress for {now - last_change:.0f} s "
-                                  f"(steps per stage {steps}); every stage process was terminated", processes, progress)
+                                  f"(steps {steps}); every stage process was terminated", processes, progress)
         if failed_at is not None and (all(code is not None for code in codes) or now - failed_at > grace):
             exitcodes = {rank: p.exitcode for rank, p in enumerate(processes)}
             _terminate(processes)
-            raise _launcher_error(_collect_failure(processes, run_dir, progress, exitcodes), processes, progress)
+            raise _launcher_error(_collect_failure(processes, run_dir, progress, exitcodes, layout), processes, progress)
         time.sleep(0.05)
 
 
@@ -232,8 +249,8 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
                data_factory: Callable[[], Any], steps: int, *, eval_factory: Optional[Callable[[], Any]] = None,
                seed: int = 0, threads_per_process: int = 1, checkpoint_dir: Optional[str] = None,
                checkpoint_every: int = 0, resume: bool = False, codebook_every: int = 1,
-               fault: Optional[Fault] = None, start_timeout_s: float = 120.0) -> StageRunResult:
-    """Train a greedy-staged model with one process per stage on this machine (gloo on CPU).
+               fault: Optional[Fault] = None, start_timeout_s: float = 120.0, data_parallel: int = 1) -> StageRunResult:
+    """Train a greedy-staged model with one process per stage and replica on this machine (gloo on CPU).
 
     Args:
         config: the ``GreedyStages`` config (``num_stages`` processes are started; ``mode``,
@@ -251,7 +268,12 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
             gives ``accuracy`` (last stage) and ``head_accuracy`` (aux heads).
         checkpoint_dir / checkpoint_every / resume: per-stage checkpoints (see the module docstring).
         codebook_every: VQ transport: publish (and send) a new codebook every this many steps.
-        fault: test hook making one stage crash or hang at a given step.
+        fault: test hook making one stage (of one replica) crash or hang at a given step.
+        data_parallel: D replicas of every stage, K·D processes (see ``Layout``).  Stage 0's
+            replica d trains on the batches whose index is d modulo D; each stage's replicas
+            all-reduce their gradients and buffers every step, so they stay identical; the
+            activations of replica d flow to replica d of the next stage.  ``steps`` counts each
+            replica's steps (D·steps batches in all).
 
     Raises ``StageRuntimeError`` naming the failed stage and step when a stage fails, dies or hangs;
     every child process is stopped before it is raised.
@@ -260,74 +282,115 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
         raise TypeError(f"run_stages expects an effcompile.GreedyStages config, got {config!r}")
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
+    if not (isinstance(data_parallel, int) and data_parallel >= 1):
+        raise ValueError(f"data_parallel={data_parallel!r} is invalid: expected an integer >= 1")
     if fault is not None and not 0 <= fault.stage < config.num_stages:
         raise ValueError(f"Fault.stage={fault.stage} is out of range for {config.num_stages} stages")
+    if fault is not None and not fault.replica < data_parallel:
+        raise ValueError(f"Fault.replica={fault.replica} is out of range for {data_parallel} replicas")
     import torch.multiprocessing as mp
 
     job = StageJob(config, model_factory, loss_fn, optimizer_factory, data_factory, steps, eval_factory, seed,
-                   threads_per_process, checkpoint_dir, checkpoint_every, resume, codebook_every, fault)
+                   threads_per_process, checkpoint_dir, checkpoint_every, resume, codebook_every, fault,
+                   replicas=data_parallel)
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
-    world = config.num_stages
+    layout = job.layout
+    world = layout.world
     context = _process_context(mp)
     progress = context.Array("d", 2 * world, lock=False)
     started = job.launched_at = time.time()
     with tempfile.TemporaryDirectory(prefix="effcompile-stages-") as run_dir:
         init_method = f"file://{os.path.join(run_dir, 'rendezvous')}"
         processes = [context.Process(target=stage_process, args=(rank, world, job, init_method, run_dir, progress),
-                                     daemon=True, name=f"effcompile-stage{rank}") for rank in range(world)]
+                                     daemon=True, name=f"effcompile-rank{rank}") for rank in range(world)]
         try:
             for process in processes:
                 process.start()
-            _monitor(processes, run_dir, progress, config.timeout_s, start_timeout_s)
+            _monitor(processes, run_dir, progress, config.timeout_s, start_timeout_s, layout)
         finally:
             _terminate(processes)
-        missing = [rank for rank in range(world) if not os.path.exists(os.path.join(run_dir, f"result{rank}.pt"))]
+        missing = [layout.name(rank) for rank in range(world)
+                   if not os.path.exists(os.path.join(run_dir, f"result{rank}.pt"))]
         if missing:
-            raise StageRuntimeError(f"greedy-stage run: stage(s) {missing} exited with code 0 but wrote no result")
+            raise StageRuntimeError(f"greedy-stage run: {', '.join(missing)} exited with code 0 but wrote no result")
         results = [_read_result_file(os.path.join(run_dir, f"result{rank}.pt")) for rank in range(world)]
     return merge_results(config, results, time.time() - started)
 
 
+def _span(result: Dict[str, Any]) -> float:
+    if result["start_time"] is None or result["end_time"] is None:
+        return float("nan")
+    return result["end_time"] - result["start_time"]
+
+
+def _divergence(replicas: List[Dict[str, Any]]) -> Optional[float]:
+    """Largest |difference| of any owned tensor between replica 0 and the others (None for one)."""
+    if len(replicas) < 2:
+        return None
+    reference = replicas[0]["state"]
+    worst = 0.0
+    for other in replicas[1:]:
+        for key, value in reference.items():
+            if value.is_floating_point():
+                worst = max(worst, float((value - other["state"][key]).abs().max()) if value.numel() else 0.0)
+            elif not torch.equal(value, other["state"][key]):
+                worst = float("inf")
+    return worst
+
+
 def merge_results(config: GreedyStages, results: List[Dict[str, Any]], wall_s: float) -> StageRunResult:
-    """One ``StageRunResult`` from the per-stage result dicts."""
-    world = len(results)
+    """One ``StageRunResult`` from the per-rank result dicts (K·D of them, in rank order)."""
+    num_stages = config.num_stages
+    replicas = len(results) // num_stages
+    by_stage = [[r for r in results if r.get("stage", r["rank"]) == k] for k in range(num_stages)]
+    for stage in by_stage:
+        stage.sort(key=lambda r: r.get("replica", 0))
     starts = [r["start_time"] for r in results if r["start_time"] is not None]
     ends = [r["end_time"] for r in results if r["end_time"] is not None]
     batch = results[0]["batch_size"]
     span = max(ends) - min(starts) if starts and ends else float("nan")
     stage_rates = []
-    for r in results:
-        duration = (r["end_time"] - r["start_time"]) if r["start_time"] is not None else float("nan")
-        trained = r["trained"] - r["start_step"]
-        stage_rates.append(trained * batch / duration if duration and duration > 0 else float("nan"))
+    for stage in by_stage:
+        rates = [(r["trained"] - r["start_step"]) * batch / _span(r) for r in stage]
+        stage_rates.append(float(sum(rates)) if all(rate == rate and rate > 0 for rate in rates) else float("nan"))
     boundaries = []
-    for k in range(world - 1):
-        counts = dict(results[k]["bytes"])
+    for k in range(num_stages - 1):
+        counts: Dict[str, Any] = {}
+        for r in by_stage[k]:  # every replica's link k→k+1, summed
+            for key, value in r["bytes"].items():
+                counts[key] = counts.get(key, 0) + value
         messages = max(1, counts["messages"])
         counts["raw_bytes_per_step"] = counts["raw_bytes"] / messages
         counts["wire_bytes_per_step"] = counts["wire_bytes"] / messages
         counts["compression"] = counts["raw_bytes"] / max(1, counts["wire_bytes"])
         counts["activation_compression"] = counts["activation_raw_bytes"] / max(1, counts["activation_wire_bytes"])
-        counts["codec"] = results[k]["codec"].get("codec_out", {})
+        counts["codec"] = by_stage[k][0]["codec"].get("codec_out", {})
         boundaries.append(counts)
-    last = results[-1]
-    accuracy = last["eval_correct"] / last["eval_total"] if last["eval_total"] else None
-    head_accuracy = [r["head_correct"] / r["eval_total"] if r["eval_total"] and k < world - 1 else None
-                     for k, r in enumerate(results)]
+    last = by_stage[-1]
+    eval_total = sum(r["eval_total"] for r in last)
+    accuracy = sum(r["eval_correct"] for r in last) / eval_total if eval_total else None
+    head_accuracy = []
+    for k, stage in enumerate(by_stage):
+        total = sum(r["eval_total"] for r in stage)
+        head_accuracy.append(sum(r["head_correct"] for r in stage) / total if total and k < num_stages - 1 else None)
     state: Dict[str, torch.Tensor] = {}
-    for r in results:
-        state.update(r["state"])
-    trained0 = results[0]["trained"] - results[0]["start_step"]
-    startup = [r["timeline"]["spawn_s"] + r["timeline"]["build_s"] for r in results if "timeline" in r]
-    build = [r["timeline"]["build_s"] for r in results if "timeline" in r]
+    for stage in by_stage:
+        state.update(stage[0]["state"])
+    trained0 = sum(r["trained"] - r["start_step"] for r in by_stage[0])
+    first = [stage[0] for stage in by_stage]
+    startup = [r["timeline"]["spawn_s"] + r["timeline"]["build_s"] for r in first if "timeline" in r]
+    build = [r["timeline"]["build_s"] for r in first if "timeline" in r]
     return StageRunResult(
-        num_stages=world, mode=config.mode, transport=config.transport,
-        losses=[r["losses"] for r in results], step_ids=[r["step_ids"] for r in results], boundaries=boundaries,
+        num_stages=num_stages, mode=config.mode, transport=config.transport,
+        losses=[r["losses"] for r in first], step_ids=[r["step_ids"] for r in first], boundaries=boundaries,
         samples_per_s=trained0 * batch / span if span and span > 0 else float("nan"),
         stage_samples_per_s=stage_rates, wall_s=wall_s, accuracy=accuracy, head_accuracy=head_accuracy,
-        replay=[r["replay"] for r in results], model_state=state, start_steps=[r["start_step"] for r in results],
-        startup_s=startup, build_s=build)
+        replay=[r["replay"] for r in first], model_state=state, start_steps=[r["start_step"] for r in first],
+        startup_s=startup, build_s=build, data_parallel=replicas,
+        replica_losses=[[r["losses"] for r in stage] for stage in by_stage],
+        replica_divergence=[_divergence(stage) for stage in by_stage],
+        pipeline_samples_per_s=min(stage_rates) if stage_rates else float("nan"))
 
 
 def load_stage_checkpoints(checkpoint_dir: str, model: nn.Module) -> Dict[str, Any]:
@@ -369,6 +432,9 @@ class ZooJob:
     num_train: int = 2048  # synthetic only
     image_size: int = 32   # synthetic only
     widths: Optional[Tuple[int, ...]] = None
+    # Passes applied (with their default configs) before the stages, e.g. ("decorrelation",):
+    # every stage process builds the same composed model.
+    passes: Tuple[str, ...] = ()
 
     def _split(self):
         from effcompile.harness.data import get_dataset
@@ -385,7 +451,18 @@ class ZooJob:
         kwargs = {} if self.widths is None else {"widths": tuple(self.widths)}
         model = get_model(self.model, num_classes=info.num_classes, in_channels=info.in_channels,
                           image_size=info.image_size, **kwargs)
-        return model, (train.tensors[0][: self.batch_size],)
+        example_inputs = (train.tensors[0][: self.batch_size],)
+        if self.passes:
+            import warnings
+
+            from effcompile.api import transform
+            from effcompile.config import PASS_CONFIGS
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for name in self.passes:
+                    model = transform(model, PASS_CONFIGS[name](), example_inputs=example_inputs)
+        return model, example_inputs
 
     def data_factory(self):
         from effcompile.harness.data import make_loaders
@@ -408,12 +485,20 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, labels)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m effcompile.passes.greedy_stages.runtime",
-                                     description="Train a greedy-staged zoo model with one process per stage.")
+def _parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from effcompile.harness.data import DATASETS
+
+    parser = argparse.ArgumentParser(prog=prog or "python -m effcompile.passes.greedy_stages.runtime",
+                                     description="Train a greedy-staged zoo model with one process per stage "
+                                                 "(and per data-parallel replica).")
     parser.add_argument("--model", default="cnn")
-    parser.add_argument("--dataset", default="digits", choices=("digits", "synthetic", "cifar10", "mnist"))
+    parser.add_argument("--dataset", default="digits", choices=tuple(DATASETS))
+    parser.add_argument("--with", dest="passes", default="",
+                        help="comma-separated passes applied with their defaults before the stages "
+                             "(e.g. decorrelation); their shared state is averaged over each stage's replicas")
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--data-parallel", type=int, default=1,
+                        help="replicas D of every stage: K·D processes, each stage's replicas all-reduce gradients")
     parser.add_argument("--mode", default="sync", choices=GreedyStages.MODES)
     parser.add_argument("--transport", default="none", choices=GreedyStages.TRANSPORTS)
     parser.add_argument("--buffer", type=int, default=4)
@@ -444,44 +529,58 @@ def _config_from_args(args: argparse.Namespace) -> GreedyStages:
                         vq_group_size=args.vq_group_size, timeout_s=args.timeout)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """CLI: under torchrun (``RANK`` set) this process is one stage; otherwise it spawns them all."""
-    args = _parser().parse_args(argv)
-    config = _config_from_args(args)
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Dict[str, Any]:
+    """CLI: under torchrun (``RANK`` set) this process is one rank; otherwise it spawns them all."""
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.data_parallel < 1:
+        parser.error(f"--data-parallel must be >= 1, got {args.data_parallel}")
+    from effcompile.config import PASS_CONFIGS
+
+    passes = tuple(name for name in args.passes.split(",") if name)
+    unknown = [name for name in passes if name not in PASS_CONFIGS or name == GreedyStages.name]
+    if unknown:
+        parser.error(f"--with {','.join(unknown)}: not a pass to compose with the stages; choose from "
+                     f"{sorted(set(PASS_CONFIGS) - {GreedyStages.name})}")
+    try:
+        config = _config_from_args(args)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
     zoo = ZooJob(model=args.model, dataset=args.dataset, batch_size=args.batch_size, lr=args.lr,
-                 data_seed=args.seed, image_size=args.image_size)
+                 data_seed=args.seed, image_size=args.image_size, passes=passes)
     eval_factory = None if args.no_eval else zoo.eval_factory
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _torchrun_stage(args, config, zoo, eval_factory)
     result = run_stages(config, zoo.model_factory, cross_entropy, zoo.optimizer_factory, zoo.data_factory,
                         args.steps, eval_factory=eval_factory, seed=args.seed, threads_per_process=args.threads,
                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                        resume=args.resume, codebook_every=args.codebook_every)
+                        resume=args.resume, codebook_every=args.codebook_every, data_parallel=args.data_parallel)
     summary = result.summary()
     _emit(summary, args.out)
     return summary
 
 
 def _torchrun_stage(args: argparse.Namespace, config: GreedyStages, zoo: ZooJob, eval_factory: Any) -> Dict[str, Any]:
+    """One rank under torchrun (any number of nodes: rendezvous from torchrun's environment).
+
+    The ranks' results travel to rank 0 over torch.distributed, not through files, so nodes need
+    no shared file system; rank 0 merges and writes ``--out``.
+    """
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != config.num_stages:
-        raise SystemExit(f"torchrun started {world} processes but --stages is {config.num_stages}")
+    layout = Layout(config.num_stages, args.data_parallel)
+    if world != layout.world:
+        raise SystemExit(f"torchrun started {world} processes but --stages {config.num_stages} × --data-parallel "
+                         f"{args.data_parallel} needs {layout.world}")
     run_dir = args.checkpoint_dir or os.path.join(tempfile.gettempdir(), f"effcompile-stages-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}")
     os.makedirs(run_dir, exist_ok=True)
     job = StageJob(config, zoo.model_factory, cross_entropy, zoo.optimizer_factory, zoo.data_factory, args.steps,
                    eval_factory, args.seed, args.threads, args.checkpoint_dir, args.checkpoint_every, args.resume,
-                   args.codebook_every, None, "nccl" if torch.cuda.is_available() else "gloo")
+                   args.codebook_every, None, "nccl" if torch.cuda.is_available() else "gloo",
+                   replicas=args.data_parallel)
     started = time.time()
-    stage_process(rank, world, job, None, run_dir)  # env:// rendezvous from torchrun; exits 1 on failure
+    results = stage_process(rank, world, job, None, run_dir, collect=True)  # exits 1 on failure
     summary: Dict[str, Any] = {}
-    if rank == 0:  # merge the results once every stage has written its file
-        paths = [os.path.join(run_dir, f"result{r}.pt") for r in range(world)]
-        deadline = time.monotonic() + config.timeout_s
-        while not all(os.path.exists(path) for path in paths):
-            if time.monotonic() > deadline:
-                raise StageRuntimeError(f"stage results missing in {run_dir} after {config.timeout_s:g} s")
-            time.sleep(0.1)
-        results = [_read_result_file(path) for path in paths]
+    if rank == 0:
         summary = merge_results(config, results, time.time() - started).summary()
         _emit(summary, args.out)
     return summary

@@ -61,17 +61,19 @@ def _classify(error: BaseException, timeout_s: float) -> str:
 class _Link:
     """One boundary seen from one of its two ranks: framed messages with deadlines."""
 
-    def __init__(self, me: int, peer: int, group: Any, timeout_s: float, device: torch.device) -> None:
-        self.me, self.peer, self.group, self.timeout_s, self.device = me, peer, group, timeout_s, device
+    def __init__(self, me: str, peer: str, peer_rank: int, group: Any, timeout_s: float, device: torch.device) -> None:
+        # me / peer: how messages name the two ranks ("stage 1", or "stage 1 replica 0" with replicas).
+        self.me, self.peer, self.peer_rank, self.group = me, peer, peer_rank, group
+        self.timeout_s, self.device = timeout_s, device
         self.timeout = datetime.timedelta(seconds=timeout_s)
 
     def _fail(self, action: str, step: int, error: BaseException) -> StageRuntimeError:
-        return StageRuntimeError(f"stage {self.me}: {action} stage {self.peer} at step {step} failed: "
-                                 f"{_classify(error, self.timeout_s)} [stage {self.peer} is the suspect]")
+        return StageRuntimeError(f"{self.me}: {action} {self.peer} at step {step} failed: "
+                                 f"{_classify(error, self.timeout_s)} [{self.peer} is the suspect]")
 
     def _send(self, tensors: Sequence[torch.Tensor], action: str, step: int) -> None:
         try:
-            works = [dist.isend(t, self.peer, group=self.group) for t in tensors]
+            works = [dist.isend(t, self.peer_rank, group=self.group) for t in tensors]
             for work in works:
                 work.wait(self.timeout)
         except RuntimeError as error:
@@ -79,7 +81,7 @@ class _Link:
 
     def _recv(self, tensor: torch.Tensor, action: str, step: int) -> torch.Tensor:
         try:
-            dist.irecv(tensor, self.peer, group=self.group).wait(self.timeout)
+            dist.irecv(tensor, self.peer_rank, group=self.group).wait(self.timeout)
         except RuntimeError as error:
             raise self._fail(action, step, error) from error
         return tensor
@@ -120,7 +122,7 @@ class _Link:
         if kind == KIND_END:
             return kind, step, None, None, HEADER_BYTES
         if kind not in (KIND_TRAIN, KIND_EVAL):
-            raise StageRuntimeError(f"stage {self.me}: malformed message (kind {kind}) from stage {self.peer} "
+            raise StageRuntimeError(f"{self.me}: malformed message (kind {kind}) from {self.peer} "
                                     f"at step {expected_step}")
         shape = tuple(int(s) for s in header[_H_SHAPE:_H_SHAPE + int(header[_H_NDIM])])
         fields: Dict[str, torch.Tensor] = {}
