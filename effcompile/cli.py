@@ -1,4 +1,4 @@
-"""Command-line interface: ``effcompile train | report | inspect | bench | stages``.
+"""Command-line interface: ``effcompile train | report | inspect | bench``, and the commands techniques register.
 
 Usage::
 
@@ -41,6 +41,7 @@ from torch import nn
 from . import models
 from .api import report, transform
 from .measure import bench_pass, machine_info
+from .commands import COMMANDS, run_command
 from .config import PASS_CONFIGS, config_from_dict
 from .passes import PASSES
 from .harness.data import DATASETS, get_dataset
@@ -66,7 +67,8 @@ class CLIError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effcompile", description="Cheaper training through graph passes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,inspect,bench,stages}")
+    names = ["train", "report", "inspect", "bench", *sorted(COMMANDS)]
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(names) + "}")
 
     train = sub.add_parser("train", help="train with passes (and optionally plain backprop) and compare")
     _add_model_args(train, shape=False)
@@ -127,12 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="write the results (with machine info) to this JSON file")
     bench.set_defaults(handler=cmd_bench)
 
-    # The multi-process stage runtime owns its arguments (the same ones torchrun's ranks parse).
-    stages = sub.add_parser("stages", add_help=False,
-                            help="train greedy stages as K·D processes (K stages × D data-parallel replicas); "
-                                 "effcompile stages --help for its options")
-    stages.add_argument("runtime_args", nargs=argparse.REMAINDER)
-    stages.set_defaults(handler=cmd_stages)
+    # Commands registered by techniques own their arguments (effcompile.commands).
+    for command in sorted(COMMANDS.values(), key=lambda c: c.name):
+        registered = sub.add_parser(command.name, add_help=False, help=command.help)
+        registered.add_argument("command_args", nargs=argparse.REMAINDER)
+        registered.set_defaults(handler=cmd_registered)
     return parser
 
 
@@ -551,23 +552,17 @@ def _slug(spec: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def cmd_stages(args: argparse.Namespace) -> int:
-    from effcompile.passes.greedy_stages.runtime.launcher import StageRuntimeError, main as stages_main
-
-    try:
-        runtime_args = args.runtime_args[1:] if args.runtime_args[:1] == ["--"] else args.runtime_args
-        stages_main(runtime_args, prog="effcompile stages")
-    except StageRuntimeError as exc:
-        raise CLIError(str(exc)) from None
-    return 0
+def cmd_registered(args: argparse.Namespace) -> int:
+    command_args = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    return run_command(args.command, command_args, prog=f"effcompile {args.command}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit status (0: success, 2: usage or input error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] == ["stages"]:  # argparse's REMAINDER cannot start with an option: hand them over as they are
-        argv = ["stages", "--", *argv[1:]]
+    if argv[:1] and argv[0] in COMMANDS:  # argparse's REMAINDER cannot start with an option: hand them over
+        argv = [argv[0], "--", *argv[1:]]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage or help

@@ -56,6 +56,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -70,7 +71,7 @@ from .worker import Fault, Layout, StageJob, build_staged_model, cycle_batches, 
 
 __all__ = ["StageRuntimeError", "Fault", "Layout", "StageJob", "StageRunResult", "run_stages", "ZooJob", "load_stage_checkpoints",
            "build_staged_model", "stage_state_keys", "cycle_batches", "cross_entropy", "stage_process",
-           "merge_results", "HEADER_LEN", "HEADER_BYTES", "main"]
+           "merge_results", "HEADER_LEN", "HEADER_BYTES", "main", "command"]
 
 
 @dataclasses.dataclass
@@ -558,6 +559,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
     summary = result.summary()
     _emit(summary, args.out)
     return summary
+
+
+def command(argv: Sequence[str], prog: str) -> int:
+    """``effcompile stages``: :func:`main` with a failed run reported as one line on stderr (exit 2)."""
+    try:
+        main(argv, prog=prog)
+    except StageRuntimeError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _torchrun_stage(args: argparse.Namespace, config: GreedyStages, zoo: ZooJob, eval_factory: Any) -> Dict[str, Any]:
