@@ -30,6 +30,18 @@ def functional_all_reduce_mean(tensor: torch.Tensor, group=None) -> torch.Tensor
     return functional_collectives.wait_tensor(total) / dist.get_world_size(group=group)
 
 
+def functional_all_gather(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` of ``group`` (default: WORLD) concatenated along dim 0 in rank order;
+    traceable, so it works inside compiled graphs."""
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as functional_collectives
+
+    group = dist.group.WORLD if group is None else group
+    # all_gather_single: the newer name (all_gather_tensor, same signature, is deprecated where it exists).
+    gather = getattr(functional_collectives, "all_gather_single", None) or functional_collectives.all_gather_tensor
+    return functional_collectives.wait_tensor(gather(tensor, 0, group))
+
+
 def compile_fx(graph_module, example_inputs, **kwargs):
     """Inductor's entry point (``torch._inductor.compile_fx.compile_fx``)."""
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
@@ -93,6 +105,7 @@ ConvNd = torch.nn.modules.conv._ConvNd
 
 __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
+    "functional_all_gather",
     "unique_graph_count", "is_compiling", "ConvNd", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
     "is_sharded",
 ]

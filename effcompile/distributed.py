@@ -16,6 +16,13 @@ Two questions every pass with state or randomness must answer under torch.distri
   across ranks, and it consumes the global RNG identically on every rank (so dropout masks and
   other global draws stay as the user seeded them).  Outside torch.distributed (or with one
   rank) it returns None: draws come from the global RNG exactly as before.
+* **Whose statistics?**  State that summarises the data (a loss history) can be gathered from
+  every replica with :func:`all_gather_replicas`, so it is the same on every rank.
+* **Who all-reduces?**  DDP arms its gradient all-reduce in its own forward only.  A step that
+  runs the module behind the wrapper another way (a compiled function of the inner module, a
+  step that runs the model stage by stage) uses :class:`DataParallelSync` to do what DDP does.
+
+What each pass shares and what stays per rank: the "Per-rank semantics" table in passes/README.md.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "replica_group", "replica_world_size", "use_replica_group", "all_reduce_mean",
-           "rank_generator", "global_rank"]
+           "all_gather_replicas", "rank_generator", "global_rank", "DataParallelSync"]
 
 _UNSET = object()
 _REPLICA_GROUP: object = _UNSET  # unset: the default group (WORLD); None: this rank has no replicas
@@ -85,6 +92,17 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if group is None else functional_all_reduce_mean(tensor, group)
 
 
+def all_gather_replicas(tensor: torch.Tensor) -> torch.Tensor:
+    """Every replica's ``tensor`` concatenated along dim 0 in the replicas' rank order (``tensor``
+    itself without replicas); traceable, so it works in compiled graphs.  Every replica must call
+    it at the same point with the same shape."""
+    from ._compat import functional_all_gather
+
+    if replica_world_size() == 1:
+        return tensor
+    return functional_all_gather(tensor, replica_group())
+
+
 def rank_generator(device: torch.device) -> Optional[torch.Generator]:
     """A generator on ``device`` for this rank's next draw, or None outside torch.distributed.
 
@@ -101,3 +119,71 @@ def rank_generator(device: torch.device) -> Optional[torch.Generator]:
         generator = _GENERATORS[device] = torch.Generator(device=device)
     generator.manual_seed((base + _RANK_STRIDE * (dist.get_rank() + 1)) & _SEED_MASK)
     return generator
+
+
+class DataParallelSync:
+    """What ``DistributedDataParallel`` does around a step, for a step that runs the module behind
+    the wrapper without calling the wrapper's forward (a compiled function of the inner module, a
+    step that runs the model piece by piece).
+
+    DDP all-reduces gradients only after a backward whose forward went through ``DDP.forward``
+    (that forward arms its reducer); any other forward leaves each rank with its own gradient and
+    the replicas drift apart silently.  Such a step calls :meth:`before_forward` (rank 0's
+    buffers to every rank, as DDP does with ``broadcast_buffers=True``) and :meth:`after_backward`
+    (the gradients averaged over the wrapper's process group, skipped inside ``no_sync()``).
+    """
+
+    def __init__(self, wrapper: torch.nn.parallel.DistributedDataParallel) -> None:
+        self.wrapper = wrapper
+        self.group = wrapper.process_group
+        ignored = set(getattr(wrapper, "parameters_to_ignore", ()) or ())
+        named = [(name, p) for name, p in wrapper.module.named_parameters() if p.requires_grad]
+        self.parameters = [p for name, p in named if name not in ignored]
+        self.buffers = [b for name, b in wrapper.module.named_buffers() if name not in ignored]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Optional["DataParallelSync"]:
+        """For ``model`` wrapped in DDP (possibly inside ``torch.compile``'s wrapper) with more than
+        one rank; None otherwise."""
+        while not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            if not hasattr(model, "_orig_mod"):
+                return None
+            model = model._orig_mod
+        if dist.get_world_size(group=model.process_group) == 1:
+            return None
+        return cls(model)
+
+    @torch.no_grad()
+    def before_forward(self) -> None:
+        if not getattr(self.wrapper, "broadcast_buffers", True) or not self.buffers:
+            return
+        source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        by_dtype: Dict[torch.dtype, list] = {}
+        for buffer in self.buffers:
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        for buffers in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.broadcast(flat, src=source, group=self.group)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        if not getattr(self.wrapper, "require_backward_grad_sync", True) or not self.parameters:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        present = torch.tensor([float(p.grad is not None) for p in self.parameters], device=grads[0].device)
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [present])
+        dist.all_reduce(flat, group=self.group)
+        flat[:-len(self.parameters)].div_(dist.get_world_size(group=self.group))
+        offset = 0
+        counts = flat[-len(self.parameters):].tolist()
+        for parameter, grad, count in zip(self.parameters, grads, counts):
+            chunk = flat[offset:offset + grad.numel()].view_as(grad).to(grad.dtype)
+            offset += grad.numel()
+            if parameter.grad is not None:
+                parameter.grad.copy_(chunk)
+            elif count > 0:  # another rank had a gradient: DDP would give this rank the average too
+                parameter.grad = chunk.clone()

@@ -528,8 +528,11 @@ class BlockStagedModel:
 
 
 def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, optimizer: Any,
-                          options: Any) -> Callable:
-    """The single-process DGL step of the hook path (see the module docstring)."""
+                          options: Any, sync: Any = None) -> Callable:
+    """The single-process DGL step of the hook path (see the module docstring).
+
+    ``sync``: an ``effcompile.distributed.DataParallelSync`` when the model is wrapped in DDP
+    (the hooks run the inner module, so the step averages the gradients itself)."""
     from effcompile.api import check_finite_loss
     from effcompile.passes.sample_selection.selectors import selector_of
 
@@ -543,6 +546,8 @@ def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: C
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
+        if sync is not None:
+            sync.before_forward()
         output, aux = staged.run(inputs)
         losses = [loss_fn(replace_first_tensor(output, a), targets) for a in aux] + [loss_fn(output, targets)]
         if options.check_finite:
@@ -551,6 +556,8 @@ def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: C
         # The stages' graphs are disjoint (every cut detached), so one backward over all losses
         # gives each parameter exactly the gradient of its own stage's loss.
         torch.autograd.backward(losses)
+        if sync is not None:
+            sync.after_backward()
         optimizer.step()
         counter["step"] += 1
         step.stage_losses = [loss.detach() for loss in losses]

@@ -44,6 +44,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from effcompile.distributed import DataParallelSync
 from effcompile.inputs import ModelInputs, model_inputs
 from effcompile.measure import SavedTensorMeter
 from effcompile.passes.analysis.capture import GraphCapture
@@ -478,8 +479,11 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     from effcompile.passes.sample_selection.selectors import selector_of
 
     staged = staged_model(model)
+    # The stages run the module behind a DDP wrapper piece by piece, never the wrapper's forward,
+    # so DDP would not all-reduce their gradients: the step does what DDP does itself.
+    sync = DataParallelSync.of(model)
     if isinstance(staged, BlockStagedModel):
-        return make_block_train_step(_unwrap(model), staged, loss_fn, optimizer, options)
+        return make_block_train_step(_unwrap(model), staged, loss_fn, optimizer, options, sync=sync)
     objective = _stage_objective(_unwrap(model), loss_fn)
     selector = selector_of(_unwrap(model))
     functions = [_stage_loss_function(staged, k, objective) for k in range(staged.num_stages)]
@@ -491,6 +495,8 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
+        if sync is not None:
+            sync.before_forward()
         x, losses, subset_losses = staged.positional(inputs), [], []
         for function in functions:
             loss, out, selection, reported = function(x, targets)
@@ -502,6 +508,8 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
             losses.append(reported)
             subset_losses.append(loss.detach())
             x = (out.detach(),) if isinstance(out, torch.Tensor) else None
+        if sync is not None:
+            sync.after_backward()
         # Gradients never cross stages, so one optimizer over all parameters takes exactly the
         # per-stage optimizers' steps for per-parameter optimizers (SGD, Adam, ...).
         optimizer.step()

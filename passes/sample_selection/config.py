@@ -43,6 +43,11 @@ class SampleSelection(PassConfig):
             proxy-gradient norm, in (0, 1).
         nnls_iterations: projected accelerated-gradient iterations of the final non-negative
             least-squares weight fit of ``gradmatch``, in [0, 1000].
+        sync_history: under torch.distributed, write every data-parallel replica's batch losses
+            into the loss history (one all-gather of B floats per step), so the history is the
+            same on every rank and percentiles rank a row among the whole global batch's recent
+            losses.  False: each rank keeps its own history.  Each rank always selects from its
+            own batch.
     """
 
     name: ClassVar[str] = "sample_selection"
@@ -55,6 +60,7 @@ class SampleSelection(PassConfig):
     history_size: int = 1024
     gradmatch_ridge: float = 1e-3
     nnls_iterations: int = 50
+    sync_history: bool = True
 
     STRATEGIES: ClassVar[tuple] = ("loss", "gradmatch", "random")
     MODES: ClassVar[tuple] = ("auto", "forward_reuse", "reforward")
@@ -78,6 +84,8 @@ class SampleSelection(PassConfig):
             self._fail("gradmatch_ridge", "a real number in (0, 1)")
         if not (is_int(self.nnls_iterations) and 0 <= self.nnls_iterations <= 1000):
             self._fail("nnls_iterations", "an integer in [0, 1000]")
+        if not isinstance(self.sync_history, bool):
+            self._fail("sync_history", "a bool")
 
     @property
     def probabilistic(self) -> bool:

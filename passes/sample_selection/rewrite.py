@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from effcompile.api import _unwrap, check_finite_loss
+from effcompile.distributed import DataParallelSync
 from effcompile.inputs import model_inputs, tensor_leaves
 from .config import SampleSelection
 from effcompile.plan import Action, PlanRow
@@ -320,6 +321,9 @@ class SelectionStep:
                  selector: SampleSelector) -> None:
         self.base = _unwrap(model)
         self.model = self.base if options.compile else model
+        # Compiled functions run the module behind a DDP wrapper, not the wrapper's forward, so
+        # DDP would not all-reduce their gradients: the step does what DDP does itself.
+        self._ddp = DataParallelSync.of(model) if options.compile else None
         self.optimizer = optimizer
         self.options = options
         self.selector = selector
@@ -396,6 +400,8 @@ class SelectionStep:
         batch = model_inputs(inputs)
         args, kwargs = batch.args, batch.kwargs
         self.optimizer.zero_grad(set_to_none=True)
+        if self._ddp is not None:
+            self._ddp.before_forward()
         if self.spec.mode == FORWARD_REUSE:
             loss, batch_loss, index, weights = self._forward_select(args, kwargs, targets)
         else:
@@ -404,6 +410,8 @@ class SelectionStep:
         if self.options.check_finite:
             check_finite_loss(loss, self.step_index)
         loss.backward()
+        if self._ddp is not None:
+            self._ddp.after_backward()
         self.optimizer.step()
         self.selector.record(index, weights)
         self.last_selection = (index, weights)
@@ -436,7 +444,8 @@ class SampleSelectionPass(ModelPass):
     config_type = SampleSelection
     step_order = 20
     # Selection adds no parameter-shaped state: under FSDP2 each rank selects from its own batch
-    # (scores and history per rank) and FSDP reduces the selected rows' gradients (tested on gloo).
+    # (its loss history global over the ranks, see selectors.py) and FSDP reduces the selected
+    # rows' gradients (tested on gloo).
     sharded_parameters_unsupported = ""
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: SampleSelection) -> List[PlanRow]:
@@ -527,7 +536,8 @@ class SampleSelectionPass(ModelPass):
         device = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
         selector = SampleSelector(config.keep, config.strategy, fixed_k=config.fixed_k, beta=config.beta,
                                   history_size=config.history_size, gradmatch_ridge=config.gradmatch_ridge,
-                                  nnls_iterations=config.nnls_iterations, head_bias=spec.head_bias, device=device)
+                                  nnls_iterations=config.nnls_iterations, head_bias=spec.head_bias,
+                                  sync_history=config.sync_history, device=device)
         selector.spec = spec
         if type(model) is nn.Sequential:
             model.__class__ = _SelectionSequential

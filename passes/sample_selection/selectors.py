@@ -28,6 +28,17 @@ Strategies (Balles, Archambeau, Zappella, arXiv 2312.05021 compare them; none re
 
 State (buffers, so ``state_dict`` checkpoints them): the loss history ring buffer and its
 fill/position counters, step and row counters, and the last selection (index, weights).
+
+Under torch.distributed (DDP, FSDP2, a stage's replicas): each rank scores and selects ``k`` rows of
+its **own** batch, but with ``sync_history`` (the default) the loss **history is global**: every
+rank writes all its replicas' batch losses (``effcompile.distributed.all_gather_replicas``, in rank
+order) into its ring buffer, so the histories stay identical on every rank and a row's percentile
+is its rank among the recent losses of the whole data-parallel batch — what one process training
+on that batch would compute.  ``sync_history=False`` keeps a per-rank history (ranks then rank
+their rows against different distributions, and their selector buffers differ).  The random
+draws (``random`` rows, Gumbel keys, the probabilistic keep mask) come from torch's global RNG, so
+identically seeded ranks draw the same *positions*; those positions index different samples on
+each rank, so the subsets are still independent across ranks.
 """
 
 from __future__ import annotations
@@ -39,6 +50,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from effcompile.distributed import all_gather_replicas
 
 __all__ = [
     "SampleSelector", "selector_of", "per_sample_loss_fn", "selected_loss", "num_selected",
@@ -154,7 +167,7 @@ class SampleSelector(nn.Module):
 
     def __init__(self, keep: float, strategy: str, *, fixed_k: bool = True, beta: float = 1.0,
                  history_size: int = 1024, gradmatch_ridge: float = 1e-3, nnls_iterations: int = 50,
-                 head_bias: bool = True, label_smoothing: float = 0.0,
+                 head_bias: bool = True, label_smoothing: float = 0.0, sync_history: bool = True,
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
         if strategy not in ("loss", "gradmatch", "random"):
@@ -168,6 +181,7 @@ class SampleSelector(nn.Module):
         self.nnls_iterations = int(nnls_iterations)
         self.head_bias = bool(head_bias)
         self.label_smoothing = float(label_smoothing)
+        self.sync_history = bool(sync_history)
         self.register_buffer("loss_history", torch.zeros(self.history_size, device=device))
         for name in ("history_fill", "history_position", "steps", "rows_seen"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long, device=device))
@@ -196,7 +210,8 @@ class SampleSelector(nn.Module):
             losses = per_sample_loss.detach().float().reshape(-1)
             batch = losses.shape[0]
             k = self.num_selected(batch)
-            self._observe(losses)
+            # The history is global over the data-parallel replicas (see the module docstring).
+            self._observe(all_gather_replicas(losses) if self.sync_history else losses)
             if self.strategy == "loss":
                 index, weights = self._select_by_loss(losses, k)
             elif k == batch:  # keep=1: every row, in order, weight 1/B (the full-batch mean)

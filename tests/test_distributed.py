@@ -1,0 +1,263 @@
+"""Per-rank semantics of the passes under torch.distributed: two real gloo processes on localhost.
+
+The table these tests check is in passes/README.md ("Per-rank semantics").  Covered elsewhere,
+not repeated here: decorrelation's R stays identical on every DDP rank with different data per rank
+and moves (tests/passes/decorrelation/test_decorrelation_ddp.py, with a control without the
+statistics all-reduce); decorrelation inside a K×D stage run averages over the stage's replicas
+only, and every stage's replicas — aux heads included (``stage_state_keys`` lists
+``greedy_stage_heads.k.*``) — end identical (tests/passes/greedy_stages/runtime/test_data_parallel_stages.py);
+FSDP2 (tests/test_fsdp2.py).
+
+Both ranks are seeded alike (``torch.manual_seed``), as data-parallel training does.
+
+* Randomized VJP: each rank draws its own sketch (``effcompile.distributed.rank_generator``), so
+  the ranks' sampled rows and sketched gradients differ, a rank repeats its draws under the same
+  seed, and the all-reduced gradient is unbiased with half of one rank's variance.  The control
+  (every rank on the global RNG, i.e. the per-rank stream switched off) draws identical sketches
+  and keeps one rank's variance.
+* Sample selection: each rank selects from its own batch; the loss history is global (every rank
+  records every rank's losses), so percentiles rank a row among the whole data-parallel batch.
+  ``sync_history=False`` (the control) keeps a history per rank.
+* Steps that run the module behind a DDP wrapper without its forward (compiled selection, the
+  single-process greedy-stage step) average the gradients themselves: the ranks stay identical.
+"""
+
+import math
+import os
+import warnings
+from statistics import NormalDist
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+WORLD = 2
+DRAWS = 400
+ALPHA = 1e-4  # family-wise false-alarm rate of each z-test
+
+
+# ------------------------------------------------------------------------------ rank side
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 5))
+
+
+def _vjp_data():
+    generator = torch.Generator().manual_seed(3)  # the same batch on both ranks: draws are the only noise
+    x = torch.randn(64, 12, generator=generator) * torch.logspace(-1, 1, 64)[:, None]
+    return x, torch.randint(0, 5, (64,), generator=generator)
+
+
+def _flat_grad(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _randomized_vjp(rank):
+    import copy
+
+    import effcompile
+    from effcompile.passes.randomized_vjp import estimators
+
+    x, y = _vjp_data()
+    model = _mlp()
+    exact = _flat_grad(copy.deepcopy(model), x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25, target="both"), example_inputs=(x,))
+    out = {"exact": exact}
+
+    torch.manual_seed(7)
+    first = [estimators.sample_indices(torch.ones(64), 16, "uniform")[0] for _ in range(3)]
+    torch.manual_seed(7)
+    again = [estimators.sample_indices(torch.ones(64), 16, "uniform")[0] for _ in range(3)]
+    out["indices"], out["indices_again"] = first, again
+    torch.manual_seed(11)
+    out["gradient"] = _flat_grad(model, x, y)
+    torch.manual_seed(11)
+    out["gradient_again"] = _flat_grad(model, x, y)
+
+    def draws():
+        local, averaged = [], []
+        for _ in range(DRAWS):
+            g = _flat_grad(model, x, y)
+            total = g.clone()
+            dist.all_reduce(total)
+            local.append(g)
+            averaged.append(total / WORLD)
+        return torch.stack(local), torch.stack(averaged)
+
+    torch.manual_seed(1234)
+    out["local"], out["averaged"] = draws()
+    original = estimators.rank_generator
+    estimators.rank_generator = lambda device: None  # control: every rank on the global RNG
+    try:
+        torch.manual_seed(1234)
+        out["local_shared"], out["averaged_shared"] = draws()
+    finally:
+        estimators.rank_generator = original
+
+    # DDP averages the ranks' sketched gradients (the eager autograd functions under DDP's hooks).
+    ddp = nn.parallel.DistributedDataParallel(model)
+    torch.manual_seed(99)
+    out["ddp_local"] = _flat_grad(model, x, y)
+    torch.manual_seed(99)
+    ddp.zero_grad(set_to_none=True)
+    F.cross_entropy(ddp(x), y).backward()
+    out["ddp"] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return out
+
+
+def _selector_history(rank):
+    from effcompile.passes.sample_selection.selectors import SampleSelector
+
+    out = {}
+    losses = rank * 10.0 + torch.linspace(0.0, 1.0, 8)  # rank 1's rows are all harder than rank 0's
+    for sync in (True, False):
+        selector = SampleSelector(keep=0.25, strategy="loss", history_size=64, sync_history=sync)
+        index, weights = selector.select(losses)
+        out[sync] = {"percentiles": selector.percentiles(losses), "history": selector.loss_history.clone(),
+                     "fill": int(selector.history_fill), "index": index, "rows_seen": int(selector.rows_seen)}
+    return out
+
+
+def _ddp_training(rank, config, compile=False, backend="aot_eager", steps=5):
+    """``steps`` DDP steps of ``effcompile.train_step`` with different data on each rank."""
+    import effcompile
+    from effcompile.passes.sample_selection.selectors import selector_of
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    initial = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, config, example_inputs=(torch.randn(16, 8),))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    step = effcompile.train_step(ddp, F.cross_entropy, optimizer, compile=compile, backend=backend)
+    generator = torch.Generator().manual_seed(10 + rank)
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=generator) * (1 + 3 * rank)
+        step(x, torch.randint(0, 3, (16,), generator=generator))
+    selector = selector_of(model)
+    return {"initial": initial, "parameters": [p.detach().clone() for p in model.parameters()],
+            "history": None if selector is None else selector.loss_history.clone(),
+            "fill": None if selector is None else int(selector.history_fill)}
+
+
+def _worker(rank, init_file, out_dir):
+    import effcompile
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        selection = effcompile.SampleSelection(keep=0.25, strategy="loss", history_size=256)
+        results = {
+            "randomized_vjp": _randomized_vjp(rank),
+            "selector": _selector_history(rank),
+            "selection_eager": _ddp_training(rank, selection),
+            "selection_compiled": _ddp_training(rank, selection, compile=True),
+            "stages": _ddp_training(rank, effcompile.GreedyStages(num_stages=2)),
+        }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+# ------------------------------------------------------------------------------ randomized VJP
+def _total_variance(samples, exact):
+    return float((samples.double() - exact.double()).square().sum(1).mean())
+
+
+def test_randomized_vjp_ranks_draw_different_sketches_that_repeat_under_the_same_seed(ranks):
+    rank0, rank1 = (r["randomized_vjp"] for r in ranks)
+    for r in (rank0, rank1):  # reproducible: the same seed, the same draws on a rank
+        assert all(torch.equal(a, b) for a, b in zip(r["indices"], r["indices_again"]))
+        assert torch.equal(r["gradient"], r["gradient_again"])
+    # Independent across ranks, although the ranks were seeded alike and hold the same batch.
+    assert all(not torch.equal(a, b) for a, b in zip(rank0["indices"], rank1["indices"]))
+    assert not torch.allclose(rank0["gradient"], rank1["gradient"])
+    torch.testing.assert_close(rank0["exact"], rank1["exact"], rtol=0, atol=0)
+    # Control: on the global RNG both ranks draw exactly the same sketch.
+    assert torch.equal(rank0["local_shared"], rank1["local_shared"])
+
+
+def test_randomized_vjp_all_reduced_gradient_is_unbiased(ranks):
+    result = ranks[0]["randomized_vjp"]
+    samples, exact = result["averaged"].double(), result["exact"].double()
+    assert torch.equal(result["averaged"], ranks[1]["randomized_vjp"]["averaged"])  # every rank steps alike
+    z = NormalDist().inv_cdf(1 - ALPHA / (2 * exact.numel()))
+    error = (samples.mean(0) - exact).abs()
+    bound = z * samples.std(0) / math.sqrt(samples.shape[0]) + 1e-7
+    assert bool((error <= bound).all()), f"max error/bound {(error / bound).max():.3f}"
+
+
+def test_randomized_vjp_two_ranks_halve_the_variance_of_one(ranks):
+    """Var(mean of 2 independent draws) = Var/2; with a shared stream the mean is one draw."""
+    rank0, rank1 = (r["randomized_vjp"] for r in ranks)
+    exact = rank0["exact"]
+    one = 0.5 * (_total_variance(rank0["local"], exact) + _total_variance(rank1["local"], exact))
+    ratio = _total_variance(rank0["averaged"], exact) / one
+    assert 0.4 < ratio < 0.62, ratio
+    shared = _total_variance(rank0["averaged_shared"], exact) / _total_variance(rank0["local_shared"], exact)
+    assert shared == pytest.approx(1.0, abs=1e-6), shared
+
+
+def test_ddp_averages_the_ranks_sketched_gradients(ranks):
+    rank0, rank1 = (r["randomized_vjp"] for r in ranks)
+    expected = 0.5 * (rank0["ddp_local"] + rank1["ddp_local"])  # each rank's draw under seed 99
+    assert not torch.allclose(rank0["ddp_local"], rank1["ddp_local"])
+    for r in (rank0, rank1):
+        torch.testing.assert_close(r["ddp"], expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ sample selection
+def test_selection_history_is_global_and_the_same_on_every_rank(ranks):
+    rank0, rank1 = (r["selector"][True] for r in ranks)
+    losses = [r * 10.0 + torch.linspace(0.0, 1.0, 8) for r in range(WORLD)]
+    for r in (rank0, rank1):
+        assert r["fill"] == 16 and r["rows_seen"] == 8  # every rank's losses recorded; 8 rows selected from
+        torch.testing.assert_close(r["history"][:16], torch.cat(losses), rtol=0, atol=0)
+        assert r["index"].shape == (2,) and bool((r["index"] < 8).all())  # k of its own 8 rows
+    assert torch.equal(rank0["history"], rank1["history"])
+    # Percentiles among the global batch: rank 0's easy rows rank low, rank 1's hard rows high.
+    assert bool((rank0["percentiles"] < 0.5).all()) and bool((rank1["percentiles"] > 0.5).all())
+
+
+def test_selection_history_per_rank_without_sync_history(ranks):
+    rank0, rank1 = (r["selector"][False] for r in ranks)
+    assert rank0["fill"] == rank1["fill"] == 8
+    assert not torch.equal(rank0["history"], rank1["history"])
+    # Each rank ranks its rows among its own: the same spread of percentiles on both ranks.
+    torch.testing.assert_close(rank0["percentiles"], rank1["percentiles"])
+
+
+@pytest.mark.parametrize("run", ["selection_eager", "selection_compiled"])
+def test_ddp_selection_ranks_stay_identical(run, ranks):
+    """Eager steps go through DDP's forward; compiled ones run the inner module and average the
+    gradients themselves (without that, the ranks' parameters drift apart)."""
+    rank0, rank1 = (r[run] for r in ranks)
+    for a, b, initial in zip(rank0["parameters"], rank1["parameters"], rank0["initial"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert not torch.equal(a, initial)
+    assert rank0["fill"] == 5 * WORLD * 16  # both ranks' rows of every step
+    torch.testing.assert_close(rank0["history"], rank1["history"], rtol=0, atol=0)
+
+
+def test_ddp_greedy_stage_step_ranks_stay_identical(ranks):
+    """The single-process staged step runs the stages, not DDP's forward: it averages itself."""
+    rank0, rank1 = (r["stages"] for r in ranks)
+    for a, b, initial in zip(rank0["parameters"], rank1["parameters"], rank0["initial"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert any(not torch.equal(a, initial) for a, initial in zip(rank0["parameters"], rank0["initial"]))
