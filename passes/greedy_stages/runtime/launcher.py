@@ -597,8 +597,20 @@ def _torchrun_stage(args: argparse.Namespace, config: GreedyStages, zoo: ZooJob,
     return summary
 
 
+def _json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float as None: strict JSON (``NaN`` is not JSON, and e.g.
+    the start-up times are NaN under torchrun, which has no launcher clock)."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
 def _emit(summary: Dict[str, Any], out: Optional[str]) -> None:
-    text = json.dumps(summary, indent=2, default=str)
+    text = json.dumps(_json_ready(summary), indent=2, default=str, allow_nan=False)
     if out:
         with open(out, "w") as handle:
             handle.write(text + "\n")
