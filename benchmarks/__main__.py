@@ -12,6 +12,7 @@ BENCHMARKS = {
     "greedy_stages": "staged vs backprop step time, activation memory, digits accuracy",
     "sample_selection": "step cost vs backprop per (mode, keep), digits time-to-target per strategy",
     "decorrelation": "one R update: the old formula vs the cost rule's (time ratio, same R)",
+    "stage_scaling": "K stages x D replicas vs DDP backprop at equal process counts (gloo); predicted 8/64-GPU rates",
     "rewrite_coverage": "is the randomized VJP really applied under autocast, batch changes, dynamic, composition",
 }
 
