@@ -539,10 +539,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
     from effcompile.config import PASS_CONFIGS
 
     passes = tuple(name for name in args.passes.split(",") if name)
-    unknown = [name for name in passes if name not in PASS_CONFIGS or name == GreedyStages.name]
+    from effcompile.passes import step_owners
+
+    composable = sorted(set(PASS_CONFIGS) - {p.config_type.name for p in step_owners()})
+    unknown = [name for name in passes if name not in composable]
     if unknown:
-        parser.error(f"--with {','.join(unknown)}: not a pass to compose with the stages; choose from "
-                     f"{sorted(set(PASS_CONFIGS) - {GreedyStages.name})}")
+        parser.error(f"--with {','.join(unknown)}: not a pass to compose with the stage processes (a pass that "
+                     f"owns the training step runs only in one process); choose from {composable}")
     try:
         config = _config_from_args(args)
     except (TypeError, ValueError) as error:

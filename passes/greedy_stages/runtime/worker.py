@@ -158,6 +158,19 @@ def replica_batches(data_factory: Callable[[], Any], replica: int, replicas: int
 
 
 # ------------------------------------------------------------------------------ one stage process
+def refuse_step_owners(model: nn.Module, config: GreedyStages) -> None:
+    """A stage process trains its stage with the plain local loss; a composed pass that owns the
+    training step (it changes which rows are backpropagated) would be silently bypassed here."""
+    from effcompile.passes import step_owners
+
+    owners = [p.config_type.name for p in step_owners() if p.config_type.name != config.name and p.is_applied(model)]
+    if owners:
+        raise StageRuntimeError(
+            f"the multi-process stage runtime trains each stage with its plain local loss and cannot run "
+            f"{', '.join(owners)} (a pass that owns the training step); train it in one process with "
+            f"effcompile.train_step, or compose only passes that rewrite layers")
+
+
 def build_staged_model(config: GreedyStages, model_factory: Callable, seed: int,
                        plan: Optional[List[Dict[str, Any]]] = None) -> nn.Module:
     """``model_factory() -> (model, example_inputs)`` transformed with ``config`` from ``seed``.
@@ -174,6 +187,7 @@ def build_staged_model(config: GreedyStages, model_factory: Callable, seed: int,
 
     torch.manual_seed(seed)
     model, example_inputs = model_factory()
+    refuse_step_owners(model, config)
     if PASSES[config.name].is_applied(model):
         return model
     if plan is not None:

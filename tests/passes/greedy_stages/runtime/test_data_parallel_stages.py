@@ -193,3 +193,12 @@ def test_effcompile_stages_rejects_bad_arguments(capsys):
     assert "not a pass to compose" in capsys.readouterr().err
     assert cli.main(["stages", "--help"]) == 0
     assert "--data-parallel" in capsys.readouterr().out
+
+
+def test_a_step_owning_pass_is_refused_not_silently_bypassed(capsys):
+    """Stage processes train with the plain local loss: composed sample selection would be skipped."""
+    assert cli.main(["stages", "--with", "sample_selection"]) == 2
+    assert "owns the training step" in capsys.readouterr().err
+    zoo = ZooJob(model="cnn", dataset="digits", batch_size=32, lr=0.1, widths=(8, 16, 32), passes=("sample_selection",))
+    with pytest.raises(StageRuntimeError, match="cannot run sample_selection"):
+        _run(_config(timeout_s=10.0), zoo=zoo, steps=2)
