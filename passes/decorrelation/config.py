@@ -34,12 +34,14 @@ class Decorrelation(PassConfig):
             is counted in the report).
         sync_statistics: average the statistics over ranks when torch.distributed is
             initialised, so R stays identical on every rank (DDP).
-        max_overhead: a budget for the pass's own work per training step, as a fraction of each
-            layer's plain training work (forward + backward MACs, from the captured graph).  Per
-            layer the cost model (``cost.py``) picks the largest block (≤ ``max_block_size``) and
-            the most frequent update (≥ ``update_every``) that meet it; the Plan shows the choice
-            and the predicted overhead, and warns where even the cheapest choice exceeds it.
-            ``None``: no budget (the knobs as given; the Plan still shows the predicted overhead).
+        max_overhead: a budget for the pass's own work per training step (the fused W·R products
+            and the amortised R updates), as a fraction of the decorrelated layers' plain training
+            work (forward + backward MACs, from the captured graph at the example's batch size).
+            The cost model (``cost.py``) gives each layer a ladder of configurations (smaller
+            blocks ≤ ``max_block_size``, longer update intervals ≥ ``update_every``) and steps the
+            most expensive layers down it until the whole model meets the budget; the Plan shows
+            each layer's choice, its own predicted overhead and the model's, and warns where even
+            the cheapest choice exceeds it.  ``None``: no budget (the knobs as given).
     """
 
     name: ClassVar[str] = "decorrelation"

@@ -68,7 +68,7 @@ from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
 
 from .config import Decorrelation
-from .cost import choose, conv_output_positions, layer_rows, predict
+from .cost import LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict
 from .observe import observed_forward
 from .state import MIN_ROWS, DecorrelationState, LayerSpec, block_layout
 
@@ -148,43 +148,58 @@ class DecorrelationPass(ModelPass):
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: Decorrelation) -> List[PlanRow]:
         tied = _tied_parameters(model)
-        rows = []
+        rows, ladders = [], []
         for candidate in captured.layers:
-            rows.append(self._plan_layer(candidate, tied, config))
+            row, rungs = self._plan_layer(candidate, tied, config)
+            rows.append(row)
+            if rungs:
+                ladders.append((row, rungs))
+        self._apply_budget(ladders, config)
         untraced = _untraced_weights(model, captured)
         rows.extend(untraced)
         rows.extend(row for row in self._unused_weights(model, captured, tied)
                     if row.layer not in {untraced_row.layer for untraced_row in untraced})
         return rows
 
-    def _plan_layer(self, candidate: LayerCandidate, tied: Dict[str, List[str]], config: Decorrelation) -> PlanRow:
+    def _plan_layer(self, candidate: LayerCandidate, tied: Dict[str, List[str]], config: Decorrelation):
+        """The layer's row (its spec as configured) and its cost ladder ([] without input shapes)."""
         first = candidate.uses[0]
         row = PlanRow(layer=candidate.layer, pass_name=self.name, action=Action.REWRITE, op=first.op,
                       input_shape=first.input_shape, weight_shape=candidate.weight_shape)
         reason = self._skip_reason(candidate, tied)
         if reason:
             row.action, row.reason = Action.SKIP, reason
-            return row
+            return row, []
         spec = _layer_spec(candidate, config)
-        spec, cost, within = _budgeted(spec, candidate, config)
-        blocks, block = block_layout(spec.group_dim, spec.block)
-        row.details = {"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}",
-                       "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))}
-        if spec.update_every > 1:
-            row.details["update_every"] = spec.update_every
-        if cost is not None:
-            row.details["overhead"] = f"{cost.overhead:.2f}x"  # predicted, of the layer's training MACs
-        if not within:
-            row.details["warning"] = "over budget"
-            row.reason = (f"the cheapest configuration (blocks {blocks}x{block}, update every {spec.update_every}) "
-                          f"costs {cost.overhead:.2f}x the layer's work, above max_overhead={config.max_overhead:g}")
-            warnings.warn(f"effcompile decorrelation: layer {candidate.layer!r}: {row.reason}", stacklevel=4)
+        rungs = _cost_ladder(spec, candidate, config)
+        _set_layer_details(row, spec, config, rungs[0] if rungs else None)
         if len(candidate.uses) > 1:
             row.details["uses"] = len(candidate.uses)
         if spec.observer_scopes:
             row.details["observed_in"] = ",".join(scope or "<root>" for scope in spec.observer_scopes)
         row.spec = spec
-        return row
+        return row, rungs
+
+    @staticmethod
+    def _apply_budget(ladders: List[Tuple[PlanRow, List[LayerCost]]], config: Decorrelation) -> None:
+        """Under ``max_overhead``: one configuration per layer so the model meets the budget (cost.py)."""
+        if config.max_overhead is None or not ladders:
+            return
+        chosen, within = allocate([rungs for _, rungs in ladders], config.max_overhead)
+        for (row, _), cost in zip(ladders, chosen):
+            row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every)
+            _set_layer_details(row, row.spec, config, cost)
+        total = sum(cost.pass_macs for cost in chosen) / max(1, sum(cost.layer_macs for cost in chosen))
+        for row, _ in ladders:
+            row.details["model_overhead"] = f"{total:.2f}x"
+        if not within:
+            for (row, _), cost in zip(ladders, chosen):
+                row.details["warning"] = "over budget"
+            message = (f"every layer at its cheapest configuration still costs {total:.2f}x the decorrelated layers' "
+                       f"training work, above max_overhead={config.max_overhead:g} (at the example batch size; "
+                       f"the overhead falls as the batch grows)")
+            ladders[0][0].reason = message
+            warnings.warn(f"effcompile decorrelation: {message}", stacklevel=5)
 
     @staticmethod
     def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]]) -> str:
@@ -311,22 +326,32 @@ def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:
     )
 
 
-def _budgeted(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation):
-    """``spec`` with the block size and update interval the overhead budget allows, its predicted
-    cost (None without input shapes) and whether the budget is met (cost.py)."""
+def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation) -> List[LayerCost]:
+    """The layer's configurations from the configured one down to the cheapest (cost.py); only the
+    configured one without a budget, none without input shapes."""
     first = candidate.uses[0]
     if not first.input_shape:
-        return spec, None, True
+        return []
     positions = conv_output_positions(first.input_shape, first.conv) if first.conv is not None else None
     rows = sum(layer_rows(use.input_shape, positions) for use in candidate.uses)
     numel = math.prod(candidate.weight_shape)
     syncing = config.sync_statistics and replicas.is_distributed()
     if config.max_overhead is None:
-        return spec, predict(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
-                             spec.update_every, syncing), True
-    cost, within = choose(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
-                          config.max_overhead, syncing, min_update_every=config.update_every)
-    return dataclasses.replace(spec, block=cost.block, update_every=cost.update_every), cost, within
+        return [predict(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
+                        spec.update_every, syncing)]
+    return ladder(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim, syncing,
+                  min_update_every=config.update_every)
+
+
+def _set_layer_details(row: PlanRow, spec: LayerSpec, config: Decorrelation, cost) -> None:
+    blocks, block = block_layout(spec.group_dim, spec.block)
+    row.details.update({"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}",
+                        "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))})
+    row.details.pop("update_every", None)
+    if spec.update_every > 1:
+        row.details["update_every"] = spec.update_every
+    if cost is not None:
+        row.details["overhead"] = f"{cost.overhead:.2f}x"  # predicted, of the layer's training MACs
 
 
 def _encloses(outer: str, inner: str) -> bool:

@@ -114,6 +114,7 @@ class DecorrelationState(nn.Module):
         self._register_load_state_dict_pre_hook(_keep_state_missing_from_checkpoint, with_module=True)
         # The LayerInputObserver of the scope call in progress (observe.py), else None.
         self._active_observer = None
+        self._snapshot, self._snapshot_key = None, None  # eager copy of R for the fused product
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -147,13 +148,23 @@ class DecorrelationState(nn.Module):
 
     def _matrix_snapshot(self, dtype: torch.dtype) -> torch.Tensor:
         # Autograd saves R to form ∂L/∂W = ∂L/∂A·Rᵀ; a module called twice in one forward updates R
-        # in place between the calls, so each call multiplies by its own copy (b² per call).
-        return self.matrix.detach().to(dtype, copy=True)
+        # in place between the calls, so each call multiplies by its own copy (b² per call).  In
+        # eager the copy is reused until R changes (its version counter moves: an update, a load):
+        # steps between updates then copy nothing.
+        if is_compiling():
+            return self.matrix.detach().to(dtype, copy=True)
+        key = (self.matrix._version, self.matrix.data_ptr(), dtype)
+        if self._snapshot_key != key:
+            self._snapshot = self.matrix.detach().to(dtype, copy=True)
+            self._snapshot_key = key
+        return self._snapshot
 
     def _right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
         matrix = self._matrix_snapshot(weight.dtype)
         if groups == 1 and blocks == 1:  # the common case: one dense product, no block plumbing
+            if weight.dim() == 2:  # no reshape: each view would be one more autograd node per step
+                return weight @ matrix[0]
             return (weight.reshape(weight.shape[0], d) @ matrix[0]).reshape(weight.shape)
         w = weight.reshape(groups, weight.shape[0] // groups, d)
         if blocks * b != d:
@@ -166,11 +177,12 @@ class DecorrelationState(nn.Module):
     # ----------------------------------------------------------------------------- update
     def observe(self, inputs: Sequence[torch.Tensor]) -> None:
         """Update R from the layer inputs of one training forward (no host synchronisation)."""
-        with torch.no_grad(), torch.autocast(device_type=self.matrix.device.type, enabled=False):
+        with torch.no_grad():
             self.observed_batches.add_(1)
-            gate = self._update_gate()
-            if gate is False:
-                return
+        gate = self._update_gate()
+        if gate is False:  # eager steps between updates: nothing else (entering autocast costs more than the count)
+            return
+        with torch.no_grad(), torch.autocast(device_type=self.matrix.device.type, enabled=False):
             rows = torch.cat([self._sample_rows(x) for x in inputs], dim=0)
             self._update(rows, gate)
 

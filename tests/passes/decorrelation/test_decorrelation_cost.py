@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import effcompile
 from effcompile.passes.decorrelation import decorrelation_states
-from effcompile.passes.decorrelation.cost import choose, conv_output_positions, layer_rows, predict
+from effcompile.passes.decorrelation.cost import allocate, choose, conv_output_positions, ladder, layer_rows, predict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -80,15 +80,50 @@ def test_budgeted_plan_is_what_the_runtime_uses_and_R_still_moves():
     step = effcompile.train_step(model, nn.CrossEntropyLoss(), optimizer)
     for _ in range(8):
         step(x, torch.zeros(32, dtype=torch.long))
+    assert all("warning" not in row.details for row in plan.values())
+    layer_macs, pass_macs = 0, 0
     for layer, state in decorrelation_states(model).items():
         row = plan[layer]
         assert row.details["blocks"] == f"{state.blocks_per_group}x{state.block}"
-        if "warning" not in row.details:
-            assert float(row.details["overhead"][:-1]) <= 0.2
+        assert row.details["model_overhead"] == plan["5"].details["model_overhead"]
         every = row.details.get("update_every", 1)
         assert int(state.updates) == math.ceil(8 / every), (layer, int(state.updates), every)
         assert not torch.equal(state.matrix, torch.eye(state.block).expand_as(state.matrix)), layer
     assert plan["5"].details["blocks"] != free["5"].details["blocks"] or "update_every" in plan["5"].details
+    assert float(plan["5"].details["model_overhead"][:-1]) <= 0.2  # the model meets the budget
+
+
+def _ladders():
+    """A wide layer that dominates the pass's cost and two small ones (MACs at batch 32)."""
+    wide = ladder(512 * 2304, 32 * 16, 1, 2304, 1024, 4.0)
+    small = ladder(64 * 27, 32 * 256, 1, 27, 1024, 4.0)
+    head = ladder(10 * 64, 32, 1, 64, 1024, 4.0)
+    return [wide, small, head]
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5])
+def test_allocation_meets_the_model_budget_by_making_the_dominant_layer_cheaper(budget):
+    ladders = _ladders()
+    chosen, within = allocate(ladders, budget)
+    assert within
+    total = sum(cost.pass_macs for cost in chosen) / sum(cost.layer_macs for cost in chosen)
+    assert total <= budget
+    wide, small, head = chosen
+    assert wide.block < ladders[0][0].block or wide.update_every > 1  # the wide layer paid
+    assert (small.block, small.update_every) == (ladders[1][0].block, 1)  # the cheap layer keeps its full R
+    # The head's own overhead is far above the budget (rows 32 < its block), yet the model meets it.
+    assert head.overhead > budget or head is ladders[2][0]
+
+
+def test_allocation_is_monotone_in_the_budget_and_reports_an_unreachable_one():
+    ladders = _ladders()
+    tight, _ = allocate(ladders, 0.05)
+    loose, _ = allocate(ladders, 0.5)
+    assert sum(c.pass_macs for c in tight) < sum(c.pass_macs for c in loose)
+    cheapest, within = allocate(ladders, 1e-6)
+    assert not within and [c.pass_macs for c in cheapest] == [rungs[-1].pass_macs for rungs in ladders]
+    for rungs in ladders:  # every ladder rung is strictly cheaper than the one before
+        assert all(b.pass_macs < a.pass_macs for a, b in zip(rungs, rungs[1:]))
 
 
 def test_max_overhead_is_validated():
