@@ -27,7 +27,7 @@ def _run(backend, update_every=1):
     x = torch.randn(8, 1, 6, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.Decorrelation(lr=0.02, update_every=update_every), example_inputs=(x,))
+        effcompile.transform(model, effcompile.Decorrelation(lr=0.02, update_every=update_every, max_overhead=None), example_inputs=(x,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     step = effcompile.train_step(model, F.cross_entropy, optimizer, compile=backend is not None,
                                  backend=backend or "effcompile")

@@ -61,7 +61,8 @@ def test_hf_trainer_trains_a_decorrelated_gpt2_eagerly(hf_trainer, tmp_path, cap
     assert "decorrelation" in capsys.readouterr().out
     assert result["losses"][-1] < result["losses"][0], result["losses"]
     states = decorrelation_states(result["model"])
-    assert states and all(int(state.updates) == 16 for state in states.values())  # 64 rows / 8 × 2 epochs
+    # 16 steps (64 rows / 8 × 2 epochs): R updated on every step its budgeted schedule names
+    assert states and all(int(state.updates) == math.ceil(16 / state.update_every) > 0 for state in states.values())
 
 
 def test_hf_trainer_with_torch_compile_samples_the_backward(hf_trainer, tmp_path, joint_log):
@@ -88,7 +89,7 @@ def test_lightning_trains_a_decorrelated_model_with_automatic_optimisation(light
     assert "Lightning: 40 steps" in capsys.readouterr().out
     assert sum(result["losses"][-5:]) / 5 < 0.7 * result["losses"][0] and result["test_accuracy"] > 0.5
     states = decorrelation_states(result["module"].net)
-    assert states and all(int(state.updates) == 40 for state in states.values())
+    assert states and all(int(state.updates) == math.ceil(40 / state.update_every) > 0 for state in states.values())
 
 
 def test_lightning_hands_a_step_owning_pass_the_whole_step(lightning_digits):

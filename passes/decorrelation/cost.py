@@ -34,10 +34,13 @@ from typing import List, Optional, Sequence, Tuple
 
 from .state import MIN_ROWS, block_layout, update_formula, update_macs
 
-__all__ = ["LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "choose", "allocate"]
+__all__ = ["AUTO_BUDGET", "AUTO_MAX_INTERVAL", "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "choose", "allocate"]
 
 UPDATE_INTERVALS = (1, 2, 4, 8, 16, 32, 64)
 MIN_BUDGET_BLOCK = 64  # below this a block decorrelates little; longer intervals are preferred
+# Decorrelation(max_overhead="auto"): the budget, and the cheapest configuration it may choose.
+AUTO_BUDGET = 0.25
+AUTO_MAX_INTERVAL = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,18 +96,22 @@ def _block_ladder(group_dim: int, max_block: int) -> Tuple[int, ...]:
 
 
 def ladder(weight_numel: int, rows: int, groups: int, group_dim: int, max_block: int, rows_per_dim: float,
-           syncing: bool = False, min_update_every: int = 1) -> List[LayerCost]:
+           syncing: bool = False, min_update_every: int = 1, limited: bool = False) -> List[LayerCost]:
     """One layer's configurations in order of preference, each strictly cheaper than the one before.
 
     Preference: every-step updates with blocks shrinking to ``MIN_BUDGET_BLOCK``, then longer
-    intervals at those blocks, then smaller blocks at any interval.
+    intervals at those blocks, then smaller blocks at any interval.  ``limited`` (the "auto"
+    budget) stops at ``MIN_BUDGET_BLOCK`` and ``AUTO_MAX_INTERVAL``.
     """
     blocks = _block_ladder(group_dim, max_block)
     floor = min(MIN_BUDGET_BLOCK, group_dim)
     intervals = [every for every in UPDATE_INTERVALS if every >= min_update_every] or [min_update_every]
+    if limited:
+        intervals = [every for every in intervals if every <= AUTO_MAX_INTERVAL] or intervals[:1]
     preferred = [(cap, intervals[0]) for cap in blocks if cap >= floor]
     preferred += [(cap, every) for every in intervals[1:] for cap in blocks if cap >= floor]
-    preferred += [(cap, every) for every in intervals for cap in blocks if cap < floor]
+    if not limited:
+        preferred += [(cap, every) for every in intervals for cap in blocks if cap < floor]
     rungs: List[LayerCost] = []
     for cap, every in preferred:
         cost = predict(weight_numel, rows, groups, group_dim, cap, rows_per_dim, every, syncing)

@@ -68,7 +68,7 @@ from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
 
 from .config import Decorrelation
-from .cost import LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict
+from .cost import AUTO_BUDGET, LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict
 from .observe import observed_forward
 from .state import MIN_ROWS, DecorrelationState, LayerSpec, block_layout
 
@@ -185,7 +185,9 @@ class DecorrelationPass(ModelPass):
         """Under ``max_overhead``: one configuration per layer so the model meets the budget (cost.py)."""
         if config.max_overhead is None or not ladders:
             return
-        chosen, within = allocate([rungs for _, rungs in ladders], config.max_overhead)
+        automatic = config.max_overhead == "auto"
+        budget = AUTO_BUDGET if automatic else config.max_overhead
+        chosen, within = allocate([rungs for _, rungs in ladders], budget)
         for (row, _), cost in zip(ladders, chosen):
             row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every)
             _set_layer_details(row, row.spec, config, cost)
@@ -195,11 +197,13 @@ class DecorrelationPass(ModelPass):
         if not within:
             for (row, _), cost in zip(ladders, chosen):
                 row.details["warning"] = "over budget"
-            message = (f"every layer at its cheapest configuration still costs {total:.2f}x the decorrelated layers' "
-                       f"training work, above max_overhead={config.max_overhead:g} (at the example batch size; "
-                       f"the overhead falls as the batch grows)")
+            cheapest = "cheapest configuration" if not automatic else "cheapest configuration the 'auto' budget allows"
+            message = (f"every layer at its {cheapest} still costs {total:.2f}x the decorrelated layers' "
+                       f"training work, above max_overhead={config.max_overhead} ({budget:g}) at the example's "
+                       f"batch size (the overhead falls as the batch grows)")
             ladders[0][0].reason = message
-            warnings.warn(f"effcompile decorrelation: {message}", stacklevel=5)
+            if not automatic:  # the user's own budget: say so now; the default's shows in the Plan
+                warnings.warn(f"effcompile decorrelation: {message}", stacklevel=5)
 
     @staticmethod
     def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]]) -> str:
@@ -340,7 +344,7 @@ def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelati
         return [predict(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
                         spec.update_every, syncing)]
     return ladder(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim, syncing,
-                  min_update_every=config.update_every)
+                  min_update_every=config.update_every, limited=config.max_overhead == "auto")
 
 
 def _set_layer_details(row: PlanRow, spec: LayerSpec, config: Decorrelation, cost) -> None:

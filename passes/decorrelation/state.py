@@ -112,6 +112,7 @@ class DecorrelationState(nn.Module):
             self.register_buffer(name, torch.empty((), dtype=torch.long, device=device))
         self.reset_parameters()
         self._register_load_state_dict_pre_hook(_keep_state_missing_from_checkpoint, with_module=True)
+        self.register_load_state_dict_post_hook(_resume_update_schedule)
         # The LayerInputObserver of the scope call in progress (observe.py), else None.
         self._active_observer = None
         self._snapshot, self._snapshot_key = None, None  # eager copy of R for the fused product
@@ -287,6 +288,12 @@ class DecorrelationState(nn.Module):
             mask = self.feature_mask.unsqueeze(-1) * self.feature_mask.unsqueeze(-2)
             mask = mask * (1 - torch.eye(self.block, device=mask.device))
             return (corr.abs() * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _resume_update_schedule(module, incompatible_keys) -> None:
+    """The eager ``update_every`` phase follows the loaded count of observed batches (a resumed
+    run updates R on the same steps as the uninterrupted one).  One host read, at load time."""
+    module._eager_calls = int(module.observed_batches)
 
 
 def _keep_state_missing_from_checkpoint(module, state_dict, prefix, *args) -> None:

@@ -22,6 +22,8 @@ from effcompile.passes.analysis.capture import ConvGeometry
 def _decorrelate(model, *example, **config):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # The knobs as given (no budget): these tests check the update rule and its schedule.
+        config.setdefault("max_overhead", None)
         return effcompile.transform(model, effcompile.Decorrelation(**config), example_inputs=example)
 
 
@@ -289,6 +291,28 @@ class TestStateDict:
             model[0]._parameters["weight"].zero_()
         model.load_state_dict(checkpoint, strict=True)
         torch.testing.assert_close(model[0]._parameters["weight"], checkpoint["0.weight"])
+
+    def test_resumed_run_keeps_the_update_every_schedule(self):
+        """A model loaded from a checkpoint after 4 steps updates R on the same steps as the
+        uninterrupted run (the eager schedule follows the loaded count, not a fresh one)."""
+        def build():
+            torch.manual_seed(0)
+            return _decorrelate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(3, 4),
+                                lr=0.05, update_every=3)
+
+        batches = [torch.randn(16, 4) for _ in range(9)]
+        uninterrupted = build()
+        for x in batches[:4]:
+            uninterrupted(x)
+        resumed = build()
+        resumed.load_state_dict(uninterrupted.state_dict())
+        for x in batches[4:]:
+            torch.manual_seed(1)
+            uninterrupted(x)
+            torch.manual_seed(1)
+            resumed(x)
+            torch.testing.assert_close(_state(resumed, "0").matrix, _state(uninterrupted, "0").matrix)
+        assert int(_state(resumed, "0").updates) == len(range(0, 9, 3))
 
     def test_round_trip_restores_R_and_counters(self):
         def build():
