@@ -11,7 +11,7 @@ BENCHMARKS = {
     "randomized_vjp": "sketched step/backward ratios, saved memory, digits accuracy",
     "greedy_stages": "staged vs backprop step time, activation memory, digits accuracy",
     "sample_selection": "step cost vs backprop per (mode, keep), digits time-to-target per strategy",
-    "decorrelation": "one R update: the old formula vs the cost rule's (time ratio, same R)",
+    "decorrelation": "a step vs backprop and a decorbp-style reference under budgets (cost model checked); one R update by formula",
     "stage_scaling": "K stages x D replicas vs DDP backprop at equal process counts (gloo); predicted 8/64-GPU rates",
     "rewrite_coverage": "is the randomized VJP really applied under autocast, batch changes, dynamic, composition",
 }

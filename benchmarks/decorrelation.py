@@ -1,4 +1,14 @@
-"""Decorrelation micro-benchmark: time of one R update, old formula vs the cost rule's, same run.
+"""Decorrelation benchmarks: a training step against backprop, and one R update.
+
+``python -m benchmarks decorrelation step [--model resnet18_cifar --width 32 --batch-size 128] [--out FILE]``
+
+One training step (SGD, eager) of plain backprop, of a decorbp-style reference written plainly
+here (:class:`ReferenceDecorrelation`: a dense d×d R per layer, fused W·R for convolutions,
+unfused for linears, statistics from every patch of a random 10% of the batch's images, updated
+after every step), and of ``Decorrelation`` under several budgets (``auto``, the default; fixed
+budgets; ``none``: the knobs as given, the old default), all timed in interleaved rounds in one
+process.  Each effcompile variant also reports the overhead its Plan predicted (``model_overhead``),
+so the cost model is checked against the measured step ratio.
 
 ``python -m benchmarks decorrelation update [--blocks 64,256,1024] [--rows-per-dim 4] [--out FILE]``
 
@@ -12,6 +22,7 @@ benchmarks/decorrelation_cpu.sh.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 import warnings
@@ -73,20 +84,163 @@ def bench_update(*, blocks: Sequence[int] = (64, 128, 256, 512, 1024), rows_per_
             "rows": rows_out}
 
 
+class ReferenceDecorrelation(nn.Module):
+    """A decorbp-style layer, written plainly as the baseline: ``y = layer(R·x)`` with a dense
+    d×d R, fused into the weight for convolutions (one conv with W·R), applied to the input for
+    linears; ``update()`` after the optimizer step takes every patch of a random ``fraction`` of
+    the last batch's images and steps ``R ← R − η[(1−κ)·C·R + κ·diag(v)·R]`` (C: off-diagonal
+    second moment of z = R·x, v = mean(z²) − 1).  Only ungrouped convolutions."""
+
+    def __init__(self, layer: nn.Module, lr: float, kappa: float, fraction: float) -> None:
+        super().__init__()
+        self.layer, self.lr, self.kappa, self.fraction = layer, lr, kappa, fraction
+        d = layer.weight[0].numel()
+        self.register_buffer("matrix", torch.eye(d))
+        self._inputs: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if self.training:
+            keep = max(1, math.ceil(self.fraction * x.shape[0]))
+            self._inputs = x.detach()[torch.randperm(x.shape[0], device=x.device)[:keep]]
+        layer, matrix = self.layer, self.matrix
+        if isinstance(layer, nn.Conv2d):
+            weight = (layer.weight.reshape(layer.weight.shape[0], -1) @ matrix).view_as(layer.weight)
+            return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return F.linear(x @ matrix.t(), layer.weight, layer.bias)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        import torch.nn.functional as F
+
+        if self._inputs is None:
+            return
+        layer, x = self.layer, self._inputs
+        if isinstance(layer, nn.Conv2d):
+            patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        z = rows @ self.matrix.t()
+        second_moment = z.t() @ z / z.shape[0]
+        variance = torch.diagonal(second_moment)
+        off_diagonal = second_moment - torch.diag(variance)
+        step = (1 - self.kappa) * off_diagonal @ self.matrix + self.kappa * (variance - 1).unsqueeze(1) * self.matrix
+        self.matrix.sub_(self.lr * step)
+        self._inputs = None
+
+
+def reference_decorrelated(model: nn.Module, lr: float = 1e-3, kappa: float = 0.5, fraction: float = 0.1) -> List[ReferenceDecorrelation]:
+    """Wrap every ungrouped Conv2d and every Linear of ``model`` in place; returns the wrappers."""
+    wrappers = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) or (isinstance(child, nn.Conv2d) and child.groups == 1):
+                wrapper = ReferenceDecorrelation(child, lr, kappa, fraction)
+                setattr(module, child_name, wrapper)
+                wrappers.append(wrapper)
+    return wrappers
+
+
+def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: int = 128, image_size: int = 32,
+               in_channels: int = 3, budgets: Sequence[str] = ("auto", "0.15", "0.4", "none"), rounds: int = 5,
+               steps_per_round: int = 2, threads: Optional[int] = None, seed: int = 0) -> Dict[str, Any]:
+    import torch.nn.functional as F
+
+    from effcompile import models
+    from effcompile.api import report, transform
+    from effcompile.measure import machine_info
+    from effcompile.passes.decorrelation import Decorrelation
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    def build() -> nn.Module:
+        torch.manual_seed(seed)
+        return models.get_model(model, in_channels=in_channels, image_size=image_size, width=width)
+
+    x = torch.randn(batch_size, in_channels, image_size, image_size)
+    y = torch.randint(0, 10, (batch_size,))
+    variants: Dict[str, Dict[str, Any]] = {"backprop": {"model": build(), "after": lambda: None}}
+    reference = build()
+    wrappers = reference_decorrelated(reference)
+    variants["reference"] = {"model": reference, "after": lambda: [w.update() for w in wrappers]}
+    for budget in budgets:
+        transformed = build()
+        max_overhead = None if budget == "none" else budget if budget == "auto" else float(budget)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transform(transformed, Decorrelation(max_overhead=max_overhead), example_inputs=(x,))
+        rows = [row for row in report(transformed) if row.applied]
+        predicted = rows[0].details.get("model_overhead") if rows else None
+        variants[f"effcompile max_overhead={budget}"] = {"model": transformed, "after": lambda: None,
+                                                         "predicted_overhead": predicted}
+    for variant in variants.values():
+        variant["optimizer"] = torch.optim.SGD(variant["model"].parameters(), lr=0.01, momentum=0.9)
+        variant["times"] = []
+
+    def step(variant: Dict[str, Any]) -> None:
+        variant["optimizer"].zero_grad(set_to_none=True)
+        F.cross_entropy(variant["model"](x), y).backward()
+        variant["optimizer"].step()
+        variant["after"]()
+
+    for variant in variants.values():  # warm-up
+        step(variant)
+    for round_ in range(rounds):
+        order = list(variants.values()) if round_ % 2 == 0 else list(reversed(list(variants.values())))
+        for variant in order:
+            began = time.perf_counter()
+            for _ in range(steps_per_round):
+                step(variant)
+            variant["times"].append((time.perf_counter() - began) / steps_per_round)
+    base = statistics.median(variants["backprop"]["times"])
+    out = []
+    for name, variant in variants.items():
+        seconds = statistics.median(variant["times"])
+        out.append({"variant": name, "step_s": seconds, "vs_backprop": seconds / base,
+                    "predicted_overhead": variant.get("predicted_overhead"),
+                    "times": variant["times"]})
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"machine": machine_info(), "threads": torch.get_num_threads(), "load_average": load,
+            "model": model, "width": width, "batch_size": batch_size, "image_size": image_size,
+            "rounds": rounds, "steps_per_round": steps_per_round, "mode": "eager", "variants": out}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
     import json
 
     parser = argparse.ArgumentParser(description="Decorrelation R-update time, old formula vs cost rule")
-    parser.add_argument("part", choices=("update",))
+    parser.add_argument("part", choices=("step", "update"))
+    parser.add_argument("--model", default="resnet18_cifar")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--in-channels", type=int, default=3)
+    parser.add_argument("--budgets", default="auto,0.15,0.4,none", help="max_overhead values ('none': no budget)")
     parser.add_argument("--blocks", default="64,128,256,512,1024")
     parser.add_argument("--rows-per-dim", type=float, default=4.0)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: step 5, update 15)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.part == "step":
+        result = bench_step(model=args.model, width=args.width, batch_size=args.batch_size, image_size=args.image_size,
+                            in_channels=args.in_channels, budgets=args.budgets.split(","), rounds=args.rounds or 5,
+                            threads=args.threads)
+        print(f"{result['model']} width {result['width']}, batch {result['batch_size']}, eager, "
+              f"threads={result['threads']}, load {result['load_average']}")
+        print(f"{'variant':<32} {'step s':>8} {'vs backprop':>12} {'predicted':>10}")
+        for row in result["variants"]:
+            print(f"{row['variant']:<32} {row['step_s']:>8.3f} {row['vs_backprop']:>11.2f}x {row['predicted_overhead'] or '':>10}")
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(result, handle, indent=2)
+        return 0
     result = bench_update(blocks=[int(b) for b in args.blocks.split(",")], rows_per_dim=args.rows_per_dim,
-                          rounds=args.rounds, threads=args.threads)
+                          rounds=args.rounds or 15, threads=args.threads)
     print(f"threads={result['threads']}  rows_per_dim={result['rows_per_dim']}")
     print(f"{'b':>5} {'n':>6} {'old':>6} {'new':>10} {'old ms':>8} {'new ms':>8} {'old/new':>8} {'MACs':>6} {'max|ΔR|':>9}")
     for row in result["rows"]:

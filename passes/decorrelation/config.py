@@ -41,7 +41,7 @@ class Decorrelation(PassConfig):
             blocks ≤ ``max_block_size``, longer update intervals ≥ ``update_every``) and steps the
             most expensive layers down it until the whole model meets the budget; the Plan shows
             each layer's choice, its own predicted overhead and the model's, and warns where even
-            the cheapest choice exceeds it.  ``"auto"`` (the default): a budget of 0.25 that never
+            the cheapest choice exceeds it.  ``"auto"`` (the default): a budget of 0.15 that never
             goes below blocks of 64 features or an update every 4 steps (cheaper than that, R
             decorrelates too little to keep the per-epoch gain), and is not warned about where a
             small batch puts it out of reach (the Plan still says so).  ``None``: no budget (the

@@ -182,12 +182,16 @@ class DecorrelationPass(ModelPass):
 
     @staticmethod
     def _apply_budget(ladders: List[Tuple[PlanRow, List[LayerCost]]], config: Decorrelation) -> None:
-        """Under ``max_overhead``: one configuration per layer so the model meets the budget (cost.py)."""
-        if config.max_overhead is None or not ladders:
+        """Under ``max_overhead``: one configuration per layer so the model meets the budget (cost.py).
+        Every row shows the model's predicted overhead (``model_overhead``), budget or not."""
+        if not ladders:
             return
-        automatic = config.max_overhead == "auto"
-        budget = AUTO_BUDGET if automatic else config.max_overhead
-        chosen, within = allocate([rungs for _, rungs in ladders], budget)
+        if config.max_overhead is None:  # no budget: the knobs as given, the model's predicted overhead shown
+            chosen, within = [rungs[0] for _, rungs in ladders], True
+        else:
+            automatic = config.max_overhead == "auto"
+            budget = AUTO_BUDGET if automatic else config.max_overhead
+            chosen, within = allocate([rungs for _, rungs in ladders], budget)
         for (row, _), cost in zip(ladders, chosen):
             row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every)
             _set_layer_details(row, row.spec, config, cost)
