@@ -180,9 +180,11 @@ def _int_list(text: str) -> list[int]:
 
 
 def parse_value(text: str, annotation: Any = None) -> Any:
-    """Parse a command-line value to ``annotation`` (bool/int/float/str) or, without one, to
-    the first of bool, int, float that fits (else the string itself)."""
+    """Parse a command-line value to ``annotation`` (bool/int/float/str; ``none`` for a field that
+    may be None) or, without one, to the first of bool, int, float that fits (else the string itself)."""
     lowered = text.strip().lower()
+    if lowered in ("none", "null") and type(None) in typing.get_args(annotation):  # Optional fields
+        return None
     if annotation is bool or (annotation is None and lowered in ("true", "false")):
         if lowered in ("true", "1", "yes", "on"):
             return True

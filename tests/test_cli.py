@@ -213,6 +213,18 @@ def test_parse_value(text, annotation, expected):
     assert value == expected and type(value) is type(expected)
 
 
+def test_pass_arg_none_and_auto_reach_an_optional_field():
+    from typing import Optional, Union
+
+    assert parse_value("none", Union[float, str, None]) is None
+    assert parse_value("auto", Union[float, str, None]) == "auto"
+    assert parse_value("0.3", Union[float, str, None]) == 0.3
+    assert parse_value("none", Optional[float]) is None
+    assert parse_value("none", str) == "none"  # a plain string field keeps the word
+    [config] = build_configs("decorrelation", ["decorrelation.max_overhead=none"])
+    assert config.max_overhead is None
+
+
 def test_inspect_says_when_a_pass_inserts_nothing_into_the_exported_graph(tmp_path, capsys):
     assert main(["inspect", "--model", "mlp", "--passes", "greedy_stages", "--onnx", str(tmp_path / "m.onnx")]) == 0
     assert "none: greedy_stages change(s) training only" in capsys.readouterr().out
