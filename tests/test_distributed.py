@@ -23,16 +23,16 @@ Both ranks are seeded alike (``torch.manual_seed``), as data-parallel training d
 """
 
 import math
-import os
 import warnings
 from statistics import NormalDist
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gloo_ranks import run_ranks
 
 WORLD = 2
 DRAWS = 400
@@ -149,30 +149,22 @@ def _ddp_training(rank, config, compile=False, backend="aot_eager", steps=5):
             "fill": None if selector is None else int(selector.history_fill)}
 
 
-def _worker(rank, init_file, out_dir):
+def _rank_results(rank):
     import effcompile
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        selection = effcompile.SampleSelection(keep=0.25, strategy="loss", history_size=256)
-        results = {
-            "randomized_vjp": _randomized_vjp(rank),
-            "selector": _selector_history(rank),
-            "selection_eager": _ddp_training(rank, selection),
-            "selection_compiled": _ddp_training(rank, selection, compile=True),
-            "stages": _ddp_training(rank, effcompile.GreedyStages(num_stages=2)),
-        }
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    selection = effcompile.SampleSelection(keep=0.25, strategy="loss", history_size=256)
+    return {
+        "randomized_vjp": _randomized_vjp(rank),
+        "selector": _selector_history(rank),
+        "selection_eager": _ddp_training(rank, selection),
+        "selection_compiled": _ddp_training(rank, selection, compile=True),
+        "stages": _ddp_training(rank, effcompile.GreedyStages(num_stages=2)),
+    }
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distributed")
-    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True, start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_rank_results, tmp_path_factory.mktemp("distributed"), WORLD)
 
 
 # ------------------------------------------------------------------------------ randomized VJP

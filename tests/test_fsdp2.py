@@ -7,17 +7,15 @@ passes not made to work with DTensor parameters refuse with ``NotImplementedErro
 failing inside torch with a mixed Tensor/DTensor error.
 """
 
-import os
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import effcompile
 from effcompile.passes import PASSES
+from gloo_ranks import run_ranks
 from settings import SETTINGS
 
 WORLD = 2
@@ -69,22 +67,15 @@ def _sharded_first(rank):
     return ""
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        results = {name: _one_pass(name, rank) for name in SETTINGS}
-        results["sharded_first"] = _sharded_first(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank):
+    results = {name: _one_pass(name, rank) for name in SETTINGS}
+    results["sharded_first"] = _sharded_first(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp2")
-    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True, start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(_rank_results, tmp_path_factory.mktemp("fsdp2"), WORLD)
 
 
 def test_sample_selection_trains_a_sharded_model_and_ranks_agree(ranks):
