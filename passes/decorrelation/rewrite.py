@@ -207,7 +207,7 @@ class DecorrelationPass(ModelPass):
                        f"batch size (the overhead falls as the batch grows)")
             ladders[0][0].reason = message
             if not automatic:  # the user's own budget: say so now; the default's shows in the Plan
-                warnings.warn(f"effcompile decorrelation: {message}", stacklevel=5)
+                warnings.warn(f"effcompile decorrelation: {message}", stacklevel=4)
 
     @staticmethod
     def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]]) -> str:

@@ -316,7 +316,8 @@ class TestCompiled:
             losses.append(step(x, y))
         assert unique_graph_count() - before == 1
         assert float(losses[-1]) < 0.9 * float(losses[0])  # it trains (the same batch, 4 of 32 rows per step)
-        assert effcompile.report(model).row("fc1", "decorrelation").details["updates"] == 20
+        row = effcompile.report(model).row("fc1", "decorrelation")  # R updated on its budgeted schedule, in graph
+        assert row.details["updates"] == -(-20 // row.details.get("update_every", 1)) > 0
         assert int(selector_of(model).steps) == 20
         index, weights = step.last_selection
         assert index.shape == (4,) and (weights >= 0).all() and weights.sum() > 0
