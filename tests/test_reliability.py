@@ -56,14 +56,15 @@ class TestBadModels:
             def forward(self, x):
                 return self.fc(torch.relu(self.fc(x)))
 
-        model = _decorrelate(Twice(), torch.randn(2, 4), lr=0.05)
+        model = _decorrelate(Twice(), torch.randn(2, 4), lr=0.05, max_overhead=None)  # update every call
         model(torch.randn(8, 4)).sum().backward()  # R changes between the two calls: autograd must not care
         row = effcompile.report(model).row("fc")
         assert row.details["uses"] == 2 and row.details["updates"] == 2
         assert torch.isfinite(model.fc._parameters["weight"].grad).all()
 
     def test_batch_size_may_change_after_capture(self):
-        model = _decorrelate(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), torch.randn(4, 1, 4, 4))
+        model = _decorrelate(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), torch.randn(4, 1, 4, 4),
+                             max_overhead=None)  # update every call
         for batch in (16, 1, 7):
             assert model(torch.randn(batch, 1, 4, 4)).shape == (batch, 2)
         compiled = torch.compile(model, backend="aot_eager", dynamic=True)
@@ -232,7 +233,8 @@ def test_thousand_compiled_steps_without_memory_growth_or_recompiles():
     x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
     new_graphs, loss = _thousand_steps(model, x, y, backend="aot_eager")
     assert new_graphs == 1
-    assert torch.isfinite(loss) and int(model[0].weight_decorrelation.updates) == 1000
+    state = model[0].weight_decorrelation  # the budgeted schedule, gated on device: no recompiles
+    assert torch.isfinite(loss) and int(state.updates) == -(-1000 // state.update_every)
 
 
 @pytest.mark.slow
@@ -249,4 +251,5 @@ def test_thousand_compiled_steps_with_all_four_passes():
     new_graphs, loss = _thousand_steps(model, x, y, backend="effcompile_aot_eager")
     assert new_graphs == 2  # one graph per stage, compiled once
     assert torch.isfinite(loss)
-    assert int(model[0].weight_decorrelation.updates) == 1000
+    state = model[0].weight_decorrelation
+    assert int(state.updates) == -(-1000 // state.update_every)
