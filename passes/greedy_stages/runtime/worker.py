@@ -104,7 +104,7 @@ class StageJob:
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0
     resume: bool = False
-    codebook_every: int = 1
+    codebook_every: int = 50
     fault: Optional[Fault] = None
     backend: str = "gloo"
     launched_at: float = 0.0  # launcher's clock when the processes were started (start-up accounting)
