@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .state import MIN_ROWS, block_layout, update_formula, update_macs
 
-__all__ = ["AUTO_BUDGET", "AUTO_MAX_INTERVAL", "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "choose", "allocate"]
+__all__ = ["AUTO_BUDGET", "AUTO_MAX_INTERVAL", "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "allocate"]
 
 UPDATE_INTERVALS = (1, 2, 4, 8, 16, 32, 64)
 MIN_BUDGET_BLOCK = 64  # below this a block decorrelates little; longer intervals are preferred
@@ -120,17 +120,6 @@ def ladder(weight_numel: int, rows: int, groups: int, group_dim: int, max_block:
         if not rungs or cost.pass_macs < rungs[-1].pass_macs:
             rungs.append(cost)
     return rungs
-
-
-def choose(weight_numel: int, rows: int, groups: int, group_dim: int, max_block: int, rows_per_dim: float,
-           max_overhead: float, syncing: bool = False, min_update_every: int = 1) -> Tuple[LayerCost, bool]:
-    """One layer alone: its first configuration meeting ``max_overhead`` (and whether one does;
-    else the cheapest)."""
-    rungs = ladder(weight_numel, rows, groups, group_dim, max_block, rows_per_dim, syncing, min_update_every)
-    for cost in rungs:
-        if cost.overhead <= max_overhead:
-            return cost, True
-    return rungs[-1], False
 
 
 def allocate(ladders: Sequence[Sequence[LayerCost]], max_overhead: float) -> Tuple[List[LayerCost], bool]:
