@@ -179,7 +179,10 @@ class DataParallelSync:
         dist.all_reduce(flat, group=self.group)
         flat[:-len(self.parameters)].div_(dist.get_world_size(group=self.group))
         offset = 0
-        counts = flat[-len(self.parameters):].tolist()
+        # Which ranks had a gradient matters only where this rank has none: read it to the host
+        # then alone (a device synchronisation), not on every step.
+        missing = any(p.grad is None for p in self.parameters)
+        counts = flat[-len(self.parameters):].tolist() if missing else [1.0] * len(self.parameters)
         for parameter, grad, count in zip(self.parameters, grads, counts):
             chunk = flat[offset:offset + grad.numel()].view_as(grad).to(grad.dtype)
             offset += grad.numel()
