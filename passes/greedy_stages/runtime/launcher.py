@@ -67,6 +67,7 @@ import torch.nn as nn
 from effcompile.passes.greedy_stages.config import GreedyStages
 
 from .wire import HEADER_BYTES, HEADER_LEN, StageRuntimeError
+from .transport import RUNTIME_CODEBOOK_EVERY
 from .worker import Fault, Layout, StageJob, build_staged_model, cycle_batches, stage_process, stage_state_keys
 
 __all__ = ["StageRuntimeError", "Fault", "Layout", "StageJob", "StageRunResult", "run_stages", "ZooJob", "load_stage_checkpoints",
@@ -249,7 +250,7 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
                optimizer_factory: Callable[[List[nn.Parameter]], torch.optim.Optimizer],
                data_factory: Callable[[], Any], steps: int, *, eval_factory: Optional[Callable[[], Any]] = None,
                seed: int = 0, threads_per_process: int = 1, checkpoint_dir: Optional[str] = None,
-               checkpoint_every: int = 0, resume: bool = False, codebook_every: int = 50,
+               checkpoint_every: int = 0, resume: bool = False, codebook_every: int = RUNTIME_CODEBOOK_EVERY,
                fault: Optional[Fault] = None, start_timeout_s: float = 120.0, data_parallel: int = 1) -> StageRunResult:
     """Train a greedy-staged model with one process per stage and replica on this machine (gloo on CPU).
 
@@ -506,7 +507,7 @@ def _parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--max-reuse", type=int, default=2)
     parser.add_argument("--vq-codebook-size", type=int, default=1024)
     parser.add_argument("--vq-group-size", type=int, default=8)
-    parser.add_argument("--codebook-every", type=int, default=50,
+    parser.add_argument("--codebook-every", type=int, default=RUNTIME_CODEBOOK_EVERY,
                         help="VQ: publish (and send) a new codebook every this many steps")
     parser.add_argument("--cuts", default=None, help="comma-separated module paths (default: automatic cuts)")
     parser.add_argument("--steps", type=int, default=200)

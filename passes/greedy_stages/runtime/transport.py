@@ -39,7 +39,12 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["Payload", "NoCodec", "Int8Codec", "VQCodec", "make_codec", "payload_bytes", "pack_bits", "unpack_bits"]
+__all__ = ["Payload", "NoCodec", "Int8Codec", "VQCodec", "make_codec", "payload_bytes", "pack_bits", "unpack_bits",
+           "RUNTIME_CODEBOOK_EVERY"]
+
+# The stage runtime's codebook interval (``run_stages``, ``StageJob``, ``--codebook-every``): with
+# K=1024 and 8-channel groups it sent 16.6x fewer bytes than fp32 for +0.1 pt on digits (README).
+RUNTIME_CODEBOOK_EVERY = 50
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from effcompile.distributed import use_replica_group
 from effcompile.passes.greedy_stages.config import GreedyStages
 
 from .replay import ReplayBuffer
-from .transport import Payload, VQCodec, make_codec, payload_bytes
+from .transport import RUNTIME_CODEBOOK_EVERY, Payload, VQCodec, make_codec, payload_bytes
 from .wire import HEADER_BYTES, KIND_END, KIND_EVAL, KIND_TRAIN, StageRuntimeError, _classify, _Link
 
 __all__ = ["Fault", "Layout", "StageJob", "build_staged_model", "stage_state_keys", "cycle_batches", "replica_batches",
@@ -104,7 +104,7 @@ class StageJob:
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0
     resume: bool = False
-    codebook_every: int = 50
+    codebook_every: int = RUNTIME_CODEBOOK_EVERY
     fault: Optional[Fault] = None
     backend: str = "gloo"
     launched_at: float = 0.0  # launcher's clock when the processes were started (start-up accounting)
