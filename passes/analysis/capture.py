@@ -81,6 +81,9 @@ class WeightUse:
     input_location: Optional[InputLocation] = None
     unsupported: str = ""  # why this use cannot be handled ("" when it can)
     input_unobservable: str = ""  # why the input cannot be located ("" when it can)
+    # The located input feeds nothing but this op inside its scope call, with the contracted
+    # features on its last axis all the way (a pass may then transform that argument itself).
+    input_exclusive: bool = False
 
 
 @dataclasses.dataclass
@@ -125,6 +128,12 @@ _ROW_PRESERVING_OPS = _WEIGHT_IDENTITY_OPS | {
     aten.flatten.using_ints,
 }
 
+# Row-preserving ops that also keep the last axis as it is (a transform of the last axis commutes with them).
+_LAST_AXIS_OPS = _WEIGHT_IDENTITY_OPS | {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.flatten.using_ints,
+}
+
 
 def _shape(node: torch.fx.Node) -> Tuple[int, ...]:
     value = node.meta.get("val")
@@ -138,13 +147,18 @@ def _scope(node: torch.fx.Node) -> str:
 
 def _scope_call(node: torch.fx.Node) -> str:
     """Like ``_scope`` plus ``@n`` for the n-th repeated call of the same module (``fc@1``)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    key, (path, _) = list(stack.items())[-1]
-    call = key.rpartition("@")[2] if "@" in key else ""
-    path = _normalise_path(path)
-    return f"{path}@{call}" if call else path
+    calls = _module_calls(node)
+    return calls[-1] if calls else ""
+
+
+def _module_calls(node: torch.fx.Node) -> List[str]:
+    """Every module call containing ``node``, outermost first, named as ``_scope_call`` names them."""
+    calls = []
+    for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+        call = key.rpartition("@")[2] if "@" in key else ""
+        path = _normalise_path(path)
+        calls.append(f"{path}@{call}" if call else path)
+    return calls
 
 
 def _normalise_path(path: str) -> str:
@@ -240,29 +254,37 @@ def input_node(use_node: torch.fx.Node) -> Any:
 def _locate_input(
     use_node: torch.fx.Node, scope: str, row_preserving: bool, signatures: Dict[str, Any],
     modules: Dict[str, nn.Module], user_inputs: List[str], root_spec: Any,
-) -> Tuple[Optional[InputLocation], str]:
+) -> Tuple[Optional[InputLocation], str, bool]:
+    """Where the op's input enters its scope call, why it cannot be located, and whether it is
+    exclusive (see ``WeightUse.input_exclusive``)."""
     node = input_node(use_node)
     allowed = _ROW_PRESERVING_OPS if row_preserving else _WEIGHT_IDENTITY_OPS
+    call = _scope_call(use_node)
     if scope:
-        signature = signatures.get(_scope_call(use_node))
+        signature = signatures.get(call)
         if signature is None:
-            return None, f"the call signature of module {scope!r} was not recorded"
+            return None, f"the call signature of module {scope!r} was not recorded", False
         names = [getattr(arg, "name", None) for arg in signature.inputs]
         locations = _leaf_locations(modules[scope], signature.in_spec, len(names))
     else:  # the root: its user inputs, flattened from (args, kwargs) by the program's input spec
         names, locations = user_inputs, _leaf_locations(modules[""], root_spec, len(user_inputs))
+    features = _shape(node)[-1:]
+    exclusive = True
     while isinstance(node, torch.fx.Node):
+        users_inside = [user for user in node.users if not call or call in _module_calls(user)]
+        exclusive = exclusive and len(users_inside) == 1 and _shape(node)[-1:] == features
         if node.name in names:
             location = locations.get(names.index(node.name))
             if location is None:
-                return None, f"the input reaches {scope or 'the model'!r} inside a nested argument"
-            return location, ""
+                return None, f"the input reaches {scope or 'the model'!r} inside a nested argument", False
+            return location, "", exclusive
         if node.op == "call_function" and node.target in allowed and node.args:
+            exclusive = exclusive and node.target in _LAST_AXIS_OPS
             node = node.args[0]
             continue
         break
     where = f"module {scope!r}" if scope else "the model"
-    return None, f"its input is computed inside {where}, not passed to it (wrap the op in its own module)"
+    return None, f"its input is computed inside {where}, not passed to it (wrap the op in its own module)", False
 
 
 def _use_from_node(node: torch.fx.Node, params: Dict[str, str]) -> Optional[Tuple[str, WeightUse]]:
@@ -365,7 +387,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
         fqn, use = found
         layer_ops.add(node)
         row_preserving = use.op in ("linear", "matmul")
-        use.input_location, use.input_unobservable = _locate_input(
+        use.input_location, use.input_unobservable, use.input_exclusive = _locate_input(
             node, use.scope, row_preserving, signatures, modules, user_inputs, exported.call_spec.in_spec)
         candidate(fqn).uses.append(use)
 
