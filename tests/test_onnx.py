@@ -43,7 +43,10 @@ def test_export_and_inspect_zoo_model(name, tmp_path):
     path = effcompile.export_onnx(model, x, tmp_path / f"{name}.onnx")
     rows = effcompile.inspect_onnx(path)
     assert {row["layer"] for row in rows} == layers
-    assert all(row["pass"] == "decorrelation" and row["op"] in {"MatMul", "Einsum"} for row in rows)
+    # R on the weight: the W·R product; on the input (Decorrelation.apply): x·Rᵀ before the layer.
+    products = {"weight": {"MatMul", "Einsum"}, "input": {"Gemm", "MatMul", "MatMul+Transpose"}}
+    side = {row.layer: row.details["apply"] for row in plan.applied()}
+    assert all(row["pass"] == "decorrelation" and row["op"] in products[side[row["layer"]]] for row in rows)
 
     _assert_onnxruntime_matches(model, x, path)
 

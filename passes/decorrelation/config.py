@@ -7,7 +7,9 @@ from typing import ClassVar, Optional, Union
 
 from effcompile.config import PassConfig, is_int, is_real, register_config
 
-__all__ = ["Decorrelation"]
+__all__ = ["APPLY_SIDES", "Decorrelation"]
+
+APPLY_SIDES = ("auto", "weight", "input")
 
 
 @register_config
@@ -46,6 +48,13 @@ class Decorrelation(PassConfig):
             decorrelates too little to keep the per-epoch gain), and is not warned about where a
             small batch puts it out of reach (the Plan still says so).  ``None``: no budget (the
             knobs as given).
+        apply: where R is applied.  ``"weight"``: the fused weight ``W·R`` (costs ``2·|W|·b``
+            MACs per step, whatever the batch).  ``"input"``: the layer input, ``z = x·Rᵀ`` and
+            then the plain layer on ``z`` (``2·rows·d·b``: cheaper when the batch has fewer rows
+            than the layer has outputs).  Same function, same gradient ``∂L/∂W = δ·zᵀ``.  The
+            input side needs a linear/matmul layer whose input is an argument of its module call
+            that feeds nothing else there (the Plan says why a layer keeps the weight side).
+            ``"auto"`` (the default): per layer, the side the cost model finds cheaper.
     """
 
     name: ClassVar[str] = "decorrelation"
@@ -58,6 +67,7 @@ class Decorrelation(PassConfig):
     divergence_threshold: float = 1e3
     sync_statistics: bool = True
     max_overhead: Union[float, str, None] = "auto"
+    apply: str = "auto"
 
     def __post_init__(self) -> None:
         if not (is_real(self.lr) and 0 < self.lr < 1):
@@ -77,3 +87,5 @@ class Decorrelation(PassConfig):
         if not (self.max_overhead is None or self.max_overhead == "auto"
                 or (is_real(self.max_overhead) and 0 < self.max_overhead <= 100)):
             self._fail("max_overhead", "'auto', None or a real number in (0, 100]")
+        if self.apply not in APPLY_SIDES:
+            self._fail("apply", f"one of {APPLY_SIDES}")

@@ -5,13 +5,22 @@ Counted in multiply-adds (MACs) per training step, from the captured graph's sha
 * the layer's own work: forward ``rows·|W|`` plus two backward GEMMs of the same size, where
   ``rows`` is the number of input rows the weight is applied to (samples·tokens for a linear,
   samples·output positions for a convolution) — ``3·rows·|W|``;
-* the fused weight ``A = W·R``: every weight element meets one length-``b`` block row of R —
-  ``|W|·b`` per step (autograd's backward of the product is the same size again; it is counted);
+* applying R, on the side the layer allows and the model finds cheaper (``Decorrelation.apply``):
+  the fused weight ``A = W·R``, where every weight element meets one length-``b`` block row of R
+  — ``|W|·b`` per step; or the input ``z = x·Rᵀ``, every input row meeting R — ``rows·d·b``
+  (``d`` padded to whole blocks).  Either backward is the same size again and is counted;
 * the R update: :func:`~.state.update_macs` of the cheapest exact formula for ``n`` sampled
   rows and block size ``b``, per block, once every ``update_every`` steps.
 
-``overhead = (2·|W|·b + blocks·update / update_every) / (3·rows·|W|)`` is the predicted extra
-step time of the layer relative to its plain training work.
+* dispatch: every op the pass adds costs a fixed time before any arithmetic (eager dispatch,
+  autograd bookkeeping, a kernel launch), counted as ``DISPATCH_MACS`` per op: ``APPLY_OPS`` for
+  applying R (2 for one dense product and its backward, more for the views around a
+  block-diagonal product) and ``UPDATE_OPS`` per update.  It is what decides small layers: a
+  128-wide layer at batch 32 is cheaper with one dense 128-block than with two 64-blocks, whose
+  saved MACs cost less time than their extra ops.
+
+``overhead = (2·min(|W|, rows·d)·b + blocks·update / update_every + dispatch) / (3·rows·|W|)``
+is the predicted extra step time of the layer relative to its plain training work.
 
 ``Decorrelation(max_overhead=x)`` is a budget for the whole model: the pass's work summed over
 the decorrelated layers is at most ``x`` times their summed training work (:func:`allocate`).
@@ -34,15 +43,24 @@ from typing import List, Optional, Sequence, Tuple
 
 from .state import MIN_ROWS, block_layout, update_formula, update_macs
 
-__all__ = ["AUTO_BUDGET", "AUTO_MAX_INTERVAL", "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "allocate"]
+__all__ = ["SIDES", "DISPATCH_MACS", "APPLY_OPS", "UPDATE_OPS", "AUTO_BUDGET", "AUTO_MAX_INTERVAL", "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "allocate"]
 
 UPDATE_INTERVALS = (1, 2, 4, 8, 16, 32, 64)
 MIN_BUDGET_BLOCK = 64  # below this a block decorrelates little; longer intervals are preferred
 # Decorrelation(max_overhead="auto"): the budget, and the cheapest configuration it may choose.
-# 0.15 of the MACs: the pass's other work (row sampling, per-op dispatch, the guarded R write) is
-# not counted and measured about 0.1-0.15 more on a CPU ResNet-18 (benchmarks/decorrelation.py step).
+# 0.15 of the MACs: the pass's memory-bound work (gathering patches, the guarded R write) is not
+# counted and measured about 0.1-0.15 more on a CPU ResNet-18 (benchmarks/decorrelation.py step).
 AUTO_BUDGET = 0.15
 AUTO_MAX_INTERVAL = 4
+SIDES = ("weight", "input")  # where R is applied: the fused weight W·R, or the layer input x·Rᵀ
+# One op's fixed cost in MACs: ~5 µs of eager dispatch and autograd bookkeeping at the ~47 GMAC/s
+# of one core of the development CPU (an AMD EPYC; measured 2026-12-04: 2-4 µs for a bare op).
+# A GPU launch costs more MACs than this, so there it errs towards more ops.
+DISPATCH_MACS = 1 << 18
+# Ops per step of applying R (product + backward), dense or block-diagonal, and per R update
+# (row sampling, the batched products, the row scaling, the guarded write and its counters).
+APPLY_OPS = {"dense": 2, "blocked": 12}
+UPDATE_OPS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +68,21 @@ class LayerCost:
     block: int
     update_every: int
     layer_macs: int
-    fused_macs: int
+    apply_macs: int
     update_macs: int  # per update (all blocks)
+    side: str = "weight"  # where R is applied (one of SIDES)
+    dense: bool = True  # R is one dense block (no block-diagonal plumbing around the product)
 
     @property
-    def pass_macs(self) -> float:
-        """The pass's own MACs per training step (the update amortised over its interval)."""
-        return self.fused_macs + self.update_macs / self.update_every
+    def pass_cost(self) -> float:
+        """The pass's own work per training step in MACs, its ops' dispatch counted as
+        ``DISPATCH_MACS`` each (the update amortised over its interval)."""
+        ops = APPLY_OPS["dense" if self.dense else "blocked"] + UPDATE_OPS / self.update_every
+        return self.apply_macs + self.update_macs / self.update_every + DISPATCH_MACS * ops
 
     @property
     def overhead(self) -> float:
-        return self.pass_macs / max(1, self.layer_macs)
+        return self.pass_cost / max(1, self.layer_macs)
 
 
 def layer_rows(input_shape: Sequence[int], conv_output_positions: Optional[int]) -> int:
@@ -79,13 +101,17 @@ def conv_output_positions(input_shape: Sequence[int], conv) -> int:
 
 
 def predict(weight_numel: int, rows: int, groups: int, group_dim: int, max_block: int, rows_per_dim: float,
-            update_every: int, syncing: bool = False) -> LayerCost:
+            update_every: int, syncing: bool = False, sides: Sequence[str] = ("weight",)) -> LayerCost:
+    """The cost of one configuration, R applied on the cheaper of ``sides`` (ties: the weight)."""
     blocks_per_group, block = block_layout(group_dim, max_block)
     n = max(MIN_ROWS, math.ceil(rows_per_dim * block))
     n = min(n, max(1, rows))  # a batch with fewer rows than the cap gives all of them (state.py)
     per_block = update_macs(update_formula(n, block, syncing), n, block)
+    apply_macs = {"weight": 2 * weight_numel * block, "input": 2 * rows * groups * blocks_per_group * block * block}
+    side = min((side for side in SIDES if side in sides), key=lambda side: apply_macs[side])
     return LayerCost(block=block, update_every=update_every, layer_macs=3 * rows * weight_numel,
-                     fused_macs=2 * weight_numel * block, update_macs=groups * blocks_per_group * per_block)
+                     apply_macs=apply_macs[side], update_macs=groups * blocks_per_group * per_block, side=side,
+                     dense=groups * blocks_per_group == 1)
 
 
 def _block_ladder(group_dim: int, max_block: int) -> Tuple[int, ...]:
@@ -98,7 +124,8 @@ def _block_ladder(group_dim: int, max_block: int) -> Tuple[int, ...]:
 
 
 def ladder(weight_numel: int, rows: int, groups: int, group_dim: int, max_block: int, rows_per_dim: float,
-           syncing: bool = False, min_update_every: int = 1, limited: bool = False) -> List[LayerCost]:
+           syncing: bool = False, min_update_every: int = 1, limited: bool = False,
+           sides: Sequence[str] = ("weight",)) -> List[LayerCost]:
     """One layer's configurations in order of preference, each strictly cheaper than the one before.
 
     Preference: every-step updates with blocks shrinking to ``MIN_BUDGET_BLOCK``, then longer
@@ -116,8 +143,8 @@ def ladder(weight_numel: int, rows: int, groups: int, group_dim: int, max_block:
         preferred += [(cap, every) for every in intervals for cap in blocks if cap < floor]
     rungs: List[LayerCost] = []
     for cap, every in preferred:
-        cost = predict(weight_numel, rows, groups, group_dim, cap, rows_per_dim, every, syncing)
-        if not rungs or cost.pass_macs < rungs[-1].pass_macs:
+        cost = predict(weight_numel, rows, groups, group_dim, cap, rows_per_dim, every, syncing, sides)
+        if not rungs or cost.pass_cost < rungs[-1].pass_cost:
             rungs.append(cost)
     return rungs
 
@@ -131,13 +158,13 @@ def allocate(ladders: Sequence[Sequence[LayerCost]], max_overhead: float) -> Tup
     """
     position = [0] * len(ladders)
     budget = max_overhead * sum(rungs[0].layer_macs for rungs in ladders)
-    total = sum(rungs[0].pass_macs for rungs in ladders)
+    total = sum(rungs[0].pass_cost for rungs in ladders)
     while total > budget:
         movable = [i for i, rungs in enumerate(ladders) if position[i] < len(rungs) - 1]
         if not movable:
             return [rungs[i] for rungs, i in zip(ladders, position)], False
-        layer = max(movable, key=lambda i: ladders[i][position[i]].pass_macs)
-        total -= ladders[layer][position[layer]].pass_macs
+        layer = max(movable, key=lambda i: ladders[i][position[i]].pass_cost)
+        total -= ladders[layer][position[layer]].pass_cost
         position[layer] += 1
-        total += ladders[layer][position[layer]].pass_macs
+        total += ladders[layer][position[layer]].pass_cost
     return [rungs[i] for rungs, i in zip(ladders, position)], True

@@ -14,6 +14,13 @@ when ``x`` is an argument of the module call that contains the op::
     A = W·R                                 # owner.<attr>_decorrelation(W); R detached
     y = linear(x, A, b)                     # conv: A = W·R over the (C/groups)·k… patch
 
+or, on the input side (``Decorrelation.apply``: the cost model's choice where the batch has
+fewer rows than the layer has outputs; needs an ``x`` read by the layer alone)::
+
+    R ← R − η·[(1−κ)·C·R + κ·diag(v)·R]    # as above, in the pre-hook
+    z = x·Rᵀ                                # owner.<attr>_decorrelation(x); the pre-hook passes z on
+    y = linear(z, W, b)                     # the module's own forward, unchanged
+
 and when ``x`` is computed inside that module (``nn.MultiheadAttention.out_proj``, ``F.linear(t,
 self.w)`` on a ``t`` of the module's own, the root's forward), observed where the graph computes
 it (observe.py: a TorchFunctionMode around the scope module's forward, traced by Dynamo)::
@@ -76,22 +83,37 @@ __all__ = ["DecorrelationPass", "decorrelation_states", "state_name"]
 
 
 class _ScopeObserver:
-    """Forward pre-hook: hands the layer inputs of a module call to their DecorrelationStates."""
+    """Forward pre-hook of a module call that receives layer inputs: hands them to their
+    DecorrelationStates (training mode), then replaces each input of a layer that applies R on
+    its input side by ``z = x·Rᵀ`` (every mode: it is part of the layer's function)."""
 
     def __init__(self) -> None:
         self.targets: List[Tuple[DecorrelationState, Tuple[InputLocation, ...]]] = []
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         for state, locations in self.targets:
             if not state.training:
                 continue
             inputs: List[torch.Tensor] = []
             for location in locations:
-                value = kwargs[location.name] if location.name in kwargs else args[location.index]
+                value = _argument(args, kwargs, location)
                 if not any(value is seen for seen in inputs):
                     inputs.append(value)
             state.observe(inputs)
-        return None
+        decorrelating = [(state, locations[0]) for state, locations in self.targets if state.spec.side == "input"]
+        if not decorrelating:
+            return None
+        args = list(args)
+        for state, location in decorrelating:  # planned with one location, read by this layer alone
+            if location.name in kwargs:
+                kwargs[location.name] = state(kwargs[location.name])
+            else:
+                args[location.index] = state(args[location.index])
+        return tuple(args), kwargs
+
+
+def _argument(args: tuple, kwargs: dict, location: InputLocation):
+    return kwargs[location.name] if location.name in kwargs else args[location.index]
 
 
 # ------------------------------------------------------------------------------------ class swap
@@ -109,21 +131,22 @@ def _fused_weight_property(attr: str) -> property:
     child = state_name(attr)
 
     def fused_weight(self: nn.Module) -> torch.Tensor:
-        return self._modules[child](self._parameters[attr])
+        return self._modules[child](self._parameters[attr])  # the state's forward: W·R on the weight side
 
     fused_weight.__doc__ = f"``{attr}`` seen by the forward: the decorrelated weight W·R (the parameter stays in _parameters)."
     return property(fused_weight)
 
 
-def _decorrelated_class(cls: type, attrs: Tuple[str, ...], observes: bool = False) -> type:
-    """A subclass whose ``attr`` reads return ``W·R``; ``_parameters`` (and state_dict keys) are unchanged.
+def _decorrelated_class(cls: type, attrs: Tuple[str, ...], fused: Tuple[str, ...], observes: bool = False) -> type:
+    """A subclass marking ``attrs`` decorrelated, whose reads of the ``fused`` ones (R on the weight
+    side) return ``W·R``; ``_parameters`` (and state_dict keys) are unchanged.
 
     ``observes``: the module's forward computes the input of decorrelated layers, so it runs
     inside a LayerInputObserver in training mode (observe.py).
     """
-    key = (cls, attrs, observes)
+    key = (cls, attrs, fused, observes)
     if key not in _DECORRELATED_CLASSES:
-        namespace = {attr: _fused_weight_property(attr) for attr in attrs}
+        namespace = {attr: _fused_weight_property(attr) for attr in fused}
         namespace["_effcompile_original_class"] = cls
         namespace["_effcompile_decorrelated"] = attrs
         if observes:
@@ -171,7 +194,11 @@ class DecorrelationPass(ModelPass):
             row.action, row.reason = Action.SKIP, reason
             return row, []
         spec = _layer_spec(candidate, config)
-        rungs = _cost_ladder(spec, candidate, config)
+        sides, weight_reason = _sides(spec, candidate, config)
+        rungs = _cost_ladder(spec, candidate, config, sides)
+        spec = dataclasses.replace(spec, side=rungs[0].side if rungs else sides[0])
+        if weight_reason:
+            row.details["weight_side"] = weight_reason
         _set_layer_details(row, spec, config, rungs[0] if rungs else None)
         if len(candidate.uses) > 1:
             row.details["uses"] = len(candidate.uses)
@@ -193,9 +220,9 @@ class DecorrelationPass(ModelPass):
             budget = AUTO_BUDGET if automatic else config.max_overhead
             chosen, within = allocate([rungs for _, rungs in ladders], budget)
         for (row, _), cost in zip(ladders, chosen):
-            row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every)
+            row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every, side=cost.side)
             _set_layer_details(row, row.spec, config, cost)
-        total = sum(cost.pass_macs for cost in chosen) / max(1, sum(cost.layer_macs for cost in chosen))
+        total = sum(cost.pass_cost for cost in chosen) / max(1, sum(cost.layer_macs for cost in chosen))
         for row, _ in ladders:
             row.details["model_overhead"] = f"{total:.2f}x"
         if not within:
@@ -262,11 +289,13 @@ class DecorrelationPass(ModelPass):
                     observed_in.setdefault(scope, []).append(state)
         for path in dict.fromkeys([*by_owner, *observed_in]):
             module = model.get_submodule(path)
-            attrs = tuple(sorted(spec.attr for spec in by_owner.get(path, ())))
+            specs = by_owner.get(path, ())
+            attrs = tuple(sorted(spec.attr for spec in specs))
+            fused = tuple(sorted(spec.attr for spec in specs if spec.side == "weight"))
             if path in observed_in:
                 module.__dict__["_effcompile_observed"] = observed_in[path]
                 module.__dict__["_effcompile_scope"] = path
-            module.__class__ = _decorrelated_class(type(module), attrs, path in observed_in)
+            module.__class__ = _decorrelated_class(type(module), attrs, fused, path in observed_in)
         handles = []
         for scope, observer in observers.items():
             handles.append(model.get_submodule(scope).register_forward_pre_hook(observer, with_kwargs=True))
@@ -287,7 +316,7 @@ class DecorrelationPass(ModelPass):
             with torch.no_grad():
                 for attr in attrs:
                     parameter = module._parameters[attr]
-                    parameter.copy_(module._modules[state_name(attr)](parameter))
+                    parameter.copy_(module._modules[state_name(attr)].fused_weight(parameter))
                     del module._modules[state_name(attr)]
                     folded += 1
             module.__class__ = type(module)._effcompile_original_class
@@ -334,7 +363,25 @@ def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:
     )
 
 
-def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation) -> List[LayerCost]:
+def _sides(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation) -> Tuple[Tuple[str, ...], str]:
+    """Where R may be applied under ``config.apply``, and (when the input side is ruled out for a
+    layer ``apply`` would put there) why it stays on the weight."""
+    if config.apply == "weight":
+        return ("weight",), ""
+    use = candidate.uses[0]
+    if spec.kind != "linear":
+        reason = "R acts on a convolution's patches, not on its input"
+    elif len(candidate.uses) > 1:
+        reason = "the weight has several uses"
+    elif spec.observer_scopes or not use.input_exclusive:
+        reason = "the layer's input is not an argument of its module call read by the layer alone"
+    else:
+        return (("input",) if config.apply == "input" else ("weight", "input")), ""
+    return ("weight",), reason if config.apply == "input" else ""
+
+
+def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation,
+                 sides: Tuple[str, ...]) -> List[LayerCost]:
     """The layer's configurations from the configured one down to the cheapest (cost.py); only the
     configured one without a budget, none without input shapes."""
     first = candidate.uses[0]
@@ -346,14 +393,14 @@ def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelati
     syncing = config.sync_statistics and replicas.is_distributed()
     if config.max_overhead is None:
         return [predict(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
-                        spec.update_every, syncing)]
+                        spec.update_every, syncing, sides)]
     return ladder(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim, syncing,
-                  min_update_every=config.update_every, limited=config.max_overhead == "auto")
+                  min_update_every=config.update_every, limited=config.max_overhead == "auto", sides=sides)
 
 
 def _set_layer_details(row: PlanRow, spec: LayerSpec, config: Decorrelation, cost) -> None:
     blocks, block = block_layout(spec.group_dim, spec.block)
-    row.details.update({"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}",
+    row.details.update({"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}", "apply": spec.side,
                         "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))})
     row.details.pop("update_every", None)
     if spec.update_every > 1:

@@ -1,12 +1,14 @@
 """Decorrelation state: the per-layer matrix R, its sampled statistics and its local update.
 
 ``DecorrelationState`` is a submodule of the layer's owner (``<attr>_decorrelation``), so
-``state_dict`` checkpoints R and its counters; calling it returns the fused weight ``W·R``.
+``state_dict`` checkpoints R and its counters; calling it applies R on the layer's side: it
+returns the fused weight ``W·R``, or the decorrelated layer input ``z = x·Rᵀ``.
 The update rule and where it runs are described in :mod:`.rewrite`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -80,6 +82,8 @@ class LayerSpec:
     # R is updated every this many training forwards (the config's ``update_every``, or the
     # budget's choice for this layer under ``max_overhead``).
     update_every: int = 1
+    # Where R is applied: "weight" (the layer computes with W·R) or "input" (with z = x·Rᵀ).
+    side: str = "weight"
 
 
 def block_layout(group_dim: int, max_block: int) -> Tuple[int, int]:
@@ -108,6 +112,8 @@ class DecorrelationState(nn.Module):
         num_blocks = spec.groups * self.blocks_per_group
         self.register_buffer("matrix", torch.empty(num_blocks, self.block, self.block, device=device))
         self.register_buffer("feature_mask", torch.empty(num_blocks, self.block, device=device), persistent=False)
+        for name in ("_scale_offset", "_scale_slope"):  # constants of the update's row scaling (_update)
+            self.register_buffer(name, torch.empty(num_blocks, self.block, device=device), persistent=False)
         for name in ("updates", "rejected_updates", "observed_batches"):
             self.register_buffer(name, torch.empty((), dtype=torch.long, device=device))
         self.reset_parameters()
@@ -123,6 +129,9 @@ class DecorrelationState(nn.Module):
         self.matrix.copy_(torch.eye(self.block, device=self.matrix.device).expand_as(self.matrix))
         padded = torch.arange(self.blocks_per_group * self.block, device=self.matrix.device) < self.spec.group_dim
         self.feature_mask.copy_(padded.view(self.blocks_per_group, self.block).repeat(self.spec.groups, 1))
+        # 1 − η·u = (1 + η·κ·mask) + v·(η·(1−κ) − η·κ·mask): the update's row scaling as one addcmul.
+        self._scale_offset.copy_(1.0 + self.lr * self.kappa * self.feature_mask)
+        self._scale_slope.copy_(self.lr * (1.0 - self.kappa) - self.lr * self.kappa * self.feature_mask)
         for counter in (self.updates, self.rejected_updates, self.observed_batches):
             counter.zero_()
         self._eager_calls = 0
@@ -131,9 +140,28 @@ class DecorrelationState(nn.Module):
         return (f"layer={self.spec.owner_path}.{self.spec.attr}, groups={self.spec.groups}, "
                 f"d={self.spec.group_dim}, blocks={self.blocks_per_group}x{self.block}, rows={self.num_rows}")
 
-    # ----------------------------------------------------------------------------- fused weight
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """Return the fused weight ``W·R`` (``Rᵀ·W`` for a (d, out) matmul operand).
+    # ----------------------------------------------------------------------------- applying R
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        """R applied where the Plan put it: ``value`` is the weight W (returns ``W·R``) or the
+        layer input x (returns ``x·Rᵀ``).  Both give the layer the same function and W the same
+        gradient ``δ·zᵀ``; a call of this module is what ONNX scopes and fold see."""
+        if self.spec.side == "input":
+            return self.decorrelated_input(value)
+        return self.fused_weight(value)
+
+    def decorrelated_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``z = x·Rᵀ`` over the last axis of ``x`` (block by block; one group)."""
+        d, blocks, b = self.spec.group_dim, self.blocks_per_group, self.block
+        matrix = self._matrix_snapshot(x.dtype)
+        if blocks == 1:
+            return F.linear(x, matrix[0])
+        if blocks * b != d:
+            x = F.pad(x, (0, blocks * b - d))
+        z = torch.bmm(x.reshape(-1, blocks, b).transpose(0, 1), matrix.transpose(1, 2))  # (blocks, rows, b)
+        return z.transpose(0, 1).reshape(*x.shape[:-1], blocks * b)[..., :d]
+
+    def fused_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fused weight ``W·R`` (``Rᵀ·W`` for a (d, out) matmul operand).
 
         Inside a scope call observed in the graph, the observer is told which tensor is the fused
         weight, so it can find the op that uses it (observe.py).
@@ -183,9 +211,14 @@ class DecorrelationState(nn.Module):
         gate = self._update_gate()
         if gate is False:  # eager steps between updates: nothing else (entering autocast costs more than the count)
             return
-        with torch.no_grad(), torch.autocast(device_type=self.matrix.device.type, enabled=False):
-            rows = torch.cat([self._sample_rows(x) for x in inputs], dim=0)
-            self._update(rows, gate)
+        device_type = self.matrix.device.type
+        # Statistics in fp32: leave autocast for the update (entering the context costs more than
+        # a small update's arithmetic in eager, so only when autocast is on or may be, compiling).
+        outside_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                            if is_compiling() or torch.is_autocast_enabled(device_type) else contextlib.nullcontext())
+        with torch.no_grad(), outside_autocast:
+            samples = [self._sample_rows(x) for x in inputs]
+            self._update(samples[0] if len(samples) == 1 else torch.cat(samples, dim=0), gate)
 
     def _update_gate(self):
         """True/False decided in Python (eager), or a 0-dim bool tensor when compiling.
@@ -213,21 +246,31 @@ class DecorrelationState(nn.Module):
         return rows.to(torch.float32).view(rows.shape[0], self.spec.groups, self.spec.group_dim)
 
     def _padded_blocks(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, groups, d) rows → (n, blocks, b) per-block rows, padded features zero."""
+        """(n, groups, d) rows → (blocks, n, b) per-block rows (a view), padded features zero.
+
+        Blocks lead so that every product of the update is one ``bmm`` (``einsum`` on these
+        small operands costs more in dispatch than in arithmetic).
+        """
         groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
         if blocks * b != d:
             rows = F.pad(rows, (0, blocks * b - d))
-        return rows.view(rows.shape[0], groups * blocks, b)
+        return rows.view(rows.shape[0], groups * blocks, b).transpose(0, 1)
 
     def _decorrelated_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """z = R·x per block: (n, groups, d) rows → (n, blocks, b), padded features zero."""
-        return torch.einsum("nkb,kcb->nkc", self._padded_blocks(rows), self.matrix)
+        """z = R·x per block: (n, groups, d) rows → (blocks, n, b), padded features zero."""
+        return torch.bmm(self._padded_blocks(rows), self.matrix.transpose(1, 2))
 
     def _update(self, rows: torch.Tensor, gate, formula: Optional[str] = None) -> None:
         """One step ``R ← R − η[(1−κ)·C·R + κ·diag(v)·R]`` from sampled rows (n, groups, d).
 
         ``formula`` forces one of :data:`UPDATE_FORMULAS` (tests, benchmarks); by default
         :func:`update_formula` picks the cheapest for this ``n`` and block size.
+
+        With Σ the second moment of z = R·x (C = Σ − diag Σ) and ``v = diag Σ``, the step is
+        ``R ← diag(1 − η·u)·R − η(1−κ)·Σ·R`` with ``u = κ·(v − 1)·mask − (1−κ)·v``: one
+        row scaling (``addcmul`` with the constants of ``reset_parameters``) and one batched
+        ``baddbmm``.  Every small op is a dispatch that costs more than its arithmetic at the
+        sizes where R matters most, so the step is written in as few as the algebra allows.
         """
         n, b = rows.shape[0], self.block
         syncing = self._syncing()
@@ -235,37 +278,35 @@ class DecorrelationState(nn.Module):
         if formula == "rows":
             if syncing:
                 raise ValueError("the 'rows' formula needs every rank's rows: use 'gram' or 'covariance' with DDP")
-            # C·R = (ZᵀZ/n)·R − diag(var)·R as Zᵀ(Z·R)/n: never forms a b×b statistic.
+            # Σ·R = Zᵀ(Z·R)/n: never forms a b×b statistic.
             z = self._decorrelated_rows(rows)
-            variance = (z * z).mean(dim=0)
-            gram_times_matrix = torch.einsum("nkc,nke->kce", z, torch.einsum("nkc,kce->nke", z, self.matrix)) / n
-            off_diagonal_times_matrix = gram_times_matrix - variance.unsqueeze(-1) * self.matrix
+            variance = (z * z).mean(dim=1)
+            moment, times = z.transpose(1, 2), torch.bmm(z, self.matrix) / n
         elif formula == "gram":
-            # Σ = ZᵀZ/n from the decorrelated rows z = R·x, then (Σ − diag Σ)·R.
+            # Σ = ZᵀZ/n from the decorrelated rows z = R·x.
             z = self._decorrelated_rows(rows)
-            covariance = self._average_over_ranks(torch.einsum("nkc,nke->kce", z, z) / n)
-            variance = torch.diagonal(covariance, dim1=-2, dim2=-1)
-            off_diagonal_times_matrix = (covariance - torch.diag_embed(variance)) @ self.matrix
+            moment, times = self._average_over_ranks(torch.bmm(z.transpose(1, 2), z) / n), self.matrix
+            variance = torch.diagonal(moment, dim1=-2, dim2=-1)
         elif formula == "covariance":
-            # Σ = R·S·Rᵀ with S = XᵀX/n the covariance of the raw rows: z = R·x is never formed.
+            # Σ = R·S·Rᵀ with S = XᵀX/n the second moment of the raw rows: z = R·x is never formed.
             # S is linear in the rows, so averaging S over ranks equals averaging Σ (R is identical).
             x = self._padded_blocks(rows)
-            second_moment = self._average_over_ranks(torch.einsum("nkb,nkc->kbc", x, x) / n)
-            covariance = (self.matrix @ second_moment) @ self.matrix.transpose(-1, -2)
-            variance = torch.diagonal(covariance, dim1=-2, dim2=-1)
-            off_diagonal_times_matrix = covariance @ self.matrix - variance.unsqueeze(-1) * self.matrix
+            second_moment = self._average_over_ranks(torch.bmm(x.transpose(1, 2), x) / n)
+            moment, times = torch.bmm(torch.bmm(self.matrix, second_moment), self.matrix.transpose(-1, -2)), self.matrix
+            variance = torch.diagonal(moment, dim1=-2, dim2=-1)
         else:
             raise ValueError(f"unknown update formula {formula!r}; expected one of {UPDATE_FORMULAS}")
-        excess_variance = (variance - 1.0) * self.feature_mask  # padded features stay untouched
-        step = (1.0 - self.kappa) * off_diagonal_times_matrix + self.kappa * excess_variance.unsqueeze(-1) * self.matrix
-        proposal = self.matrix - self.lr * step
-        accepted = torch.isfinite(proposal).all() & (proposal.abs().amax() <= self.divergence_threshold)
+        row_scale = torch.addcmul(self._scale_offset, variance, self._scale_slope)  # 1 − η·u, padded rows 1
+        proposal = torch.baddbmm(row_scale.unsqueeze(-1) * self.matrix, moment, times,
+                                 alpha=-self.lr * (1.0 - self.kappa))
+        # A non-finite entry makes the max NaN or inf, which fails the comparison too.
+        accepted = proposal.abs().amax() <= self.divergence_threshold
         # ``gate`` is True (eager/update every step) or a device bool (compiled update_every schedule).
         applied = accepted if gate is True else accepted & gate
         rejected = ~accepted if gate is True else gate & ~accepted
         self.matrix.copy_(torch.where(applied, proposal, self.matrix))
-        self.updates.add_(applied.long())
-        self.rejected_updates.add_(rejected.long())
+        self.updates.add_(applied)
+        self.rejected_updates.add_(rejected)
 
     def _syncing(self) -> bool:
         # Replicas: the ranks holding this layer (WORLD under DDP, this stage's ranks in a staged run).
@@ -281,8 +322,8 @@ class DecorrelationState(nn.Module):
         """Mean |corr(z_i, z_j)| over i≠j within blocks, on up to ``num_rows`` rows of input ``x``."""
         with torch.no_grad():
             z = self._decorrelated_rows(self._sample_rows(x, num_rows))
-            z = z - z.mean(dim=0, keepdim=True)
-            cov = torch.einsum("nkc,nke->kce", z, z) / z.shape[0]
+            z = z - z.mean(dim=1, keepdim=True)
+            cov = torch.bmm(z.transpose(1, 2), z) / z.shape[1]
             std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(1e-12).sqrt()
             corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
             mask = self.feature_mask.unsqueeze(-1) * self.feature_mask.unsqueeze(-2)
