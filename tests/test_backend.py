@@ -4,6 +4,7 @@ Inductor compiles are slow on CPU, so one small model is compiled once per backe
 same run checks parity and the absence of recompiles.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -63,6 +64,40 @@ def test_update_every_k_compiles_once_and_gates_on_device():
         _, _, updates, graphs = _run("aot_eager", update_every=3)
     assert graphs == 1
     assert updates == len(range(0, STEPS, 3))
+
+
+def test_compiled_update_every_k_skips_the_update_between_updates():
+    """The schedule is a ``torch.cond`` in the graph: steps between updates do not compute the update
+    (a device mask would run it every step), and R follows eager's schedule."""
+    graphs = []
+
+    def recording(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = _model()
+    x = torch.randn(8, 1, 6, 6)
+    effcompile.transform(model, effcompile.Decorrelation(lr=0.02, update_every=3, max_overhead=None), example_inputs=(x,))
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=recording)
+    torch.manual_seed(3)
+    batches = [torch.randn(8, 1, 6, 6) for _ in range(7)]
+    for inputs in batches:
+        torch.manual_seed(4)  # the update samples rows: the same rows in both runs
+        compiled(inputs)
+        torch.manual_seed(4)
+        reference(inputs)
+    conds = [node for graph in graphs for node in graph.graph.nodes if node.target is torch.ops.higher_order.cond]
+    assert len(conds) == 2  # one per decorrelated layer
+    for state, expected in zip(_decorrelation_states(model), _decorrelation_states(reference)):
+        assert int(state.updates) == int(expected.updates) == 3  # steps 1, 4, 7
+        torch.testing.assert_close(state.matrix, expected.matrix, rtol=1e-5, atol=1e-6)
+
+
+def _decorrelation_states(model):
+    from effcompile.passes.decorrelation import decorrelation_states
+
+    return list(decorrelation_states(model).values())
 
 
 def test_backend_is_registered_by_name():

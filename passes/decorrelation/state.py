@@ -256,9 +256,10 @@ class DecorrelationState(nn.Module):
             rows = F.pad(rows, (0, blocks * b - d))
         return rows.view(rows.shape[0], groups * blocks, b).transpose(0, 1)
 
-    def _decorrelated_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def _decorrelated_rows(self, rows: torch.Tensor, matrix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z = R·x per block: (n, groups, d) rows → (blocks, n, b), padded features zero."""
-        return torch.bmm(self._padded_blocks(rows), self.matrix.transpose(1, 2))
+        matrix = self.matrix if matrix is None else matrix
+        return torch.bmm(self._padded_blocks(rows), matrix.transpose(1, 2))
 
     def _update(self, rows: torch.Tensor, gate, formula: Optional[str] = None) -> None:
         """One step ``R ← R − η[(1−κ)·C·R + κ·diag(v)·R]`` from sampled rows (n, groups, d).
@@ -266,47 +267,65 @@ class DecorrelationState(nn.Module):
         ``formula`` forces one of :data:`UPDATE_FORMULAS` (tests, benchmarks); by default
         :func:`update_formula` picks the cheapest for this ``n`` and block size.
 
+        ``gate`` is True (eager, or an update every step) or a device bool (the compiled
+        ``update_every`` schedule).  Compiled, the update is a ``torch.cond`` branch, so steps
+        between updates skip its work instead of computing it and masking it out; under DDP the
+        statistic's all-reduce stays outside any branch (every step, masked).
+        """
+        n, b = rows.shape[0], self.block
+        syncing = self._syncing()
+        formula = formula or update_formula(n, b, syncing)
+        operands = (self.matrix, rows, self._scale_offset, self._scale_slope)
+
+        def propose(matrix, rows, offset, slope):
+            return self._proposal(matrix, rows, offset, slope, formula)
+
+        if gate is True or syncing:
+            proposal, accepted = propose(*operands)
+        else:
+            proposal, accepted = torch.cond(gate, propose, _keep, operands)
+        applied = accepted if gate is True else accepted & gate
+        rejected = ~accepted if gate is True else gate & ~accepted
+        self.matrix.copy_(torch.where(applied, proposal, self.matrix))
+        self.updates.add_(applied)
+        self.rejected_updates.add_(rejected)
+
+    def _proposal(self, matrix: torch.Tensor, rows: torch.Tensor, scale_offset: torch.Tensor,
+                  scale_slope: torch.Tensor, formula: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The updated R and whether it is accepted (finite, within ``divergence_threshold``).
+
         With Σ the second moment of z = R·x (C = Σ − diag Σ) and ``v = diag Σ``, the step is
         ``R ← diag(1 − η·u)·R − η(1−κ)·Σ·R`` with ``u = κ·(v − 1)·mask − (1−κ)·v``: one
         row scaling (``addcmul`` with the constants of ``reset_parameters``) and one batched
         ``baddbmm``.  Every small op is a dispatch that costs more than its arithmetic at the
         sizes where R matters most, so the step is written in as few as the algebra allows.
         """
-        n, b = rows.shape[0], self.block
-        syncing = self._syncing()
-        formula = formula or update_formula(n, b, syncing)
+        n = rows.shape[0]
         if formula == "rows":
-            if syncing:
+            if self._syncing():
                 raise ValueError("the 'rows' formula needs every rank's rows: use 'gram' or 'covariance' with DDP")
             # Σ·R = Zᵀ(Z·R)/n: never forms a b×b statistic.
-            z = self._decorrelated_rows(rows)
+            z = self._decorrelated_rows(rows, matrix)
             variance = (z * z).mean(dim=1)
-            moment, times = z.transpose(1, 2), torch.bmm(z, self.matrix) / n
+            moment, times = z.transpose(1, 2), torch.bmm(z, matrix) / n
         elif formula == "gram":
             # Σ = ZᵀZ/n from the decorrelated rows z = R·x.
-            z = self._decorrelated_rows(rows)
-            moment, times = self._average_over_ranks(torch.bmm(z.transpose(1, 2), z) / n), self.matrix
+            z = self._decorrelated_rows(rows, matrix)
+            moment, times = self._average_over_ranks(torch.bmm(z.transpose(1, 2), z) / n), matrix
             variance = torch.diagonal(moment, dim1=-2, dim2=-1)
         elif formula == "covariance":
             # Σ = R·S·Rᵀ with S = XᵀX/n the second moment of the raw rows: z = R·x is never formed.
             # S is linear in the rows, so averaging S over ranks equals averaging Σ (R is identical).
             x = self._padded_blocks(rows)
             second_moment = self._average_over_ranks(torch.bmm(x.transpose(1, 2), x) / n)
-            moment, times = torch.bmm(torch.bmm(self.matrix, second_moment), self.matrix.transpose(-1, -2)), self.matrix
+            moment, times = torch.bmm(torch.bmm(matrix, second_moment), matrix.transpose(-1, -2)), matrix
             variance = torch.diagonal(moment, dim1=-2, dim2=-1)
         else:
             raise ValueError(f"unknown update formula {formula!r}; expected one of {UPDATE_FORMULAS}")
-        row_scale = torch.addcmul(self._scale_offset, variance, self._scale_slope)  # 1 − η·u, padded rows 1
-        proposal = torch.baddbmm(row_scale.unsqueeze(-1) * self.matrix, moment, times,
-                                 alpha=-self.lr * (1.0 - self.kappa))
+        row_scale = torch.addcmul(scale_offset, variance, scale_slope)  # 1 − η·u, padded rows 1
+        proposal = torch.baddbmm(row_scale.unsqueeze(-1) * matrix, moment, times, alpha=-self.lr * (1.0 - self.kappa))
         # A non-finite entry makes the max NaN or inf, which fails the comparison too.
-        accepted = proposal.abs().amax() <= self.divergence_threshold
-        # ``gate`` is True (eager/update every step) or a device bool (compiled update_every schedule).
-        applied = accepted if gate is True else accepted & gate
-        rejected = ~accepted if gate is True else gate & ~accepted
-        self.matrix.copy_(torch.where(applied, proposal, self.matrix))
-        self.updates.add_(applied)
-        self.rejected_updates.add_(rejected)
+        return proposal, proposal.abs().amax() <= self.divergence_threshold
 
     def _syncing(self) -> bool:
         # Replicas: the ranks holding this layer (WORLD under DDP, this stage's ranks in a staged run).
@@ -329,6 +348,11 @@ class DecorrelationState(nn.Module):
             mask = self.feature_mask.unsqueeze(-1) * self.feature_mask.unsqueeze(-2)
             mask = mask * (1 - torch.eye(self.block, device=mask.device))
             return (corr.abs() * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _keep(matrix, rows, offset, slope) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``torch.cond`` branch of a step between updates: R as it is, nothing accepted."""
+    return matrix.clone(), torch.zeros((), dtype=torch.bool, device=matrix.device)
 
 
 def _resume_update_schedule(module, incompatible_keys) -> None:
