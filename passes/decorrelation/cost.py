@@ -19,8 +19,9 @@ Counted in multiply-adds (MACs) per training step, from the captured graph's sha
   128-wide layer at batch 32 is cheaper with one dense 128-block than with two 64-blocks, whose
   saved MACs cost less time than their extra ops.
 
-``overhead = (2·min(|W|, rows·d)·b + blocks·update / update_every + dispatch) / (3·rows·|W|)``
-is the predicted extra step time of the layer relative to its plain training work.
+``overhead = (2·min(|W|, rows·d)·b + blocks·update / update_every + dispatch) / (3·rows·|W| +
+dispatch of the layer's 3 ops)`` is the predicted extra step time of the layer relative to its
+plain training work.
 
 ``Decorrelation(max_overhead=x)`` is a budget for the whole model: the pass's work summed over
 the decorrelated layers is at most ``x`` times their summed training work (:func:`allocate`).
@@ -43,7 +44,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .state import MIN_ROWS, block_layout, update_formula, update_macs
 
-__all__ = ["SIDES", "DISPATCH_MACS", "APPLY_OPS", "UPDATE_OPS", "AUTO_BUDGET", "AUTO_MAX_INTERVAL", "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "allocate"]
+__all__ = ["SIDES", "DISPATCH_MACS", "APPLY_OPS", "UPDATE_OPS", "LAYER_OPS", "AUTO_BUDGET", "AUTO_MAX_INTERVAL", "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "allocate"]
 
 UPDATE_INTERVALS = (1, 2, 4, 8, 16, 32, 64)
 MIN_BUDGET_BLOCK = 64  # below this a block decorrelates little; longer intervals are preferred
@@ -61,6 +62,7 @@ DISPATCH_MACS = 1 << 18
 # (row sampling, the batched products, the row scaling, the guarded write and its counters).
 APPLY_OPS = {"dense": 2, "blocked": 12}
 UPDATE_OPS = 20
+LAYER_OPS = 3  # the layer's own: forward, input gradient, weight gradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +83,13 @@ class LayerCost:
         return self.apply_macs + self.update_macs / self.update_every + DISPATCH_MACS * ops
 
     @property
+    def layer_cost(self) -> float:
+        """The layer's own training work in the same units: its MACs and its ops' dispatch."""
+        return self.layer_macs + DISPATCH_MACS * LAYER_OPS
+
+    @property
     def overhead(self) -> float:
-        return self.pass_cost / max(1, self.layer_macs)
+        return self.pass_cost / self.layer_cost
 
 
 def layer_rows(input_shape: Sequence[int], conv_output_positions: Optional[int]) -> int:
@@ -157,7 +164,7 @@ def allocate(ladders: Sequence[Sequence[LayerCost]], max_overhead: float) -> Tup
     pass MACs are the largest moves one rung down.
     """
     position = [0] * len(ladders)
-    budget = max_overhead * sum(rungs[0].layer_macs for rungs in ladders)
+    budget = max_overhead * sum(rungs[0].layer_cost for rungs in ladders)
     total = sum(rungs[0].pass_cost for rungs in ladders)
     while total > budget:
         movable = [i for i, rungs in enumerate(ladders) if position[i] < len(rungs) - 1]

@@ -222,7 +222,7 @@ class DecorrelationPass(ModelPass):
         for (row, _), cost in zip(ladders, chosen):
             row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every, side=cost.side)
             _set_layer_details(row, row.spec, config, cost)
-        total = sum(cost.pass_cost for cost in chosen) / max(1, sum(cost.layer_macs for cost in chosen))
+        total = sum(cost.pass_cost for cost in chosen) / sum(cost.layer_cost for cost in chosen)
         for row, _ in ladders:
             row.details["model_overhead"] = f"{total:.2f}x"
         if not within:

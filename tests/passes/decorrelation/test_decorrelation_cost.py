@@ -113,7 +113,7 @@ def test_allocation_meets_the_model_budget_by_making_the_dominant_layer_cheaper(
     ladders = _ladders()
     chosen, within = allocate(ladders, budget)
     assert within
-    total = sum(cost.pass_cost for cost in chosen) / sum(cost.layer_macs for cost in chosen)
+    total = sum(cost.pass_cost for cost in chosen) / sum(cost.layer_cost for cost in chosen)
     assert total <= budget
     wide, small, head = chosen
     assert wide.block < ladders[0][0].block or wide.update_every > 1  # the wide layer paid
@@ -138,3 +138,14 @@ def test_max_overhead_is_validated():
         effcompile.Decorrelation(max_overhead=0)
     with pytest.raises(ValueError, match="max_overhead"):
         effcompile.Decorrelation(max_overhead="cheap")
+
+
+def test_dispatch_keeps_small_layers_dense_and_splits_wide_ones():
+    """Each added op costs DISPATCH_MACS: two 64-blocks save a 128-wide layer (R on its input) fewer
+    MACs at batch 32 than their block plumbing costs, so its ladder never splits it; a 1024-wide
+    layer still splits."""
+    small = ladder(128 * 128, 32, 1, 128, 1024, 4.0, limited=True, sides=("weight", "input"))
+    assert [cost.block for cost in small] == [128] * len(small) and small[-1].update_every == 4
+    wide = ladder(1024 * 1024, 32, 1, 1024, 1024, 4.0, limited=True)
+    assert min(cost.block for cost in wide) < 1024
+    assert all(cost.layer_cost > cost.layer_macs for cost in small)  # the layer's own ops count too
