@@ -24,16 +24,26 @@ from effcompile._compat import compile_caches_disabled, custom_graph_pass_base, 
 
 from .base import JOINT_PASSES, JointResult
 
-__all__ = ["JOINT_PASS", "EffcompileJointPass", "run_joint_passes", "recording"]
+__all__ = ["JOINT_PASS", "EffcompileJointPass", "run_joint_passes", "is_joint_graph", "recording"]
 
 _recorders = threading.local()
 
 
 def run_joint_passes(graph: torch.fx.Graph) -> Dict[str, JointResult]:
+    """Run every joint pass on a joint forward+backward graph; graphs without a backward (Inductor
+    also hands over the branch subgraphs of ``torch.cond``) have nothing to rewrite and are not
+    logged."""
+    if not is_joint_graph(graph):
+        return {}
     results = {joint_pass.name: joint_pass(graph) for joint_pass in JOINT_PASSES}
     for log in getattr(_recorders, "stack", []):
         log.append(results)
     return results
+
+
+def is_joint_graph(graph: torch.fx.Graph) -> bool:
+    """AOTAutograd's joint graphs take the backward's incoming gradients as ``tangents_*`` inputs."""
+    return any(node.op == "placeholder" and node.name.startswith("tangents") for node in graph.nodes)
 
 
 @contextlib.contextmanager
