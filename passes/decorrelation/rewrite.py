@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 
 from effcompile import distributed as replicas
-from effcompile._compat import ConvNd
+from effcompile._compat import ConvNd, is_compiling
 from effcompile.passes.analysis.capture import GraphCapture, InputLocation, LayerCandidate
 from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
@@ -103,12 +103,16 @@ class _ScopeObserver:
         decorrelating = [(state, locations[0]) for state, locations in self.targets if state.spec.side == "input"]
         if not decorrelating:
             return None
+        # Traced (compile, export: ONNX scopes name the state module) through a call of the state
+        # module; in eager through its method, one nn.Module call less per layer and step.
+        traced = is_compiling() or torch.compiler.is_exporting()
         args = list(args)
         for state, location in decorrelating:  # planned with one location, read by this layer alone
+            apply = state if traced else state.decorrelated_input
             if location.name in kwargs:
-                kwargs[location.name] = state(kwargs[location.name])
+                kwargs[location.name] = apply(kwargs[location.name])
             else:
-                args[location.index] = state(args[location.index])
+                args[location.index] = apply(args[location.index])
         return tuple(args), kwargs
 
 

@@ -110,6 +110,7 @@ class DecorrelationState(nn.Module):
         self.blocks_per_group, self.block = block_layout(spec.group_dim, spec.block)
         self.num_rows = max(MIN_ROWS, math.ceil(config.rows_per_dim * self.block))
         num_blocks = spec.groups * self.blocks_per_group
+        self._dense = num_blocks == 1  # one dense R: products without block plumbing
         self.register_buffer("matrix", torch.empty(num_blocks, self.block, self.block, device=device))
         self.register_buffer("feature_mask", torch.empty(num_blocks, self.block, device=device), persistent=False)
         for name in ("_scale_offset", "_scale_slope"):  # constants of the update's row scaling (_update)
@@ -153,8 +154,8 @@ class DecorrelationState(nn.Module):
         """``z = x·Rᵀ`` over the last axis of ``x`` (block by block; one group)."""
         d, blocks, b = self.spec.group_dim, self.blocks_per_group, self.block
         matrix = self._matrix_snapshot(x.dtype)
-        if blocks == 1:
-            return F.linear(x, matrix[0])
+        if self._dense:
+            return F.linear(x, matrix)
         if blocks * b != d:
             x = F.pad(x, (0, blocks * b - d))
         z = torch.bmm(x.reshape(-1, blocks, b).transpose(0, 1), matrix.transpose(1, 2))  # (blocks, rows, b)
@@ -176,25 +177,30 @@ class DecorrelationState(nn.Module):
         return fused
 
     def _matrix_snapshot(self, dtype: torch.dtype) -> torch.Tensor:
+        """A copy of R as the product uses it: (b, b) for one dense block, else (blocks, b, b)."""
         # Autograd saves R to form ∂L/∂W = ∂L/∂A·Rᵀ; a module called twice in one forward updates R
         # in place between the calls, so each call multiplies by its own copy (b² per call).  In
         # eager the copy is reused until R changes (its version counter moves: an update, a load):
-        # steps between updates then copy nothing.
-        if is_compiling():
-            return self.matrix.detach().to(dtype, copy=True)
-        key = (self.matrix._version, self.matrix.data_ptr(), dtype)
-        if self._snapshot_key != key:
-            self._snapshot = self.matrix.detach().to(dtype, copy=True)
-            self._snapshot_key = key
-        return self._snapshot
+        # steps between updates then copy nothing, not even the view of the dense block.
+        matrix = self.matrix
+        if not is_compiling():
+            key = (matrix._version, matrix.data_ptr(), dtype)
+            if self._snapshot_key == key:
+                return self._snapshot
+        copy = (matrix[0] if self._dense else matrix).detach().to(dtype, copy=True)
+        if not is_compiling():
+            # Plain attributes, set past nn.Module.__setattr__ (its buffer/parameter checks cost
+            # more than the rest of a step's bookkeeping).
+            self.__dict__.update(_snapshot=copy, _snapshot_key=key)
+        return copy
 
     def _right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
         matrix = self._matrix_snapshot(weight.dtype)
-        if groups == 1 and blocks == 1:  # the common case: one dense product, no block plumbing
+        if self._dense:  # the common case: one dense product, no block plumbing
             if weight.dim() == 2:  # no reshape: each view would be one more autograd node per step
-                return weight @ matrix[0]
-            return (weight.reshape(weight.shape[0], d) @ matrix[0]).reshape(weight.shape)
+                return weight @ matrix
+            return (weight.reshape(weight.shape[0], d) @ matrix).reshape(weight.shape)
         w = weight.reshape(groups, weight.shape[0] // groups, d)
         if blocks * b != d:
             w = F.pad(w, (0, blocks * b - d))
@@ -230,8 +236,9 @@ class DecorrelationState(nn.Module):
             return True
         if is_compiling():
             return (self.observed_batches - 1) % self.update_every == 0
-        self._eager_calls += 1
-        return (self._eager_calls - 1) % self.update_every == 0
+        calls = self.__dict__["_eager_calls"]
+        self.__dict__["_eager_calls"] = calls + 1  # past nn.Module.__setattr__, as the snapshot
+        return calls % self.update_every == 0
 
     def _sample_rows(self, x: torch.Tensor, num_rows: Optional[int] = None) -> torch.Tensor:
         """Random rows of the layer input as (n, groups, d) in fp32 (all rows if fewer than n)."""
