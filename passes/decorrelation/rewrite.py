@@ -89,6 +89,13 @@ class _ScopeObserver:
 
     def __init__(self) -> None:
         self.targets: List[Tuple[DecorrelationState, Tuple[InputLocation, ...]]] = []
+        # The input-side layers among them, with their one input (planned: read by the layer alone).
+        self.decorrelating: List[Tuple[DecorrelationState, InputLocation]] = []
+
+    def add(self, state: DecorrelationState, locations: Tuple[InputLocation, ...]) -> None:
+        self.targets.append((state, locations))
+        if state.spec.side == "input":
+            self.decorrelating.append((state, locations[0]))
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         for state, locations in self.targets:
@@ -100,14 +107,13 @@ class _ScopeObserver:
                 if not any(value is seen for seen in inputs):
                     inputs.append(value)
             state.observe(inputs)
-        decorrelating = [(state, locations[0]) for state, locations in self.targets if state.spec.side == "input"]
-        if not decorrelating:
+        if not self.decorrelating:
             return None
         # Traced (compile, export: ONNX scopes name the state module) through a call of the state
         # module; in eager through its method, one nn.Module call less per layer and step.
         traced = is_compiling() or torch.compiler.is_exporting()
         args = list(args)
-        for state, location in decorrelating:  # planned with one location, read by this layer alone
+        for state, location in self.decorrelating:
             apply = state if traced else state.decorrelated_input
             if location.name in kwargs:
                 kwargs[location.name] = apply(kwargs[location.name])
@@ -288,7 +294,7 @@ class DecorrelationPass(ModelPass):
                 state = DecorrelationState(spec, config, weight.device)
                 owner.add_module(state_name(spec.attr), state)
                 for scope, locations in spec.scopes:
-                    observers.setdefault(scope, _ScopeObserver()).targets.append((state, locations))
+                    observers.setdefault(scope, _ScopeObserver()).add(state, locations)
                 for scope in spec.observer_scopes:
                     observed_in.setdefault(scope, []).append(state)
         for path in dict.fromkeys([*by_owner, *observed_in]):
