@@ -15,8 +15,7 @@ tag="cpu-$(date +%Y-%m-%d)"
 mkdir -p "$out"
 bin=${EFFCOMPILE:-.venv/bin/effcompile}
 all=decorrelation,randomized_vjp,greedy_stages,sample_selection
-common=(--model cnn --lr 0.01 --optimizer sgd --momentum 0.9 --seeds 0,1,2 --target-accuracy 0.95 --no-progress
-        --pass-arg decorrelation.lr=0.01)
+common=(--model cnn --lr 0.01 --optimizer sgd --momentum 0.9 --seeds 0,1,2 --target-accuracy 0.95 --no-progress)
 run() {  # run NAME DATASET BATCH EPOCHS THREADS ARGS...
   local name=$1 dataset=$2 batch=$3 epochs=$4 threads=$5
   shift 5
@@ -25,7 +24,7 @@ run() {  # run NAME DATASET BATCH EPOCHS THREADS ARGS...
 }
 for setting in "digits 32 8 1" "mnist5k 64 12 2"; do
   read -r dataset batch epochs threads <<<"$setting"
-  run every "$dataset" "$batch" "$epochs" "$threads" --passes "$all" --each --compare
+  run every "$dataset" "$batch" "$epochs" "$threads" --passes "$all" --each --compare --pass-arg decorrelation.lr=0.01
   run selection-random "$dataset" "$batch" "$epochs" "$threads" --passes sample_selection \
     --pass-arg sample_selection.strategy=random
   run backprop-half-batch "$dataset" $((batch / 2)) "$epochs" "$threads" --passes none
