@@ -44,13 +44,15 @@ from typing import List, Optional, Sequence, Tuple
 
 from .state import MIN_ROWS, block_layout, update_formula, update_macs
 
-__all__ = ["SIDES", "DISPATCH_MACS", "APPLY_OPS", "UPDATE_OPS", "LAYER_OPS", "AUTO_BUDGET", "AUTO_MAX_INTERVAL", "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "allocate"]
+__all__ = ["SIDES", "DISPATCH_MACS", "APPLY_OPS", "UPDATE_OPS", "LAYER_OPS", "AUTO_BUDGET", "AUTO_MAX_INTERVAL",
+           "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "allocate"]
 
 UPDATE_INTERVALS = (1, 2, 4, 8, 16, 32, 64)
 MIN_BUDGET_BLOCK = 64  # below this a block decorrelates little; longer intervals are preferred
 # Decorrelation(max_overhead="auto"): the budget, and the cheapest configuration it may choose.
-# 0.15 of the MACs: the pass's memory-bound work (gathering patches, the guarded R write) is not
-# counted and measured about 0.1-0.15 more on a CPU ResNet-18 (benchmarks/decorrelation.py step).
+# 0.15 of the work: the pass's memory-bound work (gathering patches, the guarded R write) is not
+# counted; on a CPU ResNet-18 (benchmarks/decorrelation.py step) it measured 0.1-0.15 of the step
+# above the prediction with the update in einsums, and the whole pass 0.06 at 0.14 predicted since.
 AUTO_BUDGET = 0.15
 AUTO_MAX_INTERVAL = 4
 SIDES = ("weight", "input")  # where R is applied: the fused weight W·R, or the layer input x·Rᵀ
