@@ -22,6 +22,7 @@ import torch
 
 from effcompile._compat import compile_caches_disabled, custom_graph_pass_base, hash_files
 
+from .analysis.graph_utils import is_tangent
 from .base import JOINT_PASSES, JointResult
 
 __all__ = ["JOINT_PASS", "EffcompileJointPass", "run_joint_passes", "is_joint_graph", "recording"]
@@ -43,7 +44,7 @@ def run_joint_passes(graph: torch.fx.Graph) -> Dict[str, JointResult]:
 
 def is_joint_graph(graph: torch.fx.Graph) -> bool:
     """AOTAutograd's joint graphs take the backward's incoming gradients as ``tangents_*`` inputs."""
-    return any(node.op == "placeholder" and node.name.startswith("tangents") for node in graph.nodes)
+    return any(is_tangent(node) for node in graph.nodes)
 
 
 @contextlib.contextmanager

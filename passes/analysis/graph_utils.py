@@ -34,6 +34,11 @@ def insert_node(graph: torch.fx.Graph, like: torch.fx.Node, target: Any, *args: 
     return node
 
 
+def is_tangent(node: torch.fx.Node) -> bool:
+    """An input of AOTAutograd's joint graph carrying a backward's incoming gradient (``tangents_*``)."""
+    return node.op == "placeholder" and node.name.startswith("tangents")
+
+
 def is_transpose(node: Any) -> bool:
     """``t(A)`` as AOT autograd writes it, or as Inductor's decompositions do (``permute(A, [1, 0])``)."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":

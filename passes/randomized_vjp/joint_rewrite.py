@@ -58,7 +58,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from effcompile.passes.analysis.graph_utils import insert_node as _insert, is_transpose as _is_transpose
+from effcompile.passes.analysis.graph_utils import insert_node as _insert, is_tangent as _is_tangent, \
+    is_transpose as _is_transpose
 from effcompile.passes.base import RecordsJointPass, register_joint_pass
 
 from .config import RandomizedVJP
@@ -380,7 +381,7 @@ def forward_nodes(graph: torch.fx.Graph) -> set:
     """
     backward: set = set()
     for node in graph.nodes:
-        if (node.op == "placeholder" and node.name.startswith("tangents")) or any(a in backward for a in node.all_input_nodes):
+        if _is_tangent(node) or any(a in backward for a in node.all_input_nodes):
             backward.add(node)
     return {node for node in graph.nodes if node not in backward}
 
