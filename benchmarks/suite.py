@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from effcompile.api import train_step, transform
-from effcompile.measure import CountedStep, machine_info, peak_step_memory, time_first_call, time_steps
+from effcompile.measure import CountedStep, compile_seconds, machine_info, peak_step_memory, time_first_call, time_steps
 from effcompile.config import PassConfig
 from effcompile.passes import Decorrelation, GreedyStages, RandomizedVJP, SampleSelection
 from effcompile.harness.fit import RunResult, autocast_context, fit
@@ -209,7 +209,7 @@ def _mode_results(times, first_call, steps, cuda_memory, saved, notes, mode) -> 
             "median_step_s": medians[label],
             "ratio_to_backprop": medians[label] / medians[BACKPROP],
             "first_call_s": first_call[label],
-            "compile_s": max(first_call[label] - medians[label], 0.0) if mode == "compiled" else None,
+            "compile_s": compile_seconds(first_call[label], medians[label]) if mode == "compiled" else None,
             "graphs": steps[label].graphs,
             "recompiles": steps[label].recompiles,
             "cuda_peak_step_bytes": cuda_memory[label],

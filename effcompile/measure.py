@@ -39,7 +39,7 @@ from torch import nn
 
 from ._compat import unique_graph_count
 
-__all__ = ["SavedTensorMeter", "time_steps", "bench_pass", "machine_info", "CountedStep", "time_first_call",
+__all__ = ["SavedTensorMeter", "time_steps", "bench_pass", "machine_info", "CountedStep", "time_first_call", "compile_seconds",
            "peak_step_memory"]
 
 
@@ -276,6 +276,11 @@ def time_first_call(step: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def compile_seconds(first_call_s: float, step_s: float) -> float:
+    """The compilation inside a first compiled call: its excess over a typical step (never negative)."""
+    return max(first_call_s - step_s, 0.0)
+
+
 def peak_step_memory(step: Callable[[], Any], device: torch.device) -> int | None:
     """Peak CUDA bytes allocated during one step above what was allocated before it.
 
@@ -305,7 +310,7 @@ def _variant_stats(
         "max_step_s": max(seconds),
         "first_call_s": first_call_s,
         # The first call compiles and runs one step; subtracting a typical step isolates compilation.
-        "compile_s": max(first_call_s - median, 0.0) if compile else None,
+        "compile_s": compile_seconds(first_call_s, median) if compile else None,
         "graphs": counted.graphs,
         "recompiles": counted.recompiles,
         "peak_step_memory_bytes": peak_memory,

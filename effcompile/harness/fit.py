@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from effcompile.api import train_step
-from effcompile.measure import SavedTensorMeter
+from effcompile.measure import SavedTensorMeter, compile_seconds
 from .data import make_loaders
 
 __all__ = [
@@ -162,7 +162,7 @@ class RunResult:
             "seconds_per_epoch": _json_float(self.seconds_per_epoch),
             "step_seconds": _json_float(self.step_seconds),
             "saved_activation_bytes": self.saved_activation_bytes,
-            "compile_seconds": _json_float(self.compile_seconds) if self.compile_seconds is not None else None,
+            "compile_seconds": _json_float(self.compile_seconds),
             "config": self.config,
             "history": [m.to_dict() for m in self.history],
         }
@@ -270,7 +270,7 @@ def fit(
             train_loss, seconds, steps, first_step = _train_epoch(
                 model, step, train_loader, device, max_steps=steps_left, meter=meter if epoch == 1 else None, bar=bar)
             if compile and epoch == 1 and steps > 1:
-                result.compile_seconds = max(0.0, first_step - (seconds - first_step) / (steps - 1))
+                result.compile_seconds = compile_seconds(first_step, (seconds - first_step) / (steps - 1))
                 seconds -= result.compile_seconds
             test_loss, test_accuracy = evaluate(model, test_loader, device)
         training_seconds += seconds
