@@ -25,6 +25,11 @@ class RandomizedVJP(PassConfig):
             depth), ``"grad_input"`` (sample output features of the input-gradient GEMM) or ``"both"``.
         keep_input: fraction of output features kept for ``grad_input``; defaults to ``keep``.
         uniform_mix: ε of the importance estimator, in [0, 1).
+        center: a mean control variate for every weight-gradient estimator: sample the centred
+            rows ``(g_t − ḡ)(x_t − x̄)ᵀ`` and add the exact ``M·ḡ·x̄ᵀ`` (still unbiased).  It cuts
+            the added variance wherever the rows share a mean (inputs after a ReLU/GELU; layers
+            followed by a train-mode BatchNorm, where ``ḡ = 0`` and the plain terms cancel).
+            ``False`` gives the paper's plain estimators.
         multiple: k is rounded up to a multiple of this (hardware-friendly GEMM sizes);
             ``None`` picks 64 on CUDA and 8 on CPU.
         adaptive: VCAS-style variance control of each linear layer's grad_weight keep: every step
@@ -50,6 +55,7 @@ class RandomizedVJP(PassConfig):
     target: str = "grad_weight"
     keep_input: Optional[float] = None
     uniform_mix: float = 0.1
+    center: bool = True
     multiple: Optional[int] = None
     adaptive: bool = False
     variance_ratio: float = 0.5
@@ -76,6 +82,8 @@ class RandomizedVJP(PassConfig):
             self._fail("target", "'grad_weight' with estimator='sketch' (a rank sketch of the input gradient would be biased)")
         if not (is_real(self.uniform_mix) and 0 <= self.uniform_mix < 1):
             self._fail("uniform_mix", "a real number in [0, 1)")
+        if not isinstance(self.center, bool):
+            self._fail("center", "a bool")
         if self.multiple is not None and not (is_int(self.multiple) and self.multiple >= 1):
             self._fail("multiple", "None or an integer >= 1")
         self._check_adaptive()

@@ -73,14 +73,14 @@ prims = torch.ops.prims  # the joint graph is decomposed: casts are prims.conver
 # ------------------------------------------------------------------------------------ marker op
 @torch.library.custom_op("effcompile::vjp_marker", mutates_args=())
 def _vjp_marker(weight: torch.Tensor, statistics: Optional[torch.Tensor], layer: str, keep: float, keep_input: float,
-                estimator: str, uniform_mix: float, multiple: int, ladder: List[float]) -> torch.Tensor:
+                estimator: str, uniform_mix: float, multiple: int, ladder: List[float], center: bool) -> torch.Tensor:
     raise RuntimeError(
         f"effcompile: layer {layer!r} has a RandomizedVJP rewrite that was not applied: compile the model with "
         "torch.compile(backend='effcompile') (or 'effcompile_aot_eager'), or train it eagerly")
 
 
 @_vjp_marker.register_fake
-def _(weight, statistics, layer, keep, keep_input, estimator, uniform_mix, multiple, ladder):
+def _(weight, statistics, layer, keep, keep_input, estimator, uniform_mix, multiple, ladder, center):
     return torch.empty_like(weight)
 
 
@@ -96,7 +96,7 @@ def _marker_backward(ctx, grad):
     from . import estimators  # noqa: F401  (registers effcompile::statistics_slot)
 
     slot = torch.ops.effcompile.statistics_slot(ctx.saved_tensors[0], ctx.layer) if ctx.has_statistics else None
-    return grad, slot, None, None, None, None, None, None, None
+    return grad, slot, None, None, None, None, None, None, None, None
 
 
 _vjp_marker.register_autograd(_marker_backward, setup_context=_marker_setup)
@@ -120,10 +120,11 @@ class LayerSketch:
     uniform_mix: float
     multiple: int
     ladder: Tuple[float, ...] = ()  # adaptive mode: the keeps the statistics are computed for
+    center: bool = False  # grad_weight samples centred rows plus the exact mean term
 
     def marker_args(self) -> tuple:
         return (self.layer, self.keep, self.keep_input, self.estimator, self.uniform_mix, self.multiple,
-                list(self.ladder))
+                list(self.ladder), self.center)
 
 
 def _settings(config: RandomizedVJP, layer: str, device: torch.device, adaptive: bool = False) -> LayerSketch:
@@ -134,7 +135,7 @@ def _settings(config: RandomizedVJP, layer: str, device: torch.device, adaptive:
     if adaptive:  # start on the ladder rung nearest to ``keep`` (log scale)
         keep = min(ladder, key=lambda rung: abs(math.log(rung / config.keep)))
     return LayerSketch(layer, float(keep), float(keep_input), config.estimator, float(config.uniform_mix), int(multiple),
-                       tuple(float(rung) for rung in ladder))
+                       tuple(float(rung) for rung in ladder), bool(config.center))
 
 
 # ------------------------------------------------------------------------------------ joint pass
@@ -170,10 +171,14 @@ class _Exact:
     reason: str
 
 
+def _shape_text(node: torch.fx.Node) -> str:
+    return "x".join(str(s) for s in node.meta["val"].shape)
+
+
 def _describe(node: torch.fx.Node) -> str:
-    args = ", ".join(getattr(a, "name", repr(a)) for a in node.args)
-    shape = "x".join(str(s) for s in node.meta["val"].shape)
-    return f"{node.name} = {getattr(node.target, '__name__', node.target)}({args}) : {shape}"
+    """``name = op(arg : shape, ...) : shape``: the operands' shapes show the contracted size."""
+    args = ", ".join(f"{a.name} : {_shape_text(a)}" if isinstance(a, torch.fx.Node) else repr(a) for a in node.args)
+    return f"{node.name} = {getattr(node.target, '__name__', node.target)}({args}) : {_shape_text(node)}"
 
 
 def _transpose(graph, like, matrix):
@@ -190,6 +195,17 @@ def _norms(graph, like, tensor, dims):
     tensor = _insert(graph, like, prims.convert_element_type.default, tensor, torch.float32)
     squares = _insert(graph, like, aten.mul.Tensor, tensor, tensor)
     return _insert(graph, like, aten.sqrt.default, _insert(graph, like, aten.sum.dim_IntList, squares, list(dims)))
+
+
+def _input_mean(graph, like, layer_input, grad_out):
+    """(x̄, Σ_t g_t) over dim 0, kept: the centring row of the input and the gradient row that the
+    exact mean term ``(Σ_t g_t)·x̄ᵀ`` adds to the sampled GEMM."""
+    return (_insert(graph, like, aten.mean.dim, layer_input, [0], True),
+            _insert(graph, like, aten.sum.dim_IntList, grad_out, [0], True))
+
+
+def _with_mean_row(graph, like, rows, mean_row):
+    return _insert(graph, like, aten.cat.default, [rows, mean_row])
 
 
 def _sampled_rows(graph, like, scores, k, settings, dtype):
@@ -255,16 +271,41 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
                 inverse_root = _insert(graph, mm, aten.rsqrt.default, _insert(
                     graph, mm, aten.scalar_tensor.default, k, dtype=val.dtype, device=val.device))
                 sketch_matrix = _insert(graph, mm, aten.mul.Tensor, signs, inverse_root)
-            first, second = (layer_input, grad_out) if in_out else (grad_out, layer_input)
-            left = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, first), sketch_matrix)
-            right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), second)
-            new = _insert(graph, mm, aten.mm.default, left, right)
+            # Sᵀ·X (k×K) and Gᵀ·S (N×k), or (SᵀX)ᵀ and SᵀG when the GEMM is K×N.
+            input_side = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), layer_input)
+            if settings.center:  # Sᵀ(X − 1x̄) = SᵀX − (Sᵀ1)·x̄: no centred copy of X
+                input_mean, grad_sum = _input_mean(graph, mm, layer_input, grad_out)
+                sketch_sum = _insert(graph, mm, aten.sum.dim_IntList, sketch_matrix, [0], True)
+                input_side = _insert(graph, mm, aten.sub.Tensor, input_side, _insert(
+                    graph, mm, aten.mul.Tensor, _transpose(graph, mm, sketch_sum), input_mean))
+            if in_out:
+                left = _transpose(graph, mm, input_side)
+                right = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), grad_out)
+            else:
+                left = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_out), sketch_matrix)
+                right = input_side
+            if settings.center:  # plus the exact (Σ_t g_t)·x̄ᵀ, in the GEMM's orientation
+                mean_term = (_insert(graph, mm, aten.mm.default, _transpose(graph, mm, input_mean), grad_sum) if in_out
+                             else _insert(graph, mm, aten.mm.default, _transpose(graph, mm, grad_sum), input_mean))
+                new = _insert(graph, mm, aten.addmm.default, mean_term, left, right)
+            else:
+                new = _insert(graph, mm, aten.mm.default, left, right)
         else:
-            scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [1]), _norms(graph, mm, layer_input, [1]))
+            if settings.center:
+                input_mean, grad_sum = _input_mean(graph, mm, layer_input, grad_out)
+                scored_input = _insert(graph, mm, aten.sub.Tensor, layer_input, input_mean)
+            else:
+                scored_input = layer_input
+            scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [1]),
+                             _norms(graph, mm, scored_input, [1]))
             indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
             scale = _insert(graph, mm, aten.unsqueeze.default, scale, 1)
             grad_rows = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 0, indices), scale)
             input_rows = _gather(graph, mm, layer_input, 0, indices)
+            if settings.center:  # the exact (Σ_t g_t)·x̄ᵀ rides along as row k+1
+                grad_rows = _with_mean_row(graph, mm, grad_rows, grad_sum)
+                input_rows = _with_mean_row(graph, mm, _insert(graph, mm, aten.sub.Tensor, input_rows, input_mean),
+                                            input_mean)
             if in_out:
                 new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, input_rows), grad_rows)
             else:
@@ -294,7 +335,7 @@ def _insert_statistics(graph, marker: torch.fx.Node, grad_weight: torch.fx.Node,
         first_user = min(slot.users, key=order.__getitem__)
         with graph.inserting_before(first_user):
             values = _insert(graph, grad_weight, torch.ops.effcompile.sketch_statistics.default, grad_out, layer_input,
-                             grad_weight, ks, current_k, settings.estimator, settings.uniform_mix)
+                             grad_weight, ks, current_k, settings.estimator, settings.uniform_mix, settings.center)
         _replace(graph, slot, values)
     return True
 
@@ -336,12 +377,21 @@ def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSke
             return _Exact(why)
         rest = _insert(graph, backward, aten.convolution_backward.default, grad_out, layer_input, weight, *conv_args,
                        [output_mask[0], False, output_mask[2]])
+        if settings.center:
+            input_mean, grad_sum = _input_mean(graph, backward, layer_input, grad_out)
+            scored_input = _insert(graph, backward, aten.sub.Tensor, layer_input, input_mean)
+        else:
+            scored_input = layer_input
         scores = _insert(graph, backward, aten.mul.Tensor, _per_image_norms(graph, backward, grad_out),
-                         _per_image_norms(graph, backward, layer_input))
+                         _per_image_norms(graph, backward, scored_input))
         indices, scale = _sampled_rows(graph, backward, scores, k, settings, grad_out.meta["val"].dtype)
         scale = _insert(graph, backward, aten.view.default, scale, [k] + [1] * (grad_out.meta["val"].dim() - 1))
         grad_images = _insert(graph, backward, aten.mul.Tensor, _gather(graph, backward, grad_out, 0, indices), scale)
         input_images = _gather(graph, backward, layer_input, 0, indices)
+        if settings.center:  # ∇W is bilinear: the mean pair ∇W(Σ_b g_b, x̄) joins the call as image k+1
+            grad_images = _with_mean_row(graph, backward, grad_images, grad_sum)
+            input_images = _with_mean_row(graph, backward, _insert(graph, backward, aten.sub.Tensor, input_images,
+                                                                   input_mean), input_mean)
         sampled = _insert(graph, backward, aten.convolution_backward.default, grad_images, input_images, weight,
                           *conv_args, [False, True, False])
     for user in list(backward.users):
@@ -565,8 +615,8 @@ def rewrite_joint_graph(graph: torch.fx.Graph) -> List[RewriteRecord]:
     records: List[RewriteRecord] = []
     forward = forward_nodes(graph)
     for marker in [n for n in graph.nodes if n.op == "call_function" and n.target is MARKER]:
-        *fields, ladder = marker.args[2:]
-        settings = LayerSketch(*fields, tuple(ladder))
+        *fields, ladder, center = marker.args[2:]
+        settings = LayerSketch(*fields, tuple(ladder), center)
         records += _rewrite_layer(graph, marker, settings, forward)
         marker.replace_all_uses_with(marker.args[0])
         graph.erase_node(marker)

@@ -217,7 +217,7 @@ def _sketched_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tens
     keep_input = settings.keep_input if settings.keep_input < 1 else None
     return apply_like_autocast(SketchedLinear, (input, _base_weight(self, "weight"), self.bias), keep_weight, keep_input,
                                settings.estimator, settings.uniform_mix, settings.multiple,
-                               state.statistics if state is not None else None, settings.ladder)
+                               state.statistics if state is not None else None, settings.ladder, settings.center)
 
 
 def _memory_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
@@ -233,7 +233,7 @@ def _memory_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor
     if k >= rows:
         return F.linear(input, self.weight, self.bias)
     return apply_like_autocast(MemorySketchedLinear, (input, self.weight, self.bias), state.position_grad_norms, k,
-                               settings.estimator, settings.uniform_mix)
+                               settings.estimator, settings.uniform_mix, settings.center)
 
 
 def _sketched_conv_forward(self: ConvNd, input: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,7 @@ def _sketched_conv_forward(self: ConvNd, input: torch.Tensor) -> torch.Tensor:
     settings: LayerSketch = self._effcompile_sketch["weight"]
     return apply_like_autocast(SketchedConv, (input, _base_weight(self, "weight"), self.bias), self.stride, self.padding,
                                self.dilation, self.groups, settings.keep if settings.keep < 1 else None,
-                               settings.estimator, settings.uniform_mix, settings.multiple)
+                               settings.estimator, settings.uniform_mix, settings.multiple, settings.center)
 
 
 def _eager_forward(cls: type, attrs: Tuple[str, ...]):
@@ -333,6 +333,8 @@ class RandomizedVJPPass(ModelPass):
         from .estimators import round_budget
 
         row.details = {"estimator": settings.estimator, "target": config.target}
+        if settings.keep < 1 and settings.center:
+            row.details["center"] = True  # grad_weight: centred rows + the exact mean term
         if settings.keep < 1:
             sampled = "k_images" if is_conv else "k_rows"
             k = round_budget(rows, settings.keep, settings.multiple) if rows else 0

@@ -61,7 +61,8 @@ def _train(model, batch, steps, compiled):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_keep_rises_without_sgd_noise_and_falls_with_it(compiled):
-    config = dict(keep=0.25, min_keep=0.125, max_keep=0.5, variance_ratio=8.0, adapt_every=4)
+    # The plain estimator: identical rows are sampled with variance, though they have no SGD noise.
+    config = dict(keep=0.25, min_keep=0.125, max_keep=0.5, variance_ratio=8.0, adapt_every=4, center=False)
     quiet = _layer(**config)
     assert quiet[0].weight_vjp_state.settings.keep == 0.25  # starts at the rung nearest to keep
     quiet_keeps = _train(quiet, _aligned_batch(), 8, compiled)
@@ -70,6 +71,17 @@ def test_keep_rises_without_sgd_noise_and_falls_with_it(compiled):
     assert quiet_keeps[3:] == [0.5] * 5  # no SGD noise: every sampled keep adds too much variance
     assert noisy_keeps[3:] == [0.125] * 5  # added variance (M/k − 1)·Σ‖c‖² ≤ 8 × SGD noise at k = 8
     assert all(0.125 <= keep <= 0.5 for keep in quiet_keeps + noisy_keeps)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_centred_estimator_is_exact_on_identical_rows_so_keep_falls(compiled):
+    """Centred, identical input rows leave nothing to sample: x_t − x̄ = 0, the estimate is the
+    exact mean term, the added variance 0 ≤ τ × 0, and the keep drops to the cheapest rung."""
+    model = _layer(keep=0.25, min_keep=0.125, max_keep=0.5, variance_ratio=8.0, adapt_every=4, center=True)
+    x, g = _aligned_batch()
+    keeps = _train(model, (x, g), 8, compiled)
+    assert keeps[3:] == [0.125] * 5
+    torch.testing.assert_close(model[0].weight.grad, g.t() @ x, rtol=1e-4, atol=1e-4)
 
 
 def test_statistics_match_formulas_and_monte_carlo():
@@ -128,13 +140,13 @@ def test_each_keep_change_recompiles_once_and_revisits_reuse_the_cache():
 
 
 def test_state_is_checkpointed_reported_and_survives_deepcopy():
-    model = _layer(keep=0.25, variance_ratio=8.0, adapt_every=2)
+    model = _layer(keep=0.25, variance_ratio=8.0, adapt_every=2, center=False)
     _train(model, _aligned_batch(), 2, compiled=False)
     state = model[0].weight_vjp_state
     assert state.settings.keep == 1.0 and int(state.level) == 0 and int(state.updates) == 2
     checkpoint = model.state_dict()
     assert {"0.weight_vjp_state.statistics", "0.weight_vjp_state.level"} <= set(checkpoint)
-    restored = _layer(keep=0.25, variance_ratio=8.0, adapt_every=2)
+    restored = _layer(keep=0.25, variance_ratio=8.0, adapt_every=2, center=False)
     restored.load_state_dict(checkpoint)
     assert restored[0].weight_vjp_state.settings.keep == 1.0
     row = effcompile.report(model).row("0")

@@ -89,8 +89,8 @@ def test_memory_mode_saves_only_the_sampled_input_rows():
     exact_bytes = _saved_activation_bytes(exact, x, y)
     sketched_bytes = _saved_activation_bytes(sketched, x, y)
     assert exact_bytes == m * k_in * 4  # X (M×K float32)
-    # X[idx] (k×K float32), the indices (int64) and the weights 1/π (float32).
-    assert sketched_bytes == k * k_in * 4 + k * 8 + k * 4
+    # X[idx] − x̄ (k×K float32), x̄ (K float32), the indices (int64) and the weights 1/π (float32).
+    assert sketched_bytes == k * k_in * 4 + k_in * 4 + k * 8 + k * 4
     assert exact_bytes / sketched_bytes > 0.95 * m / k
 
 
