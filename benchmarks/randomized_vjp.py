@@ -7,6 +7,9 @@ Three measurements, each against plain backprop on the same machine in the same 
 * :func:`bench_saved_activations` – bytes autograd saves for backward (parameters excluded),
   exact vs memory mode, measured with ``torch.autograd.graph.saved_tensors_hooks``; on CUDA also
   the peak-memory increment of one step (``max_memory_allocated``).
+* :func:`bench_variance` – each layer's Monte-Carlo added variance of the sketched weight
+  gradient, plain and centred, relative to the SGD noise of an exact batch gradient, at one point
+  of a backprop run on real data.
 * :func:`bench_time_to_accuracy` – epochs and wall-clock seconds (evaluation excluded) until the
   digits test accuracy first reaches a target, for exact backprop at batch ``B``, the sketched
   run at batch ``B``, and the *same-FLOPs smaller batch*: exact backprop at
@@ -33,7 +36,8 @@ from effcompile.api import train_step, transform
 from effcompile.measure import machine_info, time_steps
 from effcompile.passes.randomized_vjp import RandomizedVJP
 
-__all__ = ["bench_step_times", "bench_saved_activations", "bench_time_to_accuracy", "same_flops_batch", "main"]
+__all__ = ["bench_step_times", "bench_saved_activations", "bench_variance", "bench_time_to_accuracy", "same_flops_batch",
+           "main"]
 
 
 def same_flops_batch(batch_size: int, keep: float) -> int:
@@ -152,6 +156,94 @@ def _cuda_peak(model: nn.Module, inputs: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def _layer_inputs_and_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Dict[str, Any]:
+    """``{path: (module, grad_output, input)}`` of every nn.Linear / nn.Conv2d for one batch."""
+    captured: Dict[str, Any] = {}
+
+    def hook(path):
+        def capture(module, args, output):
+            layer_input = args[0].detach()
+            output.register_hook(lambda grad: captured.__setitem__(path, (module, grad.detach(), layer_input)))
+        return capture
+
+    handles = [m.register_forward_hook(hook(path)) for path, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d))]
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(inputs), targets).backward()
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def _sketched_weight_grad(module: nn.Module, grad: torch.Tensor, layer_input: torch.Tensor, keep: float, estimator: str,
+                          center: bool) -> torch.Tensor:
+    from effcompile.passes.randomized_vjp import estimators
+
+    if isinstance(module, nn.Conv2d):
+        k = estimators.round_budget(grad.shape[0], keep, 8)
+        conv_args = (list(module.stride), list(module.padding), list(module.dilation), module.groups)
+        return estimators._sketched_conv_grad_weight(grad, layer_input, module.weight, conv_args, k, estimator, 0.1,
+                                                     center)
+    g, x = grad.reshape(-1, grad.shape[-1]), layer_input.reshape(-1, layer_input.shape[-1])
+    k = estimators.round_budget(g.shape[0], keep, 8)
+    return estimators.sketched_grad_weight(g, x, k, estimator, 0.1, center)
+
+
+def bench_variance(name: str, model_kwargs: Dict[str, Any], dataset: str = "mnist5k", *, batch_size: int = 64,
+                   keep: float = 0.25, warm_steps: int = 60, draws: int = 300, sgd_batches: int = 60, lr: float = 0.01,
+                   seed: int = 0) -> Dict[str, Any]:
+    """Added variance of each layer's sketched weight gradient over the SGD noise, plain vs centred.
+
+    Trains ``warm_steps`` of plain SGD (lr, momentum 0.9) on ``dataset``, then for one batch
+    measures ``E‖Ĝ − G‖²`` of every estimator with and without ``center`` by ``draws``
+    Monte-Carlo draws, and the SGD noise ``E‖G_B − E G_B‖²`` of the exact gradient over
+    ``sgd_batches`` random batches of the same size (the noise the sketch adds to).
+    """
+    from effcompile import models
+    from effcompile.harness import data
+
+    train = (data.load_mnist5k() if dataset == "mnist5k" else data.load_digits())[0]
+    train_x, train_y = train.tensors
+    torch.manual_seed(seed)
+    model = models.get_model(name, **dict(model_kwargs, num_classes=10, in_channels=1, image_size=train_x.shape[-1]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    batches = torch.Generator().manual_seed(seed)
+    random_batch = lambda: torch.randint(0, len(train_x), (batch_size,), generator=batches)
+    for _ in range(warm_steps):
+        batch = random_batch()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(train_x[batch]), train_y[batch]).backward()
+        optimizer.step()
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    batch_grads: Dict[str, List[torch.Tensor]] = {path: [] for path in layers}
+    for _ in range(sgd_batches):
+        batch = random_batch()
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(train_x[batch]), train_y[batch]).backward()
+        for path, module in layers.items():
+            batch_grads[path].append(module.weight.grad.detach().clone())
+    batch = random_batch()
+    captured = _layer_inputs_and_gradients(model, train_x[batch], train_y[batch])
+    rows = []
+    for path, (module, grad, layer_input) in captured.items():
+        exact = module.weight.grad.detach()
+        stacked = torch.stack(batch_grads[path])
+        sgd_noise = (stacked - stacked.mean(0)).square().flatten(1).sum(1).mean().item()
+        row = {"layer": path, "kind": type(module).__name__, "sgd_noise": sgd_noise,
+               "exact_sq_norm": exact.square().sum().item(), "added_variance_over_sgd_noise": {}}
+        for estimator in ("uniform", "importance"):
+            for center in (False, True):
+                samples = torch.stack([_sketched_weight_grad(module, grad, layer_input, keep, estimator, center)
+                                       for _ in range(draws)])
+                variance = (samples - exact).square().flatten(1).sum(1).mean().item()
+                label = estimator + (", centred" if center else "")
+                row["added_variance_over_sgd_noise"][label] = variance / sgd_noise
+        rows.append(row)
+    return {"benchmark": "variance", "model": name, "model_kwargs": model_kwargs, "dataset": dataset,
+            "batch_size": batch_size, "keep": keep, "warm_steps": warm_steps, "draws": draws,
+            "sgd_batches": sgd_batches, "lr": lr, "seed": seed, "rows": rows, "machine": machine_info("cpu")}
+
+
 def _run_to_target(build: Callable[[], nn.Module], batch_size: int, epochs: int, target: float, lr: float,
                    seed: int) -> Dict[str, Any]:
     from effcompile.harness import data
@@ -203,12 +295,13 @@ _MODELS = {
     "mlp1024": ("mlp", {"hidden": 1024}),
     "vit": ("vit_tiny", {"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 4}),
     "vit192": ("vit_tiny", {"depth": 4, "embed_dim": 192, "num_heads": 3}),
+    "cnn": ("cnn", {}),
 }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="randomized-VJP benchmark rows")
-    parser.add_argument("kind", choices=["steps", "memory", "accuracy"])
+    parser.add_argument("kind", choices=["steps", "memory", "accuracy", "variance"])
     parser.add_argument("--model", choices=sorted(_MODELS), default="mlp")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=8)
@@ -216,7 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--keep", type=float, default=0.25)
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="steps: timed steps; variance: backprop steps first")
+    parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="mnist5k", help="variance only")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", required=True)
@@ -230,6 +324,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.kind == "memory":
         result = bench_saved_activations(name, kwargs, args.batch_size, args.keep, in_channels=args.in_channels,
                                          image_size=args.image_size)
+    elif args.kind == "variance":
+        result = bench_variance(name, kwargs, args.dataset, batch_size=args.batch_size, keep=args.keep,
+                                warm_steps=args.steps, seed=args.seeds[0])
     else:
         result = bench_time_to_accuracy(name, kwargs, keep=args.keep, batch_size=args.batch_size, target=args.target,
                                         epochs=args.epochs, seeds=args.seeds)
