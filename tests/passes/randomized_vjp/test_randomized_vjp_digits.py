@@ -7,8 +7,7 @@ input centring (→ plain estimator, ``center=False``, in brackets):
 * ViT (zoo ``vit_tiny``, depth 2, dim 64, 2 heads, patch 4 → 5 tokens), AdamW 2e-3, 8 epochs,
   keep 0.25: 0.944/0.928 → 0.933/0.933 (0.944/0.900).
 * BagNet (zoo ``bagnet``, widths 8-16-32-64; convolutions sample images), AdamW 3e-3, 4 epochs:
-  0.881/0.906; keep 0.5 → 0.881/0.900 (0.861/0.881); keep 0.25 → 0.869/0.886 (0.828/0.828; not
-  asserted).
+  0.881/0.906; keep 0.5 → 0.881/0.900 (0.861/0.881); keep 0.25 → 0.869/0.886 (0.828/0.828).
 Each test asserts the mean over the two seeds stays within the stated margin of exact.
 """
 
@@ -88,6 +87,8 @@ def test_vit_trains_on_digits_within_2_points_of_exact(digits):
 
 @pytest.mark.slow
 def test_bagnet_trains_on_digits_within_3_points_of_exact(digits):
+    """keep 0.25: 16 of 64 images per convolution weight gradient.  The plain estimator lost 6.5
+    points here (the convolutions' inputs share a mean); the default centring loses 1.6."""
     exact, sketched = _mean_accuracies(digits, "bagnet", dict(widths=(8, 16, 32, 64), stem_width=8), epochs=4,
-                                       optimizer=_adamw(3e-3), keep=0.5)
+                                       optimizer=_adamw(3e-3), keep=0.25)
     assert exact > 0.85 and sketched > exact - 0.03, (exact, sketched)
