@@ -10,6 +10,8 @@ Three measurements, each against plain backprop on the same machine in the same 
 * :func:`bench_variance` – each layer's Monte-Carlo added variance of the sketched weight
   gradient, plain and centred, relative to the SGD noise of an exact batch gradient, at one point
   of a backprop run on real data.
+* :func:`bench_batchnorm_eval` – test accuracy per epoch in eval mode, with batch statistics and
+  with recalibrated BatchNorm statistics: backprop, the sketched default, the plain estimator.
 * :func:`bench_time_to_accuracy` – epochs and wall-clock seconds (evaluation excluded) until the
   digits test accuracy first reaches a target, for exact backprop at batch ``B``, the sketched
   run at batch ``B``, and the *same-FLOPs smaller batch*: exact backprop at
@@ -36,8 +38,8 @@ from effcompile.api import train_step, transform
 from effcompile.measure import machine_info, time_steps
 from effcompile.passes.randomized_vjp import RandomizedVJP
 
-__all__ = ["bench_step_times", "bench_saved_activations", "bench_variance", "bench_time_to_accuracy", "same_flops_batch",
-           "main"]
+__all__ = ["bench_step_times", "bench_saved_activations", "bench_variance", "bench_batchnorm_eval",
+           "bench_time_to_accuracy", "same_flops_batch", "main"]
 
 
 def same_flops_batch(batch_size: int, keep: float) -> int:
@@ -244,6 +246,66 @@ def bench_variance(name: str, model_kwargs: Dict[str, Any], dataset: str = "mnis
             "sgd_batches": sgd_batches, "lr": lr, "seed": seed, "rows": rows, "machine": machine_info("cpu")}
 
 
+def _test_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_statistics: bool) -> float:
+    model.train(batch_statistics)
+    with torch.no_grad():
+        logits = torch.cat([model(images[i:i + 250]) for i in range(0, len(images), 250)])
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def _recalibrated(model: nn.Module, images: torch.Tensor, batch_size: int) -> nn.Module:
+    """A copy whose BatchNorm running statistics are recomputed over ``images`` (a cumulative average)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        for first in range(0, len(images), batch_size):
+            model(images[first:first + batch_size])
+    return model
+
+
+def bench_batchnorm_eval(name: str, model_kwargs: Dict[str, Any], dataset: str = "mnist5k", *, epochs: int = 6,
+                         batch_size: int = 64, lr: float = 0.01, seed: int = 0) -> Dict[str, Any]:
+    """Test accuracy per epoch in eval mode, with batch statistics, and with recalibrated BatchNorm.
+
+    Backprop, the sketched default and the plain estimator, SGD momentum 0.9, same seed and data
+    order.  A gap between eval mode and the other two means the running statistics, not the
+    weights, are what a sketched run lacks at evaluation.
+    """
+    from effcompile import models
+    from effcompile.harness import data
+
+    train, test, _ = data.load_mnist5k() if dataset == "mnist5k" else data.load_digits()
+    (train_x, train_y), (test_x, test_y) = train.tensors, test.tensors
+    arms = {"backprop": None, "randomized_vjp": RandomizedVJP(), "randomized_vjp_plain": RandomizedVJP(center=False)}
+    curves: Dict[str, List[Dict[str, float]]] = {}
+    for arm, config in arms.items():
+        torch.manual_seed(seed)
+        model = models.get_model(name, **dict(model_kwargs, num_classes=10, in_channels=1,
+                                              image_size=train_x.shape[-1]))
+        if config is not None:
+            model = _transformed(model, config, train_x[:batch_size])
+        step = train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+        order = torch.Generator().manual_seed(seed)
+        curves[arm] = []
+        for _ in range(epochs):
+            model.train()
+            permutation = torch.randperm(len(train_x), generator=order)
+            for first in range(0, len(train_x) - batch_size + 1, batch_size):
+                batch = permutation[first:first + batch_size]
+                step(train_x[batch], train_y[batch])
+            curves[arm].append({
+                "eval_mode": _test_accuracy(model, test_x, test_y, False),
+                "batch_statistics": _test_accuracy(model, test_x, test_y, True),
+                "recalibrated": _test_accuracy(_recalibrated(model, train_x, batch_size), test_x, test_y, False)})
+    return {"benchmark": "batchnorm_eval", "model": name, "model_kwargs": model_kwargs, "dataset": dataset,
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "curves": curves,
+            "machine": machine_info("cpu")}
+
+
 def _run_to_target(build: Callable[[], nn.Module], batch_size: int, epochs: int, target: float, lr: float,
                    seed: int) -> Dict[str, Any]:
     from effcompile.harness import data
@@ -301,7 +363,7 @@ _MODELS = {
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="randomized-VJP benchmark rows")
-    parser.add_argument("kind", choices=["steps", "memory", "accuracy", "variance"])
+    parser.add_argument("kind", choices=["steps", "memory", "accuracy", "variance", "batchnorm"])
     parser.add_argument("--model", choices=sorted(_MODELS), default="mlp")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=8)
@@ -310,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20, help="steps: timed steps; variance: backprop steps first")
-    parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="mnist5k", help="variance only")
+    parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="mnist5k", help="variance, batchnorm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", required=True)
@@ -324,6 +386,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.kind == "memory":
         result = bench_saved_activations(name, kwargs, args.batch_size, args.keep, in_channels=args.in_channels,
                                          image_size=args.image_size)
+    elif args.kind == "batchnorm":
+        result = bench_batchnorm_eval(name, kwargs, args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                                      seed=args.seeds[0])
     elif args.kind == "variance":
         result = bench_variance(name, kwargs, args.dataset, batch_size=args.batch_size, keep=args.keep,
                                 warm_steps=args.steps, seed=args.seeds[0])
