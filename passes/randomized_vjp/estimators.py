@@ -24,11 +24,12 @@ to the ``grad_W`` estimators: ``Gᵀ X = Σ_t g_t (x_t − x̄)ᵀ + (Σ_t g_t)�
 the first sum and adding the rank-one second term exactly is still unbiased, and the variance
 counts ``‖g_t‖²‖x_t − x̄‖²`` instead of ``‖g_t‖²‖x_t‖²``.  Inputs share a mean whenever they come
 out of a ReLU/GELU, and a layer followed by a train-mode BatchNorm has ``Σ_t g_t = 0``: the plain
-terms' common part ``g_t x̄ᵀ`` then sums to exactly zero, yet dominates their variance (measured:
-20–46× the SGD noise on a BatchNorm CNN's convolutions at keep 0.25, 3–5× centred).  Only the
-input is centred: gradients are often row-sparse late in training (few rows with a large loss),
-and centring them spreads that mass over every row (measured: up to 2× the variance).  The mean
-term rides along as one extra row (``cat``) of the same GEMM.
+terms' common part ``g_t x̄ᵀ`` then sums to exactly zero, yet dominates their variance (measured
+on the mnist5k CNN at keep 0.25, ``python -m benchmarks randomized_vjp variance``: 34–36× the SGD
+noise in the deeper convolutions, 3.4–4.6× centred).  Only the input is centred: gradients are
+often row-sparse late in training (few rows with a large loss), and centring them spreads that mass
+over every row (measured on the digits ViT: up to 2× the variance).  The mean term rides along as
+one extra row (``cat``) of the same GEMM.
 
 Everything runs on the device: no ``.item()``, no Python branching on tensor values, output
 shapes depend only on ``(n, k)``, so ``torch.compile`` never recompiles for new values.  The
