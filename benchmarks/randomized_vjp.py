@@ -1,6 +1,6 @@
 """Benchmark rows of the randomized-VJP pass (``benchmarks/randomized_vjp_cpu.sh``).
 
-Three measurements, each against plain backprop on the same machine in the same process:
+Five measurements, each against plain backprop on the same machine in the same process:
 
 * :func:`bench_step_times` – median whole-step and backward-only time of the compiled training
   step at several keeps, interleaved with the exact step (:func:`effcompile.measure.time_steps`).
@@ -201,13 +201,10 @@ def bench_variance(name: str, model_kwargs: Dict[str, Any], dataset: str = "mnis
     Monte-Carlo draws, and the SGD noise ``E‖G_B − E G_B‖²`` of the exact gradient over
     ``sgd_batches`` random batches of the same size (the noise the sketch adds to).
     """
-    from effcompile import models
     from effcompile.harness import data
 
-    train = (data.load_mnist5k() if dataset == "mnist5k" else data.load_digits())[0]
-    train_x, train_y = train.tensors
-    torch.manual_seed(seed)
-    model = models.get_model(name, **dict(model_kwargs, num_classes=10, in_channels=1, image_size=train_x.shape[-1]))
+    train_x, train_y = data.get_dataset(dataset)[0].tensors
+    model = _model(name, dict(model_kwargs, num_classes=10, in_channels=1, image_size=train_x.shape[-1]), seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     batches = torch.Generator().manual_seed(seed)
     random_batch = lambda: torch.randint(0, len(train_x), (batch_size,), generator=batches)
@@ -275,17 +272,14 @@ def bench_batchnorm_eval(name: str, model_kwargs: Dict[str, Any], dataset: str =
     order.  A gap between eval mode and the other two means the running statistics, not the
     weights, are what a sketched run lacks at evaluation.
     """
-    from effcompile import models
     from effcompile.harness import data
 
-    train, test, _ = data.load_mnist5k() if dataset == "mnist5k" else data.load_digits()
+    train, test, _ = data.get_dataset(dataset)
     (train_x, train_y), (test_x, test_y) = train.tensors, test.tensors
     arms = {"backprop": None, "randomized_vjp": RandomizedVJP(), "randomized_vjp_plain": RandomizedVJP(center=False)}
     curves: Dict[str, List[Dict[str, float]]] = {}
     for arm, config in arms.items():
-        torch.manual_seed(seed)
-        model = models.get_model(name, **dict(model_kwargs, num_classes=10, in_channels=1,
-                                              image_size=train_x.shape[-1]))
+        model = _model(name, dict(model_kwargs, num_classes=10, in_channels=1, image_size=train_x.shape[-1]), seed)
         if config is not None:
             model = _transformed(model, config, train_x[:batch_size])
         step = train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))

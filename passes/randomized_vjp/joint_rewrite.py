@@ -204,8 +204,23 @@ def _input_mean(graph, like, layer_input, grad_out):
             _insert(graph, like, aten.sum.dim_IntList, grad_out, [0], True))
 
 
-def _with_mean_row(graph, like, rows, mean_row):
-    return _insert(graph, like, aten.cat.default, [rows, mean_row])
+def _scored_input(graph, like, layer_input, grad_out, settings: LayerSketch):
+    """(the input the sampling scores read, the mean terms or None): ``x − x̄`` when centring."""
+    if not settings.center:
+        return layer_input, None
+    means = _input_mean(graph, like, layer_input, grad_out)
+    return _insert(graph, like, aten.sub.Tensor, layer_input, means[0]), means
+
+
+def _with_mean_term(graph, like, grad_rows, input_rows, means):
+    """The sampled rows (images) with the input centred and the exact ``(Σ_t g_t)·x̄ᵀ`` appended as
+    one more row (image) of the same product; unchanged without centring."""
+    if means is None:
+        return grad_rows, input_rows
+    input_mean, grad_sum = means
+    centred = _insert(graph, like, aten.sub.Tensor, input_rows, input_mean)
+    return (_insert(graph, like, aten.cat.default, [grad_rows, grad_sum]),
+            _insert(graph, like, aten.cat.default, [centred, input_mean]))
 
 
 def _sampled_rows(graph, like, scores, k, settings, dtype):
@@ -291,21 +306,14 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
             else:
                 new = _insert(graph, mm, aten.mm.default, left, right)
         else:
-            if settings.center:
-                input_mean, grad_sum = _input_mean(graph, mm, layer_input, grad_out)
-                scored_input = _insert(graph, mm, aten.sub.Tensor, layer_input, input_mean)
-            else:
-                scored_input = layer_input
+            scored_input, means = _scored_input(graph, mm, layer_input, grad_out, settings)
             scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [1]),
                              _norms(graph, mm, scored_input, [1]))
             indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
             scale = _insert(graph, mm, aten.unsqueeze.default, scale, 1)
-            grad_rows = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 0, indices), scale)
-            input_rows = _gather(graph, mm, layer_input, 0, indices)
-            if settings.center:  # the exact (Σ_t g_t)·x̄ᵀ rides along as row k+1
-                grad_rows = _with_mean_row(graph, mm, grad_rows, grad_sum)
-                input_rows = _with_mean_row(graph, mm, _insert(graph, mm, aten.sub.Tensor, input_rows, input_mean),
-                                            input_mean)
+            grad_rows, input_rows = _with_mean_term(
+                graph, mm, _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 0, indices), scale),
+                _gather(graph, mm, layer_input, 0, indices), means)
             if in_out:
                 new = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, input_rows), grad_rows)
             else:
@@ -377,21 +385,15 @@ def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSke
             return _Exact(why)
         rest = _insert(graph, backward, aten.convolution_backward.default, grad_out, layer_input, weight, *conv_args,
                        [output_mask[0], False, output_mask[2]])
-        if settings.center:
-            input_mean, grad_sum = _input_mean(graph, backward, layer_input, grad_out)
-            scored_input = _insert(graph, backward, aten.sub.Tensor, layer_input, input_mean)
-        else:
-            scored_input = layer_input
+        scored_input, means = _scored_input(graph, backward, layer_input, grad_out, settings)
         scores = _insert(graph, backward, aten.mul.Tensor, _per_image_norms(graph, backward, grad_out),
                          _per_image_norms(graph, backward, scored_input))
         indices, scale = _sampled_rows(graph, backward, scores, k, settings, grad_out.meta["val"].dtype)
         scale = _insert(graph, backward, aten.view.default, scale, [k] + [1] * (grad_out.meta["val"].dim() - 1))
-        grad_images = _insert(graph, backward, aten.mul.Tensor, _gather(graph, backward, grad_out, 0, indices), scale)
-        input_images = _gather(graph, backward, layer_input, 0, indices)
-        if settings.center:  # ∇W is bilinear: the mean pair ∇W(Σ_b g_b, x̄) joins the call as image k+1
-            grad_images = _with_mean_row(graph, backward, grad_images, grad_sum)
-            input_images = _with_mean_row(graph, backward, _insert(graph, backward, aten.sub.Tensor, input_images,
-                                                                   input_mean), input_mean)
+        # ∇W is bilinear: with centring the mean pair ∇W(Σ_b g_b, x̄) joins the call as image k+1.
+        grad_images, input_images = _with_mean_term(
+            graph, backward, _insert(graph, backward, aten.mul.Tensor, _gather(graph, backward, grad_out, 0, indices),
+                                     scale), _gather(graph, backward, layer_input, 0, indices), means)
         sampled = _insert(graph, backward, aten.convolution_backward.default, grad_images, input_images, weight,
                           *conv_args, [False, True, False])
     for user in list(backward.users):

@@ -333,12 +333,12 @@ class RandomizedVJPPass(ModelPass):
         from .estimators import round_budget
 
         row.details = {"estimator": settings.estimator, "target": config.target}
-        if settings.keep < 1 and settings.center:
-            row.details["center"] = True  # grad_weight: centred rows + the exact mean term
         if settings.keep < 1:
             sampled = "k_images" if is_conv else "k_rows"
             k = round_budget(rows, settings.keep, settings.multiple) if rows else 0
             row.details.update({"keep": settings.keep, sampled: f"{k}/{rows}"})
+            if settings.center:  # grad_weight: centred rows + the exact mean term
+                row.details["center"] = True
             if rows and k >= rows:  # never a silent no-op: say so in the Plan and warn
                 row.reason = (f"keep={settings.keep:g} of {rows} {'images' if is_conv else 'rows'} rounds up to all "
                               f"{rows} with multiple={settings.multiple}: exact at this batch size (lower "
