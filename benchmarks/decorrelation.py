@@ -122,7 +122,7 @@ class ReferenceDecorrelation(nn.Module):
             rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         else:
             rows = x.reshape(-1, x.shape[-1])
-        z = rows @ self.matrix.t()
+        z = rows.to(self.matrix.dtype) @ self.matrix.t()  # inputs saved under autocast are bf16
         second_moment = z.t() @ z / z.shape[0]
         variance = torch.diagonal(second_moment)
         off_diagonal = second_moment - torch.diag(variance)
@@ -146,27 +146,34 @@ def reference_decorrelated(model: nn.Module, lr: float = 1e-3, kappa: float = 0.
 def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: int = 128, image_size: int = 32,
                in_channels: int = 3, budgets: Sequence[str] = ("auto", "0.15", "0.4", "none"), rounds: int = 5,
                steps_per_round: int = 2, threads: Optional[int] = None, seed: int = 0,
-               compile: bool = False) -> Dict[str, Any]:
+               compile: bool = False, device: str = "cpu", autocast: Optional[str] = None) -> Dict[str, Any]:
     """Interleaved step times of backprop, the decorbp-style reference and ``Decorrelation`` at each
     budget.  ``compile``: every model's forward and backward through ``torch.compile(backend=
     "effcompile")`` (Inductor; the reference's Python-side update cannot be, so it is left out);
-    the compilation happens in the warm-up, outside the timed rounds, and is reported apart."""
+    the compilation happens in the warm-up, outside the timed rounds, and is reported apart.
+    ``autocast``: "bf16" runs forward and loss under ``torch.autocast``."""
     import torch.nn.functional as F
 
     from effcompile import models
     from effcompile.api import report, transform
+    from effcompile.harness.fit import autocast_context
     from effcompile.measure import machine_info
     from effcompile.passes.decorrelation import Decorrelation
 
     if threads is not None:
         torch.set_num_threads(threads)
+    device = torch.device(device)
 
     def build() -> nn.Module:
         torch.manual_seed(seed)
-        return models.get_model(model, in_channels=in_channels, image_size=image_size, width=width)
+        return models.get_model(model, in_channels=in_channels, image_size=image_size, width=width).to(device)
 
-    x = torch.randn(batch_size, in_channels, image_size, image_size)
-    y = torch.randint(0, 10, (batch_size,))
+    x = torch.randn(batch_size, in_channels, image_size, image_size).to(device)
+    y = torch.randint(0, 10, (batch_size,)).to(device)
+
+    def synchronize() -> None:  # GPU work is asynchronous: a clock read must wait for it
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     variants: Dict[str, Dict[str, Any]] = {"backprop": {"model": build(), "after": lambda: None}}
     if not compile:
         reference = build()
@@ -189,21 +196,27 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
 
     def step(variant: Dict[str, Any]) -> None:
         variant["optimizer"].zero_grad(set_to_none=True)
-        F.cross_entropy(variant["forward"](x), y).backward()
+        with autocast_context(autocast, device):
+            loss = F.cross_entropy(variant["forward"](x), y)
+        loss.backward()
         variant["optimizer"].step()
         variant["after"]()
 
     for variant in variants.values():  # warm-up (and the compilation, timed apart)
+        synchronize()
         began = time.perf_counter()
         step(variant)
+        synchronize()
         variant["first_step_s"] = time.perf_counter() - began
         step(variant)
     for round_ in range(rounds):
         order = list(variants.values()) if round_ % 2 == 0 else list(reversed(list(variants.values())))
         for variant in order:
+            synchronize()
             began = time.perf_counter()
             for _ in range(steps_per_round):
                 step(variant)
+            synchronize()
             variant["times"].append((time.perf_counter() - began) / steps_per_round)
     base = statistics.median(variants["backprop"]["times"])
     out = []
@@ -213,7 +226,8 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
                     "predicted_overhead": variant.get("predicted_overhead"),
                     "first_step_s": variant["first_step_s"], "times": variant["times"]})
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"machine": machine_info(), "threads": torch.get_num_threads(), "load_average": load,
+    return {"machine": machine_info(device), "device": str(device), "autocast": autocast,
+            "threads": torch.get_num_threads(), "load_average": load,
             "model": model, "width": width, "batch_size": batch_size, "image_size": image_size,
             "rounds": rounds, "steps_per_round": steps_per_round, "mode": "compiled" if compile else "eager",
             "variants": out}
@@ -236,12 +250,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: step 5, update 15)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
     parser.add_argument("--compile", action="store_true", help="step: torch.compile(backend='effcompile') every model")
+    parser.add_argument("--device", default="cpu", help="step: cpu or cuda")
+    parser.add_argument("--autocast", choices=("bf16",), default=None, help="step: forward and loss under autocast")
+    parser.add_argument("--steps-per-round", type=int, default=2, help="step: steps timed together per round")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.part == "step":
         result = bench_step(model=args.model, width=args.width, batch_size=args.batch_size, image_size=args.image_size,
                             in_channels=args.in_channels, budgets=args.budgets.split(","), rounds=args.rounds or 5,
-                            threads=args.threads, compile=args.compile)
+                            threads=args.threads, compile=args.compile, device=args.device,
+                            autocast=args.autocast, steps_per_round=args.steps_per_round)
         print(f"{result['model']} width {result['width']}, batch {result['batch_size']}, {result['mode']}, "
               f"threads={result['threads']}, load {result['load_average']}")
         print(f"{'variant':<32} {'step s':>8} {'vs backprop':>12} {'predicted':>10} {'first step s':>13}")

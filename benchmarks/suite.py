@@ -78,10 +78,18 @@ class SuiteSettings:
     train_compile: bool = False
     autocast: Optional[str] = None
     device: Optional[str] = None
+    # A subset of configurations() to run (backprop is always run: every ratio is to it); None: all.
+    labels: Optional[Sequence[str]] = None
+    # False: step time and memory only, no digits training (a GPU check inside a short lease).
+    accuracy: bool = True
 
     def __post_init__(self) -> None:
         if not self.cases:
             raise ValueError("SuiteSettings.cases is empty: give at least one model")
+        unknown = sorted(set(self.labels) - set(configurations())) if self.labels is not None else []
+        if unknown:
+            raise ValueError(f"SuiteSettings.labels has unknown configurations {unknown}: "
+                             f"expected names from {sorted(configurations())}")
         if any(mode not in MODES for mode in self.modes):
             raise ValueError(f"SuiteSettings.modes={self.modes!r} is invalid: expected a subset of {MODES}")
         if self.steps < 1 or self.warmup < 1 or self.epochs < 1 or not self.seeds:
@@ -117,6 +125,13 @@ def configurations() -> Dict[str, List[PassConfig]]:
         "sample_selection": [selection],
         COMPOSED: [decorrelation, randomized, stages, selection],
     }
+
+
+def selected_configurations(settings: SuiteSettings) -> Dict[str, List[PassConfig]]:
+    """The configurations ``settings`` runs: its ``labels`` (all if None), backprop always first."""
+    every = configurations()
+    wanted = set(settings.labels) | {BACKPROP} if settings.labels is not None else set(every)
+    return {label: configs for label, configs in every.items() if label in wanted}
 
 
 # ------------------------------------------------------------------------------------ building
@@ -172,7 +187,7 @@ def time_case(case: ModelCase, settings: SuiteSettings, device: torch.device) ->
         if mode == "compiled":
             torch.compiler.reset()
         steps, models, notes = {}, {}, {}
-        variants = dict(configurations())
+        variants = selected_configurations(settings)
         if mode == "compiled":
             variants[f"{BACKPROP} (inductor)"] = []
         for label, configs in variants.items():
@@ -232,7 +247,7 @@ def train_case(case: ModelCase, settings: SuiteSettings, device: torch.device) -
     train_set, test_set, _ = load_digits()
     example = (torch.stack([train_set[i][0] for i in range(settings.train_batch_size)]).to(device),)
     runs: Dict[str, List[RunResult]] = {}
-    for label, configs in configurations().items():
+    for label, configs in selected_configurations(settings).items():
         runs[label] = []
         for seed in settings.seeds:
             model, _ = _transformed(_build(case, seed, timing=False).to(device), configs, example)
@@ -253,16 +268,20 @@ def run_suite(settings: SuiteSettings, *, progress: Callable[[str], None] = prin
     result: Dict[str, Any] = {
         "suite": settings.name,
         "settings": _settings_record(settings),
-        "configurations": {label: [c.to_dict() for c in configs] for label, configs in configurations().items()},
+        "configurations": {label: [c.to_dict() for c in configs]
+                           for label, configs in selected_configurations(settings).items()},
         "machine": machine_info(device),
         "cases": {},
     }
     for case in settings.cases:
         progress(f"[{case.model}] timing {', '.join(settings.modes)} ...")
         timing = time_case(case, settings, device)
-        progress(f"[{case.model}] training on digits ({len(settings.seeds)} seeds x {len(configurations())} configurations) ...")
-        accuracy = train_case(case, settings, device)
-        composed = configurations().get(COMPOSED)
+        accuracy = {}
+        if settings.accuracy:
+            progress(f"[{case.model}] training on digits ({len(settings.seeds)} seeds x "
+                     f"{len(selected_configurations(settings))} configurations) ...")
+            accuracy = train_case(case, settings, device)
+        composed = selected_configurations(settings).get(COMPOSED)
         plan = _plan_rows(_transformed(_build(case, 0, timing=False), composed, (torch.zeros(4, 1, 8, 8),))[0]) \
             if composed else []
         result["cases"][case.model] = {"timing": timing, "accuracy": accuracy, "composed_plan": plan}
@@ -281,6 +300,8 @@ def _runs(records: Sequence[Mapping[str, Any]]) -> List[RunResult]:
 
 
 def _spread(values: Sequence[Optional[float]], spec: str) -> str:
+    if not values:
+        return "—"  # not trained (a timing-only run)
     present = [v for v in values if v is not None]
     if not present:
         return "not reached"
@@ -303,7 +324,7 @@ def suite_table(result: Mapping[str, Any]) -> str:
                   "saved activations", "epochs to target", "seconds to target", "final accuracy"]
         rows = []
         for label in result["configurations"]:
-            runs = _runs(accuracy[label])
+            runs = _runs(accuracy.get(label, []))
             compiled = timing.get("compiled", {}).get(label, {})
             eager = timing.get("eager", {}).get(label, {})
             rows.append([
@@ -420,6 +441,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds")
     parser.add_argument("--epochs", type=int, default=None, help="digits training epochs")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--modes", default=None, help="comma-separated subset of eager,compiled")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated subset of {','.join(configurations())} (backprop always runs)")
+    parser.add_argument("--timing-only", action="store_true", help="step time and memory only, no digits training")
     parser.add_argument("--out", default=None, help="output directory")
     args = parser.parse_args(argv)
     settings = PRESETS[args.preset]
@@ -427,13 +452,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.model:
         if is_model_path(args.model):
             parser.error("the suite runs zoo models only; give a zoo name with --model")
-        overrides["cases"] = [ModelCase(args.model, parse_model_args(args.model_arg))]
+        # A model the preset already has keeps the preset's timing shape (batch, channels, size).
+        preset_case = next((case for case in settings.cases if case.model == args.model), ModelCase(args.model))
+        model_kwargs = {**preset_case.model_kwargs, **parse_model_args(args.model_arg)}
+        overrides["cases"] = [dataclasses.replace(preset_case, model_kwargs=model_kwargs)]
     if args.seeds:
         overrides["seeds"] = tuple(int(seed) for seed in args.seeds.split(","))
     if args.epochs:
         overrides["epochs"] = args.epochs
     if args.device:
         overrides["device"] = str(resolve_device(args.device))
+    if args.modes:
+        overrides["modes"] = tuple(args.modes.split(","))
+    if args.configs:
+        overrides["labels"] = tuple(args.configs.split(","))
+    if args.timing_only:
+        overrides["accuracy"] = False
     settings = dataclasses.replace(settings, **overrides)
     result = run_suite(settings)
     result["command"] = {key: value for key, value in vars(args).items()}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One short GPU lease, everything a CPU cannot show, in ~8 minutes:
+#   1. Decorrelation() against backprop and the decorbp-style reference, ResNet-18 (width 64,
+#      batch 256, bf16 autocast), eager: does the budgeted default pay on a GPU?
+#   2. The suite's step-time ratios of every pass and the composition, ResNet-18 and ViT-tiny at
+#      batch 256 under bf16 autocast, eager; then compiled (Inductor/Triton) for the passes whose
+#      point is wall-clock (each compile costs tens of seconds, so not all of them fit).
+#   3. The test suite under the machine's torch (2.11 on the lent H100/H200), pinned to other
+#      cores than the timings so it disturbs them little.
+# Usage on the device machine (no network; torch, triton, onnx preinstalled):
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+# Every part has its own time limit and writes its own file, so one failing part loses only itself.
+set -u
+OUT=${OUT:-runs/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cores=$(nproc)
+bench_cores="0-$((cores * 5 / 8 - 1))"
+test_cores="$((cores * 5 / 8))-$((cores - 1))"
+test_workers=$((cores - cores * 5 / 8))
+pin() { if command -v taskset >/dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/machine.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >>"$OUT/machine.txt" 2>&1
+
+( pin "$test_cores" timeout "${TEST_LIMIT:-440}" python3 -m pytest -q -p no:logging -p no:cacheprovider \
+    -n "$test_workers" tests >"$OUT/tests.log" 2>&1; echo "pytest exit $?" >>"$OUT/tests.log" ) &
+
+bench() {  # bench LIMIT NAME ARGS...: one benchmark on the timing cores, its log kept
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name"
+  pin "$bench_cores" timeout "$limit" python3 -m benchmarks "$@" >"$OUT/$name.log" 2>&1
+  echo "$name exit $?" | tee -a "$OUT/$name.log"
+  tail -n 25 "$OUT/$name.log"
+}
+
+bench 70 decorrelation-step-eager decorrelation step --device cuda --autocast bf16 --width 64 --batch-size 256 \
+  --budgets auto,0.15,none --rounds 10 --steps-per-round 5 --out "$OUT/decorrelation-step-eager.json"
+bench 100 suite-eager suite --preset gpu --modes eager --timing-only --out "$OUT/suite-eager"
+bench 170 suite-compiled-resnet18 suite --preset gpu --model resnet18_cifar --modes compiled \
+  --configs decorrelation,randomized_vjp --timing-only --out "$OUT/suite-compiled-resnet18"
+bench 130 suite-compiled-vit suite --preset gpu --model vit_tiny --modes compiled \
+  --configs randomized_vjp,sample_selection --timing-only --out "$OUT/suite-compiled-vit"
+wait
+tail -n 15 "$OUT/tests.log"
