@@ -148,3 +148,37 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - builds without distributed
         return False
     return isinstance(tensor, DTensor)
+
+
+_DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+
+
+def redispatch_function(func, types, args, kwargs):
+    """Call the Python function ``func`` skipping its own ``__torch_function__`` hop once, so a
+    TorchFunctionMode that re-enters itself sees the ops inside ``func`` instead of ``func`` again.
+
+    ``torch.overrides.redispatch_function`` where it exists (not in torch 2.11), else the C hook
+    it wraps, else a copy of ``func`` whose dispatch checks answer False (the checks are names in
+    the function's globals; the functions it calls keep theirs).
+    """
+    public = getattr(torch.overrides, "redispatch_function", None)
+    if public is not None:
+        return public(func, types, args, kwargs or {})
+    skip_one_hop = getattr(torch._C, "_skip_one_hop_torch_function", None)
+    if skip_one_hop is not None:
+        return skip_one_hop(func, types, args, kwargs or {})
+    return without_dispatch_check(func)(*args, **(kwargs or {}))
+
+
+def without_dispatch_check(func):
+    """A copy of ``func`` (same code, defaults, closure) whose ``has_torch_function*`` calls are False."""
+    import types as _types
+
+    namespace = dict(func.__globals__)
+    namespace.update({name: (lambda *_: False) for name in _DISPATCH_CHECKS})
+    copy = _types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
+
+
+__all__ += ["redispatch_function", "without_dispatch_check"]

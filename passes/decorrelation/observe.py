@@ -20,7 +20,7 @@ its own — no hook sees it.  For those layers the scope module's ``forward`` ru
 * A Python composite that receives a watched weight (``F.multi_head_attention_forward``) would
   run its body with the mode popped (``handle_torch_function``), hiding the inner ``linear``; the
   observer runs the body with itself re-entered, skipping the composite's own
-  ``__torch_function__`` hop once (``torch.overrides.redispatch_function``).  Dynamo dispatches
+  ``__torch_function__`` hop once (``_compat.redispatch_function``).  Dynamo dispatches
   functions listed as overridable at their call site and would dispatch the composite again, so
   the body runs through an undecorated copy of the function (same code and globals).
 * Python-level ``Tensor`` methods (``split``, ``unflatten``, …) are re-issued as method calls:
@@ -41,7 +41,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode, redispatch_function
+from torch.overrides import TorchFunctionMode
+
+from effcompile._compat import redispatch_function
 
 __all__ = ["LayerInputObserver", "observed_forward"]
 

@@ -125,6 +125,22 @@ def test_every_R_moves_in_eager_training(eager_run):
     assert torch.isfinite(losses).all()
 
 
+@pytest.mark.parametrize("route", ["c_hook", "python_copy"])
+def test_every_redispatch_route_observes_the_attention_like_the_public_one(eager_run, route, monkeypatch):
+    """torch 2.11 lacks torch.overrides.redispatch_function: the C hook, or a copy of the composite
+    whose dispatch checks are off, must see inside nn.MultiheadAttention's forward just the same."""
+    monkeypatch.delattr(torch.overrides, "redispatch_function", raising=False)
+    if route == "python_copy":
+        monkeypatch.delattr(torch._C, "_skip_one_hop_torch_function", raising=False)
+    model, losses, _ = _train()
+    reference_model, reference_losses, _ = eager_run
+    torch.testing.assert_close(losses, reference_losses, rtol=0, atol=0)
+    states, reference_states = decorrelation_states(model), decorrelation_states(reference_model)
+    assert int(states["mha.out_proj"].updates) == 3
+    for layer, state in states.items():
+        torch.testing.assert_close(state.matrix, reference_states[layer].matrix, rtol=0, atol=0)
+
+
 def test_compiled_aot_eager_moves_every_R_like_eager(eager_run):
     with torch._dynamo.config.patch(error_on_recompile=True):
         model, losses, graphs = _train("effcompile_aot_eager")
