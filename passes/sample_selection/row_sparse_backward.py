@@ -250,8 +250,10 @@ class _RowSparseRewriter:
                 # Placed right after the index so that every later use (in any order) sees it.
                 index, device = info.index, tensor_meta(info.index).device
                 with self.graph.inserting_before(index.next):
-                    offsets = self._insert(index, aten.arange.start_step, 0, info.factor, 1, dtype=torch.int64,
-                                           device=device, pin_memory=False)
+                    # prims.iota, what arange decomposes to: Inductor 2.11 has no lowering for
+                    # aten.arange inserted after decomposition (2.13 has one).
+                    offsets = self._insert(index, torch.ops.prims.iota.default, info.factor, start=0, step=1,
+                                           dtype=torch.int64, device=device, requires_grad=False)
                     first = self._insert(index, aten.mul.Tensor,
                                          self._insert(index, aten.unsqueeze.default, index, 1), info.factor)
                     rows = self._insert(index, aten.add.Tensor, first, offsets)
