@@ -579,8 +579,11 @@ def _per_image_norms(a: Tensor) -> Tensor:
 def _conv_weight_grad(grad_output: Tensor, input: Tensor, weight: Tensor, conv_args: tuple) -> Tensor:
     stride, padding, dilation, groups = conv_args
     zeros = [0] * len(stride)
+    # The weight-gradient kernels (cuDNN, oneDNN) need grad_output in the input's dtype.  On an H200
+    # (torch 2.11, bf16 autocast, ResNet-18) a layer's gradient arrived in fp32 against a bf16 input;
+    # the exact input gradient accepts that mix, the weight gradient does not.
     return torch.ops.aten.convolution_backward(
-        grad_output, input, weight, None, stride, padding, dilation, False, zeros, groups,
+        grad_output.to(input.dtype), input, weight, None, stride, padding, dilation, False, zeros, groups,
         [False, True, False],
     )[1]
 

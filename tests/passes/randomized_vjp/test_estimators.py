@@ -410,6 +410,22 @@ def test_low_precision_dtypes_keep_their_dtype():
     assert out.dtype == torch.bfloat16 and out.shape == (32, 5)
 
 
+@pytest.mark.parametrize("center", [False, True])
+def test_sketched_conv_weight_gradient_takes_an_fp32_gradient_against_a_bf16_input(center):
+    """Seen on an H200 under bf16 autocast: grad_output in fp32, saved input in bf16.  The weight
+    gradient kernels refuse that mix; the estimate must come out as it does for one dtype."""
+    torch.manual_seed(0)
+    g, x = torch.randn(16, 8, 6, 6), torch.randn(16, 3, 6, 6).bfloat16()
+    w = torch.randn(8, 3, 3, 3).bfloat16()
+    conv_args = ([1, 1], [1, 1], [1, 1], 1)
+    torch.manual_seed(1)
+    mixed = sk._sketched_conv_grad_weight(g, x, w, conv_args, 8, "uniform", 0.1, center)
+    torch.manual_seed(1)
+    same = sk._sketched_conv_grad_weight(g.bfloat16(), x, w, conv_args, 8, "uniform", 0.1, center)
+    assert mixed.dtype == torch.bfloat16 and mixed.shape == w.shape
+    assert float((mixed.float() - same.float()).norm() / same.float().norm()) < 0.02  # bf16 rounding order only
+
+
 # --------------------------------------------------------------------------------------------
 # Eager autograd path and torch.compile
 # --------------------------------------------------------------------------------------------
