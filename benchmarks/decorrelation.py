@@ -95,7 +95,7 @@ class ReferenceDecorrelation(nn.Module):
         super().__init__()
         self.layer, self.lr, self.kappa, self.fraction = layer, lr, kappa, fraction
         d = layer.weight[0].numel()
-        self.register_buffer("matrix", torch.eye(d))
+        self.register_buffer("matrix", torch.eye(d, device=layer.weight.device))
         self._inputs: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
