@@ -24,7 +24,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/machine.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >>"$OUT/machine.txt" 2>&1
 
-( pin "$test_cores" timeout "${TEST_LIMIT:-440}" python3 -m pytest -q -p no:logging -p no:cacheprovider \
+# -v: every test's outcome is in the log as it finishes, so a run stopped at its limit still names its failures.
+( pin "$test_cores" timeout "${TEST_LIMIT:-440}" python3 -m pytest -v -p no:logging -p no:cacheprovider \
     -n "$test_workers" tests >"$OUT/tests.log" 2>&1; echo "pytest exit $?" >>"$OUT/tests.log" ) &
 
 bench() {  # bench LIMIT NAME ARGS...: one benchmark on the timing cores, its log kept
@@ -44,4 +45,6 @@ bench 170 suite-compiled-resnet18 suite --preset gpu --model resnet18_cifar --mo
 bench 130 suite-compiled-vit suite --preset gpu --model vit_tiny --modes compiled \
   --configs randomized_vjp,sample_selection --timing-only --out "$OUT/suite-compiled-vit"
 wait
-tail -n 15 "$OUT/tests.log"
+grep -cE " PASSED" "$OUT/tests.log" | sed 's/^/tests passed: /'
+grep -E " (FAILED|ERROR) " "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] *\[ *[0-9]*%\] *//' | sort -u
+tail -n 3 "$OUT/tests.log"
