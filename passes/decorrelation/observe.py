@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from effcompile._compat import redispatch_function
+from effcompile._compat import dispatch_free_globals, redispatch_function, without_dispatch_check
 
 __all__ = ["LayerInputObserver", "observed_forward"]
 
@@ -89,6 +89,11 @@ def _undecorated(func: types.FunctionType) -> types.FunctionType:
 _COMPOSITES: Tuple[types.FunctionType, ...] = tuple(
     _undecorated(value) for name, value in sorted(vars(F).items())
     if isinstance(value, types.FunctionType) and not name.startswith("__"))
+# The same bodies with their own dispatch check off: where torch has no redispatch hook (2.11).
+# Made here, not while tracing: Dynamo cannot trace making a function.
+_F_NAMESPACE = dispatch_free_globals(vars(F))
+_UNDISPATCHED: Tuple[types.FunctionType, ...] = tuple(
+    without_dispatch_check(function, _F_NAMESPACE) for function in _COMPOSITES)
 
 # func → its role: ("layer", input position, input keyword, weight position, weight keyword),
 # ("view", method name or None), ("method", name): a Tensor method written in Python (``split``,
@@ -179,7 +184,7 @@ class LayerInputObserver(TorchFunctionMode):
         if kind == "composite" and self._holds_watched(args, kwargs):
             # A composite (F.multi_head_attention_forward) gets a fused weight: run its body observed.
             with self:
-                return redispatch_function(_COMPOSITES[role[1]], types_, args, kwargs)
+                return redispatch_function(_COMPOSITES[role[1]], types_, args, kwargs, _UNDISPATCHED[role[1]])
         out = _call(func, role[1] if kind == "method" else None, args, kwargs)
         if args and isinstance(out, torch.Tensor):
             # An op that returns a same-shaped tensor from a watched weight (another pass's weight

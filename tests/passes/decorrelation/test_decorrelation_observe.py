@@ -129,9 +129,7 @@ def test_every_R_moves_in_eager_training(eager_run):
 def test_every_redispatch_route_observes_the_attention_like_the_public_one(eager_run, route, monkeypatch):
     """torch 2.11 lacks torch.overrides.redispatch_function: the C hook, or a copy of the composite
     whose dispatch checks are off, must see inside nn.MultiheadAttention's forward just the same."""
-    monkeypatch.delattr(torch.overrides, "redispatch_function", raising=False)
-    if route == "python_copy":
-        monkeypatch.delattr(torch._C, "_skip_one_hop_torch_function", raising=False)
+    _remove_redispatch_hooks(route, monkeypatch)
     model, losses, _ = _train()
     reference_model, reference_losses, _ = eager_run
     torch.testing.assert_close(losses, reference_losses, rtol=0, atol=0)
@@ -141,7 +139,18 @@ def test_every_redispatch_route_observes_the_attention_like_the_public_one(eager
         torch.testing.assert_close(state.matrix, reference_states[layer].matrix, rtol=0, atol=0)
 
 
-def test_compiled_aot_eager_moves_every_R_like_eager(eager_run):
+def _remove_redispatch_hooks(route, monkeypatch):
+    """Make torch look like 2.11 ("python_copy": neither hook) or a version between ("c_hook")."""
+    if route in ("c_hook", "python_copy"):
+        monkeypatch.delattr(torch.overrides, "redispatch_function", raising=False)
+    if route == "python_copy":
+        monkeypatch.delattr(torch._C, "_skip_one_hop_torch_function", raising=False)
+
+
+@pytest.mark.parametrize("route", ["native", "python_copy"])
+def test_compiled_aot_eager_moves_every_R_like_eager(eager_run, route, monkeypatch):
+    _remove_redispatch_hooks(route, monkeypatch)
+    torch.compiler.reset()  # a graph traced with the other route must not be reused
     with torch._dynamo.config.patch(error_on_recompile=True):
         model, losses, graphs = _train("effcompile_aot_eager")
     eager_states = decorrelation_states(eager_run[0])
