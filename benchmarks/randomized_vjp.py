@@ -81,8 +81,10 @@ class _TimedStep:
 
 def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, keeps: Sequence[float] = (0.5, 0.25, 0.1),
                      *, steps: int = 20, warmup: int = 3, compile: bool = True, backend: str = "effcompile",
-                     num_classes: int = 10, in_channels: int = 1, image_size: int = 8, seed: int = 0) -> Dict[str, Any]:
-    """Whole-step and backward-only median time ratios (sketched / exact) at each keep (CPU timer)."""
+                     num_classes: int = 10, in_channels: int = 1, image_size: int = 8, seed: int = 0,
+                     estimators: Sequence[str] = ("importance",)) -> Dict[str, Any]:
+    """Whole-step and backward-only median time ratios (sketched / exact) at each keep (CPU timer);
+    one row per (keep, estimator), every estimator's arm interleaved with the same exact arm."""
     plain = _model(name, dict(model_kwargs, num_classes=num_classes, in_channels=in_channels, image_size=image_size), seed)
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(batch_size, in_channels, image_size, image_size, generator=generator)
@@ -90,19 +92,21 @@ def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, k
     rows = []
     for keep in keeps:
         torch.compiler.reset()
-        variants = {"exact": _TimedStep(copy.deepcopy(plain), inputs, targets, compile, backend),
-                    "sketched": _TimedStep(_transformed(plain, RandomizedVJP(keep=keep), inputs), inputs, targets,
-                                           compile, backend)}
+        variants = {"exact": _TimedStep(copy.deepcopy(plain), inputs, targets, compile, backend)}
+        for estimator in estimators:
+            variants[estimator] = _TimedStep(_transformed(plain, RandomizedVJP(keep=keep, estimator=estimator), inputs),
+                                             inputs, targets, compile, backend)
         time_steps(variants, warmup, block_size=1)  # compiles, then warms up
         for step in variants.values():
             step.backward_s.clear()
         times = time_steps(variants, steps, block_size=5)
         median = {label: statistics.median(seconds) for label, seconds in times.items()}
         backward = {label: statistics.median(step.backward_s) for label, step in variants.items()}
-        rows.append({"keep": keep, "step_ratio": median["sketched"] / median["exact"],
-                     "backward_ratio": backward["sketched"] / backward["exact"],
-                     "exact_step_ms": median["exact"] * 1e3, "sketched_step_ms": median["sketched"] * 1e3,
-                     "exact_backward_ms": backward["exact"] * 1e3, "sketched_backward_ms": backward["sketched"] * 1e3})
+        for estimator in estimators:
+            rows.append({"keep": keep, "estimator": estimator, "step_ratio": median[estimator] / median["exact"],
+                         "backward_ratio": backward[estimator] / backward["exact"],
+                         "exact_step_ms": median["exact"] * 1e3, "sketched_step_ms": median[estimator] * 1e3,
+                         "exact_backward_ms": backward["exact"] * 1e3, "sketched_backward_ms": backward[estimator] * 1e3})
     return {"benchmark": "step_times", "model": name, "model_kwargs": model_kwargs, "batch_size": batch_size,
             "compile": compile, "backend": backend, "steps": steps, "rows": rows, "machine": machine_info("cpu")}
 
@@ -369,14 +373,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="mnist5k", help="variance, batchnorm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--keeps", default="0.5,0.25,0.1", help="steps: comma-separated keep fractions")
+    parser.add_argument("--estimators", default="importance", help="steps: comma-separated estimators, one arm each")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     name, kwargs = _MODELS[args.model]
     if args.kind == "steps":
-        result = bench_step_times(name, kwargs, args.batch_size, steps=args.steps, in_channels=args.in_channels,
-                                  image_size=args.image_size)
+        result = bench_step_times(name, kwargs, args.batch_size, [float(k) for k in args.keeps.split(",")],
+                                  steps=args.steps, in_channels=args.in_channels, image_size=args.image_size,
+                                  estimators=args.estimators.split(","))
     elif args.kind == "memory":
         result = bench_saved_activations(name, kwargs, args.batch_size, args.keep, in_channels=args.in_channels,
                                          image_size=args.image_size)
