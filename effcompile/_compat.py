@@ -1,7 +1,8 @@
 """Every private torch API effcompile touches, in one place.
 
-Checked on torch 2.11 (the GPU machines' image) and 2.13 (CI); the supported range is
-``torch>=2.11,<2.15``.  When a private name moves, this is the one file to change.
+Checked on torch 2.11 (the GPU machines' image; ``make test-oldest-torch`` runs the suite under
+it on a CPU) and 2.13 (CI); the supported range is ``torch>=2.11,<2.15``.  When a private name
+moves, or a public one is newer than 2.11 (``redispatch_function``), this is the one file to change.
 """
 
 from __future__ import annotations
