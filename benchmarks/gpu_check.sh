@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One short GPU lease, everything a CPU cannot show, in ~8 minutes:
+# One short GPU lease, everything a CPU cannot show, in about 9 minutes (run it with timeout_s 590):
 #   1. Decorrelation() against backprop and the decorbp-style reference, ResNet-18 (width 64,
 #      batch 256, bf16 autocast), eager: does the budgeted default pay on a GPU?
 #   2. The suite's step-time ratios of every pass and the composition, ResNet-18 and ViT-tiny at
 #      batch 256 under bf16 autocast, eager; then compiled (Inductor/Triton) for the passes whose
 #      point is wall-clock (each compile costs tens of seconds, so not all of them fit).
+#      Then the randomized VJP's two samplers against one exact arm on a wide MLP (compiled, bf16).
 #   3. The test suite under the machine's torch (2.11 on the lent H100/H200), pinned to other
 #      cores than the timings so it disturbs them little.
 # Usage on the device machine (no network; torch, triton, onnx preinstalled):
@@ -39,11 +40,15 @@ bench() {  # bench LIMIT NAME ARGS...: one benchmark on the timing cores, its lo
 
 bench 70 decorrelation-step-eager decorrelation step --device cuda --autocast bf16 --width 64 --batch-size 256 \
   --budgets auto,0.15,none --rounds 10 --steps-per-round 5 --out "$OUT/decorrelation-step-eager.json"
-bench 100 suite-eager suite --preset gpu --modes eager --timing-only --out "$OUT/suite-eager"
-bench 170 suite-compiled-resnet18 suite --preset gpu --model resnet18_cifar --modes compiled \
+bench 90 suite-eager suite --preset gpu --modes eager --timing-only --out "$OUT/suite-eager"
+bench 150 suite-compiled-resnet18 suite --preset gpu --model resnet18_cifar --modes compiled \
   --configs decorrelation,randomized_vjp --timing-only --out "$OUT/suite-compiled-resnet18"
-bench 130 suite-compiled-vit suite --preset gpu --model vit_tiny --modes compiled \
+bench 120 suite-compiled-vit suite --preset gpu --model vit_tiny --modes compiled \
   --configs randomized_vjp,sample_selection --timing-only --out "$OUT/suite-compiled-vit"
+# What the sampler costs on a GPU: importance (62 ops a layer) against uniform (4), same exact arm.
+bench 100 rvjp-estimators-mlp1024 randomized_vjp steps --model mlp1024 --in-channels 3 --image-size 32 \
+  --batch-size 1024 --keeps 0.25 --estimators importance,uniform --device cuda --autocast bf16 \
+  --out "$OUT/rvjp-estimators-mlp1024.json"
 wait
 grep -cE " PASSED" "$OUT/tests.log" | sed 's/^/tests passed: /'
 grep -E " (FAILED|ERROR) " "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] *\[ *[0-9]*%\] *//' | sort -u

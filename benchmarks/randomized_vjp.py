@@ -63,18 +63,31 @@ def _transformed(model: nn.Module, config: RandomizedVJP, example: torch.Tensor)
 class _TimedStep:
     """One training step whose backward is timed separately (seconds appended to ``backward_s``)."""
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, compile: bool, backend: str):
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, compile: bool, backend: str,
+                 autocast: Optional[str] = None):
+        from effcompile.harness.fit import autocast_context
+
         self.model, self.inputs, self.targets = model, inputs, targets
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        forward_loss = lambda x, y: F.cross_entropy(model(x), y)
+
+        def forward_loss(x, y):
+            with autocast_context(autocast, x.device):
+                return F.cross_entropy(model(x), y)
+
         self.forward_loss = torch.compile(forward_loss, backend=backend) if compile else forward_loss
         self.backward_s: List[float] = []
+
+    def _synchronize(self) -> None:  # a GPU clock read must wait for the queued work
+        if self.inputs.device.type == "cuda":
+            torch.cuda.synchronize(self.inputs.device)
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_loss(self.inputs, self.targets)
+        self._synchronize()
         start = time.perf_counter()
         loss.backward()
+        self._synchronize()
         self.backward_s.append(time.perf_counter() - start)
         self.optimizer.step()
 
@@ -82,24 +95,27 @@ class _TimedStep:
 def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, keeps: Sequence[float] = (0.5, 0.25, 0.1),
                      *, steps: int = 20, warmup: int = 3, compile: bool = True, backend: str = "effcompile",
                      num_classes: int = 10, in_channels: int = 1, image_size: int = 8, seed: int = 0,
-                     estimators: Sequence[str] = ("importance",)) -> Dict[str, Any]:
-    """Whole-step and backward-only median time ratios (sketched / exact) at each keep (CPU timer);
-    one row per (keep, estimator), every estimator's arm interleaved with the same exact arm."""
-    plain = _model(name, dict(model_kwargs, num_classes=num_classes, in_channels=in_channels, image_size=image_size), seed)
+                     estimators: Sequence[str] = ("importance",), device: str = "cpu",
+                     autocast: Optional[str] = None) -> Dict[str, Any]:
+    """Whole-step and backward-only median time ratios (sketched / exact) at each keep; one row
+    per (keep, estimator), every estimator's arm interleaved with the same exact arm.  ``device``
+    "cuda" synchronises around every clock read; ``autocast`` "bf16" runs forward and loss under it."""
+    plain = _model(name, dict(model_kwargs, num_classes=num_classes, in_channels=in_channels, image_size=image_size),
+                   seed).to(device)
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch_size, in_channels, image_size, image_size, generator=generator)
-    targets = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    inputs = torch.randn(batch_size, in_channels, image_size, image_size, generator=generator).to(device)
+    targets = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
     rows = []
     for keep in keeps:
         torch.compiler.reset()
-        variants = {"exact": _TimedStep(copy.deepcopy(plain), inputs, targets, compile, backend)}
+        variants = {"exact": _TimedStep(copy.deepcopy(plain), inputs, targets, compile, backend, autocast)}
         for estimator in estimators:
             variants[estimator] = _TimedStep(_transformed(plain, RandomizedVJP(keep=keep, estimator=estimator), inputs),
-                                             inputs, targets, compile, backend)
-        time_steps(variants, warmup, block_size=1)  # compiles, then warms up
+                                             inputs, targets, compile, backend, autocast)
+        time_steps(variants, warmup, block_size=1, device=device)  # compiles, then warms up
         for step in variants.values():
             step.backward_s.clear()
-        times = time_steps(variants, steps, block_size=5)
+        times = time_steps(variants, steps, block_size=5, device=device)
         median = {label: statistics.median(seconds) for label, seconds in times.items()}
         backward = {label: statistics.median(step.backward_s) for label, step in variants.items()}
         for estimator in estimators:
@@ -108,7 +124,8 @@ def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, k
                          "exact_step_ms": median["exact"] * 1e3, "sketched_step_ms": median[estimator] * 1e3,
                          "exact_backward_ms": backward["exact"] * 1e3, "sketched_backward_ms": backward[estimator] * 1e3})
     return {"benchmark": "step_times", "model": name, "model_kwargs": model_kwargs, "batch_size": batch_size,
-            "compile": compile, "backend": backend, "steps": steps, "rows": rows, "machine": machine_info("cpu")}
+            "compile": compile, "backend": backend, "steps": steps, "autocast": autocast, "rows": rows,
+            "machine": machine_info(device)}
 
 
 def _saved_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -375,6 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--keeps", default="0.5,0.25,0.1", help="steps: comma-separated keep fractions")
     parser.add_argument("--estimators", default="importance", help="steps: comma-separated estimators, one arm each")
+    parser.add_argument("--device", default="cpu", help="steps: cpu or cuda")
+    parser.add_argument("--autocast", choices=("bf16",), default=None, help="steps: forward and loss under autocast")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.threads:
@@ -383,7 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.kind == "steps":
         result = bench_step_times(name, kwargs, args.batch_size, [float(k) for k in args.keeps.split(",")],
                                   steps=args.steps, in_channels=args.in_channels, image_size=args.image_size,
-                                  estimators=args.estimators.split(","))
+                                  estimators=args.estimators.split(","), device=args.device, autocast=args.autocast)
     elif args.kind == "memory":
         result = bench_saved_activations(name, kwargs, args.batch_size, args.keep, in_channels=args.in_channels,
                                          image_size=args.image_size)
