@@ -368,7 +368,8 @@ def plot_suite(result: Mapping[str, Any], directory: Path) -> List[Path]:
                             color=f"C{list(case['accuracy']).index(label)}", alpha=0.7,
                             label=label if i == 0 else None)
         curves.set(xlabel="training wall-clock (s)", ylabel="test accuracy (digits)", title=f"{model}: accuracy")
-        curves.legend(fontsize=8)
+        if case["accuracy"]:  # a timing-only run trains nothing: an empty panel, no legend
+            curves.legend(fontsize=8)
         labels = list(result["configurations"])
         width = 0.4
         for offset, mode in enumerate(m for m in MODES if m in case["timing"]):

@@ -85,3 +85,19 @@ def test_settings_are_validated():
         dataclasses.replace(PRESETS["quick"], modes=("fast",))
     with pytest.raises(ValueError, match="cases"):
         SuiteSettings("empty", [])
+    with pytest.raises(ValueError, match="unknown configurations \\['nope'\\]"):
+        dataclasses.replace(PRESETS["quick"], labels=("decorrelation", "nope"))
+
+
+def test_a_timing_only_run_of_chosen_configurations_trains_nothing_and_says_so():
+    """What a short GPU lease runs: a subset of configurations (backprop always, as the ratios'
+    denominator), step times only; the table shows untrained cells as '—', not as 'not reached'."""
+    settings = _tiny("quick", labels=("sample_selection",), accuracy=False)
+    assert list(suite.selected_configurations(settings)) == [BACKPROP, "sample_selection"]
+    result = suite.run_suite(settings, progress=lambda message: None)
+    case = result["cases"]["mlp"]
+    assert set(case["timing"]["eager"]) == {BACKPROP, "sample_selection"} and case["accuracy"] == {}
+    assert list(result["configurations"]) == [BACKPROP, "sample_selection"]
+    table = suite.suite_table(result)
+    assert "not reached" not in table
+    assert "| sample_selection | " in table and "| — | — | — |" in table
