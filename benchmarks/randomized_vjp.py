@@ -3,7 +3,9 @@
 Five measurements, each against plain backprop on the same machine in the same process:
 
 * :func:`bench_step_times` – median whole-step and backward-only time of the compiled training
-  step at several keeps, interleaved with the exact step (:func:`effcompile.measure.time_steps`).
+  step at several keeps, interleaved with the exact step (:func:`effcompile.measure.time_steps`);
+  one arm per estimator (``--estimators importance,uniform``), on the CPU or a GPU
+  (``--device cuda --autocast bf16``).
 * :func:`bench_saved_activations` – bytes autograd saves for backward (parameters excluded),
   exact vs memory mode, measured with ``torch.autograd.graph.saved_tensors_hooks``; on CUDA also
   the peak-memory increment of one step (``max_memory_allocated``).
