@@ -89,13 +89,6 @@ def test_compiled_update_every_k_skips_the_update_between_updates():
         reference(inputs)
     conds = [node for graph in graphs for node in graph.graph.nodes if node.target is torch.ops.higher_order.cond]
     assert len(conds) == 2  # one per decorrelated layer
-    # The rows are sampled inside the update's branch: a step between updates gathers nothing.
-    sampling = (torch.randint, torch.meshgrid)
-    assert not [node for graph in graphs for node in graph.graph.nodes if node.target in sampling]
-    branches = [getattr(graph, node.args[1].target) for graph in graphs for node in graph.graph.nodes
-                if node.target is torch.ops.higher_order.cond]
-    # The conv layer draws 36 of its 288 patches (the linear uses all 8 rows: nothing to draw).
-    assert any(inner.target in sampling for branch in branches for inner in branch.graph.nodes)
     for state, expected in zip(_decorrelation_states(model), _decorrelation_states(reference)):
         assert int(state.updates) == int(expected.updates) == 3  # steps 1, 4, 7
         torch.testing.assert_close(state.matrix, expected.matrix, rtol=1e-5, atol=1e-6)

@@ -223,20 +223,8 @@ class DecorrelationState(nn.Module):
         outside_autocast = (torch.autocast(device_type=device_type, enabled=False)
                             if is_compiling() or torch.is_autocast_enabled(device_type) else contextlib.nullcontext())
         with torch.no_grad(), outside_autocast:
-            if gate is True or self._syncing():
-                self._update(self._rows_of(inputs), gate)
-            else:  # compiled between scheduled updates: sample inside the branch, so skipped steps gather nothing
-                self._update(None, gate, inputs=inputs)
-
-    def _rows_of(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        samples = [self._sample_rows(x) for x in inputs]
-        return samples[0] if len(samples) == 1 else torch.cat(samples, dim=0)
-
-    def _sample_count(self, x: torch.Tensor) -> int:
-        """How many rows :meth:`_sample_rows` returns for ``x`` (known from shapes alone)."""
-        if self.spec.kind == "conv":
-            return min(self.num_rows, patch_count(x.shape, self.spec.conv))
-        return min(self.num_rows, x.numel() // x.shape[-1])
+            samples = [self._sample_rows(x) for x in inputs]
+            self._update(samples[0] if len(samples) == 1 else torch.cat(samples, dim=0), gate)
 
     def _update_gate(self):
         """True/False decided in Python (eager), or a 0-dim bool tensor when compiling.
@@ -280,10 +268,8 @@ class DecorrelationState(nn.Module):
         matrix = self.matrix if matrix is None else matrix
         return torch.bmm(self._padded_blocks(rows), matrix.transpose(1, 2))
 
-    def _update(self, rows: Optional[torch.Tensor], gate, formula: Optional[str] = None,
-                inputs: Sequence[torch.Tensor] = ()) -> None:
-        """One step ``R ← R − η[(1−κ)·C·R + κ·diag(v)·R]`` from sampled rows (n, groups, d), or,
-        with ``rows=None``, from rows sampled from the layer ``inputs`` inside the update's branch.
+    def _update(self, rows: torch.Tensor, gate, formula: Optional[str] = None) -> None:
+        """One step ``R ← R − η[(1−κ)·C·R + κ·diag(v)·R]`` from sampled rows (n, groups, d).
 
         ``formula`` forces one of :data:`UPDATE_FORMULAS` (tests, benchmarks); by default
         :func:`update_formula` picks the cheapest for this ``n`` and block size.
@@ -293,15 +279,13 @@ class DecorrelationState(nn.Module):
         between updates skip its work instead of computing it and masking it out; under DDP the
         statistic's all-reduce stays outside any branch (every step, masked).
         """
-        n = rows.shape[0] if rows is not None else sum(self._sample_count(x) for x in inputs)
+        n, b = rows.shape[0], self.block
         syncing = self._syncing()
-        formula = formula or update_formula(n, self.block, syncing)
-        sources = (rows,) if rows is not None else tuple(x.detach() for x in inputs)
-        operands = (self.matrix, self._scale_offset, self._scale_slope, *sources)
+        formula = formula or update_formula(n, b, syncing)
+        operands = (self.matrix, rows, self._scale_offset, self._scale_slope)
 
-        def propose(matrix, offset, slope, *sources):
-            sampled = sources[0] if rows is not None else self._rows_of(sources)
-            return self._proposal(matrix, sampled, offset, slope, formula)
+        def propose(matrix, rows, offset, slope):
+            return self._proposal(matrix, rows, offset, slope, formula)
 
         if gate is True or syncing:
             proposal, accepted = propose(*operands)
@@ -373,7 +357,7 @@ class DecorrelationState(nn.Module):
             return (corr.abs() * mask).sum() / mask.sum().clamp_min(1)
 
 
-def _keep(matrix, offset, slope, *sources) -> Tuple[torch.Tensor, torch.Tensor]:
+def _keep(matrix, rows, offset, slope) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``torch.cond`` branch of a step between updates: R as it is, nothing accepted."""
     return matrix.clone(), torch.zeros((), dtype=torch.bool, device=matrix.device)
 
@@ -401,7 +385,8 @@ def sample_patches(x: torch.Tensor, conv: ConvGeometry, num_rows: int) -> torch.
     """
     x = x.detach()
     spatial, dims, device = x.shape[2:], conv.spatial_dims, x.device
-    out_sizes = _output_sizes(x.shape, conv)
+    out_sizes = [(spatial[a] + 2 * conv.padding[a] - conv.dilation[a] * (conv.kernel_size[a] - 1) - 1) // conv.stride[a] + 1
+                 for a in range(dims)]
     positions = _patch_positions(x.shape[0], out_sizes, num_rows, device)  # (n, 1 + dims)
     n = positions.shape[0]
     index: List[torch.Tensor] = [positions[:, 0].view(n, *([1] * dims))]
@@ -419,17 +404,6 @@ def sample_patches(x: torch.Tensor, conv: ConvGeometry, num_rows: int) -> torch.
     patches = patches * valid.unsqueeze(-1).to(patches.dtype)
     permutation = (0, dims + 1) + tuple(range(1, dims + 1))
     return patches.permute(permutation).reshape(n, -1)
-
-
-def _output_sizes(shape: Sequence[int], conv: ConvGeometry) -> List[int]:
-    spatial = shape[2:]
-    return [(spatial[a] + 2 * conv.padding[a] - conv.dilation[a] * (conv.kernel_size[a] - 1) - 1) // conv.stride[a] + 1
-            for a in range(conv.spatial_dims)]
-
-
-def patch_count(shape: Sequence[int], conv: ConvGeometry) -> int:
-    """How many patches an input of ``shape`` has (what ``sample_patches`` draws from)."""
-    return math.prod([shape[0]] + [max(size, 1) for size in _output_sizes(shape, conv)])
 
 
 def _patch_positions(batch: int, out_sizes: List[int], num_rows: int, device: torch.device) -> torch.Tensor:
