@@ -1,0 +1,43 @@
+"""The step benchmarks a GPU lease runs (benchmarks/decorrelation.py, benchmarks/randomized_vjp.py),
+at toy size on the CPU under the same options: bf16 autocast, several estimator arms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks import decorrelation as decorrelation_bench
+from benchmarks import randomized_vjp as randomized_vjp_bench
+
+
+def test_the_reference_decorrelation_updates_R_from_inputs_saved_under_bf16_autocast():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    reference = decorrelation_bench.ReferenceDecorrelation(conv, lr=0.1, kappa=0.5, fraction=0.5)
+    inputs = (torch.randn(8, 3, 6, 6) * 2 + 1).bfloat16()  # inside a network: the previous layer's bf16 output
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = reference(inputs)
+    assert out.dtype == torch.bfloat16
+    reference.update()
+    assert reference.matrix.dtype == torch.float32 and bool(reference.matrix.isfinite().all())
+    assert not torch.allclose(reference.matrix, torch.eye(27))
+
+
+def test_decorrelation_step_benchmark_runs_every_variant_under_autocast():
+    result = decorrelation_bench.bench_step(width=8, batch_size=16, budgets=("auto",), rounds=1, steps_per_round=1,
+                                            autocast="bf16", device="cpu")
+    assert [row["variant"] for row in result["variants"]] == ["backprop", "reference", "effcompile max_overhead=auto"]
+    assert result["autocast"] == "bf16" and result["device"] == "cpu"
+    assert all(row["step_s"] > 0 for row in result["variants"])
+    assert result["variants"][2]["predicted_overhead"]  # the Plan's prediction rides along
+
+
+def test_randomized_vjp_step_benchmark_has_one_arm_per_estimator_against_one_exact_arm():
+    result = randomized_vjp_bench.bench_step_times("mlp", {}, 32, (0.25,), steps=2, warmup=1, compile=False,
+                                                   estimators=("importance", "uniform"), autocast="bf16")
+    rows = result["rows"]
+    assert [(row["keep"], row["estimator"]) for row in rows] == [(0.25, "importance"), (0.25, "uniform")]
+    assert rows[0]["exact_step_ms"] == rows[1]["exact_step_ms"]  # the same exact arm
+    assert all(row["sketched_step_ms"] > 0 and row["step_ratio"] > 0 for row in rows)
