@@ -157,7 +157,7 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
     from effcompile import models
     from effcompile.api import report, transform
     from effcompile.harness.fit import autocast_context
-    from effcompile.measure import machine_info
+    from effcompile.measure import machine_info, synchronize
     from effcompile.passes.decorrelation import Decorrelation
 
     if threads is not None:
@@ -170,10 +170,6 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
 
     x = torch.randn(batch_size, in_channels, image_size, image_size).to(device)
     y = torch.randint(0, 10, (batch_size,)).to(device)
-
-    def synchronize() -> None:  # GPU work is asynchronous: a clock read must wait for it
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
     variants: Dict[str, Dict[str, Any]] = {"backprop": {"model": build(), "after": lambda: None}}
     if not compile:
         reference = build()
@@ -203,20 +199,20 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
         variant["after"]()
 
     for variant in variants.values():  # warm-up (and the compilation, timed apart)
-        synchronize()
+        synchronize(device)
         began = time.perf_counter()
         step(variant)
-        synchronize()
+        synchronize(device)
         variant["first_step_s"] = time.perf_counter() - began
         step(variant)
     for round_ in range(rounds):
         order = list(variants.values()) if round_ % 2 == 0 else list(reversed(list(variants.values())))
         for variant in order:
-            synchronize()
+            synchronize(device)
             began = time.perf_counter()
             for _ in range(steps_per_round):
                 step(variant)
-            synchronize()
+            synchronize(device)
             variant["times"].append((time.perf_counter() - began) / steps_per_round)
     base = statistics.median(variants["backprop"]["times"])
     out = []

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from effcompile.api import train_step, transform
-from effcompile.measure import machine_info, time_steps
+from effcompile.measure import machine_info, synchronize, time_steps
 from effcompile.passes.randomized_vjp import RandomizedVJP
 
 __all__ = ["bench_step_times", "bench_saved_activations", "bench_variance", "bench_batchnorm_eval",
@@ -79,17 +79,13 @@ class _TimedStep:
         self.forward_loss = torch.compile(forward_loss, backend=backend) if compile else forward_loss
         self.backward_s: List[float] = []
 
-    def _synchronize(self) -> None:  # a GPU clock read must wait for the queued work
-        if self.inputs.device.type == "cuda":
-            torch.cuda.synchronize(self.inputs.device)
-
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_loss(self.inputs, self.targets)
-        self._synchronize()
+        synchronize(self.inputs.device)
         start = time.perf_counter()
         loss.backward()
-        self._synchronize()
+        synchronize(self.inputs.device)
         self.backward_s.append(time.perf_counter() - start)
         self.optimizer.step()
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from ._compat import unique_graph_count
 
-__all__ = ["SavedTensorMeter", "time_steps", "bench_pass", "machine_info", "CountedStep", "time_first_call", "compile_seconds",
+__all__ = ["SavedTensorMeter", "synchronize", "time_steps", "bench_pass", "machine_info", "CountedStep", "time_first_call", "compile_seconds",
            "peak_step_memory"]
 
 
@@ -269,10 +269,10 @@ def bench_pass(
 
 def time_first_call(step: Callable[[], Any], device: torch.device) -> float:
     """Wall-clock seconds of the first call (with --compile: compilation plus one step)."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     step()
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -323,7 +323,9 @@ def _note(device: torch.device) -> str:
     return "absolute times are CPU times and say little about GPU speed; compare the ratio"
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): a wall-clock read must follow it."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from effcompile.api import train_step
-from effcompile.measure import SavedTensorMeter, compile_seconds
+from effcompile.measure import SavedTensorMeter, compile_seconds, synchronize
 from .data import make_loaders
 
 __all__ = [
@@ -313,7 +313,7 @@ def _train_epoch(
     wall-clock seconds, steps, seconds of the first step).  With ``meter``, the first step runs
     under it."""
     model.train()
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     # Accumulate on the device and read the value once: a .item() per step would force a host
     # sync every step and distort the timing of asynchronous (CUDA) training.
@@ -332,12 +332,12 @@ def _train_epoch(
         total += loss.detach().float()
         batches += 1
         if batches == 1:  # one synchronisation per epoch: the first step's time (a compile shows there)
-            _synchronize(device)
+            synchronize(device)
             first_step = time.perf_counter() - start
         if bar is not None:
             bar.update(1)
     mean_loss = total.item() / max(batches, 1)  # .item() synchronizes, so the clock is honest
-    _synchronize(device)
+    synchronize(device)
     return mean_loss, time.perf_counter() - start, batches, first_step
 
 
@@ -383,11 +383,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _json_float(value: Any) -> Any:
