@@ -154,13 +154,13 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 _DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
 
 
-def redispatch_function(func, types, args, kwargs, fallback=None):
+def redispatch_function(func, types, args, kwargs, fallback):
     """Call the Python function ``func`` skipping its own ``__torch_function__`` hop once, so a
     TorchFunctionMode that re-enters itself sees the ops inside ``func`` instead of ``func`` again.
 
     ``torch.overrides.redispatch_function`` where it exists (not in torch 2.11), else the C hook
-    it wraps, else ``fallback``: a copy of ``func`` made by :func:`without_dispatch_check` ahead
-    of time (Dynamo cannot trace making a function, so a compiled caller must pass one in).
+    it wraps, else ``fallback``: a copy of ``func`` reading its globals from
+    :func:`dispatch_free_globals`, made ahead of time (Dynamo cannot trace making a function).
     """
     public = getattr(torch.overrides, "redispatch_function", None)
     if public is not None:
@@ -168,28 +168,15 @@ def redispatch_function(func, types, args, kwargs, fallback=None):
     skip_one_hop = getattr(torch._C, "_skip_one_hop_torch_function", None)
     if skip_one_hop is not None:
         return skip_one_hop(func, types, args, kwargs or {})
-    return (fallback or without_dispatch_check(func))(*args, **(kwargs or {}))
-
-
-def without_dispatch_check(func, namespace=None):
-    """A copy of ``func`` (same code, defaults, closure) whose ``has_torch_function*`` calls are
-    False: the checks are names in the function's globals, which the copy reads from ``namespace``
-    (by default a copy of ``func``'s globals with the checks replaced; copies of functions from
-    one module can share one).  The functions it calls keep their own checks."""
-    import types as _types
-
-    if namespace is None:
-        namespace = dispatch_free_globals(func.__globals__)
-    copy = _types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
-    copy.__kwdefaults__ = func.__kwdefaults__
-    return copy
+    return fallback(*args, **(kwargs or {}))
 
 
 def dispatch_free_globals(module_globals):
-    """A copy of a module's globals whose ``has_torch_function*`` names answer False."""
+    """A copy of a module's globals whose ``has_torch_function*`` names answer False: a function
+    copied onto it skips its own dispatch check; the functions it calls keep theirs."""
     namespace = dict(module_globals)
     namespace.update({name: (lambda *_: False) for name in _DISPATCH_CHECKS})
     return namespace
 
 
-__all__ += ["redispatch_function", "without_dispatch_check", "dispatch_free_globals"]
+__all__ += ["redispatch_function", "dispatch_free_globals"]

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from effcompile._compat import dispatch_free_globals, redispatch_function, without_dispatch_check
+from effcompile._compat import dispatch_free_globals, redispatch_function
 
 __all__ = ["LayerInputObserver", "observed_forward"]
 
@@ -77,9 +77,11 @@ _WEIGHT_VIEWS: Tuple[Any, ...] = (
 )
 
 
-def _undecorated(func: types.FunctionType) -> types.FunctionType:
-    """A copy of a Python function (same code, globals, defaults) that Dynamo inlines as user code."""
-    copy = types.FunctionType(func.__code__, func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+def _undecorated(func: types.FunctionType, namespace: Optional[Dict[str, Any]] = None) -> types.FunctionType:
+    """A copy of a Python function (same code, defaults; its globals or ``namespace``) that Dynamo
+    inlines as user code."""
+    namespace = func.__globals__ if namespace is None else namespace
+    copy = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
     copy.__kwdefaults__ = func.__kwdefaults__
     return copy
 
@@ -89,11 +91,9 @@ def _undecorated(func: types.FunctionType) -> types.FunctionType:
 _COMPOSITES: Tuple[types.FunctionType, ...] = tuple(
     _undecorated(value) for name, value in sorted(vars(F).items())
     if isinstance(value, types.FunctionType) and not name.startswith("__"))
-# The same bodies with their own dispatch check off: where torch has no redispatch hook (2.11).
-# Made here, not while tracing: Dynamo cannot trace making a function.
+# The same bodies with their own dispatch check off, for a torch without a redispatch hook (2.11).
 _F_NAMESPACE = dispatch_free_globals(vars(F))
-_UNDISPATCHED: Tuple[types.FunctionType, ...] = tuple(
-    without_dispatch_check(function, _F_NAMESPACE) for function in _COMPOSITES)
+_UNDISPATCHED: Tuple[types.FunctionType, ...] = tuple(_undecorated(function, _F_NAMESPACE) for function in _COMPOSITES)
 
 # func → its role: ("layer", input position, input keyword, weight position, weight keyword),
 # ("view", method name or None), ("method", name): a Tensor method written in Python (``split``,
