@@ -146,9 +146,10 @@ def reference_decorrelated(model: nn.Module, lr: float = 1e-3, kappa: float = 0.
 def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: int = 128, image_size: int = 32,
                in_channels: int = 3, budgets: Sequence[str] = ("auto", "0.15", "0.4", "none"), rounds: int = 5,
                steps_per_round: int = 2, threads: Optional[int] = None, seed: int = 0,
-               compile: bool = False, device: str = "cpu", autocast: Optional[str] = None) -> Dict[str, Any]:
+               compile: bool = False, device: str = "cpu", autocast: Optional[str] = None,
+               update_dtypes: Sequence[str] = ("auto",)) -> Dict[str, Any]:
     """Interleaved step times of backprop, the decorbp-style reference and ``Decorrelation`` at each
-    budget.  ``compile``: every model's forward and backward through ``torch.compile(backend=
+    budget (and each ``update_dtype`` of ``update_dtypes``: one variant per pair).  ``compile``: every model's forward and backward through ``torch.compile(backend=
     "effcompile")`` (Inductor; the reference's Python-side update cannot be, so it is left out);
     the compilation happens in the warm-up, outside the timed rounds, and is reported apart.
     ``autocast``: "bf16" runs forward and loss under ``torch.autocast``."""
@@ -157,6 +158,7 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
     from effcompile import models
     from effcompile.api import report, transform
     from effcompile.harness.fit import autocast_context
+    from effcompile._compat import native_bf16_matmul
     from effcompile.measure import machine_info, synchronize
     from effcompile.passes.decorrelation import Decorrelation
 
@@ -176,15 +178,18 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
         wrappers = reference_decorrelated(reference)
         variants["reference"] = {"model": reference, "after": lambda: [w.update() for w in wrappers]}
     for budget in budgets:
-        transformed = build()
-        max_overhead = None if budget == "none" else budget if budget == "auto" else float(budget)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            transform(transformed, Decorrelation(max_overhead=max_overhead), example_inputs=(x,))
-        rows = [row for row in report(transformed) if row.applied]
-        predicted = rows[0].details.get("model_overhead") if rows else None
-        variants[f"effcompile max_overhead={budget}"] = {"model": transformed, "after": lambda: None,
-                                                         "predicted_overhead": predicted}
+        for update_dtype in update_dtypes:
+            transformed = build()
+            max_overhead = None if budget == "none" else budget if budget == "auto" else float(budget)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                transform(transformed, Decorrelation(max_overhead=max_overhead, update_dtype=update_dtype),
+                          example_inputs=(x,))
+            rows = [row for row in report(transformed) if row.applied]
+            predicted = rows[0].details.get("model_overhead") if rows else None
+            name = f"effcompile max_overhead={budget}" + (f" {update_dtype}" if len(update_dtypes) > 1 else "")
+            variants[name] = {"model": transformed, "after": lambda: None, "predicted_overhead": predicted,
+                              "update_dtypes": sorted({row.details.get("update_dtype") for row in rows} - {None})}
     for variant in variants.values():
         variant["optimizer"] = torch.optim.SGD(variant["model"].parameters(), lr=0.01, momentum=0.9)
         variant["times"] = []
@@ -220,12 +225,14 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
         seconds = statistics.median(variant["times"])
         out.append({"variant": name, "step_s": seconds, "vs_backprop": seconds / base,
                     "predicted_overhead": variant.get("predicted_overhead"),
+                    "update_dtypes": variant.get("update_dtypes"),
                     "first_step_s": variant["first_step_s"], "times": variant["times"]})
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"machine": machine_info(device), "device": str(device), "autocast": autocast,
             "threads": torch.get_num_threads(), "load_average": load,
             "model": model, "width": width, "batch_size": batch_size, "image_size": image_size,
             "rounds": rounds, "steps_per_round": steps_per_round, "mode": "compiled" if compile else "eager",
+            "native_bf16_matmul": native_bf16_matmul(device),
             "variants": out}
 
 
@@ -241,6 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--budgets", default="auto,0.15,0.4,none", help="max_overhead values ('none': no budget)")
+    parser.add_argument("--update-dtypes", default="auto", help="step: Decorrelation.update_dtype values, e.g. auto,float32")
     parser.add_argument("--blocks", default="64,128,256,512,1024")
     parser.add_argument("--rows-per-dim", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: step 5, update 15)")
@@ -255,12 +263,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = bench_step(model=args.model, width=args.width, batch_size=args.batch_size, image_size=args.image_size,
                             in_channels=args.in_channels, budgets=args.budgets.split(","), rounds=args.rounds or 5,
                             threads=args.threads, compile=args.compile, device=args.device,
-                            autocast=args.autocast, steps_per_round=args.steps_per_round)
+                            autocast=args.autocast, steps_per_round=args.steps_per_round,
+                            update_dtypes=args.update_dtypes.split(","))
         print(f"{result['model']} width {result['width']}, batch {result['batch_size']}, {result['mode']}, "
               f"threads={result['threads']}, load {result['load_average']}")
-        print(f"{'variant':<32} {'step s':>8} {'vs backprop':>12} {'predicted':>10} {'first step s':>13}")
+        print(f"{'variant':<40} {'step s':>8} {'vs backprop':>12} {'predicted':>10} {'first step s':>13}")
         for row in result["variants"]:
-            print(f"{row['variant']:<32} {row['step_s']:>8.3f} {row['vs_backprop']:>11.2f}x "
+            print(f"{row['variant']:<40} {row['step_s']:>8.3f} {row['vs_backprop']:>11.2f}x "
                   f"{row['predicted_overhead'] or '':>10} {row['first_step_s']:>13.1f}")
         if args.out:
             with open(args.out, "w") as handle:

@@ -104,11 +104,24 @@ def is_compiling() -> bool:
 ConvNd = torch.nn.modules.conv._ConvNd
 
 
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (faster than fp32, not emulated):
+    CUDA from compute capability 8.0 (Ampere), x86 CPUs with AVX512-BF16 or AMX tiles.  Other
+    devices answer False.  (The CPU checks are private ``torch.cpu`` helpers.)"""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(bool(check()) for check in checks if check is not None)
+    return False
+
+
 __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
     "functional_all_gather",
     "unique_graph_count", "is_compiling", "ConvNd", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
-    "is_sharded",
+    "is_sharded", "native_bf16_matmul",
 ]
 
 

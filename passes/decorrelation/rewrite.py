@@ -338,7 +338,9 @@ class DecorrelationPass(ModelPass):
         state = decorrelation_states(model).get(row.layer)
         if state is None:
             return {}
-        return {"updates": int(state.updates), "rejected": int(state.rejected_updates)}
+        # The update dtype as resolved on the state's device (update_dtype="auto" depends on it).
+        return {"updates": int(state.updates), "rejected": int(state.rejected_updates),
+                "update_dtype": str(state.update_dtype).removeprefix("torch.")}
 
 
 def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:
@@ -368,6 +370,7 @@ def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:
         param_fqn=candidate.param_fqn, owner_path=candidate.owner_path, attr=candidate.attr, kind=kind,
         contracted_axis=first.contracted_axis, groups=groups, group_dim=group_dim,
         block=config.max_block_size, conv=first.conv, update_every=config.update_every,
+        example_rows=_example_rows(candidate),
         scopes=tuple((scope, tuple(locations)) for scope, locations in scopes.items()),
         observer_scopes=observer_scopes,
     )
@@ -394,11 +397,9 @@ def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelati
                  sides: Tuple[str, ...]) -> List[LayerCost]:
     """The layer's configurations from the configured one down to the cheapest (cost.py); only the
     configured one without a budget, none without input shapes."""
-    first = candidate.uses[0]
-    if not first.input_shape:
+    rows = _example_rows(candidate)
+    if rows is None:
         return []
-    positions = conv_output_positions(first.input_shape, first.conv) if first.conv is not None else None
-    rows = sum(layer_rows(use.input_shape, positions) for use in candidate.uses)
     numel = math.prod(candidate.weight_shape)
     syncing = config.sync_statistics and replicas.is_distributed()
     if config.max_overhead is None:
@@ -406,6 +407,15 @@ def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelati
                         spec.update_every, syncing, sides)]
     return ladder(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim, syncing,
                   min_update_every=config.update_every, limited=config.max_overhead == "auto", sides=sides)
+
+
+def _example_rows(candidate: LayerCandidate):
+    """Input rows the weight meets per step at the example's batch (every use), None without shapes."""
+    first = candidate.uses[0]
+    if not first.input_shape:
+        return None
+    positions = conv_output_positions(first.input_shape, first.conv) if first.conv is not None else None
+    return sum(layer_rows(use.input_shape, positions) for use in candidate.uses)
 
 
 def _set_layer_details(row: PlanRow, spec: LayerSpec, config: Decorrelation, cost) -> None:

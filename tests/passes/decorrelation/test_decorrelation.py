@@ -205,13 +205,14 @@ def test_sampled_patches_are_real_patches_of_the_padded_input():
     assert torch.unique(torch.cdist(rows, every_patch, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)).numel() > 0.5 * every_patch.shape[0]
 
 
-def test_update_decorrelates_correlated_gaussian_inputs_tenfold():
+@pytest.mark.parametrize("update_dtype", ["float32", "bfloat16"])
+def test_update_decorrelates_correlated_gaussian_inputs_tenfold(update_dtype):
     torch.manual_seed(1)
     d = 16
     mixing = torch.eye(d) + 0.8 * torch.randn(d, d) / math.sqrt(d)
     layer = nn.Linear(d, 4)
     sample = lambda: torch.randn(256, d) @ mixing.T
-    _decorrelate(layer, sample(), lr=0.05, kappa=0.5, rows_per_dim=16)
+    _decorrelate(layer, sample(), lr=0.05, kappa=0.5, rows_per_dim=16, update_dtype=update_dtype)
     state = _state(layer, "<root>")
     probe = torch.randn(20000, d) @ mixing.T  # large, so the measurement's own noise is far below the target
     before = float(state.off_diagonal_correlation(probe))
