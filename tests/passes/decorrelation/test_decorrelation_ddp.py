@@ -20,12 +20,12 @@ WORLD = 2
 STEPS = 5
 
 
-def _train(rank, sync_statistics):
+def _train(rank, sync_statistics, update_dtype="auto"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = effcompile.Decorrelation(lr=0.05, sync_statistics=sync_statistics)
+        config = effcompile.Decorrelation(lr=0.05, sync_statistics=sync_statistics, update_dtype=update_dtype)
         effcompile.transform(model, config, example_inputs=(torch.randn(4, 6),))
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -41,6 +41,7 @@ def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         runs = {sync: _train(rank, sync) for sync in (True, False)}
+        runs["bfloat16"] = _train(rank, True, "bfloat16")  # the averaged statistic, then bf16 products
         torch.save(runs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -56,5 +57,8 @@ def test_R_stays_identical_on_every_rank(tmp_path):
     for name in synced0:
         assert not torch.equal(synced0[name], torch.eye(synced0[name].shape[-1]).expand_as(synced0[name])), "R was updated"
         torch.testing.assert_close(synced0[name], synced1[name], rtol=0, atol=1e-6)
+    for name, matrix in rank0["bfloat16"].items():
+        assert not torch.equal(matrix, synced0[name])  # the bf16 products ran
+        torch.testing.assert_close(matrix, rank1["bfloat16"][name], rtol=0, atol=1e-6)
     # Control: without the all-reduce the ranks' different data make R drift apart.
     assert not torch.allclose(rank0[False]["0"], rank1[False]["0"], atol=1e-4)
