@@ -27,11 +27,11 @@ __all__ = ["BF16_MIN_UPDATE_MACS", "DecorrelationState", "LayerSpec", "MIN_ROWS"
            "resolve_update_dtype", "sample_patches", "update_formula", "update_macs"]
 
 MIN_ROWS = 64
-# update_dtype="auto": the smallest update (MACs, all blocks, at the row cap) whose products run in
-# bf16 on hardware that multiplies bf16 natively.  On the development CPU (AMD EPYC, AVX512-BF16;
-# 2 threads) one bf16 bmm with its casts took 0.83x the fp32 time at 8.4M MACs, 0.64x at 34M and
-# 0.58x at 67M, and 3-4x longer below 1M (the casts are dispatches); whole ResNet-18 updates
-# (18 blocks of 128 at n = 512; 3 of 384 at n = 1536) ran 2.1-4.2x faster.
+# update_dtype="auto": the smallest update (MACs, all blocks, at the example's batch) whose products
+# run in bf16 on hardware that multiplies bf16 natively.  On the development CPU (AMD EPYC,
+# AVX512-BF16; 2 threads) one bf16 bmm with its casts took 0.83x the fp32 time at 8.4M MACs, 0.64x
+# at 34M and 0.58x at 67M, and 3-4x longer below 1M (the casts are dispatches); whole ResNet-18
+# updates (18 blocks of 128 at n = 512; 3 of 384 at n = 1536) ran 2.1-4.2x faster.
 BF16_MIN_UPDATE_MACS = 1 << 25
 
 
@@ -379,7 +379,8 @@ class DecorrelationState(nn.Module):
         if exact:
             proposal = torch.baddbmm(row_scale.unsqueeze(-1) * matrix, moment, times, alpha=step)
         else:  # the increment in bf16 products, R and the sum in fp32
-            proposal = torch.add(row_scale.unsqueeze(-1) * matrix, widen(torch.bmm(cast(moment), cast(times))), alpha=step)
+            increment = widen(torch.bmm(cast(moment), cast(times)))
+            proposal = torch.add(row_scale.unsqueeze(-1) * matrix, increment, alpha=step)
         # A non-finite entry makes the max NaN or inf, which fails the comparison too.
         return proposal, proposal.abs().amax() <= self.divergence_threshold
 
