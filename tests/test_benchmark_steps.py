@@ -41,3 +41,15 @@ def test_randomized_vjp_step_benchmark_has_one_arm_per_estimator_against_one_exa
     assert [(row["keep"], row["estimator"]) for row in rows] == [(0.25, "importance"), (0.25, "uniform")]
     assert rows[0]["exact_step_ms"] == rows[1]["exact_step_ms"]  # the same exact arm
     assert all(row["sketched_step_ms"] > 0 and row["step_ratio"] > 0 for row in rows)
+
+
+def test_decorrelation_step_benchmark_has_one_variant_per_update_dtype():
+    result = decorrelation_bench.bench_step(width=8, batch_size=16, budgets=("none",), rounds=1, steps_per_round=1,
+                                            update_dtypes=("bfloat16", "float32"))
+    variants = {row["variant"]: row for row in result["variants"]}
+    assert set(variants) == {"backprop", "reference", "effcompile max_overhead=none bfloat16",
+                             "effcompile max_overhead=none float32"}
+    # Each variant reports the dtype its layers' updates resolved to (the report's update_dtype).
+    assert variants["effcompile max_overhead=none bfloat16"]["update_dtypes"] == ["bfloat16"]
+    assert variants["effcompile max_overhead=none float32"]["update_dtypes"] == ["float32"]
+    assert isinstance(result["native_bf16_matmul"], bool)
