@@ -157,6 +157,29 @@ def _norm_dims(dims: Any, ndim: int) -> List[int]:
     return [int(d) % ndim for d in dims]
 
 
+def _unaliased(node: Any) -> Any:
+    while isinstance(node, Node) and node.op == "call_function" and node.target is aten.alias.default:
+        node = node.args[0]
+    return node
+
+
+def _mask_source(node: Any) -> Optional[Node]:
+    """For an element-wise comparison of one tensor with scalars (a bool mask of the same shape,
+    e.g. ReLU's ``le(Y, 0)``), the compared tensor (seen through aliases); else None."""
+    node = _unaliased(node)
+    if not isinstance(node, Node) or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    meta = tensor_meta(node)
+    if meta is None or meta.dtype != torch.bool or torch.Tag.pointwise not in node.target.tags or node.kwargs:
+        return None
+    tensors = [arg for arg in node.args if isinstance(arg, Node)]
+    if len(tensors) != 1 or any(isinstance(arg, (list, tuple)) for arg in node.args):
+        return None
+    if _shape(tensors[0]) != _shape(node):
+        return None
+    return tensors[0]
+
+
 def _shape(node: Any) -> tuple:
     meta = tensor_meta(node)
     if meta is None:
@@ -261,6 +284,19 @@ class _RowSparseRewriter:
         return self.row_indices[key]
 
     def _gather(self, dense: Node, info: RowSparse, like: Node, dim: int) -> Node:
+        """``dense`` restricted to the selected rows along ``dim``.
+
+        A bool mask computed element-wise from one full-size tensor is recomputed from that
+        tensor's gathered rows instead of being gathered itself: ReLU's backward reads
+        ``le(Y, 0)``, and gathering the full-batch mask made the partitioner save a bool mask of
+        the rows beside the float rows of ``Y`` it saves anyway for the next weight gradient (and
+        Inductor's CPU code for bool stores is slow).  CSE merges the repeated gathers of ``Y``.
+        """
+        source = _mask_source(dense)
+        if source is not None:
+            mask = _unaliased(dense)
+            rows = self._insert(like, aten.index.Tensor, _unaliased(source), [None] * dim + [self._row_index(info)])
+            return self._insert(like, mask.target, *(rows if arg is source else arg for arg in mask.args))
         return self._insert(like, aten.index.Tensor, dense, [None] * dim + [self._row_index(info)])
 
     def _scatter(self, node: Node, info: RowSparse) -> Node:

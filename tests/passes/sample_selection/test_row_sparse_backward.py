@@ -208,3 +208,29 @@ def test_a_graph_where_nothing_runs_on_the_selected_rows_warns():
     compiled = torch.compile(_selected_loss(model), backend="effcompile_aot_eager")
     with pytest.warns(UserWarning, match="forward reuse saves nothing here"):
         compiled(x, y, *SELECTION).backward()
+
+
+def test_relu_masks_are_recomputed_from_the_saved_rows_not_saved_as_bool():
+    """Inductor writes ReLU's backward as ``where(le(Y, 0), 0, g)``.  Gathering the full-batch mask
+    ``le(Y, 0)`` made the partitioner save a bool mask of the kept rows beside the float rows of
+    ``Y`` it saves for the next weight gradient; the mask is now recomputed from those rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4))
+    x, y = torch.randn(BATCH, 6), torch.randint(0, 4, (BATCH,))
+    index, weights = SELECTION
+    expected = _gradients(lambda *a: _plain_selected_loss(model, *a), model, x, y, index, weights)
+    torch.compiler.reset()
+    compiled = torch.compile(_selected_loss(model), backend="effcompile")
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = compiled(x, y, index, weights)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4)
+    assert (torch.float32, (KEPT, 12)) in saved  # the kept rows of the hidden activations
+    assert not [shape for dtype, shape in saved if dtype == torch.bool and shape[:1] == (KEPT,)], saved
