@@ -149,8 +149,9 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
                compile: bool = False, device: str = "cpu", autocast: Optional[str] = None,
                update_dtypes: Sequence[str] = ("auto",)) -> Dict[str, Any]:
     """Interleaved step times of backprop, the decorbp-style reference and ``Decorrelation`` at each
-    budget (and each ``update_dtype`` of ``update_dtypes``: one variant per pair).  ``compile``: every model's forward and backward through ``torch.compile(backend=
-    "effcompile")`` (Inductor; the reference's Python-side update cannot be, so it is left out);
+    budget (and each ``update_dtype`` of ``update_dtypes``: one variant per pair).  ``compile``:
+    every model's forward and backward through ``torch.compile(backend="effcompile")`` (Inductor;
+    the reference's Python-side update cannot be, so it is left out);
     the compilation happens in the warm-up, outside the timed rounds, and is reported apart.
     ``autocast``: "bf16" runs forward and loss under ``torch.autocast``."""
     import torch.nn.functional as F
@@ -178,9 +179,9 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
         wrappers = reference_decorrelated(reference)
         variants["reference"] = {"model": reference, "after": lambda: [w.update() for w in wrappers]}
     for budget in budgets:
+        max_overhead = None if budget == "none" else budget if budget == "auto" else float(budget)
         for update_dtype in update_dtypes:
             transformed = build()
-            max_overhead = None if budget == "none" else budget if budget == "auto" else float(budget)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 transform(transformed, Decorrelation(max_overhead=max_overhead, update_dtype=update_dtype),

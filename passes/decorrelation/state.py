@@ -351,9 +351,9 @@ class DecorrelationState(nn.Module):
         # Identity in fp32: no extra ops there (small blocks are dispatch-bound).
         cast = (lambda t: t) if exact else (lambda t: t.to(low))
         widen = (lambda t: t) if exact else (lambda t: t.float())
+        m = cast(matrix)
         if formula in ("rows", "gram"):
-            x, m = cast(self._padded_blocks(rows)), cast(matrix)
-            z = torch.bmm(x, m.transpose(1, 2))  # z = R·x per block: (blocks, n, b)
+            z = self._decorrelated_rows(cast(rows), m)  # z = R·x per block: (blocks, n, b)
         if formula == "rows":
             if self._syncing():
                 raise ValueError("the 'rows' formula needs every rank's rows: use 'gram' or 'covariance' with DDP")
@@ -368,7 +368,7 @@ class DecorrelationState(nn.Module):
         elif formula == "covariance":
             # Σ = R·S·Rᵀ with S = XᵀX/n the second moment of the raw rows: z = R·x is never formed.
             # S is linear in the rows, so averaging S over ranks equals averaging Σ (R is identical).
-            x, m = cast(self._padded_blocks(rows)), cast(matrix)
+            x = cast(self._padded_blocks(rows))
             second_moment = self._average_over_ranks(widen(torch.bmm(x.transpose(1, 2), x)) / n)
             moment, times = torch.bmm(torch.bmm(m, cast(second_moment)), m.transpose(-1, -2)), matrix
             variance = widen(torch.diagonal(moment, dim1=-2, dim2=-1))

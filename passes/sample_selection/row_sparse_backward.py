@@ -294,8 +294,7 @@ class _RowSparseRewriter:
         """
         source = _mask_source(dense)
         if source is not None:
-            mask = _unaliased(dense)
-            rows = self._insert(like, aten.index.Tensor, _unaliased(source), [None] * dim + [self._row_index(info)])
+            mask, rows = _unaliased(dense), self._gather(_unaliased(source), info, like, dim)
             return self._insert(like, mask.target, *(rows if arg is source else arg for arg in mask.args))
         return self._insert(like, aten.index.Tensor, dense, [None] * dim + [self._row_index(info)])
 
