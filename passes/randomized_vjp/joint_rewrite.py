@@ -8,7 +8,7 @@ before (AOT autograd, the layer's backward nodes)::
 
 Joint graph after, target ``grad_weight`` (one shared index set over the M rows)::
 
-    s      = ‖G_t‖·‖X_t‖                                   # row scores
+    s      = ‖G_t‖·‖X_t‖                                   # row scores (uniform: zeros, no norms)
     idx, c = effcompile::sample_indices(s, k, estimator)  # k static, c_t = 1/π_t
     grad_W = mm(t(G[idx] · c), X[idx])                     # a k/M-smaller dense GEMM
 
@@ -204,12 +204,19 @@ def _input_mean(graph, like, layer_input, grad_out):
             _insert(graph, like, aten.sum.dim_IntList, grad_out, [0], True))
 
 
-def _scored_input(graph, like, layer_input, grad_out, settings: LayerSketch):
-    """(the input the sampling scores read, the mean terms or None): ``x − x̄`` when centring."""
-    if not settings.center:
-        return layer_input, None
-    means = _input_mean(graph, like, layer_input, grad_out)
-    return _insert(graph, like, aten.sub.Tensor, layer_input, means[0]), means
+def _centred(graph, like, layer_input, means):
+    """``x − x̄`` when centring (``means`` from :func:`_input_mean`), else ``x``."""
+    return layer_input if means is None else _insert(graph, like, aten.sub.Tensor, layer_input, means[0])
+
+
+def _sampling_scores(graph, like, grad_out, count, settings: LayerSketch, score_factors):
+    """The scores of the ``count`` positions to sample: the product of the two norm vectors that
+    ``score_factors()`` inserts (``‖g_t‖·‖x_t‖``).  ``uniform`` reads only their count, so it gets
+    zeros and no norms (they would cost two more passes over G and X in the compiled backward)."""
+    if settings.estimator == "uniform":
+        return _insert(graph, like, aten.full.default, [count], 0.0, dtype=torch.float32,
+                       device=grad_out.meta["val"].device)
+    return _insert(graph, like, aten.mul.Tensor, *score_factors())
 
 
 def _with_mean_term(graph, like, grad_rows, input_rows, means):
@@ -306,9 +313,9 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
             else:
                 new = _insert(graph, mm, aten.mm.default, left, right)
         else:
-            scored_input, means = _scored_input(graph, mm, layer_input, grad_out, settings)
-            scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [1]),
-                             _norms(graph, mm, scored_input, [1]))
+            means = _input_mean(graph, mm, layer_input, grad_out) if settings.center else None
+            scores = _sampling_scores(graph, mm, grad_out, rows, settings, lambda: (
+                _norms(graph, mm, grad_out, [1]), _norms(graph, mm, _centred(graph, mm, layer_input, means), [1])))
             indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
             scale = _insert(graph, mm, aten.unsqueeze.default, scale, 1)
             grad_rows, input_rows = _with_mean_term(
@@ -354,7 +361,8 @@ def _rewrite_grad_input(graph, mm, grad_out, weight_t, settings: LayerSketch) ->
         k, features, why = _sample_size(graph, mm, grad_out, 1, settings.keep_input, settings.multiple)
         if k is None:
             return _Exact(why)
-        scores = _insert(graph, mm, aten.mul.Tensor, _norms(graph, mm, grad_out, [0]), _norms(graph, mm, weight_t, [1]))
+        scores = _sampling_scores(graph, mm, grad_out, features, settings, lambda: (
+            _norms(graph, mm, grad_out, [0]), _norms(graph, mm, weight_t, [1])))
         indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
         grad_columns = _insert(graph, mm, aten.mul.Tensor, _gather(graph, mm, grad_out, 1, indices), scale)
         weight_rows = _gather(graph, mm, weight_t, 0, indices)
@@ -385,9 +393,10 @@ def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSke
             return _Exact(why)
         rest = _insert(graph, backward, aten.convolution_backward.default, grad_out, layer_input, weight, *conv_args,
                        [output_mask[0], False, output_mask[2]])
-        scored_input, means = _scored_input(graph, backward, layer_input, grad_out, settings)
-        scores = _insert(graph, backward, aten.mul.Tensor, _per_image_norms(graph, backward, grad_out),
-                         _per_image_norms(graph, backward, scored_input))
+        means = _input_mean(graph, backward, layer_input, grad_out) if settings.center else None
+        scores = _sampling_scores(graph, backward, grad_out, images, settings, lambda: (
+            _per_image_norms(graph, backward, grad_out),
+            _per_image_norms(graph, backward, _centred(graph, backward, layer_input, means))))
         indices, scale = _sampled_rows(graph, backward, scores, k, settings, grad_out.meta["val"].dtype)
         scale = _insert(graph, backward, aten.view.default, scale, [k] + [1] * (grad_out.meta["val"].dim() - 1))
         # ∇W is bilinear: with centring the mean pair ∇W(Σ_b g_b, x̄) joins the call as image k+1.

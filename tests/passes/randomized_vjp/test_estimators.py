@@ -112,6 +112,33 @@ def test_water_filling_caps_top_scores():
     torch.testing.assert_close(sk.inclusion_probabilities(scores, 8, "importance"), torch.ones(8))
 
 
+def plain_water_filling(scores: list[float], k: int) -> list[float]:
+    """The textbook procedure, one score at a time: cap the largest score at 1 while it would
+    exceed it, then spread what is left of the budget ∝ score over the rest."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    pi, budget, rest = [0.0] * len(scores), float(k), list(order)
+    while rest and sum(scores[i] for i in rest) > 0 and budget * scores[rest[0]] > sum(scores[i] for i in rest):
+        pi[rest.pop(0)], budget = 1.0, budget - 1
+    total = sum(scores[i] for i in rest)
+    for i in rest:  # no score left: the zero scores share the budget evenly
+        pi[i] = budget * scores[i] / total if total > 0 else budget / len(rest)
+    return pi
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.one_of(st.just(0.0), st.floats(1e-3, 1e3), st.floats(1e3, 1e12)), min_size=2, max_size=60),
+    k_frac=st.floats(0.0, 0.99),
+)
+def test_water_filling_equals_plain_procedure(values, k_frac):
+    # Heavy tails, ties and runs of zeros: the top-k scan must cap exactly the scores the
+    # one-at-a-time procedure caps (the sum over the uncapped rest is the delicate part).
+    k = max(1, min(len(values) - 1, int(k_frac * len(values))))
+    pi = sk.inclusion_probabilities(torch.tensor(values, dtype=DOUBLE), k, "importance", uniform_mix=0.0)
+    torch.testing.assert_close(pi.double(), torch.tensor(plain_water_filling(values, k), dtype=DOUBLE),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("estimator", ["importance", "uniform"])
 def test_sample_indices_inclusion_frequencies(estimator):
     n, k, t = 20, 6, 2000

@@ -98,6 +98,33 @@ class TestJointGraphRewrite:
         _gradients(model, torch.compile(model, backend=aot_eager_with_partition(rewrite_twice)), x, y)
         assert runs == [2, 0]
 
+    @pytest.mark.parametrize("estimator", ["importance", "uniform"])
+    def test_only_importance_computes_norms(self, estimator):
+        # Uniform sampling reads only the number of rows: the rewrite must not spend two passes
+        # over G and X on norms it discards (conv images, linear rows and output features).
+        from effcompile._compat import aot_eager_with_partition
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 5))
+        x, y = torch.randn(32, 2, 6, 6), torch.randint(0, 5, (32,))
+        _sketch(model, x, keep=0.25, keep_input=0.5, target="both", estimator=estimator, multiple=1)
+        rewritten = []
+
+        def capture(partition):
+            def partition_fn(joint, inputs, **kwargs):
+                rewritten.append(len(randomized_vjp.rewrite_joint_graph(joint.graph)))
+                joint.recompile()
+                norms = [n for n in joint.graph.nodes if n.target is torch.ops.aten.sqrt.default]
+                rewritten.append(len(norms))
+                return partition(joint, inputs, **kwargs)
+
+            return partition_fn
+
+        _gradients(model, torch.compile(model, backend=aot_eager_with_partition(capture)), x, y)
+        records, norms = rewritten
+        assert records == 5  # three weight gradients, two input gradients
+        assert norms == (2 * records if estimator == "importance" else 0)
+
     @pytest.mark.parametrize("target", ["grad_input", "both"])
     def test_grad_input_samples_output_features(self, target, joint_log):
         torch.manual_seed(0)
