@@ -35,7 +35,9 @@ Everything runs on the device: no ``.item()``, no Python branching on tensor val
 shapes depend only on ``(n, k)``, so ``torch.compile`` never recompiles for new values.  The
 sampler is the custom op ``torch.ops.effcompile.sample_indices`` (see :func:`sample_indices`) so
 graph passes can insert it into FX graphs; it draws from torch's global RNG (reproducible under
-``torch.manual_seed``).  The sketch's Rademacher matrix is the custom op
+``torch.manual_seed``).  Its CPU kernel runs the same algorithm in NumPy on the same random draws:
+the sampler is ~50 small array operations, which cost ~5 µs each through torch's dispatcher and
+~1 µs in NumPy (there is no device to keep the work on).  The sketch's Rademacher matrix is the custom op
 ``torch.ops.effcompile.rademacher`` for the same reason.
 
 Under torch.distributed every rank draws from its own stream (``effcompile.distributed.rank_generator``,
@@ -49,10 +51,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effcompile._compat import is_compiling
 from effcompile.distributed import rank_generator
 
 __all__ = [
@@ -141,7 +145,7 @@ def _water_filling(scores: Tensor, k: int) -> Tensor:
     # with a 0-d tensor would read it on the host.
     capped = torch.argmax(fits.to(torch.uint8)).reshape(1)
     tail_sum = tail.gather(0, capped)
-    budget = k - capped
+    budget = (k - capped).to(torch.float64)  # int64 / int64 would divide in float32
     # tail_sum = 0 means fewer than k nonzero scores, all capped: the zero-score rest share the
     # leftover budget evenly (the unused branch may hold inf/nan; where() discards it).
     pi = torch.where(tail_sum > 0, (s * (budget / tail_sum)).clamp_(max=1.0),
@@ -209,12 +213,16 @@ def _systematic_pps(pi: Tensor, k: int) -> Tensor:
     return perm[pos]
 
 
-def _sample_indices_impl(scores: Tensor, k: int, estimator: str, uniform_mix: float) -> tuple[Tensor, Tensor]:
+def _check_sample_arguments(scores: Tensor, k: int, estimator: str, uniform_mix: float) -> None:
     _check_estimator(estimator, SAMPLING_ESTIMATORS)
     _check_k(k)
     _check_mix(uniform_mix)
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
+
+
+def _sample_indices_impl(scores: Tensor, k: int, estimator: str, uniform_mix: float) -> tuple[Tensor, Tensor]:
+    _check_sample_arguments(scores, k, estimator, uniform_mix)
     n = scores.shape[0]
     device = scores.device
     if k >= n:  # exact path: every index once, weight 1
@@ -228,12 +236,73 @@ def _sample_indices_impl(scores: Tensor, k: int, estimator: str, uniform_mix: fl
     return idx, pi[idx].reciprocal().to(torch.float32)
 
 
+def _water_filling_numpy(scores: np.ndarray, k: int) -> np.ndarray:
+    """:func:`_water_filling` in NumPy (float64), by fixed-point iteration instead of ordering.
+
+    With ``C`` the capped set, ``τ = (T − Σ_C s)/(k − |C|)`` and ``C ← C ∪ {s ≥ τ}`` until ``C``
+    stops growing (Michelot's projection; ``τ`` only falls, so ``C`` only grows): a few O(n) passes
+    where ordering the top ``k`` costs O(n log k).  A host loop, which the CPU kernel may run.
+    """
+    n = scores.shape[0]
+    s = np.maximum(scores.astype(np.float64), 0.0)  # NaN survives
+    total = s.sum()
+    if not np.isfinite(total):  # overflowed gradients carry no usable information: uniform
+        return np.full(n, k / n)
+    capped, count, rest = np.zeros(n, dtype=bool), 0, total
+    while count < k and rest > 0:
+        grown = capped | (s * (k - count) >= rest)  # s ≥ τ without dividing
+        grown_count = int(np.count_nonzero(grown))
+        if grown_count == count or grown_count >= k:
+            break
+        capped, count = grown, grown_count
+        rest = s[~capped].sum()  # over exactly the uncapped: 0 exactly when they all are
+    if rest > 0:
+        return np.minimum(s * ((k - count) / rest), 1.0)
+    return np.where(s > 0, 1.0, (k - count) / (n - count))  # fewer than k nonzero scores
+
+
+def _sample_indices_numpy(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> tuple[Tensor, Tensor]:
+    """The CPU kernel: :func:`_sample_indices_impl` in NumPy, with the same torch draws in the
+    same order (one ``randperm(n)``, then for ``importance`` one float64 ``rand``), so both give
+    the same sample from the same RNG state."""
+    _check_sample_arguments(scores, k, estimator, uniform_mix)
+    n = scores.shape[0]
+    if k >= n:
+        return torch.arange(n), torch.ones(n, dtype=torch.float32)
+    generator = rank_generator(scores.device)
+    perm = torch.randperm(n, generator=generator).numpy()
+    if estimator == "uniform":
+        return torch.from_numpy(np.sort(perm[:k])), torch.full((k,), n / k, dtype=torch.float32)
+    pi = _water_filling_numpy(scores.detach().numpy(), k)
+    if uniform_mix > 0:
+        pi = np.minimum(pi * (1.0 - uniform_mix) + uniform_mix * (k / n), 1.0)
+    u = float(torch.rand(1, dtype=torch.float64, generator=generator))
+    cum = np.cumsum(pi[perm])
+    cum *= k / cum[-1]
+    # The points u + j below each interval's end (j < k): an interval holds a point where that
+    # count steps up.  O(n) where a search and a sort cost O(k log n); the same sample.
+    below = np.clip(np.ceil(cum - u), 0, k)
+    hit = np.diff(below, prepend=0.0) > 0
+    if np.count_nonzero(hit) != k:  # a point within an ulp of an interval end: as _systematic_pps
+        steps = np.arange(k)
+        pos = np.searchsorted(cum, steps + u, side="right")
+        hit = np.zeros(n, dtype=bool)
+        hit[np.minimum(np.maximum.accumulate(pos - steps) + steps, steps + (n - k))] = True
+    chosen = np.zeros(n, dtype=bool)
+    chosen[perm[hit]] = True
+    index = np.flatnonzero(chosen)  # ascending
+    return torch.from_numpy(index), torch.from_numpy((1.0 / pi[index]).astype(np.float32))
+
+
 @torch.library.custom_op(
     "effcompile::sample_indices", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
 )
 def sample_indices_op(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> tuple[Tensor, Tensor]:
     """``torch.ops.effcompile.sample_indices`` – see :func:`sample_indices`."""
     return _sample_indices_impl(scores, k, estimator, uniform_mix)
+
+
+sample_indices_op.register_kernel("cpu")(_sample_indices_numpy)
 
 
 @sample_indices_op.register_fake
@@ -268,8 +337,15 @@ def sample_indices(scores: Tensor, k: int, estimator: str, uniform_mix: float = 
     ``Σ_{i∈idx} scale_i·c_i`` is unbiased for ``Σ_i c_i``.  ``uniform`` is SRSWOR (scores only
     give ``n`` and the device); ``importance`` is randomized systematic PPS.  ``k ≥ n`` returns
     ``(arange(n), ones(n))``.  Draws from torch's global RNG on the scores' device.
+
+    Traced (Dynamo, export, fake tensors), this is the op, which graphs need; in eager code it
+    calls the op's kernel for the scores' device directly (the op's Python dispatch costs ~60 µs a
+    call on the development CPU, more than the CPU kernel's own work at a few thousand rows).
     """
-    return sample_indices_op(scores, k, estimator, uniform_mix)
+    if is_compiling() or type(scores) is not Tensor:
+        return sample_indices_op(scores, k, estimator, uniform_mix)
+    kernel = _sample_indices_numpy if scores.device.type == "cpu" else _sample_indices_impl
+    return kernel(scores.detach(), k, estimator, uniform_mix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +412,7 @@ def sketched_grad_weight(grad_output_2d: Tensor, input_2d: Tensor, k: int, estim
         return torch.addmm(g.sum(0).unsqueeze(1) @ x_mean, g.t() @ s, right, alpha=1.0 / k)
     scores = (_uniform_scores(m, g) if estimator == "uniform"
               else _row_norms(g) * _row_norms(x - x_mean if center else x))
-    idx, scale = sample_indices_op(scores, k, estimator, uniform_mix)
+    idx, scale = sample_indices(scores, k, estimator, uniform_mix)
     g_rows, x_rows = g[idx] * scale.to(g.dtype).unsqueeze(1), x[idx]
     if center:  # the exact (Σ_t g_t)·x̄ᵀ as row k+1
         g_rows, x_rows = torch.cat([g_rows, g.sum(0, keepdim=True)]), torch.cat([x_rows - x_mean, x_mean])
@@ -357,7 +433,7 @@ def sketched_grad_input(grad_output_2d: Tensor, weight: Tensor, k: int, estimato
     if k >= n:
         return g @ w
     scores = _uniform_scores(n, g) if estimator == "uniform" else _col_norms(g) * _row_norms(w)
-    idx, scale = sample_indices_op(scores, k, estimator, uniform_mix)
+    idx, scale = sample_indices(scores, k, estimator, uniform_mix)
     return (g[:, idx] * scale.to(g.dtype)) @ w[idx]
 
 
@@ -609,7 +685,7 @@ def _sketched_conv_grad_weight(g: Tensor, x: Tensor, weight: Tensor, conv_args: 
     else:
         scores = (_uniform_scores(batch, g) if estimator == "uniform"
                   else _per_image_norms(g) * _per_image_norms(x if x_mean is None else x - x_mean))
-        idx, scale = sample_indices_op(scores, k, estimator, uniform_mix)
+        idx, scale = sample_indices(scores, k, estimator, uniform_mix)
         g_sub, x_sub = g[idx] * scale.to(g.dtype).reshape((-1,) + (1,) * (g.dim() - 1)), x[idx]
         if center:  # only the sampled images are centred
             x_sub = x_sub - x_mean
@@ -776,7 +852,7 @@ class MemorySketchedLinear(torch.autograd.Function):
         x_mean = x.mean(0, keepdim=True) if center else None
         scored = x - x_mean if center else x
         position_scale = position_grad_norms.detach().to(torch.float32).repeat(x.shape[0] // positions)
-        idx, scale = sample_indices_op(_row_norms(scored) * position_scale, min(k, x.shape[0]), estimator, uniform_mix)
+        idx, scale = sample_indices(_row_norms(scored) * position_scale, min(k, x.shape[0]), estimator, uniform_mix)
         ctx.save_for_backward(scored.index_select(0, idx), x_mean, idx, scale, weight)
         ctx.input_shape = input.shape
         ctx.positions = positions

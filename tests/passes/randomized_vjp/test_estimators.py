@@ -131,12 +131,35 @@ def plain_water_filling(scores: list[float], k: int) -> list[float]:
     k_frac=st.floats(0.0, 0.99),
 )
 def test_water_filling_equals_plain_procedure(values, k_frac):
-    # Heavy tails, ties and runs of zeros: the top-k scan must cap exactly the scores the
-    # one-at-a-time procedure caps (the sum over the uncapped rest is the delicate part).
+    # Heavy tails, ties and runs of zeros: the top-k scan (torch, every device) and the fixed-point
+    # iteration (the CPU kernel's NumPy) must cap exactly the scores the one-at-a-time procedure
+    # caps (the sum over the uncapped rest is the delicate part).
     k = max(1, min(len(values) - 1, int(k_frac * len(values))))
-    pi = sk.inclusion_probabilities(torch.tensor(values, dtype=DOUBLE), k, "importance", uniform_mix=0.0)
-    torch.testing.assert_close(pi.double(), torch.tensor(plain_water_filling(values, k), dtype=DOUBLE),
-                               rtol=1e-5, atol=1e-6)
+    expected = torch.tensor(plain_water_filling(values, k), dtype=DOUBLE)
+    scores = torch.tensor(values, dtype=DOUBLE)
+    torch.testing.assert_close(sk._water_filling(scores, k), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.from_numpy(sk._water_filling_numpy(scores.numpy(), k)), expected,
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["importance", "uniform"])
+def test_cpu_kernel_draws_the_torch_sample(estimator):
+    # The NumPy CPU kernel is the torch implementation on the same draws: from one RNG state both
+    # give the same indices and weights, for skewed, sparse and tied scores, k near 1 and near n.
+    generator = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        n = int(torch.randint(2, 400, (1,), generator=generator))
+        k = int(torch.randint(1, n, (1,), generator=generator))
+        scores = [torch.exp(3 * torch.randn(n, generator=generator)),
+                  torch.rand(n, generator=generator) * (torch.rand(n, generator=generator) < 0.1),
+                  torch.randint(0, 3, (n,), generator=generator).float()][trial % 3]
+        state = torch.get_rng_state()
+        expected = sk._sample_indices_impl(scores, k, estimator, 0.1)
+        for draw in (sk.sample_indices, sk.sample_indices_op):  # the kernel directly, and through the op
+            torch.set_rng_state(state)
+            index, scale = draw(scores, k, estimator, 0.1)
+            assert torch.equal(index, expected[0])
+            torch.testing.assert_close(scale, expected[1], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("estimator", ["importance", "uniform"])
@@ -190,13 +213,17 @@ class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_no_host_sync_and_static_shapes():
-    """No op that reads a tensor value on the host (the CPU stand-in for a CUDA sync check)."""
+def test_no_host_sync_and_static_shapes(monkeypatch):
+    """No op that reads a tensor value on the host (the CPU stand-in for a CUDA sync check).
+
+    The estimators run the sampler's device implementation here, as on CUDA (the CPU kernel is
+    NumPy on the host, where reading values costs nothing)."""
+    monkeypatch.setattr(sk, "_sample_indices_numpy", sk._sample_indices_impl)
     g, x, w = skewed_rows(40, 6), torch.randn(40, 5), torch.randn(6, 5)
     syncing = {"_local_scalar_dense", "item", "nonzero", "unique", "_unique2", "masked_select"}
     with _RecordOps() as record:
         for estimator in ("uniform", "importance"):
-            # The mode sees the custom op as one call; run its kernel directly to see inside.
+            # The mode would see the custom op as one call; run its implementation to see inside.
             idx, scale = sk._sample_indices_impl(g.norm(dim=1), 8, estimator, 0.1)
             assert idx.shape == scale.shape == (8,)
             assert sk.sketched_grad_input(g, w, 3, estimator).shape == (40, 5)
@@ -205,7 +232,7 @@ def test_no_host_sync_and_static_shapes():
             assert sk.sketched_grad_weight(g, x, 8, estimator).shape == (6, 5)
             sk.analytic_variance_grad_weight(g, x, 8, estimator)
             sk.analytic_variance_grad_weight(g, x, 8, estimator, cheap=True)
-    assert {"randperm", "searchsorted", "sample_indices"} <= record.ops
+    assert {"randperm", "searchsorted", "topk"} <= record.ops
     assert not record.ops & syncing, record.ops & syncing
 
 
