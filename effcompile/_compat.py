@@ -57,13 +57,15 @@ def inductor_config():
     return config
 
 
-def aot_eager_with_partition(wrap_partition):
-    """An AOTAutograd backend with eager (boxed no-op) compilers and a wrapped default partitioner."""
+def aot_eager_with_partition(wrap_partition, min_cut: bool = False):
+    """An AOTAutograd backend with eager (boxed no-op) compilers and a wrapped partitioner: the
+    default one, or (``min_cut``) Inductor's, which also runs AOTAutograd's CSE and recomputation."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
-    from torch._functorch.partitioners import default_partition
+    from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 
-    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=wrap_partition(default_partition))
+    partition = min_cut_rematerialization_partition if min_cut else default_partition
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=wrap_partition(partition))
 
 
 class _LoadedBackend:

@@ -297,16 +297,26 @@ def _sample_indices_numpy(scores: Tensor, k: int, estimator: str, uniform_mix: f
 @torch.library.custom_op(
     "effcompile::sample_indices", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
 )
-def sample_indices_op(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> tuple[Tensor, Tensor]:
-    """``torch.ops.effcompile.sample_indices`` – see :func:`sample_indices`."""
+def sample_indices_op(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1,
+                      site: str = "") -> tuple[Tensor, Tensor]:
+    """``torch.ops.effcompile.sample_indices`` – see :func:`sample_indices`.
+
+    ``site`` only names the call: graph passes give every draw they insert its own, because
+    AOTAutograd's CSE merges identical calls of a custom op despite its ``nondeterministic_seeded``
+    tag (torch 2.13), which would hand every layer of the same size one shared draw.
+    """
     return _sample_indices_impl(scores, k, estimator, uniform_mix)
 
 
-sample_indices_op.register_kernel("cpu")(_sample_indices_numpy)
+@sample_indices_op.register_kernel("cpu")
+def _sample_indices_cpu(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1,
+                        site: str = "") -> tuple[Tensor, Tensor]:
+    return _sample_indices_numpy(scores, k, estimator, uniform_mix)
 
 
 @sample_indices_op.register_fake
-def _sample_indices_fake(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> tuple[Tensor, Tensor]:
+def _sample_indices_fake(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1,
+                         site: str = "") -> tuple[Tensor, Tensor]:
     _check_estimator(estimator, SAMPLING_ESTIMATORS)
     _check_k(k)
     size = torch.sym_min(k, scores.shape[0])  # the exact path (k >= n) returns all n indices
@@ -323,7 +333,7 @@ def _mark_outputs_constant(ctx, inputs, output):
 
 
 def _no_gradient(ctx, grad_idx, grad_scale):
-    return None, None, None, None
+    return None, None, None, None, None
 
 
 sample_indices_op.register_autograd(_no_gradient, setup_context=_mark_outputs_constant)
@@ -367,18 +377,19 @@ def _uniform_scores(n: int, like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("effcompile::rademacher", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def rademacher_op(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def rademacher_op(rows: int, cols: int, dtype: torch.dtype, device: torch.device, site: str = "") -> Tensor:
     """``torch.ops.effcompile.rademacher``: a rows×cols matrix of independent ±1 in ``dtype``.
 
     An op (not ``randint`` in the graph) so compiled graphs draw from the same per-rank stream
-    as eager code; see the module docstring.
+    as eager code; see the module docstring.  ``site`` names the call, as for
+    :func:`sample_indices_op`.
     """
     signs = torch.randint(0, 2, (rows, cols), device=device, dtype=torch.int8, generator=rank_generator(device))
     return (signs * 2 - 1).to(dtype)
 
 
 @rademacher_op.register_fake
-def _rademacher_fake(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _rademacher_fake(rows: int, cols: int, dtype: torch.dtype, device: torch.device, site: str = "") -> Tensor:
     return torch.empty((rows, cols), dtype=dtype, device=device)
 
 

@@ -235,7 +235,7 @@ def _sampled_rows(graph, like, scores, k, settings, dtype):
     from . import estimators  # noqa: F401  (registers effcompile::sample_indices)
 
     sample = _insert(graph, like, torch.ops.effcompile.sample_indices.default, scores, k,
-                     settings.estimator, settings.uniform_mix)
+                     settings.estimator, settings.uniform_mix, like.name)  # one draw per GEMM: see the op
     indices = _insert(graph, like, operator.getitem, sample, 0)
     scale = _insert(graph, like, operator.getitem, sample, 1)
     return indices, _insert(graph, like, prims.convert_element_type.default, scale, dtype)
@@ -286,7 +286,8 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
         if settings.estimator == "sketch":
             val = grad_out.meta["val"]
             # Rademacher S/√k (E[S·Sᵀ] = I): lower variance than Gaussian, and the eager path's design.
-            signs = _insert(graph, mm, torch.ops.effcompile.rademacher.default, rows, k, val.dtype, val.device)
+            signs = _insert(graph, mm, torch.ops.effcompile.rademacher.default, rows, k, val.dtype, val.device,
+                            mm.name)
             if isinstance(k, int):
                 sketch_matrix = _insert(graph, mm, aten.mul.Tensor, signs, 1.0 / math.sqrt(k))
             else:  # 1/√k of a size known at run time only

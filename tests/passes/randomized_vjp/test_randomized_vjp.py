@@ -125,6 +125,34 @@ class TestJointGraphRewrite:
         assert records == 5  # three weight gradients, two input gradients
         assert norms == (2 * records if estimator == "importance" else 0)
 
+    @pytest.mark.parametrize("estimator", ["uniform", "importance", "sketch"])
+    def test_every_rewritten_gemm_draws_its_own_sample(self, estimator):
+        # Layers of one size get identical sampler calls (uniform: the same zero scores; sketch:
+        # the same sizes); Inductor's partitioner runs CSE, which ignores a custom op's
+        # nondeterministic tag, and would hand all of them one draw.
+        from effcompile._compat import aot_eager_with_partition
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+        x, y = torch.randn(64, 16), torch.randint(0, 16, (64,))
+        _sketch(model, x, keep=0.25, estimator=estimator)
+        draws = []
+
+        def rewrite_then_partition(partition):
+            def partition_fn(joint, inputs, **kwargs):
+                randomized_vjp.rewrite_joint_graph(joint.graph)
+                joint.recompile()
+                forward, backward = partition(joint, inputs, **kwargs)
+                draws.extend(n for n in backward.graph.nodes if n.target in (
+                    torch.ops.effcompile.sample_indices.default, torch.ops.effcompile.rademacher.default))
+                return forward, backward
+
+            return partition_fn
+
+        backend = aot_eager_with_partition(rewrite_then_partition, min_cut=True)
+        _gradients(model, torch.compile(model, backend=backend), x, y)
+        assert len(draws) == 3
+
     @pytest.mark.parametrize("target", ["grad_input", "both"])
     def test_grad_input_samples_output_features(self, target, joint_log):
         torch.manual_seed(0)
