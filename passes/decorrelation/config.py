@@ -25,7 +25,9 @@ class Decorrelation(PassConfig):
     ``v_j = mean(z_j²) − 1``).
 
     Fields:
-        lr: step size η of the R update, in (0, 1).
+        lr: step size η of the R update, in (0, 1).  A step longer than ``state.MAX_STEP`` (0.5,
+            Frobenius norm of η·A below) is shortened to it, so a large η cannot diverge; near
+            convergence the step is the plain one.
         kappa: weight κ of the variance-normalising term, in [0, 1] (0: decorrelate only).
         rows_per_dim: statistics use at most ``rows_per_dim · d`` sampled input rows (patches
             for convolutions) per update.
@@ -44,11 +46,13 @@ class Decorrelation(PassConfig):
             blocks ≤ ``max_block_size``, longer update intervals ≥ ``update_every``) and steps the
             most expensive layers down it until the whole model meets the budget; the Plan shows
             each layer's choice, its own predicted overhead and the model's, and warns where even
-            the cheapest choice exceeds it.  ``"auto"`` (the default): a budget of 0.15 that never
-            goes below blocks of 64 features or an update every 4 steps (cheaper than that, R
-            decorrelates too little to keep the per-epoch gain), and is not warned about where a
-            small batch puts it out of reach (the Plan still says so).  ``None``: no budget (the
-            knobs as given).
+            the cheapest choice exceeds it.  An interval longer than ``update_every`` takes a
+            proportionally longer step (``lr · interval / update_every``, at most 0.5; the Plan's
+            ``lr``), so R decorrelates as fast per training step.  ``"auto"`` (the default): a
+            budget of 0.15 that never goes below blocks of 64 features (smaller ones decorrelate
+            too little) or an update every 16 steps, and is not warned about where a small batch
+            puts it out of reach (the Plan still says so).  ``None``: no budget (the knobs as
+            given).
         apply: where R is applied.  ``"weight"``: the fused weight ``W·R`` (costs ``2·|W|·b``
             MACs per step, whatever the batch).  ``"input"``: the layer input, ``z = x·Rᵀ`` and
             then the plain layer on ``z`` (``2·rows·d·b``: cheaper when the batch has fewer rows

@@ -10,7 +10,9 @@ Counted in multiply-adds (MACs) per training step, from the captured graph's sha
   — ``|W|·b`` per step; or the input ``z = x·Rᵀ``, every input row meeting R — ``rows·d·b``
   (``d`` padded to whole blocks).  Either backward is the same size again and is counted;
 * the R update: :func:`~.state.update_macs` of the cheapest exact formula for ``n`` sampled
-  rows and block size ``b``, per block, once every ``update_every`` steps.
+  rows and block size ``b``, per block, once every ``update_every`` steps (a longer interval than
+  configured takes a proportionally longer step, :func:`~.state.update_lr`, so it costs less
+  without decorrelating less per training step).
 
 * dispatch: every op the pass adds costs a fixed time before any arithmetic (eager dispatch,
   autograd bookkeeping, a kernel launch), counted as ``DISPATCH_MACS`` per op: ``APPLY_OPS`` for
@@ -54,7 +56,10 @@ MIN_BUDGET_BLOCK = 64  # below this a block decorrelates little; longer interval
 # counted; on a CPU ResNet-18 (benchmarks/decorrelation.py step) it measured 0.1-0.15 of the step
 # above the prediction with the update in einsums, and the whole pass 0.06 at 0.14 predicted since.
 AUTO_BUDGET = 0.15
-AUTO_MAX_INTERVAL = 4
+# At most an update every 16 steps: a longer interval takes a proportionally longer step
+# (state.update_lr) and MAX_STEP keeps it stable, so the per-epoch gain holds (digits MLP, lr 0.01:
+# 3.3 epochs to 95% at every 4 and at every 16; 1.7-1.9x backprop's step at 4, 1.3-1.5x at 16).
+AUTO_MAX_INTERVAL = 16
 SIDES = ("weight", "input")  # where R is applied: the fused weight W·R, or the layer input x·Rᵀ
 # One op's fixed cost in MACs: ~5 µs of eager dispatch and autograd bookkeeping at the ~47 GMAC/s
 # of one core of the development CPU (an AMD EPYC; measured 2026-12-04: 2-4 µs for a bare op).

@@ -77,7 +77,7 @@ from effcompile.plan import Action, PlanRow, layer_key
 from .config import Decorrelation
 from .cost import AUTO_BUDGET, LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict
 from .observe import observed_forward
-from .state import MIN_ROWS, DecorrelationState, LayerSpec, block_layout
+from .state import MIN_ROWS, DecorrelationState, LayerSpec, block_layout, update_lr
 
 __all__ = ["DecorrelationPass", "decorrelation_states", "state_name"]
 
@@ -423,8 +423,12 @@ def _set_layer_details(row: PlanRow, spec: LayerSpec, config: Decorrelation, cos
     row.details.update({"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}", "apply": spec.side,
                         "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))})
     row.details.pop("update_every", None)
+    row.details.pop("lr", None)
     if spec.update_every > 1:
         row.details["update_every"] = spec.update_every
+    lr = update_lr(config.lr, spec.update_every, config.update_every)
+    if lr != config.lr:  # a longer interval than configured takes a proportionally longer step
+        row.details["lr"] = round(lr, 6)
     if cost is not None:
         row.details["overhead"] = f"{cost.overhead:.2f}x"  # predicted, of the layer's training MACs
 

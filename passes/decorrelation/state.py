@@ -23,7 +23,8 @@ from effcompile.passes.analysis.capture import ConvGeometry, InputLocation
 
 from .config import Decorrelation
 
-__all__ = ["BF16_MIN_UPDATE_MACS", "DecorrelationState", "LayerSpec", "MIN_ROWS", "UPDATE_FORMULAS", "block_layout",
+__all__ = ["BF16_MIN_UPDATE_MACS", "DecorrelationState", "LayerSpec", "MAX_INTERVAL_LR", "MAX_STEP", "MIN_ROWS",
+           "UPDATE_FORMULAS", "block_layout", "update_lr",
            "resolve_update_dtype", "sample_patches", "update_formula", "update_macs"]
 
 MIN_ROWS = 64
@@ -49,20 +50,39 @@ def resolve_update_dtype(choice: str, macs: int, device: torch.device) -> torch.
 
 # The three exact ways to compute one R update from n rows per block of size b.
 UPDATE_FORMULAS = ("rows", "gram", "covariance")
+# The largest step ‖η·A‖_F an update takes (A = (1−κ)·C + κ·diag(v − 1), the step R ← (I − η·A)·R):
+# a longer one is shortened to this.  Past ‖η·A‖ ≈ 1 the iteration overshoots along A's top
+# direction and diverges; early in training a block of b correlated features has ‖C‖ ~ b·ρ·v, so
+# a fixed η safe for one layer diverges in a wider one (digits MLP: η = 0.16 took every seed to
+# NaN weights, 10% accuracy).  Near convergence ‖A‖ → 0 and the step is the plain one.
+MAX_STEP = 0.5
+# The most an update interval's scaled step (update_lr) may reach: half of R per update, where a
+# fixed η·A would already be shortened by MAX_STEP unless R is nearly converged.
+MAX_INTERVAL_LR = 0.5
+
+
+def update_lr(lr: float, update_every: int, configured_every: int) -> float:
+    """The step size of a layer whose R is updated every ``update_every`` training steps when the
+    config asked for every ``configured_every`` (a budget lengthens intervals, cost.py): ``lr``
+    times their ratio, so R decorrelates as fast per training step (one long step in place of k
+    short ones, from one batch's statistics), at most ``MAX_INTERVAL_LR``."""
+    if update_every <= configured_every:
+        return lr
+    return min(lr * update_every / configured_every, max(lr, MAX_INTERVAL_LR))
 
 
 def update_macs(formula: str, n: int, b: int) -> int:
     """Multiply-accumulates per block of one R update (the cost rule :func:`update_formula` uses).
 
-    * ``rows``:       Z = X·Rᵀ (n·b²), Z·R (n·b²), Zᵀ(Z·R) (n·b²)              → 3·n·b²
+    * ``rows``:       Z = X·Rᵀ (n·b²), Z·R (n·b²), Zᵀ(Z·R) (n·b²), ‖ZZᵀ‖ (n²·b) → 3·n·b² + n²·b
     * ``gram``:       Z = X·Rᵀ (n·b²), Σ = ZᵀZ (n·b²), (Σ − diag Σ)·R (b³)     → 2·n·b² + b³
     * ``covariance``: S = XᵀX (n·b²), R·S (b³), (R·S)·Rᵀ (b³), Σ·R (b³)        → n·b² + 3·b³
 
     (``XᵀX`` is symmetric, but torch has no symmetric rank-k product (syrk) to halve it, so it is
     counted as a full product.)  The diag(v)·R term is a row scaling, b² in every formula.
     """
-    if formula == "rows":
-        return 3 * n * b * b
+    if formula == "rows":  # ‖Σ‖_F for the step's length (MAX_STEP) from the n×n Gram ZZᵀ
+        return 3 * n * b * b + n * n * b
     if formula == "gram":
         return 2 * n * b * b + b ** 3
     if formula == "covariance":
@@ -73,7 +93,7 @@ def update_macs(formula: str, n: int, b: int) -> int:
 def update_formula(n: int, b: int, syncing: bool = False) -> str:
     """The cheapest exact formula for ``n`` rows and block size ``b`` (all give the same R).
 
-    From :func:`update_macs`: ``rows`` wins for n < b, ``gram`` for b ≤ n ≤ 2b, ``covariance``
+    From :func:`update_macs`: ``rows`` wins for n < 0.62·b, ``gram`` up to 2b, ``covariance``
     for n > 2b (the default budget n = 4·b: 7·b³ instead of 9·b³).  Under DDP the statistic is
     averaged over ranks, which ``rows`` never forms, so it is not a candidate there.
     """
@@ -124,7 +144,7 @@ class DecorrelationState(nn.Module):
     def __init__(self, spec: LayerSpec, config: Decorrelation, device: torch.device) -> None:
         super().__init__()
         self.spec = spec
-        self.lr = float(config.lr)
+        self.lr = update_lr(float(config.lr), spec.update_every, config.update_every)
         self.kappa = float(config.kappa)
         self.update_every = int(spec.update_every)
         self.divergence_threshold = float(config.divergence_threshold)
@@ -357,14 +377,16 @@ class DecorrelationState(nn.Module):
         if formula == "rows":
             if self._syncing():
                 raise ValueError("the 'rows' formula needs every rank's rows: use 'gram' or 'covariance' with DDP")
-            # Σ·R = Zᵀ(Z·R)/n: never forms a b×b statistic.
+            # Σ·R = Zᵀ(Z·R)/n: never forms a b×b statistic; ‖Σ‖_F = ‖ZZᵀ‖_F/n from the n×n Gram.
             z32 = widen(z)
             variance = (z32 * z32).mean(dim=1)
             moment, times = z.transpose(1, 2), torch.bmm(z, m) / n
+            gram_norm = torch.linalg.matrix_norm(widen(torch.bmm(z, z.transpose(1, 2)))) / n
         elif formula == "gram":
             # Σ = ZᵀZ/n from the decorrelated rows z = R·x.
             moment, times = self._average_over_ranks(widen(torch.bmm(z.transpose(1, 2), z)) / n), matrix
             variance = torch.diagonal(moment, dim1=-2, dim2=-1)
+            gram_norm = torch.linalg.matrix_norm(moment)
         elif formula == "covariance":
             # Σ = R·S·Rᵀ with S = XᵀX/n the second moment of the raw rows: z = R·x is never formed.
             # S is linear in the rows, so averaging S over ranks equals averaging Σ (R is identical).
@@ -372,6 +394,7 @@ class DecorrelationState(nn.Module):
             second_moment = self._average_over_ranks(widen(torch.bmm(x.transpose(1, 2), x)) / n)
             moment, times = torch.bmm(torch.bmm(m, cast(second_moment)), m.transpose(-1, -2)), matrix
             variance = widen(torch.diagonal(moment, dim1=-2, dim2=-1))
+            gram_norm = torch.linalg.matrix_norm(widen(moment))
         else:
             raise ValueError(f"unknown update formula {formula!r}; expected one of {UPDATE_FORMULAS}")
         row_scale = torch.addcmul(scale_offset, variance, scale_slope)  # 1 − η·u, padded rows 1
@@ -381,8 +404,19 @@ class DecorrelationState(nn.Module):
         else:  # the increment in bf16 products, R and the sum in fp32
             increment = widen(torch.bmm(cast(moment), cast(times)))
             proposal = torch.add(row_scale.unsqueeze(-1) * matrix, increment, alpha=step)
+        proposal = torch.lerp(matrix, proposal, self._step_fraction(gram_norm, variance))
         # A non-finite entry makes the max NaN or inf, which fails the comparison too.
         return proposal, proposal.abs().amax() <= self.divergence_threshold
+
+    def _step_fraction(self, second_moment_norm: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        """(blocks, 1, 1): the fraction of the step that keeps ``‖η·A‖_F ≤ MAX_STEP`` (1 for a
+        step within it).  ``‖A‖_F² = (1−κ)²·‖C‖_F² + κ²·‖(v − 1)·mask‖²`` with
+        ``‖C‖_F² = ‖Σ‖_F² − ‖v‖²`` (C is Σ off its diagonal); padded features have v = 0."""
+        off_diagonal = (second_moment_norm.square() - variance.square().sum(-1)).clamp_min(0.0)
+        normalising = ((variance - 1.0) * self.feature_mask).square().sum(-1)
+        length = self.lr * ((1.0 - self.kappa) ** 2 * off_diagonal + self.kappa ** 2 * normalising).sqrt()
+        # length = 0 gives inf, clamped to the whole step; NaN stays NaN and the update is rejected.
+        return (MAX_STEP / length).clamp(max=1.0).view(-1, 1, 1)
 
     def _syncing(self) -> bool:
         # Replicas: the ranks holding this layer (WORLD under DDP, this stage's ranks in a staged run).

@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import effcompile
 from effcompile.passes.decorrelation import decorrelation_states
-from effcompile.passes.decorrelation.cost import allocate, conv_output_positions, ladder, layer_rows, predict
+from effcompile.passes.decorrelation.cost import (AUTO_MAX_INTERVAL, allocate, conv_output_positions, ladder, layer_rows,
+                                                  predict)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -145,7 +146,41 @@ def test_dispatch_keeps_small_layers_dense_and_splits_wide_ones():
     MACs at batch 32 than their block plumbing costs, so its ladder never splits it; a 1024-wide
     layer still splits."""
     small = ladder(128 * 128, 32, 1, 128, 1024, 4.0, limited=True, sides=("weight", "input"))
-    assert [cost.block for cost in small] == [128] * len(small) and small[-1].update_every == 4
+    assert [cost.block for cost in small] == [128] * len(small) and small[-1].update_every == AUTO_MAX_INTERVAL
     wide = ladder(1024 * 1024, 32, 1, 1024, 1024, 4.0, limited=True)
     assert min(cost.block for cost in wide) < 1024
     assert all(cost.layer_cost > cost.layer_macs for cost in small)  # the layer's own ops count too
+
+
+def _decorrelation_after(steps, monkeypatch=None, **config):
+    """(the Plan row, the state, mean |corr| after ``steps`` training forwards) for one linear
+    layer on strongly correlated inputs."""
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 3)
+    batch = lambda: torch.randn(64, 1) + 0.5 * torch.randn(64, 48)  # noqa: E731
+    x = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(layer, effcompile.Decorrelation(lr=0.02, **config), example_inputs=(x,))
+    state = decorrelation_states(layer)["<root>"]
+    for _ in range(steps):
+        layer(batch())
+    return effcompile.report(layer)[0], state, float(state.off_diagonal_correlation(x))
+
+
+def test_a_budget_interval_takes_a_proportionally_longer_step(monkeypatch):
+    # The budget updates this layer every k-th step: each update then takes k times the
+    # configured step, so R decorrelates about as fast per training step as updating every step.
+    every = _decorrelation_after(0)[0].details["update_every"]
+    steps = 8 * every
+    every_step = _decorrelation_after(steps, max_overhead=None)[2]
+    row, state, budgeted = _decorrelation_after(steps)
+    assert every > 1 and row.details["lr"] == pytest.approx(0.02 * every) and state.lr == pytest.approx(0.02 * every)
+    assert budgeted == pytest.approx(every_step, rel=0.25)
+    from effcompile.passes.decorrelation import state as state_module
+
+    monkeypatch.setattr(state_module, "update_lr", lambda lr, every, configured: lr)
+    assert _decorrelation_after(steps)[2] > 1.5 * every_step  # the configured step, k times fewer times
+    # An interval the config asked for keeps the configured step.
+    row, state, _ = _decorrelation_after(1, max_overhead=None, update_every=4)
+    assert "lr" not in row.details and state.lr == 0.02

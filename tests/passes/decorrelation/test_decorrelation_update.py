@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import effcompile
 from effcompile.passes.decorrelation import decorrelation_states
-from effcompile.passes.decorrelation.state import UPDATE_FORMULAS, update_formula, update_macs
+from effcompile.passes.decorrelation.state import MAX_STEP, UPDATE_FORMULAS, update_formula, update_macs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,6 +25,8 @@ LR, KAPPA = 0.05, 0.3
 def _decorrelated(layer, x, **config):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # No budget: these layers are tiny, and a longer interval would also scale the step.
+        config.setdefault("max_overhead", None)
         effcompile.transform(layer, effcompile.Decorrelation(lr=LR, kappa=KAPPA, rows_per_dim=1000, **config),
                              example_inputs=(x,))
     state = decorrelation_states(layer)["<root>"]
@@ -33,13 +35,16 @@ def _decorrelated(layer, x, **config):
     return state
 
 
-def _plain_update(R, x, mask):
-    """One block: R (b, b), rows x (n, b), mask (b,) of real (unpadded) features."""
+def _plain_update(R, x, mask, lr=LR):
+    """One block: R (b, b), rows x (n, b), mask (b,) of real (unpadded) features; a step longer
+    than MAX_STEP in Frobenius norm is shortened to it."""
     z = x @ R.T
     second_moment = z.T @ z / x.shape[0]
     C = second_moment - torch.diag(torch.diag(second_moment))
     v = (z * z).mean(dim=0) - 1
-    return R - LR * ((1 - KAPPA) * C @ R + KAPPA * torch.diag(v * mask) @ R)
+    A = (1 - KAPPA) * C + KAPPA * torch.diag(v * mask)
+    eta = min(lr, MAX_STEP / float(torch.linalg.matrix_norm(A)))
+    return R - eta * A @ R
 
 
 def _plain_blocks(state, rows):
@@ -103,10 +108,52 @@ def test_the_training_forward_applies_the_plain_formula(case):
     assert int(state.updates) == 1
 
 
+@pytest.mark.parametrize("formula", UPDATE_FORMULAS)
+def test_a_step_longer_than_max_step_is_shortened(formula):
+    # 48 strongly correlated features: ‖η·A‖_F ≈ 0.9·(1−κ)·48·ρ ≫ MAX_STEP at init.
+    layer = nn.Linear(48, 3)
+    x = torch.randn(400, 1) + 0.3 * torch.randn(400, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(layer, effcompile.Decorrelation(lr=0.9, kappa=KAPPA, rows_per_dim=1000), example_inputs=(x,))
+    state = decorrelation_states(layer)["<root>"]
+    expected = _plain_update(state.matrix[0].clone(), x, torch.ones(48), lr=0.9)
+    state._update(state._sample_rows(x), True, formula)
+    torch.testing.assert_close(state.matrix[0], expected, rtol=0, atol=1e-5)
+    step = state.matrix[0] - torch.eye(48)  # from R = I: the step is η·A
+    assert float(torch.linalg.matrix_norm(step)) == pytest.approx(MAX_STEP, rel=1e-4)
+
+
+def test_large_steps_decorrelate_instead_of_diverging(monkeypatch):
+    # lr = 0.9 on correlated inputs: with the step bounded, R decorrelates tenfold; with it
+    # unbounded the same updates overshoot and are rejected (R blows past divergence_threshold).
+    from effcompile.passes.decorrelation import state as state_module
+
+    def run(max_step):
+        monkeypatch.setattr(state_module, "MAX_STEP", max_step)
+        torch.manual_seed(0)
+        layer = nn.Linear(48, 3)
+        x = torch.randn(400, 1) + 0.3 * torch.randn(400, 48)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            effcompile.transform(layer, effcompile.Decorrelation(lr=0.9, rows_per_dim=4, max_overhead=None),
+                                 example_inputs=(x,))
+        state = decorrelation_states(layer)["<root>"]
+        before = float(state.off_diagonal_correlation(x))
+        for _ in range(60):
+            layer(x)
+        return before, float(state.off_diagonal_correlation(x)), int(state.rejected_updates)
+
+    before, after, rejected = run(MAX_STEP)
+    assert after < before / 10 and rejected == 0
+    _, unbounded_after, unbounded_rejected = run(float("inf"))
+    assert unbounded_rejected > 0 and unbounded_after > before / 10
+
+
 def test_the_cost_rule_picks_the_cheapest_formula():
     b = 64
-    assert update_formula(b // 2, b) == "rows"  # 3·n·b² < 2·n·b² + b³
-    assert update_formula(b, b) in ("rows", "gram")  # a tie
+    assert update_formula(b // 2, b) == "rows"  # 3·n·b² + n²·b < 2·n·b² + b³ below n ≈ 0.62·b
+    assert update_formula(b, b) == "gram"
     assert update_formula(3 * b // 2, b) == "gram"
     assert update_formula(4 * b, b) == "covariance"  # the default budget: 7·b³ instead of 9·b³
     assert update_macs("covariance", 4 * b, b) / update_macs("gram", 4 * b, b) == pytest.approx(7 / 9)
