@@ -244,7 +244,7 @@ def _water_filling_numpy(scores: np.ndarray, k: int) -> np.ndarray:
     where ordering the top ``k`` costs O(n log k).  A host loop, which the CPU kernel may run.
     """
     n = scores.shape[0]
-    s = np.maximum(scores.astype(np.float64), 0.0)  # NaN survives
+    s = np.maximum(scores, 0.0, dtype=np.float64)  # NaN survives
     total = s.sum()
     if not np.isfinite(total):  # overflowed gradients carry no usable information: uniform
         return np.full(n, k / n)
@@ -273,7 +273,7 @@ def _sample_indices_numpy(scores: Tensor, k: int, estimator: str, uniform_mix: f
     perm = torch.randperm(n, generator=generator).numpy()
     if estimator == "uniform":
         return torch.from_numpy(np.sort(perm[:k])), torch.full((k,), n / k, dtype=torch.float32)
-    pi = _water_filling_numpy(scores.detach().numpy(), k)
+    pi = _water_filling_numpy(scores.detach().to(torch.float64).numpy(), k)  # any float dtype (NumPy has no bf16)
     if uniform_mix > 0:
         pi = np.minimum(pi * (1.0 - uniform_mix) + uniform_mix * (k / n), 1.0)
     u = float(torch.rand(1, dtype=torch.float64, generator=generator))

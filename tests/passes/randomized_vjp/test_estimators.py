@@ -145,14 +145,15 @@ def test_water_filling_equals_plain_procedure(values, k_frac):
 @pytest.mark.parametrize("estimator", ["importance", "uniform"])
 def test_cpu_kernel_draws_the_torch_sample(estimator):
     # The NumPy CPU kernel is the torch implementation on the same draws: from one RNG state both
-    # give the same indices and weights, for skewed, sparse and tied scores, k near 1 and near n.
+    # give the same indices and weights, for skewed, sparse, tied and bf16 scores, k near 1 and near n.
     generator = torch.Generator().manual_seed(5)
     for trial in range(60):
         n = int(torch.randint(2, 400, (1,), generator=generator))
         k = int(torch.randint(1, n, (1,), generator=generator))
         scores = [torch.exp(3 * torch.randn(n, generator=generator)),
                   torch.rand(n, generator=generator) * (torch.rand(n, generator=generator) < 0.1),
-                  torch.randint(0, 3, (n,), generator=generator).float()][trial % 3]
+                  torch.randint(0, 3, (n,), generator=generator).float(),
+                  torch.rand(n, generator=generator).bfloat16()][trial % 4]  # NumPy has no bf16
         state = torch.get_rng_state()
         expected = sk._sample_indices_impl(scores, k, estimator, 0.1)
         for draw in (sk.sample_indices, sk.sample_indices_op):  # the kernel directly, and through the op
