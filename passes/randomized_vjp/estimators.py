@@ -261,10 +261,11 @@ def _water_filling_numpy(scores: np.ndarray, k: int) -> np.ndarray:
     return np.where(s > 0, 1.0, (k - count) / (n - count))  # fewer than k nonzero scores
 
 
-def _sample_indices_numpy(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1) -> tuple[Tensor, Tensor]:
+def _sample_indices_numpy(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1,
+                          site: str = "") -> tuple[Tensor, Tensor]:
     """The CPU kernel: :func:`_sample_indices_impl` in NumPy, with the same torch draws in the
     same order (one ``randperm(n)``, then for ``importance`` one float64 ``rand``), so both give
-    the same sample from the same RNG state."""
+    the same sample from the same RNG state.  ``site``: see :func:`sample_indices_op`."""
     _check_sample_arguments(scores, k, estimator, uniform_mix)
     n = scores.shape[0]
     if k >= n:
@@ -308,10 +309,7 @@ def sample_indices_op(scores: Tensor, k: int, estimator: str, uniform_mix: float
     return _sample_indices_impl(scores, k, estimator, uniform_mix)
 
 
-@sample_indices_op.register_kernel("cpu")
-def _sample_indices_cpu(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1,
-                        site: str = "") -> tuple[Tensor, Tensor]:
-    return _sample_indices_numpy(scores, k, estimator, uniform_mix)
+sample_indices_op.register_kernel("cpu")(_sample_indices_numpy)
 
 
 @sample_indices_op.register_fake

@@ -152,7 +152,7 @@ def test_dispatch_keeps_small_layers_dense_and_splits_wide_ones():
     assert all(cost.layer_cost > cost.layer_macs for cost in small)  # the layer's own ops count too
 
 
-def _decorrelation_after(steps, monkeypatch=None, **config):
+def _decorrelation_after(steps, **config):
     """(the Plan row, the state, mean |corr| after ``steps`` training forwards) for one linear
     layer on strongly correlated inputs."""
     torch.manual_seed(0)

@@ -143,9 +143,12 @@ def test_water_filling_equals_plain_procedure(values, k_frac):
 
 
 @pytest.mark.parametrize("estimator", ["importance", "uniform"])
-def test_cpu_kernel_draws_the_torch_sample(estimator):
+def test_cpu_kernel_draws_the_torch_sample(estimator, monkeypatch):
     # The NumPy CPU kernel is the torch implementation on the same draws: from one RNG state both
     # give the same indices and weights, for skewed, sparse, tied and bf16 scores, k near 1 and near n.
+    # Both CPU routes run the NumPy kernel (its results come back through torch.from_numpy).
+    from_numpy, converted = torch.from_numpy, []
+    monkeypatch.setattr(torch, "from_numpy", lambda array: converted.append(1) or from_numpy(array))
     generator = torch.Generator().manual_seed(5)
     for trial in range(60):
         n = int(torch.randint(2, 400, (1,), generator=generator))
@@ -158,7 +161,9 @@ def test_cpu_kernel_draws_the_torch_sample(estimator):
         expected = sk._sample_indices_impl(scores, k, estimator, 0.1)
         for draw in (sk.sample_indices, sk.sample_indices_op):  # the kernel directly, and through the op
             torch.set_rng_state(state)
+            converted.clear()
             index, scale = draw(scores, k, estimator, 0.1)
+            assert converted, draw
             assert torch.equal(index, expected[0])
             torch.testing.assert_close(scale, expected[1], rtol=1e-6, atol=0)
 

@@ -58,6 +58,30 @@ def _assert_unbiased(samples, exact):
     assert ((mean - exact).abs() <= bound).all(), float(((mean - exact).abs() / bound).max())
 
 
+def _rewritten_graphs(model, x, y, min_cut=False):
+    """One compiled training step through the randomized-VJP joint rewrite alone: (the number of
+    rewritten GEMMs, the joint graph's nodes after the rewrite, the backward graph's nodes after
+    the partition; ``min_cut``: Inductor's partitioner, which also runs AOTAutograd's CSE)."""
+    from effcompile._compat import aot_eager_with_partition
+
+    seen = {}
+
+    def rewrite_then_partition(partition):
+        def partition_fn(joint, inputs, **kwargs):
+            seen["records"] = len(randomized_vjp.rewrite_joint_graph(joint.graph))
+            joint.recompile()
+            seen["joint"] = list(joint.graph.nodes)
+            forward, backward = partition(joint, inputs, **kwargs)
+            seen["backward"] = list(backward.graph.nodes)
+            return forward, backward
+
+        return partition_fn
+
+    backend = aot_eager_with_partition(rewrite_then_partition, min_cut=min_cut)
+    _gradients(model, torch.compile(model, backend=backend), x, y)
+    return seen["records"], seen["joint"], seen["backward"]
+
+
 @pytest.fixture(scope="module")
 def exact_gradient():
     model, (x, y) = _mlp(), _data()
@@ -102,55 +126,27 @@ class TestJointGraphRewrite:
     def test_only_importance_computes_norms(self, estimator):
         # Uniform sampling reads only the number of rows: the rewrite must not spend two passes
         # over G and X on norms it discards (conv images, linear rows and output features).
-        from effcompile._compat import aot_eager_with_partition
-
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 5))
         x, y = torch.randn(32, 2, 6, 6), torch.randint(0, 5, (32,))
         _sketch(model, x, keep=0.25, keep_input=0.5, target="both", estimator=estimator, multiple=1)
-        rewritten = []
-
-        def capture(partition):
-            def partition_fn(joint, inputs, **kwargs):
-                rewritten.append(len(randomized_vjp.rewrite_joint_graph(joint.graph)))
-                joint.recompile()
-                norms = [n for n in joint.graph.nodes if n.target is torch.ops.aten.sqrt.default]
-                rewritten.append(len(norms))
-                return partition(joint, inputs, **kwargs)
-
-            return partition_fn
-
-        _gradients(model, torch.compile(model, backend=aot_eager_with_partition(capture)), x, y)
-        records, norms = rewritten
+        records, joint_nodes, _ = _rewritten_graphs(model, x, y)
+        norms = [n for n in joint_nodes if n.target is torch.ops.aten.sqrt.default]
         assert records == 5  # three weight gradients, two input gradients
-        assert norms == (2 * records if estimator == "importance" else 0)
+        assert len(norms) == (2 * records if estimator == "importance" else 0)
 
     @pytest.mark.parametrize("estimator", ["uniform", "importance", "sketch"])
     def test_every_rewritten_gemm_draws_its_own_sample(self, estimator):
         # Layers of one size get identical sampler calls (uniform: the same zero scores; sketch:
         # the same sizes); Inductor's partitioner runs CSE, which ignores a custom op's
         # nondeterministic tag, and would hand all of them one draw.
-        from effcompile._compat import aot_eager_with_partition
-
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
         x, y = torch.randn(64, 16), torch.randint(0, 16, (64,))
         _sketch(model, x, keep=0.25, estimator=estimator)
-        draws = []
-
-        def rewrite_then_partition(partition):
-            def partition_fn(joint, inputs, **kwargs):
-                randomized_vjp.rewrite_joint_graph(joint.graph)
-                joint.recompile()
-                forward, backward = partition(joint, inputs, **kwargs)
-                draws.extend(n for n in backward.graph.nodes if n.target in (
-                    torch.ops.effcompile.sample_indices.default, torch.ops.effcompile.rademacher.default))
-                return forward, backward
-
-            return partition_fn
-
-        backend = aot_eager_with_partition(rewrite_then_partition, min_cut=True)
-        _gradients(model, torch.compile(model, backend=backend), x, y)
+        _, _, backward_nodes = _rewritten_graphs(model, x, y, min_cut=True)
+        draws = [n for n in backward_nodes if n.target in (
+            torch.ops.effcompile.sample_indices.default, torch.ops.effcompile.rademacher.default)]
         assert len(draws) == 3
 
     @pytest.mark.parametrize("target", ["grad_input", "both"])
