@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from .compiling import compile_for
 from .config import PassConfig
 from .inputs import call, model_inputs
 from .plan import Plan, PlanRefused
@@ -227,7 +228,7 @@ def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
         return loss_fn(call(model, inputs), targets)
 
     if options.compile:
-        forward_loss = torch.compile(forward_loss, backend=options.backend)
+        forward_loss = compile_for(_unwrap(model), forward_loss, backend=options.backend)
     counter = {"step": 0}
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
