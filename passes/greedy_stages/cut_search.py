@@ -170,9 +170,11 @@ class _StageTracer(fx.Tracer):
     # tensor constants frozen at trace time (a mask buffer that changes must be seen changing).
     proxy_buffer_attributes = True
 
-    def __init__(self, forced: Dict[str, str]) -> None:
+    def __init__(self, forced: Optional[Dict[str, str]] = None) -> None:
+        # forced defaults to none: unpickling a stage (torch.load of a staged model) re-traces it
+        # with a subclass of this tracer built without arguments.
         super().__init__()
-        self.forced = forced
+        self.forced = forced or {}
 
     def is_leaf_module(self, module: nn.Module, path: str) -> bool:
         return leaf_reason(module, path, self.forced) is not None

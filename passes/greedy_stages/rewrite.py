@@ -44,10 +44,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
 from effcompile.inputs import ModelInputs, model_inputs
 from effcompile.measure import SavedTensorMeter
 from effcompile.passes.analysis.capture import GraphCapture
+from effcompile.passes.analysis.state_children import attach, detach
 from effcompile.passes.base import ModelPass, StepOptions, register_pass
 from effcompile.plan import Action, PlanRow
 
@@ -490,7 +492,7 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     if options.compile:
         # Static shapes per batch size (a partial last batch compiles once more): a composed
         # selection's row-sparse backward needs the batch size as a number.
-        functions = [torch.compile(fn, backend=options.backend, dynamic=False) for fn in functions]
+        functions = [compile_for(_unwrap(model), fn, backend=options.backend, dynamic=False) for fn in functions]
     counter = {"step": 0}
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
@@ -719,7 +721,7 @@ class GreedyStagesPass(ModelPass):
                 make_output_head(shape, spec.output_shape, kind).to(device=spec.device, dtype=spec.boundary_dtype)
                 for shape, kind in zip(spec.boundary_shapes, spec.head_kinds)])
             heads.train(model.training)
-            model.add_module(HEADS_ATTR, heads)
+            attach(model, HEADS_ATTR, heads)
             model.__dict__[_STAGED_ATTR] = BlockStagedModel(model, spec, HEADS_ATTR)
             return spec.num_stages
         plan = spec
@@ -728,7 +730,7 @@ class GreedyStagesPass(ModelPass):
             for boundary, kind in zip(plan.boundaries, plan.head_kinds)
         ])
         heads.train(model.training)
-        model.add_module(HEADS_ATTR, heads)
+        attach(model, HEADS_ATTR, heads)
         stages = split_stages(plan.traced, [b.position for b in plan.boundaries], [b.value for b in plan.boundaries])
         staged = StagedModel(model, stages, plan.boundaries, plan.stage_modules, plan.stage_attributes)
         staged.input_names = plan.input_names
@@ -739,7 +741,7 @@ class GreedyStagesPass(ModelPass):
         return isinstance(model._modules.get(HEADS_ATTR), GreedyStageHeads)
 
     def fold(self, model: nn.Module) -> int:
-        heads = model._modules.pop(HEADS_ATTR, None)
+        heads = detach(model, HEADS_ATTR)
         model.__dict__.pop(_STAGED_ATTR, None)
         return 0 if heads is None else len(heads)
 

@@ -46,8 +46,10 @@ import torch
 import torch.nn as nn
 
 from effcompile.api import _unwrap, check_finite_loss
+from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
 from effcompile.inputs import model_inputs, tensor_leaves
+from effcompile.passes.analysis.state_children import attach, detach
 from .config import SampleSelection
 from effcompile.plan import Action, PlanRow
 from .selectors import SampleSelector, num_selected, per_sample_loss_fn, selector_of
@@ -279,16 +281,6 @@ class _FeatureTap:
         return value
 
 
-class _SelectionSequential(nn.Sequential):
-    """``nn.Sequential`` whose forward skips the attached selector (it is state, not a layer)."""
-
-    def forward(self, input):
-        for module in self:
-            if not isinstance(module, SampleSelector):
-                input = module(input)
-        return input
-
-
 def _label_smoothing_for_gradmatch(loss_fn: Any) -> float:
     """The proxy e = softmax(z) − t is the cross-entropy gradient: refuse any other loss."""
     import torch.nn.functional as F
@@ -343,7 +335,7 @@ class SelectionStep:
         for fqn in self.spec.protected_buffers:
             owner, _, name = fqn.rpartition(".")
             self._protected.append((self.base.get_submodule(owner), name))
-        compile_fn = (lambda fn: torch.compile(fn, backend=options.backend, dynamic=False)) if options.compile \
+        compile_fn = (lambda fn: compile_for(self.base, fn, backend=options.backend, dynamic=False)) if options.compile \
             else (lambda fn: fn)
         if self.spec.mode == FORWARD_REUSE:
             self._forward_select = compile_fn(self._forward_select_eager)
@@ -539,9 +531,7 @@ class SampleSelectionPass(ModelPass):
                                   nnls_iterations=config.nnls_iterations, head_bias=spec.head_bias,
                                   sync_history=config.sync_history, device=device)
         selector.spec = spec
-        if type(model) is nn.Sequential:
-            model.__class__ = _SelectionSequential
-        model.add_module(SELECTOR_NAME, selector)
+        attach(model, SELECTOR_NAME, selector)
         if spec.head_scope is not None:
             tap = _FeatureTap(spec.head_input)
             selector.__dict__["_feature_tap"] = tap
@@ -557,10 +547,8 @@ class SampleSelectionPass(ModelPass):
         for module in list(model.modules()):
             for name, child in list(module._modules.items()):
                 if isinstance(child, SampleSelector):
-                    del module._modules[name]
+                    detach(module, name)
                     removed += 1
-        if type(model) is _SelectionSequential:
-            model.__class__ = nn.Sequential
         for handle in model.__dict__.get("_effcompile_hooks", {}).pop(self.name, []):
             handle.remove()
         return removed
