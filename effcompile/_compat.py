@@ -104,6 +104,8 @@ def is_compiling() -> bool:
 
 # The base class of nn.Conv1d/2d/3d and the transposed convolutions (private in every version).
 ConvNd = torch.nn.modules.conv._ConvNd
+# The base class of the batch and instance norms (``num_features`` channels; private in every version).
+NormBase = torch.nn.modules.batchnorm._NormBase
 
 
 def native_bf16_matmul(device: torch.device) -> bool:
@@ -122,7 +124,7 @@ def native_bf16_matmul(device: torch.device) -> bool:
 __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
     "functional_all_gather",
-    "unique_graph_count", "is_compiling", "ConvNd", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
+    "unique_graph_count", "is_compiling", "ConvNd", "NormBase", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
     "is_sharded", "native_bf16_matmul",
 ]
 

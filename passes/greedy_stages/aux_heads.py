@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["MLPSRHead", "PoolMLPHead", "MLPHead", "LinearHead", "HEAD_KINDS", "head_kind_for", "make_aux_head",
-           "TokenHead", "FirstTokenHead", "OUTPUT_HEAD_KINDS", "output_head_kind", "make_output_head"]
+           "TokenHead", "FirstTokenHead", "PooledHead", "OUTPUT_HEAD_KINDS", "output_head_kind", "make_output_head"]
 
 HEAD_KINDS = ("mlp_sr", "pool_mlp", "mlp", "linear")
 
@@ -174,24 +174,47 @@ class FirstTokenHead(nn.Module):
         return self.proj(self.pool(self.norm(x[:, 0])))
 
 
-OUTPUT_HEAD_KINDS = ("token", "token_linear", "first_token", "first_token_linear")
+class PooledHead(nn.Module):
+    """A feature map → mean over its spatial axes → LayerNorm → Linear to ``C``: the classifier head
+    for a map-shaped hidden state, ``(B, C, *spatial)`` (``channels_last=False``: a CNN stage) or
+    ``(B, *spatial, C)`` (``channels_last=True``: Swin's ``(B, H, W, C)``); ``norm=False`` drops
+    the LayerNorm."""
+
+    def __init__(self, channels: int, outputs: int, channels_last: bool, norm: bool = True) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.norm = nn.LayerNorm(channels) if norm else nn.Identity()
+        self.proj = nn.Linear(channels, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.flatten(1, -2).mean(dim=1) if self.channels_last else x.flatten(2).mean(dim=2)
+        return self.proj(self.norm(pooled))
 
 
-def output_head_kind(hidden: Sequence[int], target: Sequence[int], requested: str = "auto") -> str:
+OUTPUT_HEAD_KINDS = ("token", "token_linear", "first_token", "first_token_linear", "pool_channels_first",
+                     "pool_channels_first_linear", "pool_channels_last", "pool_channels_last_linear")
+
+
+def output_head_kind(hidden: Sequence[int], target: Sequence[int], requested: str = "auto",
+                     layout: Optional[str] = None) -> str:
     """The head mapping a hidden state of shape ``hidden`` to the model's output shape ``target``.
 
-    ``target[:-1] == hidden[:-1]`` (per-token logits) → ``token``; ``target`` of rank 2 with the same
-    batch (a classifier over a token sequence) → ``first_token``; ``requested="linear"`` drops the
-    norm (and the pooler).  Anything else raises ``ValueError`` naming both shapes.
+    ``target[:-1] == hidden[:-1]`` (per-token logits) → ``token``.  A ``target`` of rank 2 with the
+    same batch (a classifier): a channel-first map (``layout="channels_first"``: the block ends in a
+    conv or batch norm) → ``pool_channels_first``; a hidden state of rank ≥ 4 otherwise →
+    ``pool_channels_last``; a token sequence ``(B, T, H)`` → ``first_token``.  ``requested="linear"``
+    drops the norm (and the pooler).  Anything else raises ``ValueError`` naming both shapes.
     """
     hidden, target = tuple(hidden), tuple(target)
     suffix = "_linear" if requested == "linear" else ""
     if len(hidden) >= 2 and target[:-1] == hidden[:-1]:
         return "token" + suffix
-    if len(hidden) == 3 and len(target) == 2 and target[0] == hidden[0]:
-        return "first_token" + suffix
+    if len(hidden) >= 3 and len(target) == 2 and target[0] == hidden[0]:
+        if layout == "channels_first":
+            return "pool_channels_first" + suffix
+        return ("pool_channels_last" if len(hidden) >= 4 else "first_token") + suffix
     raise ValueError(f"greedy_stages: no aux head maps a hidden state {hidden} to the model's output {target} "
-                     "(supported: per-token outputs (B, T, V) and per-sequence outputs (B, C))")
+                     "(supported: per-token outputs (B, T, V) and per-example outputs (B, C))")
 
 
 def make_output_head(hidden: Sequence[int], target: Sequence[int], kind: str) -> nn.Module:
@@ -201,4 +224,8 @@ def make_output_head(hidden: Sequence[int], target: Sequence[int], kind: str) ->
         return TokenHead(width, outputs, norm=kind == "token")
     if kind.startswith("first_token"):
         return FirstTokenHead(width, outputs, norm=kind == "first_token")
+    if kind.startswith("pool_channels_"):
+        channels_last = kind.startswith("pool_channels_last")
+        channels = int(hidden[-1] if channels_last else hidden[1])
+        return PooledHead(channels, outputs, channels_last, norm=not kind.endswith("_linear"))
     raise ValueError(f"unknown output head kind {kind!r}; expected one of {OUTPUT_HEAD_KINDS}")

@@ -25,7 +25,9 @@ Model after ``transform(model, GreedyStages(K), example_inputs=batch)`` on this 
 * ``model.greedy_stage_heads.k`` (the same attribute as the fx path) maps the hidden state at
   cut k to the model's output shape, inferred from the example output's first tensor (``logits``):
   ``(B, T, V)`` → LayerNorm + Linear to V per token (causal LM); ``(B, C)`` → LayerNorm of the
-  first token → Linear + tanh → Linear to C (classification).
+  first token → Linear + tanh → Linear to C (classification over a token sequence), or, for a
+  feature map, mean over its spatial axes → LayerNorm → Linear to C (the channel axis read off the
+  block's last conv/norm/Linear: ``(B, C, H, W)`` for a CNN stage, ``(B, H, W, C)`` for Swin).
 
 ``effcompile.train_step`` runs the model's **own** forward with forward hooks on the cut blocks::
 
@@ -56,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from effcompile._compat import ConvNd, NormBase
 from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves
 
 from .aux_heads import make_output_head, output_head_kind
@@ -101,6 +104,27 @@ def find_block_stack(model: nn.Module) -> BlockStack:
             f"greedy_stages: {type(model).__name__} has no block stack to cut between (an nn.ModuleList or "
             f"nn.Sequential of >= 2 blocks of one class, each with trainable parameters); containers found: {found}")
     return best[1]
+
+
+_CHANNEL_FIRST_LAYERS = (ConvNd, NormBase, nn.GroupNorm)  # NormBase: the batch and instance norms
+
+
+def block_layout(block: nn.Module, shape: Tuple[int, ...]) -> Optional[str]:
+    """Where a block's output of ``shape`` keeps its channels, read off the block's last layer that
+    makes or normalises them: a conv / batch, group or instance norm with ``shape[1]`` channels →
+    ``"channels_first"``; a Linear / LayerNorm over ``shape[-1]`` features → ``"channels_last"``;
+    neither → ``None``."""
+    for module in reversed(list(block.modules())):
+        if isinstance(module, _CHANNEL_FIRST_LAYERS):
+            channels = getattr(module, "out_channels", None) or getattr(module, "num_features", None) \
+                or getattr(module, "num_channels", None)
+            if channels == shape[1]:
+                return "channels_first"
+        if isinstance(module, nn.Linear) and module.out_features == shape[-1]:
+            return "channels_last"
+        if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape)[-1:] == shape[-1:]:
+            return "channels_last"
+    return None
 
 
 def _first_tensor(value: Any) -> Optional[torch.Tensor]:
@@ -310,7 +334,8 @@ def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_rea
         if tensor is None or not tensor.is_floating_point() or tensor.dim() < 2:
             raise StageTraceError(f"greedy_stages: block {stack.blocks[index]!r} returns no floating hidden-state "
                                   "tensor to cut at")
-    kind = output_head_kind(tuple(hidden[0].shape), tuple(logits.shape), config.head)
+    layout = block_layout(model.get_submodule(stack.blocks[0]), tuple(hidden[0].shape))
+    kind = output_head_kind(tuple(hidden[0].shape), tuple(logits.shape), config.head, layout)
 
     snapshots = measured["snapshots"]  # [start of block 0, end of block 0, …, end of block n−1]
     units = [snapshots[i + 1] - snapshots[i] for i in range(n)]

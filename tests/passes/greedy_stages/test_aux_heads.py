@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from effcompile.passes.greedy_stages.aux_heads import LinearHead, MLPHead, MLPSRHead, PoolMLPHead, head_kind_for, make_aux_head
+from effcompile.passes.greedy_stages.aux_heads import (LinearHead, MLPHead, MLPSRHead, PoolMLPHead, head_kind_for, make_aux_head,
+                                                      make_output_head, output_head_kind)
+from effcompile.passes.greedy_stages.block_stack import block_layout
 from effcompile.config import config_from_dict
 from effcompile.passes import GreedyStages
 from effcompile.passes.greedy_stages.cut_search import count_flops
@@ -109,3 +111,36 @@ class TestConfig:
     def test_cuts_length_must_be_num_stages_minus_one(self):
         with pytest.raises(ValueError, match="GreedyStages.cuts="):
             GreedyStages(num_stages=3, cuts=("layer1",))
+
+
+# ------------------------------------------------------------------ output-shaped heads (block-stack path)
+@pytest.mark.parametrize("hidden, layout, kind", [
+    ((3, 8, 5, 5), "channels_first", "pool_channels_first"),  # a CNN stage (HF ResNet/ConvNeXt)
+    ((3, 5, 5, 8), "channels_last", "pool_channels_last"),  # Swin's (B, H, W, C)
+    ((3, 8, 5, 5), None, "pool_channels_last"),  # rank 4 and no layer to read it off: channels last
+    ((3, 7, 8), "channels_first", "pool_channels_first"),  # a Conv1d stage (B, C, L)
+    ((3, 7, 8), "channels_last", "first_token"),  # a token sequence: the first (CLS) token
+])
+def test_classifier_head_for_a_feature_map_pools_the_spatial_axes(hidden, layout, kind):
+    assert output_head_kind(hidden, (3, 4), "auto", layout) == kind
+    assert output_head_kind(hidden, (3, 4), "linear", layout) == kind + "_linear"
+    head = make_output_head(hidden, (3, 4), kind)
+    x = torch.randn(hidden)
+    assert head(x).shape == (3, 4)
+    if kind.startswith("pool_"):
+        # the head sees only the mean over the spatial axes: permuting positions changes nothing
+        spatial = tuple(range(2, len(hidden))) if kind == "pool_channels_first" else tuple(range(1, len(hidden) - 1))
+        flipped = x.flip(spatial)
+        torch.testing.assert_close(head(flipped), head(x))
+
+
+@pytest.mark.parametrize("block, shape, layout", [
+    (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()), (2, 8, 6, 6), "channels_first"),
+    (nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)), (2, 6, 6, 8), "channels_last"),
+    # ConvNeXt: depthwise conv, then Linears on a permuted map, permuted back to (B, C, H, W)
+    (nn.Sequential(nn.Conv2d(8, 8, 7, groups=8), nn.LayerNorm(8), nn.Linear(8, 32), nn.Linear(32, 8)),
+     (2, 8, 5, 5), "channels_first"),
+    (nn.Sequential(nn.ReLU()), (2, 8, 5, 5), None),
+])
+def test_block_layout_is_read_off_the_blocks_layers(block, shape, layout):
+    assert block_layout(block, shape) == layout
