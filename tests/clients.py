@@ -1,9 +1,14 @@
 """The real-client zoo: models no one here wrote, as users bring them (tiny configs, random init).
 
 Each entry builds a model from a config (never a download), one batch in the form the model
-takes it (Hugging Face: a dict of keyword tensors) with its targets, and the user's loss over the
-output *as the model returns it* (a ``ModelOutput``).  ``tests/test_clients.py`` runs every
-technique of ``tests/settings.py`` over this zoo.  Requires ``transformers`` (a test extra).
+takes it (Hugging Face: a dict of keyword tensors; torchvision and timm: an image tensor) with its
+targets, and the user's loss over the output *as the model returns it* (a ``ModelOutput`` or a
+tensor).  ``tests/test_clients.py`` runs every technique of ``tests/settings.py`` over this zoo.
+
+Libraries: ``transformers`` is a test extra.  ``torchvision`` and ``timm`` are not: PyPI's x86-64
+torchvision wheels link the CUDA build of torch and fail to import beside the CPU torch 2.13.0 the
+main test run uses, so their clients run in a second environment (torch 2.14.1 + torchvision
+0.29.1 + timm; ``make test-vision``) and are skipped, with that reason, where the library is missing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ class Client:
     loss: Callable[[Any, torch.Tensor], torch.Tensor]
     # layer-pattern → why a pass may skip it (anything else skipped is a bug)
     expected_skips: Dict[str, str] = dataclasses.field(default_factory=dict)
+    library: str = "transformers"  # the client's own library (the test skips when it is missing)
+    # how greedy stages cut it: "block-stack hooks" (a forward torch.fx cannot trace) or "fx" (a stage trace)
+    cut_kind: str = "block-stack hooks"
+    lr: float = 1e-2  # Adam's learning rate in the tests' training loops
 
 
 def causal_lm_loss(output: Any, input_ids: torch.Tensor) -> torch.Tensor:
@@ -35,6 +44,23 @@ def causal_lm_loss(output: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 def classification_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.logits.float(), labels)
+
+
+def logits_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output.float(), labels)
+
+
+IMAGE, CLASSES = 32, 10
+
+
+def _images(rows: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 3, IMAGE, IMAGE, generator=generator), torch.randint(0, CLASSES, (rows,), generator=generator)
+
+
+def _pixel_batch(rows: int, seed: int) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    images, labels = _images(rows, seed)
+    return {"pixel_values": images}, labels
 
 
 def _token_batch(rows: int, seed: int, classes: int = 0) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
@@ -71,10 +97,102 @@ def _bert() -> nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
+def _hf_convnext() -> nn.Module:
+    import transformers
+
+    # Linear layers on channels-last maps (permute in, permute out), layer scale, drop path
+    config = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 2], num_labels=CLASSES,
+                                         drop_path_rate=0.1, image_size=IMAGE)
+    return transformers.ConvNextForImageClassification(config)
+
+
+def _hf_swin() -> nn.Module:
+    import transformers
+
+    # shifted-window attention with a relative position bias; a (B, T, C) hidden state
+    config = transformers.SwinConfig(image_size=IMAGE, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                     window_size=4, num_labels=CLASSES)
+    return transformers.SwinForImageClassification(config)
+
+
+def _hf_resnet() -> nn.Module:
+    import transformers
+
+    # convolutions + BatchNorm; a (B, C, H, W) hidden state between stages
+    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2], layer_type="basic",
+                                       num_labels=CLASSES)
+    return transformers.ResNetForImageClassification(config)
+
+
+def _torchvision_resnet() -> nn.Module:
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES)
+
+
+def _torchvision_mobilenet() -> nn.Module:
+    import torchvision
+
+    # depthwise convs, squeeze-excitation (1x1 convs on pooled maps), hardswish
+    return torchvision.models.mobilenet_v3_small(num_classes=CLASSES, width_mult=0.25)
+
+
+def _torchvision_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], stochastic_depth_prob=0.1,
+                    num_classes=CLASSES)
+
+
+def _torchvision_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    # nn.MultiheadAttention: in_proj_weight is a bare Parameter used by F.multi_head_attention_forward
+    return VisionTransformer(image_size=IMAGE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=CLASSES)
+
+
+def _torchvision_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    # F.linear(x, self.qkv.weight) inside a functional window attention; (B, H, W, C) hidden states
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                           num_classes=CLASSES)
+
+
+def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)
+
+    return build
+
+
+def _vision(build: Callable[[], nn.Module], library: str, cut_kind: str = "fx", lr: float = 1e-2) -> "Client":
+    return Client(build, _images, logits_loss, library=library, cut_kind=cut_kind, lr=lr)
+
+
 TIED = "tied to the token embedding"
 CLIENTS: Dict[str, Client] = {
     # GPT-2: Conv1D layers (addmm(b, x, W), W stored in×out); lm_head shares the embedding's weight.
     "gpt2": Client(_gpt2, _token_batch, causal_lm_loss, {"lm_head": TIED}),
     "llama": Client(_llama, _token_batch, causal_lm_loss),
     "bert": Client(_bert, lambda rows, seed: _token_batch(rows, seed, classes=3), classification_loss),
+    "hf_convnext": Client(_hf_convnext, _pixel_batch, classification_loss),
+    "hf_swin": Client(_hf_swin, _pixel_batch, classification_loss),
+    "hf_resnet": Client(_hf_resnet, _pixel_batch, classification_loss),
+    "torchvision_resnet": _vision(_torchvision_resnet, "torchvision"),
+    "torchvision_mobilenet_v3": _vision(_torchvision_mobilenet, "torchvision"),
+    "torchvision_convnext": _vision(_torchvision_convnext, "torchvision"),
+    "torchvision_vit": _vision(_torchvision_vit, "torchvision"),
+    "torchvision_swin": _vision(_torchvision_swin, "torchvision", cut_kind="block-stack hooks"),
+    # a ViT without warmup oscillates at Adam 1e-2 (plain backprop too; stage 0's MLP head diverged)
+    "timm_vit": _vision(_timm("vit_tiny_patch16_224", img_size=IMAGE, patch_size=8, depth=2, drop_path_rate=0.1), "timm",
+                        lr=3e-3),
+    "timm_convnext": _vision(_timm("convnext_atto", drop_path_rate=0.1), "timm"),
+    "timm_swin": _vision(_timm("swin_tiny_patch4_window7_224", img_size=IMAGE, window_size=4, embed_dim=24,
+                               depths=(2, 2), num_heads=(2, 2)), "timm"),
+    # LeViT's attention caches its bias table in eval mode (a train/eval branch): the block-stack path
+    "timm_levit": _vision(_timm("levit_128s", img_size=IMAGE), "timm", cut_kind="block-stack hooks"),
 }

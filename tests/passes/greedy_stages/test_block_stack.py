@@ -55,7 +55,7 @@ def _nonzero(grad):
     return grad is not None and bool(grad.abs().sum() > 0)
 
 
-@pytest.mark.parametrize("name", list(CLIENTS))
+@pytest.mark.parametrize("name", list(STACKS))
 def test_plan_names_the_stack_and_stages_and_both_stage_losses_fall(name):
     client, model, inputs, targets = _staged(name)
     stage_rows = [row for row in effcompile.report(model).for_pass("greedy_stages")
@@ -90,7 +90,7 @@ def test_plan_names_the_stack_and_stages_and_both_stage_losses_fall(name):
         assert last < 0.9 * first, (name, k, [h[k] for h in history])
 
 
-@pytest.mark.parametrize("name", list(CLIENTS))
+@pytest.mark.parametrize("name", list(STACKS))
 def test_no_gradient_crosses_the_cut(name, monkeypatch):
     client, model, inputs, targets = _staged(name)
     model.eval()  # dropout off: gradients comparable between calls
