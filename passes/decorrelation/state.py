@@ -98,7 +98,14 @@ def update_formula(n: int, b: int, syncing: bool = False) -> str:
     averaged over ranks, which ``rows`` never forms, so it is not a candidate there.
     """
     candidates = UPDATE_FORMULAS[1:] if syncing else UPDATE_FORMULAS
-    return min(candidates, key=lambda formula: update_macs(formula, n, b))
+    # Explicit comparisons, not min(key=...): under a dynamic batch n is a SymInt, which Dynamo
+    # compares (guarding on the outcome) but cannot pass to min's key (a graph break per layer).
+    best, best_macs = candidates[0], update_macs(candidates[0], n, b)
+    for formula in candidates[1:]:
+        macs = update_macs(formula, n, b)
+        if macs < best_macs:
+            best, best_macs = formula, macs
+    return best
 
 
 @dataclasses.dataclass(frozen=True)

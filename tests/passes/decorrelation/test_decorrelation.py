@@ -463,3 +463,30 @@ def test_feature_major_patches_are_the_same_rows_stored_transposed():
     every_patch = _patches(x, (3, 2), (2, 1), (1, 0)).reshape(-1, 24)
     distance = torch.cdist(drawn, every_patch, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
     assert distance.max() < 1e-5  # compiled draws differ from eager's, but are real patches
+
+
+def test_compiled_partial_last_batch_keeps_one_graph_without_breaks():
+    """A partial batch makes Dynamo recompile with a symbolic batch size; the update (whose row
+    count n is then a SymInt) must trace into that one graph: no graph break, and batches of the
+    full size run on it afterwards (before: a break per update, then a third compile)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    _decorrelate(model, torch.randn(8, 6), update_every=1)
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), compile=True,
+                                 backend=backend)
+    counters.clear()
+    updates = []
+    for rows in (8, 8, 5, 8, 5):
+        step(torch.randn(rows, 6), torch.randint(0, 3, (rows,)))
+        updates.append(int(_state(model, "0").updates))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert len(graphs) == 2  # batch 8, then one graph with a symbolic batch size for 5 and 8
+    assert updates == [1, 2, 3, 4, 5]  # every step updated R, inside the compiled graphs
