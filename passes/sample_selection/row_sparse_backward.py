@@ -387,13 +387,15 @@ class _RowSparseRewriter:
     def reindexing(self, node: Node) -> None:
         """unsqueeze / squeeze / select / slice / transpose / permute / stack / cat: the rows move, never mix."""
         info = self._info(node)
+        # Checked before any operand is looked up: a cat of a row-sparse value with a dense one
+        # (Inductor's joint graph concatenates such gradients) stays dense, it is not a KeyError.
+        if node.target in (aten.stack.default, aten.cat.default) and \
+                not all(isinstance(a, Node) and a in self.sparse for a in node.args[0]):
+            raise _Unhandled("stacks a value that is not row-sparse")
         dim = _moved_row_dim(node, info.dim)
         args = [[self.sparse[a].compact for a in arg] if isinstance(arg, (list, tuple)) and arg and
                 all(isinstance(a, Node) for a in arg) else (self.sparse[arg].compact if isinstance(arg, Node) and arg in self.sparse else arg)
                 for arg in node.args]
-        if node.target in (aten.stack.default, aten.cat.default) and \
-                not all(isinstance(a, Node) and a in self.sparse for a in node.args[0]):
-            raise _Unhandled("stacks a value that is not row-sparse")
         self._emit(node, info.moved(self._insert(node, node.target, *args, **node.kwargs), dim=dim))
 
     def expand(self, node: Node) -> None:

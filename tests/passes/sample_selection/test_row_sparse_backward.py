@@ -234,3 +234,30 @@ def test_relu_masks_are_recomputed_from_the_saved_rows_not_saved_as_bool():
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4)
     assert (torch.float32, (KEPT, 12)) in saved  # the kept rows of the hidden activations
     assert not [shape for dtype, shape in saved if dtype == torch.bool and shape[:1] == (KEPT,)], saved
+
+
+class _SplitWithAMixedHalf(nn.Module):
+    """One projection split in two; the second half is averaged over the batch, so the backward
+    concatenates a row-sparse gradient with one that is not (GPT-2's fused qkv under Inductor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        own, shared = self.fc(x).chunk(2, dim=-1)
+        return self.head(torch.tanh(own) + shared.mean(0, keepdim=True))
+
+
+def test_a_cat_of_row_sparse_and_dense_gradients_stays_dense_and_exact():
+    torch.manual_seed(0)
+    model, x, y = _SplitWithAMixedHalf(), torch.randn(BATCH, 6), torch.randint(0, 10, (BATCH,))
+    index, weights = SELECTION
+    expected = _gradients(_selected_loss(model), model, x, y, index, weights)
+    records = _rewritten_joint_graph(model, x, y)  # raised KeyError before the cat was checked first
+    assert any(r.op == "aten.mm.default" for r in records)  # the head still runs on the selected rows
+    compiled = torch.compile(_selected_loss(model), backend="effcompile_aot_eager")
+    got = _gradients(compiled, model, x, y, index, weights)
+    for (path, _), want, have in zip(model.named_parameters(), expected, got):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{path}: {m}")
