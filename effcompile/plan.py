@@ -9,6 +9,7 @@ cannot work is an ``Action.REFUSE`` row, and ``transform`` raises before it chan
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -65,6 +66,15 @@ class PlanRow:
                 raise ValueError(f"PlanRow.action={value!r} is invalid: expected one of "
                                  f"{[a.value for a in Action]}") from None
         super().__setattr__(name, value)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "PlanRow":
+        # ``spec`` is shared, not copied: it is read-only analysis from transform time, and it may
+        # hold a torch.fx graph whose node chain copy.deepcopy walks recursively (past Python's
+        # recursion limit on a few hundred nodes), so deep copies of a transformed model (an EMA
+        # copy, fold without inplace) failed.
+        fields = {f.name: copy.deepcopy(getattr(self, f.name), memo) for f in dataclasses.fields(self)
+                  if f.name != "spec"}
+        return PlanRow(**fields, spec=self.spec)
 
     @property
     def applied(self) -> bool:

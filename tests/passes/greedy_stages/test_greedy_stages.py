@@ -396,3 +396,26 @@ def test_a_stage_process_applies_the_launchers_plan_without_deciding_again(monke
         wrong = [dict(row, details={**row["details"], "cut_position": 10_000}) if "cut_position" in row["details"] else row
                  for row in rows]
         apply_plan(build(), Plan.from_dict(wrong), GreedyStages(num_stages=3), example_inputs=example)
+
+
+def test_a_deep_staged_model_deep_copies_and_the_copy_trains_on_its_own():
+    """copy.deepcopy of a transformed model (an EMA copy; fold without inplace) must work for a graph
+    of hundreds of nodes: the Plan keeps the stage trace, whose node chain deepcopy walked
+    recursively (RecursionError).  The copy trains without touching the original."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), *[layer for _ in range(150)
+                                                              for layer in (nn.Linear(16, 16), nn.ReLU())],
+                          nn.Linear(16, 10))
+    x, y = _batch()
+    _stage(model, x, num_stages=2)
+    twin = copy.deepcopy(model)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    step = effcompile.train_step(twin, nn.CrossEntropyLoss(), torch.optim.SGD(twin.parameters(), lr=0.1))
+    step(x, y)
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in before.items())
+    assert any(not torch.equal(value, twin.state_dict()[name]) for name, value in before.items())
+    assert len(effcompile.report(twin).for_pass("greedy_stages")) == len(effcompile.report(model).for_pass("greedy_stages"))
+    folded = effcompile.fold(model)
+    torch.testing.assert_close(folded(x), model(x))
