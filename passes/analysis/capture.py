@@ -39,6 +39,8 @@ from torch.utils import _pytree as pytree
 from effcompile.inputs import model_inputs, tensor_leaves
 from effcompile.plan import layer_key
 
+from .side_effects import module_state_restored
+
 __all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError", "input_node"]
 
 aten = torch.ops.aten
@@ -342,16 +344,21 @@ def _export(model: nn.Module, example_inputs: Any, scopes: Tuple[str, ...]) -> t
     forward.__signature__ = _inspect.signature(original)  # type: ignore[attr-defined]
     model.forward = forward
     try:
-        try:
-            return torch.export.export(model, batch.args, kwargs=batch.kwargs, strict=False,
-                                       preserve_module_call_signature=scopes)
-        except Exception:  # some modules' calls cannot be preserved; the analysis then reports it
-            return torch.export.export(model, batch.args, kwargs=batch.kwargs, strict=False)
+        with module_state_restored(model):
+            return _export_wrapped(model, batch, scopes)
     finally:
         if had_instance_forward:
             model.forward = original
         else:
             del model.forward
+
+
+def _export_wrapped(model: nn.Module, batch: Any, scopes: Tuple[str, ...]) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(model, batch.args, kwargs=batch.kwargs, strict=False,
+                                   preserve_module_call_signature=scopes)
+    except Exception:  # some modules' calls cannot be preserved; the analysis then reports it
+        return torch.export.export(model, batch.args, kwargs=batch.kwargs, strict=False)
 
 
 def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:

@@ -60,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from effcompile._compat import ConvNd, NormBase
 from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves
+from effcompile.passes.analysis.side_effects import module_state_restored
 
 from .aux_heads import make_output_head, output_head_kind
 from .config import GreedyStages
@@ -290,7 +291,7 @@ def _measure(model: nn.Module, batch: ModelInputs, stack: BlockStack) -> Dict[st
     uses = _ParameterUses(parameters, lambda: state["position"])
     try:
         model.eval()
-        with torch.random.fork_rng(devices=[]), counter, uses:
+        with torch.random.fork_rng(devices=[]), module_state_restored(model), counter, uses:
             output = call(model, batch)
         total = counter.get_total_flops()
     finally:

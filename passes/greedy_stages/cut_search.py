@@ -60,6 +60,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from effcompile.passes.analysis.side_effects import module_state_restored
+
 __all__ = [
     "LEAF_RULES", "STOCHASTIC_LEAF_NAMES", "register_leaf_module", "StageTraceError", "TracedModel", "Boundary",
     "NodeCost", "trace_for_stages", "live_values", "find_boundaries", "crossing_values", "probe_batch_values",
@@ -110,11 +112,12 @@ def register_leaf_module(cls: type, reason: str) -> None:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode without grad for the block; every module's training flag restored after."""
+    """``model`` in eval mode without grad for the block; every module's training flag and Python
+    state (an eval-mode cache its forward fills) restored after."""
     flags = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), module_state_restored(model):
             yield
     finally:
         for module, flag in flags.items():
@@ -207,7 +210,8 @@ def _trace_once(model: nn.Module, untraceable: Dict[str, str], auto: Dict[str, s
         forced.update(auto)
         tracer = _StageTracer(forced)
         try:
-            graph = tracer.trace(model)
+            with module_state_restored(model):  # a forward that caches a value would keep a Proxy
+                graph = tracer.trace(model)
         except Exception as error:  # find the innermost module being traced when it failed
             stack = list(tracer.module_stack.values())
             path = stack[-1][0] if stack else ""

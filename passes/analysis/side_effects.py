@@ -1,0 +1,57 @@
+"""Example forwards made at transform time leave the user's modules as they found them.
+
+Planning runs the model on the example batch (``torch.export``, the stage tracer's forwards, the
+block-stack measurement).  Parameters and buffers are restored by their callers; this module
+covers the rest of a module's Python state, which models do write during a forward: timm's LeViT
+caches its attention biases in a dict in eval mode (after a forward with grad, tensors that are
+not graph leaves, so ``copy.deepcopy(model)`` — an EMA copy — failed after ``transform``; under
+``torch.export`` they would be fake tensors), Hugging Face modules keep counters and flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch.nn as nn
+
+__all__ = ["module_state_restored"]
+
+# nn.Module's own bookkeeping (parameters, buffers, children, hooks, the training flag): callers
+# restore what they change there themselves, and hook handles remove their own entries.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _snapshot(module: nn.Module) -> Dict[str, Tuple[Any, Any]]:
+    """Attribute → (value, a shallow copy of its contents when it is a dict or list)."""
+    saved = {}
+    for name, value in module.__dict__.items():
+        if name in _MODULE_INTERNALS:
+            continue
+        contents = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None
+        saved[name] = (value, contents)
+    return saved
+
+
+def _restore(module: nn.Module, saved: Dict[str, Tuple[Any, Any]]) -> None:
+    for name in [name for name in module.__dict__ if name not in _MODULE_INTERNALS and name not in saved]:
+        del module.__dict__[name]  # an attribute the forward added
+    for name, (value, contents) in saved.items():
+        if isinstance(value, dict) and contents is not None:
+            value.clear()  # in place: other references to the container stay valid
+            value.update(contents)
+        elif isinstance(value, list) and contents is not None:
+            value[:] = contents
+        module.__dict__[name] = value
+
+
+@contextlib.contextmanager
+def module_state_restored(model: nn.Module) -> Iterator[None]:
+    """Every module's plain Python attributes (and the contents of its dict/list attributes) as
+    they were before the block."""
+    snapshots: List[Tuple[nn.Module, Dict[str, Tuple[Any, Any]]]] = [(m, _snapshot(m)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, saved in snapshots:
+            _restore(module, saved)

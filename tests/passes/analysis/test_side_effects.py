@@ -1,0 +1,74 @@
+"""Transform-time example forwards leave the model's Python state as it was (passes/analysis/side_effects.py).
+
+The model writes to itself during a forward, as real ones do: in eval mode each block caches a
+tensor derived from a parameter in a dict (timm's LeViT caches its attention biases this way), and
+every forward bumps a call counter.  After ``transform`` no cache entry and no counter may remain:
+a cached tensor from the planning forward is stale once training moves the parameter, and one
+computed with grad is not a graph leaf, so ``copy.deepcopy`` (an EMA copy) failed.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import effcompile
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class CachingBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.shift = nn.Parameter(torch.randn(8))
+        self.cache = {}
+
+    def forward(self, x):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.training:
+            shift = self.shift * 2
+        else:
+            if "shift" not in self.cache:
+                self.cache["shift"] = self.shift * 2
+            shift = self.cache["shift"]
+        return torch.relu(self.fc(x) + shift)
+
+
+class CachingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([CachingBlock() for _ in range(3)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+CONFIGS = {
+    "decorrelation": lambda: effcompile.Decorrelation(lr=0.01),
+    "randomized_vjp": lambda: effcompile.RandomizedVJP(keep=0.5),
+    "greedy_stages": lambda: effcompile.GreedyStages(num_stages=2),
+    "sample_selection": lambda: effcompile.SampleSelection(keep=0.5, strategy="loss"),
+}
+
+
+@pytest.mark.parametrize("technique", list(CONFIGS))
+def test_transform_leaves_no_cache_and_no_new_attribute_and_the_model_deep_copies(technique):
+    torch.manual_seed(0)
+    model = CachingNet()
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, CONFIGS[technique](), example_inputs=x)
+    assert effcompile.report(model).for_pass(technique).applied()
+    for block in model.blocks:
+        assert block.cache == {} and "calls" not in block.__dict__
+    twin = copy.deepcopy(model)  # raised on a non-leaf cached tensor
+    step = effcompile.train_step(twin, F.cross_entropy, torch.optim.SGD(twin.parameters(), lr=0.1))
+    assert torch.isfinite(step(x, y))
