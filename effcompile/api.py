@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -91,6 +92,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
             plan.add(row)
         _warn_skips(model_pass.name, [row for row in rows if not row.applied])
     model.__dict__[_PLAN_ATTR] = plan
+    _guard_step_owners(model)
     return model
 
 
@@ -117,6 +119,7 @@ def apply_plan(model: nn.Module, plan: Plan, *configs: PassConfig, example_input
         rows = PASSES[name].replan(model, plan.for_pass(name).rows, by_name[name], example_inputs)
         PASSES[name].apply(model, [row for row in rows if row.applied], by_name[name])
     model.__dict__[_PLAN_ATTR] = Plan(list(plan))
+    _guard_step_owners(model)
     return model
 
 
@@ -182,7 +185,10 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
         if PASSES[name].is_applied(target):
             PASSES[name].fold(target)
     target.__dict__.pop(_PLAN_ATTR, None)
-    target.__dict__.pop("_effcompile_hooks", None)
+    for handles in target.__dict__.pop("_effcompile_hooks", {}).values():
+        for handle in handles:
+            handle.remove()
+    target.__dict__.pop("_effcompile_warned_outside_step", None)
     return target
 
 
@@ -242,6 +248,61 @@ def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
         return loss.detach()
 
     return step
+
+
+# How many effcompile training steps are running (a list: Dynamo guards on its value, so the
+# step guard below compiles to nothing inside a compiled step).
+_STEPS_RUNNING = [0]
+_STEP_GUARD = "step_guard"
+
+
+def training_step(step_fn: Callable) -> Callable:
+    """Mark ``step_fn`` as an effcompile training step: forwards inside it are the step's own."""
+
+    @functools.wraps(step_fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        _STEPS_RUNNING[0] += 1
+        try:
+            return step_fn(*args, **kwargs)
+        finally:
+            _STEPS_RUNNING[0] -= 1
+
+    return run
+
+
+@torch.compiler.disable
+def _warn_outside_step(model: nn.Module, owners: List[str]) -> None:
+    model.__dict__["_effcompile_warned_outside_step"] = True
+    warnings.warn(
+        f"effcompile: {type(model).__name__} carries {', '.join(owners)}, which train(s) through "
+        "effcompile.train_step, but it ran a training forward outside it: a backward from this forward "
+        "trains it as plain backprop, without the technique. Use step = effcompile.train_step(model, "
+        "loss_fn, optimizer) (warned once per model).", stacklevel=3)
+
+
+def _guard_step_owners(model: nn.Module) -> None:
+    """A step-owning pass (its technique lives in the step, not the forward) does nothing in the
+    user's own loop: warn at the first training forward with grad outside ``train_step``."""
+    from effcompile.passes import step_owners
+
+    hooks = model.__dict__.setdefault("_effcompile_hooks", {})
+    for handle in hooks.pop(_STEP_GUARD, []):
+        handle.remove()
+    owners = [owner.name for owner in step_owners() if owner.is_applied(model)]
+    if owners:
+        hooks[_STEP_GUARD] = [model.register_forward_pre_hook(_StepGuard(owners), with_kwargs=True)]
+
+
+class _StepGuard:
+    """The forward pre-hook of :func:`_guard_step_owners` (a class, so ``torch.save(model)`` pickles it)."""
+
+    def __init__(self, owners: List[str]) -> None:
+        self.owners = owners
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and not _STEPS_RUNNING[0] and torch.is_grad_enabled() \
+                and not module.__dict__.get("_effcompile_warned_outside_step", False):
+            _warn_outside_step(module, self.owners)
 
 
 def check_finite_loss(loss: torch.Tensor, step_index: int) -> None:

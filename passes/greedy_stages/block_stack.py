@@ -559,7 +559,7 @@ def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: C
 
     ``sync``: an ``effcompile.distributed.DataParallelSync`` when the model is wrapped in DDP
     (the hooks run the inner module, so the step averages the gradients itself)."""
-    from effcompile.api import check_finite_loss
+    from effcompile.api import check_finite_loss, training_step
     from effcompile.passes.sample_selection.selectors import selector_of
 
     if options.compile:
@@ -570,6 +570,7 @@ def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: C
                          "per-stage selection needs the fx stages)")
     counter = {"step": 0}
 
+    @training_step
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         if sync is not None:

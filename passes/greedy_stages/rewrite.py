@@ -476,7 +476,7 @@ def _stage_loss_function(staged: StagedModel, k: int, objective: Callable) -> Ca
 
 def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, options: StepOptions) -> Callable:
     """The single-process DGL step (see the module docstring)."""
-    from effcompile.api import check_finite_loss
+    from effcompile.api import check_finite_loss, training_step
 
     from effcompile.passes.sample_selection.selectors import selector_of
 
@@ -495,6 +495,7 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
         functions = [compile_for(_unwrap(model), fn, backend=options.backend, dynamic=False) for fn in functions]
     counter = {"step": 0}
 
+    @training_step
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         if sync is not None:

@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from effcompile.api import _unwrap, check_finite_loss
+from effcompile.api import _unwrap, check_finite_loss, training_step
 from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
 from effcompile.inputs import model_inputs, tensor_leaves
@@ -388,6 +388,7 @@ class SelectionStep:
         return (losses * weights.to(losses.dtype)).sum()
 
     # The step ------------------------------------------------------------------------------
+    @training_step
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
         batch = model_inputs(inputs)
         args, kwargs = batch.args, batch.kwargs
