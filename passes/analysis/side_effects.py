@@ -1,7 +1,7 @@
 """Example forwards made at transform time leave the user's modules as they found them.
 
-Planning runs the model on the example batch (``torch.export``, the stage tracer's forwards, the
-block-stack measurement).  Parameters and buffers are restored by their callers; this module
+Planning runs the model on the example batch (``torch.export``, the stage tracer, the stage cost
+measurement, the block-stack measurement).  Parameters and buffers are restored by their callers; this module
 covers the rest of a module's Python state, which models do write during a forward: timm's LeViT
 caches its attention biases in a dict in eval mode (after a forward with grad, tensors that are
 not graph leaves, so ``copy.deepcopy(model)`` — an EMA copy — failed after ``transform``; under

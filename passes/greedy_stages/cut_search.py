@@ -112,12 +112,11 @@ def register_leaf_module(cls: type, reason: str) -> None:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode without grad for the block; every module's training flag and Python
-    state (an eval-mode cache its forward fills) restored after."""
+    """``model`` in eval mode without grad for the block; every module's training flag restored after."""
     flags = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.no_grad(), module_state_restored(model):
+        with torch.no_grad():
             yield
     finally:
         for module, flag in flags.items():
@@ -813,7 +812,8 @@ def measure_node_costs(traced: TracedModel, example_inputs: Sequence[Any],
     its launcher already decided needs the boundary shapes, not the FLOP measurement.
 
     Runs in eval mode (no running-statistics or pass-state updates, no dropout) with the RNG
-    forked and every buffer restored afterwards, so measuring leaves the model untouched.
+    forked and every buffer and module attribute restored afterwards (a leaf's eval-mode cache),
+    so measuring leaves the model untouched.
     """
     gm = traced.graph_module
     flags = {module: module.training for module in gm.modules()}
@@ -824,7 +824,7 @@ def measure_node_costs(traced: TracedModel, example_inputs: Sequence[Any],
     try:
         gm.eval()
         counting = FlopCounterMode(display=False) if count else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=[]), counting as counter:
+        with torch.random.fork_rng(devices=[]), module_state_restored(gm), counting as counter:
             for node in traced.nodes:
                 cost = NodeCost(0, 0)
                 if node.op == "placeholder":

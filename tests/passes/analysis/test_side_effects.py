@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import effcompile
+from effcompile.passes.greedy_stages import register_leaf_module
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,10 +39,18 @@ class CachingBlock(nn.Module):
         return torch.relu(self.fc(x) + shift)
 
 
+class CachingLeaf(CachingBlock):
+    """The same block kept whole in the stage trace: greedy stages then take the fx path, whose
+    cost measurement runs the leaf's real forward in eval mode."""
+
+
+register_leaf_module(CachingLeaf, "caches a tensor in eval mode")
+
+
 class CachingNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, block: type = CachingBlock) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([CachingBlock() for _ in range(3)])
+        self.blocks = nn.ModuleList([block() for _ in range(3)])
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
@@ -56,12 +65,13 @@ CONFIGS = {
     "greedy_stages": lambda: effcompile.GreedyStages(num_stages=2),
     "sample_selection": lambda: effcompile.SampleSelection(keep=0.5, strategy="loss"),
 }
+CASES = [(technique, CachingBlock) for technique in CONFIGS] + [("greedy_stages", CachingLeaf)]
 
 
-@pytest.mark.parametrize("technique", list(CONFIGS))
-def test_transform_leaves_no_cache_and_no_new_attribute_and_the_model_deep_copies(technique):
+@pytest.mark.parametrize("technique, block", CASES, ids=[f"{t}-{b.__name__}" for t, b in CASES])
+def test_transform_leaves_no_cache_and_no_new_attribute_and_the_model_deep_copies(technique, block):
     torch.manual_seed(0)
-    model = CachingNet()
+    model = CachingNet(block)
     x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
