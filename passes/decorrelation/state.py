@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -98,14 +99,7 @@ def update_formula(n: int, b: int, syncing: bool = False) -> str:
     averaged over ranks, which ``rows`` never forms, so it is not a candidate there.
     """
     candidates = UPDATE_FORMULAS[1:] if syncing else UPDATE_FORMULAS
-    # Explicit comparisons, not min(key=...): under a dynamic batch n is a SymInt, which Dynamo
-    # compares (guarding on the outcome) but cannot pass to min's key (a graph break per layer).
-    best, best_macs = candidates[0], update_macs(candidates[0], n, b)
-    for formula in candidates[1:]:
-        macs = update_macs(formula, n, b)
-        if macs < best_macs:
-            best, best_macs = formula, macs
-    return best
+    return min(candidates, key=lambda formula: update_macs(formula, n, b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +335,13 @@ class DecorrelationState(nn.Module):
         between updates skip its work instead of computing it and masking it out; under DDP the
         statistic's all-reduce stays outside any branch (every step, masked).
         """
-        n, b = rows.shape[0], self.block
+        # The row count as a number (operator.index specialises a symbolic size, with a guard and
+        # no graph break): when Dynamo recompiles for a partial last batch with a symbolic batch,
+        # a symbolic n would reach min(key=...) in update_formula (a graph break per layer) and
+        # the torch.cond branch below, whose Inductor code generation fails in torch 2.13 on a size
+        # defined outside it ("expected [s] to have been codegen-ed").  A layer whose update takes
+        # every row of the batch thus compiles once per batch size, as with dynamic=False.
+        n, b = operator.index(rows.shape[0]), self.block
         syncing = self._syncing()
         formula = formula or update_formula(n, b, syncing)
         operands = (self.matrix, rows, self._scale_offset, self._scale_slope)

@@ -466,9 +466,9 @@ def test_feature_major_patches_are_the_same_rows_stored_transposed():
 
 
 def test_compiled_partial_last_batch_keeps_one_graph_without_breaks():
-    """A partial batch makes Dynamo recompile with a symbolic batch size; the update (whose row
-    count n is then a SymInt) must trace into that one graph: no graph break, and batches of the
-    full size run on it afterwards (before: a break per update, then a third compile)."""
+    """A partial batch makes Dynamo recompile with a symbolic batch size; the update's row count
+    (every row of these small batches) is specialised there, so each batch size compiles one graph
+    with no graph break (before: a break per update, then a third compile)."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -488,5 +488,22 @@ def test_compiled_partial_last_batch_keeps_one_graph_without_breaks():
         step(torch.randn(rows, 6), torch.randint(0, 3, (rows,)))
         updates.append(int(_state(model, "0").updates))
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert len(graphs) == 2  # batch 8, then one graph with a symbolic batch size for 5 and 8
+    assert len(graphs) == 2  # batch 8, then batch 5
     assert updates == [1, 2, 3, 4, 5]  # every step updated R, inside the compiled graphs
+
+
+@pytest.mark.slow
+def test_inductor_step_survives_a_partial_last_batch():
+    """A partial batch through Inductor, the update every other step (a torch.cond): with a
+    symbolic row count inside the branch, torch 2.13's Inductor failed to generate it ("expected
+    [s] to have been codegen-ed") when a conv layer's update took every row of the batch."""
+    torch.manual_seed(0)
+    # 8x8 maps, 144 features: the update's 4·144 row budget exceeds a batch's 64·B rows
+    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 3))
+    _decorrelate(model, torch.randn(8, 16, 8, 8), update_every=2)  # the update in a torch.cond
+    torch._dynamo.reset()
+    step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), compile=True,
+                                 backend="effcompile")
+    losses = [step(torch.randn(rows, 16, 8, 8), torch.randint(0, 3, (rows,))) for rows in (8, 6, 8, 6)]
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert int(_state(model, "0").updates) == 2  # steps 1 and 3
