@@ -10,8 +10,8 @@ token sequences; the point is the wiring, not the result:
 * ``effcompile.transform(model, ..., example_inputs=batch)`` takes the batch as the Trainer feeds
   it (a dict of keyword tensors), before the Trainer wraps or compiles the model;
 * the Trainer's own loop (its loss, optimizer, scheduler, gradient clipping) trains it: passes whose
-  work runs inside ``forward`` (decorrelation's R update) or inside the compiled backward (the
-  randomized VJP, with ``--compile``) need nothing else.  ``--compile`` compiles the model in place
+  work runs inside ``forward`` or its backward (decorrelation's R update; the randomized VJP, eager
+  or with ``--compile`` in the compiled backward) need nothing else.  ``--compile`` compiles the model in place
   with ``model.compile(backend="effcompile")`` before handing it to the Trainer:
   ``TrainingArguments(torch_compile_backend=...)`` accepts only accelerate's list of backend names,
   and ``torch_compile=True`` alone would compile with plain Inductor, where the randomized VJP's
@@ -77,8 +77,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
 
     names = [name for name in args.passes.split(",") if name]
-    if "randomized_vjp" in names and not args.compile:
-        raise SystemExit("randomized_vjp on GPT-2's Conv1D layers runs in compiled training only: add --compile")
     torch.manual_seed(0)
     model = build_model()
     data = RandomTokens()

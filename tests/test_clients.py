@@ -75,6 +75,41 @@ def test_technique_handles_every_layer_and_learns(technique, name, joint_log):
 
 
 @pytest.mark.parametrize("name", list(CLIENTS))
+def test_randomized_vjp_samples_every_layer_in_eager_training(name, joint_log):
+    """No compilation: every planned layer's weight gradient differs draw to draw on one batch —
+    ``nn.Linear``/conv owners through their own forward, GPT-2's ``Conv1D`` (addmm), attention's
+    packed projections and Swin's ``F.linear`` through the mode around the forward that uses them
+    (the Plan's ``eager_scope``).  One SGD step first, so zero-initialised heads and residual norms
+    (torchvision's ViT head, LeViT's branch norms) pass gradient to every layer.  Uniform sampling:
+    importance sampling keeps, with certainty, the few rows that carry a gradient living on a few
+    tokens (the last ViT block below a class-token head) and is then legitimately exact."""
+    torch.manual_seed(0)
+    client = _client(name)
+    model = client.build()
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, effcompile.RandomizedVJP(keep=0.5, multiple=1, estimator="uniform"),
+                             example_inputs=client.batch(ROWS, 0)[0])
+    rows = effcompile.report(model).for_pass("randomized_vjp").applied()
+    assert all(row.details["eager"] == "yes" for row in rows)
+    optimizer = torch.optim.SGD(model.parameters(), lr=client.lr)
+    step = effcompile.train_step(model, client.loss, optimizer)
+    inputs, targets = client.batch(ROWS, 1)
+    step(inputs, targets)
+    optimizer.param_groups[0]["lr"] = 0.0
+    draws = []
+    for _ in range(3):
+        step(inputs, targets)
+        draws.append([model.get_submodule(row.spec.owner_path)._parameters[row.spec.attr].grad.clone() for row in rows])
+    assert not joint_log.graphs
+    # A layer whose gradient is zero on this batch (LeViT's one-token downsampling query) is left out.
+    live = [(row.layer, grads) for row, *grads in zip(rows, *draws) if grads[0].abs().max() > 0]
+    exact = [layer for layer, grads in live if all(torch.equal(grads[0], g) for g in grads[1:])]
+    assert len(live) >= 8 and not exact, exact
+
+
+@pytest.mark.parametrize("name", list(CLIENTS))
 def test_greedy_stages_cut_the_model_and_every_stage_learns(name):
     """GreedyStages(2): on a model whose root forward torch.fx cannot trace the Plan shows the
     block-stack hook path (aux head over the model's output shape, the user's loss unchanged), on

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import effcompile
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -63,6 +65,16 @@ def test_hf_trainer_trains_a_decorrelated_gpt2_eagerly(hf_trainer, tmp_path, cap
     states = decorrelation_states(result["model"])
     # 16 steps (64 rows / 8 × 2 epochs): R updated on every step its budgeted schedule names
     assert states and all(int(state.updates) == math.ceil(16 / state.update_every) > 0 for state in states.values())
+
+
+def test_hf_trainer_samples_gpt2_conv1d_backward_eagerly(hf_trainer, tmp_path, joint_log):
+    """GPT-2's Conv1D (addmm against an in×out weight), decorrelated and sketched, trained by the
+    Trainer with no compilation: the scope mode runs each addmm as the sketched function."""
+    result = hf_trainer.main(["--passes", "decorrelation,randomized_vjp", "--epochs", "1", "--output-dir", str(tmp_path)])
+    assert all(math.isfinite(loss) for loss in result["losses"])
+    rows = effcompile.report(result["model"]).for_pass("randomized_vjp").applied()
+    assert len(rows) == 8 and all(row.details["eager_scope"] for row in rows)
+    assert not joint_log.graphs
 
 
 def test_hf_trainer_with_torch_compile_samples_the_backward(hf_trainer, tmp_path, joint_log):

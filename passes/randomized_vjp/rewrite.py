@@ -3,7 +3,9 @@
 The owner module's class is swapped so that, while Dynamo traces a training forward, the weight
 is read through ``effcompile::vjp_marker`` (:mod:`.joint_rewrite` rewrites the marked backward
 GEMMs and removes the marker).  In eager mode ``nn.Linear`` and conv owners run the same
-estimators as autograd functions (:mod:`.estimators`).  Adaptive mode adds a
+estimators as autograd functions (:mod:`.estimators`); weights used by other ops (GPT-2's
+``Conv1D`` addmm, attention's ``in_proj_weight``, ``F.linear(x, self.w)``) run them through a
+mode around the forward of each module that uses them (:mod:`.eager_scope`).  Adaptive mode adds a
 :class:`VarianceControl` state per layer, memory mode a :class:`MemoryModeState`; both are
 submodules, so ``state_dict`` checkpoints them.  Graph before and after: see :mod:`.joint_rewrite`.
 """
@@ -26,6 +28,7 @@ from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow
 
 from .config import RandomizedVJP
+from .eager_scope import EagerLayer, ScopeSketch, active_mode_for, sketched_op
 from .joint_rewrite import MARKER, LayerSketch, _settings, inspect_backward
 
 __all__ = ["RandomizedVJPPass", "VarianceControl", "MemoryModeState"]
@@ -192,15 +195,16 @@ def _composes_with(owner: nn.Module, attr: str) -> bool:
 def _marked_weight_property(attr: str, base_getter: Optional[Any]) -> property:
     def weight(self: nn.Module) -> torch.Tensor:
         parameter = base_getter(self) if base_getter is not None else self._parameters[attr]
-        settings = _current_settings(self, attr)
         if self.training and torch.is_grad_enabled():
             if is_compiling():
+                settings = _current_settings(self, attr)
                 state = _state(self, attr)
                 return MARKER(parameter, state.statistics if state is not None else None, *settings.marker_args())
-            if not type(self).__dict__.get("_effcompile_eager_sketch", False):
-                raise RuntimeError(
-                    f"effcompile: layer {settings.layer!r} uses its weight outside nn.Linear; its randomized VJP "
-                    "runs only in compiled training: torch.compile(model, backend='effcompile')")
+            eager_layer = self.__dict__.get("_effcompile_eager_layers", {}).get(attr)
+            mode = active_mode_for(eager_layer) if eager_layer is not None else None
+            if mode is not None:  # inside a forward that uses the weight: its ops run sketched
+                mode.watch(parameter, eager_layer)
+            # Elsewhere (get_parameter, logging .grad, weight decay by attribute) it is the parameter.
         return parameter
 
     return property(weight)
@@ -248,6 +252,28 @@ def _sketched_conv_forward(self: ConvNd, input: torch.Tensor) -> torch.Tensor:
                                settings.estimator, settings.uniform_mix, settings.multiple, settings.center)
 
 
+def _run_sketched(owner: nn.Module, attr: str, kind: str, args: tuple, kwargs: dict, input: Any, weight: Any
+                  ) -> Optional[torch.Tensor]:
+    """One layer op of a scope-sketched weight (:mod:`.eager_scope`) as its sketched autograd function."""
+    from .estimators import SketchedConv, SketchedLinear, apply_like_autocast
+
+    settings = _current_settings(owner, attr)
+    state = _state(owner, attr)
+    keep_weight = settings.keep if settings.keep < 1 else None
+    keep_input = settings.keep_input if settings.keep_input < 1 else None
+    statistics = state.statistics if isinstance(state, VarianceControl) else None
+
+    def linear(x, w, b):
+        return apply_like_autocast(SketchedLinear, (x, w, b), keep_weight, keep_input, settings.estimator,
+                                   settings.uniform_mix, settings.multiple, statistics, settings.ladder, settings.center)
+
+    def conv(x, w, b, stride, padding, dilation, groups):
+        return apply_like_autocast(SketchedConv, (x, w, b), stride, padding, dilation, groups, keep_weight,
+                                   settings.estimator, settings.uniform_mix, settings.multiple, settings.center)
+
+    return sketched_op(kind, args, kwargs, input, weight, linear, conv)
+
+
 def _eager_forward(cls: type, attrs: Tuple[str, ...]):
     """The eager sketched forward for this owner class, or None (then the layer is compiled-only)."""
     if attrs != ("weight",):
@@ -266,12 +292,18 @@ def _used_by_owner_forward(candidate: LayerCandidate) -> bool:
     return all(use.scope == candidate.owner_path for use in candidate.uses)
 
 
-def _eager_supported(owner: nn.Module, attr: str, candidate: LayerCandidate) -> bool:
+def _owner_forward_supported(owner: nn.Module, attr: str, candidate: LayerCandidate) -> bool:
     if _eager_forward(type(owner), (attr,)) is None or not _used_by_owner_forward(candidate):
         return False
     if isinstance(owner, ConvNd):  # SketchedConv: zero padding given as numbers
         return owner.padding_mode == "zeros" and not isinstance(owner.padding, str)
     return True
+
+
+def _eager_path(owner: nn.Module, candidate: LayerCandidate) -> str:
+    """How eager training sketches the layer: "forward" (the owner's swapped nn.Linear/conv
+    forward) or "scope" (a mode around the forward of each module that uses the weight)."""
+    return "forward" if _owner_forward_supported(owner, candidate.attr, candidate) else "scope"
 
 
 _SKETCHED_CLASSES: Dict[Tuple[type, Tuple[str, ...], bool, bool], type] = {}
@@ -307,7 +339,8 @@ class _LayerSpec:
     settings: LayerSketch
     mode: str  # "marker" | "adaptive" | "memory"
     positions: int = 1  # memory mode: token positions per sample (rows = batch · positions)
-    eager: bool = True  # the owner's eager sketched forward runs this layer's sketch
+    eager: str = "forward"  # see _eager_path
+    scopes: Tuple[str, ...] = ()  # eager "scope": the modules whose forward uses the weight
 
 
 class RandomizedVJPPass(ModelPass):
@@ -352,10 +385,13 @@ class RandomizedVJPPass(ModelPass):
             row.details["adaptive"] = "yes" if mode == "adaptive" else "no (convolution: fixed keep)"
         if mode == "memory":
             row.details["memory_mode"] = "yes"
-        eager = _eager_supported(owner, candidate.attr, candidate)
-        row.details["eager"] = "yes" if eager else "compiled only"
+        eager = "forward" if mode == "memory" else _eager_path(owner, candidate)  # memory mode: nn.Linear owners
+        scopes = tuple(dict.fromkeys(use.scope for use in candidate.uses)) if eager == "scope" else ()
+        row.details["eager"] = "yes"
+        if scopes:
+            row.details["eager_scope"] = ",".join(scope or "<root>" for scope in scopes)
         positions = math.prod(first.input_shape[1:-1]) if first.input_shape and len(first.input_shape) > 2 else 1
-        row.spec = _LayerSpec(candidate.owner_path, candidate.attr, settings, mode, positions, eager)
+        row.spec = _LayerSpec(candidate.owner_path, candidate.attr, settings, mode, positions, eager, scopes)
         return row
 
     @staticmethod
@@ -383,6 +419,7 @@ class RandomizedVJPPass(ModelPass):
 
     def apply(self, model: nn.Module, rows: List[PlanRow], config: RandomizedVJP) -> int:
         by_owner: Dict[str, List[_LayerSpec]] = {}
+        by_scope: Dict[str, List[EagerLayer]] = {}
         for row in rows:
             by_owner.setdefault(row.spec.owner_path, []).append(row.spec)
         for owner_path, specs in by_owner.items():
@@ -395,9 +432,22 @@ class RandomizedVJPPass(ModelPass):
                     owner.add_module(spec.attr + _STATE_SUFFIX,
                                      MemoryModeState(spec.settings, spec.positions, config, device))
             owner.__dict__["_effcompile_sketch"] = {spec.attr: spec.settings for spec in specs}
+            for spec in specs:
+                if spec.eager == "scope":
+                    layer = EagerLayer(owner, spec.attr, spec.settings.layer, _run_sketched)
+                    owner.__dict__.setdefault("_effcompile_eager_layers", {})[spec.attr] = layer
+                    for scope in spec.scopes:
+                        by_scope.setdefault(scope, []).append(layer)
             memory_mode = any(spec.mode == "memory" for spec in specs)
             owner.__class__ = _sketched_class(type(owner), tuple(sorted(spec.attr for spec in specs)), memory_mode,
-                                              eager=all(spec.eager for spec in specs))
+                                              eager=all(spec.eager == "forward" for spec in specs))
+        handles = []
+        for scope, layers in by_scope.items():
+            hooks = ScopeSketch(scope, layers)
+            module = model.get_submodule(scope)
+            handles += [module.register_forward_pre_hook(hooks.enter),
+                        module.register_forward_hook(hooks.exit, always_call=True)]
+        model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(self.name, []).extend(handles)
         return sum(len(specs) for specs in by_owner.values())
 
     def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
@@ -436,9 +486,12 @@ class RandomizedVJPPass(ModelPass):
             if attrs:
                 module.__class__ = type(module)._effcompile_original_class
                 module.__dict__.pop("_effcompile_sketch", None)
+                module.__dict__.pop("_effcompile_eager_layers", None)
                 for attr in attrs:
                     module._modules.pop(attr + _STATE_SUFFIX, None)
                 folded += 1
+        for handle in model.__dict__.get("_effcompile_hooks", {}).pop(self.name, []):
+            handle.remove()
         return folded
 
 

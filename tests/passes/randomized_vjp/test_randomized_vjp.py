@@ -330,7 +330,7 @@ class TestPlanAndErrors:
         with pytest.raises(Exception, match="RandomizedVJP rewrite that was not applied"):
             _gradients(model, torch.compile(model, backend="aot_eager"), x, y)
 
-    def test_functional_linear_needs_compilation(self, joint_log):
+    def test_functional_linear_is_sketched_eagerly_and_compiled(self, joint_log):
         class Functional(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -341,15 +341,20 @@ class TestPlanAndErrors:
 
         model = Functional()
         x, y = _data()
+        y = y[:64].clamp(max=2)
         _sketch(model, x, keep=0.5)
-        assert effcompile.report(model).row("w").details["eager"] == "compiled only"
-        with pytest.raises(RuntimeError, match="runs only in compiled training"):
-            model(x)
+        row = effcompile.report(model).row("w")
+        assert row.details["eager"] == "yes" and row.details["eager_scope"] == "<root>"
+        eager = [_gradients(model, model, x, y) for _ in range(2)]
+        assert not torch.equal(eager[0], eager[1])  # sampled draw to draw
+        assert not joint_log.graphs
         model.eval()
         assert model(x).shape == (64, 3)  # inference is untouched
         model.train()
-        _gradients(model, torch.compile(model, backend="effcompile_aot_eager"), x, y[:64].clamp(max=2))
+        _gradients(model, torch.compile(model, backend="effcompile_aot_eager"), x, y)
         assert [r.layer for r in joint_log.last("randomized_vjp")] == ["w"]
+        plain = effcompile.fold(model)
+        assert not plain._forward_pre_hooks and not plain._forward_hooks  # the scope hooks go with the pass
 
     def test_fold_restores_plain_layers(self):
         model, (x, _) = _mlp(), _data()

@@ -4,7 +4,9 @@
 ``W`` in×out), ``x @ self.q.t()`` (out×in) and ``F.linear`` in a custom module: each weight's
 grad_weight GEMM is sampled in the compiled joint graph (records per layer), draws differ, and the
 mean of the draws is the exact gradient.  Before, the first three were skipped ("only linear and
-conv layers have a sketched backward").
+conv layers have a sketched backward").  Eager training sketches the same layers through a mode
+around the forward of the module that uses each weight (``eager_scope.py``): the same z-tests run
+eagerly, with no compilation.
 """
 
 import contextlib
@@ -71,12 +73,12 @@ def _autocast(dtype):
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _draws(config, dtype=None, *more_configs):
+def _draws(config, dtype=None, *more_configs, compiled=True):
     model = _model()
     x, y = _batch()
     effcompile.transform(model, config, *more_configs, example_inputs=(x,))
     step = effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0),
-                                 compile=True, backend="effcompile_aot_eager")
+                                 compile=compiled, backend="effcompile_aot_eager")
     samples = []
     for _ in range(DRAWS):
         with _autocast(dtype):
@@ -109,6 +111,18 @@ def test_every_layout_is_planned():
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16_autocast"])
+def test_every_layout_samples_grad_weight_unbiased_eagerly(dtype, joint_log):
+    """No compilation: x @ p, Conv1D's addmm, x @ q.t() and F.linear run as SketchedLinear inside
+    the scope mode; the mean of the draws is the exact gradient and no graph was compiled."""
+    model, samples, exact = _draws(effcompile.RandomizedVJP(keep=0.25), dtype, compiled=False)
+    plan = effcompile.report(model)
+    assert {row.layer: row.details.get("eager_scope") for row in plan} == {
+        "p": "<root>", "c_fc": "c_fc", "q": "<root>", "w": "<root>"}
+    assert not joint_log.graphs
+    _assert_unbiased(samples, exact, dtype)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16_autocast"])
 def test_every_layout_samples_grad_weight_unbiased(dtype, joint_log):
     _, samples, exact = _draws(effcompile.RandomizedVJP(keep=0.25), dtype)
     records = joint_log.all("randomized_vjp")
@@ -123,9 +137,11 @@ def test_every_layout_samples_grad_weight_unbiased(dtype, joint_log):
     (effcompile.RandomizedVJP(keep=0.5, target="both", multiple=1),  # grad_input exists below the first layer
      {(layer, "grad_weight") for layer in ("p", "c_fc", "q", "w")} | {(layer, "grad_input") for layer in ("c_fc", "q", "w")}),
 ], ids=["sketch", "both_targets"])
-def test_other_estimators_and_grad_input_on_every_layout(config, gemms, joint_log):
-    _, samples, exact = _draws(config)
-    assert {(r.layer, r.gemm) for r in joint_log.all("randomized_vjp")} == gemms
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_other_estimators_and_grad_input_on_every_layout(config, gemms, compiled, joint_log):
+    _, samples, exact = _draws(config, compiled=compiled)
+    if compiled:
+        assert {(r.layer, r.gemm) for r in joint_log.all("randomized_vjp")} == gemms
     _assert_unbiased(samples, exact, None)
 
 
@@ -139,29 +155,95 @@ class _Attention(nn.Module):
         return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
 
 
-def test_attention_out_proj_is_sketched_compiled_and_never_silently_exact_eager(joint_log):
-    """MHA reads ``out_proj.weight`` in its own forward and never calls ``out_proj``: an eager
-    sketched nn.Linear forward would never run.  The Plan says compiled only, eager training raises,
-    compiled training samples it."""
+def _attention_draws(compiled, *more_configs):
     torch.manual_seed(0)
     model, (x, y) = _Attention(), _batch()
-    effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25), example_inputs=(x,))
+    effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25), *more_configs, example_inputs=(x,))
+    step = effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0),
+                                 compile=compiled, backend="effcompile_aot_eager")
+    names = ("mha.in_proj_weight", "mha.out_proj.weight")
+    samples = []
+    for _ in range(DRAWS):
+        step(x, y)
+        parameters = dict(model.named_parameters())
+        samples.append([parameters[name].grad.detach().clone() for name in names])
+    torch.manual_seed(0)
+    reference = _Attention()
+    F.cross_entropy(reference(x), y).backward()
+    exact = [reference.get_parameter(name).grad for name in names]
+    return model, samples, exact
+
+
+def _assert_attention_unbiased(samples, exact):
+    for index in range(len(exact)):
+        draws = torch.stack([sample[index].flatten() for sample in samples])
+        error = float((draws.mean(0) - exact[index].flatten()).pow(2).sum())
+        expected = float(draws.var(0).sum()) / draws.shape[0]
+        assert error <= 2.5 * expected + 1e-12, (index, error, expected)
+        assert float(draws.var(0).sum()) > 1e-4 * float(exact[index].pow(2).sum()), index  # sampled, not exact
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_attention_projections_are_sketched_unbiased(compiled, joint_log):
+    """MHA reads ``in_proj_weight`` and ``out_proj.weight`` inside ``F.multi_head_attention_forward``
+    and never calls ``out_proj``: eagerly the mode around MHA's forward re-enters the composite and
+    sketches both ``linear`` ops; compiled, the joint graph's GEMMs are rewritten."""
+    model, samples, exact = _attention_draws(compiled)
     rows = {row.layer: row for row in effcompile.report(model)}
-    assert rows["mha.out_proj"].action == Action.REWRITE and rows["mha.out_proj"].details["eager"] == "compiled only"
-    assert rows["head"].details["eager"] == "yes"
-    with pytest.raises(RuntimeError, match="compiled training"):
+    assert rows["mha.out_proj"].action == Action.REWRITE and rows["mha.out_proj"].details["eager_scope"] == "mha"
+    assert rows["mha.in_proj_weight"].details["eager_scope"] == "mha"
+    assert rows["head"].details["eager"] == "yes" and "eager_scope" not in rows["head"].details  # its own forward
+    if compiled:
+        assert {("mha.in_proj_weight", "grad_weight"), ("mha.out_proj", "grad_weight")} <= {
+            (r.layer, r.gemm) for r in joint_log.all("randomized_vjp")}
+    else:
+        assert not joint_log.graphs
+    _assert_attention_unbiased(samples, exact)
+
+
+def test_attention_composes_with_decorrelation_eagerly():
+    """Decorrelation observes out_proj's input inside the same composite: both modes see the
+    ``linear``; R moves and the fused weight's gradient is still sketched without bias."""
+    model, samples, exact = _attention_draws(False, effcompile.Decorrelation(lr=1e-3, update_every=1))
+    assert all(not torch.equal(samples[0][i], samples[1][i]) for i in range(2))
+    states = [m for m in model.modules() if type(m).__name__ == "DecorrelationState"]
+    assert states and all(int(state.updates) > 0 for state in states)
+
+
+class _Unhandled(nn.Module):
+    """A weight the captured graph multiplies (``x @ w``), called in a form the eager sketch does not
+    take apart (``Tensor.__rmatmul__``, the weight first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 10) / 4)
+
+    def forward(self, x):
+        return self.w.__rmatmul__(x).mean(1)
+
+
+def test_eager_use_the_sketch_cannot_handle_raises_instead_of_exact_gradient():
+    model, (x, y) = _Unhandled(), _batch()
+    effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25), example_inputs=(x,))
+    assert effcompile.report(model).row("w").action == Action.REWRITE
+    with pytest.raises(RuntimeError, match="in a form the eager sketch handles"):
         F.cross_entropy(model(x), y).backward()
-    F.cross_entropy(torch.compile(model, backend="effcompile_aot_eager")(x), y).backward()
-    assert ("mha.out_proj", "grad_weight") in {(r.layer, r.gemm) for r in joint_log.all("randomized_vjp")}
+    model.eval()
+    assert model(x).shape == (32, 10)  # inference is untouched
+    with torch.no_grad():
+        model.train()
+        assert model(x).shape == (32, 10)
 
 
-def test_every_layout_samples_the_rows_selection_kept(joint_log):
-    """Composed with sample selection (forward reuse): the row-sparse backward gathers the selected
-    rows first (for in×out weights as columns of t(X)), the sketch then samples those rows."""
-    selection = effcompile.SampleSelection(keep=0.5, strategy="random")  # weighted 1/k: unbiased for the batch
-    _, samples, exact = _draws(effcompile.RandomizedVJP(keep=0.5, multiple=1), None, selection)
-    records = joint_log.all("randomized_vjp")
-    assert {(r.layer, r.gemm) for r in records} == {(layer, "grad_weight") for layer in ("p", "c_fc", "q", "w")}
-    assert all(r.n == 64 and r.k == 32 for r in records), records  # 16 of 32 samples × 4 tokens, then half
-    assert sum(graph["row_sparse_backward"].rewrites for graph in joint_log.graphs) > 0
-    _assert_unbiased(samples, exact, None)
+def test_weight_read_outside_the_forward_is_the_parameter():
+    """get_parameter, logging ``.grad`` or weight decay by attribute read the weight outside the
+    forward that uses it: they get the parameter, and the next forward still samples."""
+    model, (x, y) = _Attention(), _batch()
+    effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25), example_inputs=(x,))
+    assert model.mha.out_proj.weight is model.get_parameter("mha.out_proj.weight")
+    draws = []
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        draws.append(model.get_parameter("mha.in_proj_weight").grad.clone())
+    assert not torch.equal(*draws)
