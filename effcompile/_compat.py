@@ -11,6 +11,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from torch.utils import _pytree as pytree  # tree_flatten/unflatten over outputs (ModelOutput is registered)
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -125,7 +126,7 @@ __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
     "functional_all_gather",
     "unique_graph_count", "is_compiling", "ConvNd", "NormBase", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
-    "is_sharded", "native_bf16_matmul",
+    "is_sharded", "native_bf16_matmul", "pytree",
 ]
 
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils import _pytree as pytree
+from effcompile._compat import pytree
 
 __all__ = ["ModelInputs", "model_inputs", "call", "tensor_leaves"]
 

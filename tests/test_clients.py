@@ -137,17 +137,48 @@ def test_greedy_stages_cut_the_model_and_every_stage_learns(name):
         assert sum(h[k] for h in history[-3:]) / 3 < 0.9 * history[0][k], (k, [h[k] for h in history])
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_compiled_selection_runs_every_weight_gradient_on_the_selected_sequences(name, joint_log):
+@pytest.mark.parametrize("name", list(CLIENTS))
+def test_gradmatch_selects_by_the_users_loss_and_learns(name):
+    """Gradient matching with the client's own loss over its own output (a ``ModelOutput``'s logits
+    per token for the language models, per image for the classifiers): the proxy error is that
+    loss's gradient at the head output (``output_errors``), the matched rows are distinct, their
+    weights non-negative, and training on them lowers the batch's loss.  (The kernel against
+    autograd's per-sample head gradients: tests/passes/sample_selection/test_selectors.py.)"""
+    torch.manual_seed(0)
+    client = _client(name)
+    model = client.build()
+    model.train()
+    config = effcompile.SampleSelection(keep=0.5, strategy="gradmatch")
+    example = client.batch(ROWS, 0)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if client.no_gradmatch:
+            with pytest.raises(ValueError, match=client.no_gradmatch):
+                effcompile.transform(model, config, example_inputs=example)
+            return
+        effcompile.transform(model, config, example_inputs=example)
+    step = effcompile.train_step(model, client.loss, torch.optim.Adam(model.parameters(), lr=client.lr))
+    inputs, targets = client.batch(ROWS, 1)
+    losses = [float(step(inputs, targets)) for _ in range(10)]
+    index, weights = step.last_selection
+    assert index.shape == (ROWS // 2,) and index.unique().numel() == ROWS // 2
+    assert (weights >= 0).all() and float(weights.sum()) > 0
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("name, strategy", [("gpt2", "random"), ("llama", "random"), ("gpt2", "gradmatch")])
+def test_compiled_selection_runs_every_weight_gradient_on_the_selected_sequences(name, strategy, joint_log):
     """Forward reuse on a causal LM: the row-sparse backward follows the per-sequence loss (vmapped
-    cross entropy: new_zeros/scatter_add), dropout and residual adds down to every projection."""
+    cross entropy: new_zeros/scatter_add), dropout and residual adds down to every projection.
+    gradmatch: the next-token loss's gradient at the LM head (torch.func.grad) is in the same graph."""
     torch.manual_seed(0)
     client = CLIENTS[name]
     model = client.build()
     inputs, targets = client.batch(ROWS, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.SampleSelection(keep=0.5, strategy="random"), example_inputs=inputs)
+        effcompile.transform(model, effcompile.SampleSelection(keep=0.5, strategy=strategy), example_inputs=inputs)
     step = effcompile.train_step(model, client.loss, torch.optim.Adam(model.parameters(), lr=1e-2), compile=True,
                                  backend="effcompile_aot_eager")
     step(inputs, targets)

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils import _pytree as pytree
+from effcompile._compat import pytree
 
 from effcompile.inputs import model_inputs, tensor_leaves
 from effcompile.plan import layer_key

@@ -55,7 +55,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
+from effcompile._compat import pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from effcompile._compat import ConvNd, NormBase

@@ -447,7 +447,7 @@ def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any,
         # (the selected rows' weighted loss, which is backpropagated; the selection; the
         # full-batch mean of the per-sample losses, which the step reports, as selection alone does)
         losses = per_sample(logits, targets)
-        index, weights = selector.select(losses.detach(), logits=logits.detach(), targets=targets)
+        index, weights = selector.select(losses.detach())
         return (select_rows(losses, index) * weights.to(losses.dtype)).sum(), (index, weights), losses.detach().mean()
 
     return selected_stage_loss

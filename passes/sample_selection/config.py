@@ -23,7 +23,7 @@ class SampleSelection(PassConfig):
         strategy: ``"loss"`` (Selective Backprop: rows with a high loss percentile in the rolling
             history are preferred, selection probability ∝ percentile^beta; unweighted, so biased
             towards hard samples), ``"gradmatch"`` (greedy non-negative OMP matching the batch-mean
-            last-layer gradient; needs a linear head and a cross-entropy loss) or ``"random"``
+            last-layer gradient of the user's loss; needs a linear head over the model output) or ``"random"``
             (uniform subset, weights 1/k: an unbiased estimate of the batch-mean loss).
         fixed_k: ``strategy="loss"`` only.  True: exactly k rows, drawn without replacement with
             probabilities ∝ percentile^beta (Gumbel top-k; uses the row-sparse backward).  False:

@@ -48,11 +48,11 @@ import torch.nn as nn
 from effcompile.api import _unwrap, check_finite_loss, training_step
 from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
-from effcompile.inputs import model_inputs, tensor_leaves
+from effcompile.inputs import model_inputs
 from effcompile.passes.analysis.state_children import attach, detach
 from .config import SampleSelection
 from effcompile.plan import Action, PlanRow
-from .selectors import SampleSelector, num_selected, per_sample_loss_fn, selector_of
+from .selectors import SampleSelector, num_selected, output_errors, per_sample_loss_fn, selector_of
 
 from effcompile.passes.base import ModelPass, StepOptions, register_pass
 from effcompile.passes.analysis.capture import _ROW_PRESERVING_OPS, GraphCapture, InputLocation, LayerCandidate, WeightUse, _scope
@@ -248,8 +248,8 @@ def _head_problem(captured: GraphCapture, candidate: Optional[LayerCandidate], u
         return ""
     if len(candidate.uses) > 1:
         return f"the head weight {candidate.param_fqn} is used {len(candidate.uses)} times"
-    if len(use.input_shape) != 2:
-        return f"the head input has shape {use.input_shape}; the last-layer proxy needs (batch, features)"
+    if len(use.input_shape) < 2:
+        return f"the head input has shape {use.input_shape}; the last-layer proxy needs (batch, [positions,] features)"
     if use.input_location is None:
         return f"the head input is not observable: {use.input_unobservable}"
     return ""
@@ -281,22 +281,6 @@ class _FeatureTap:
         return value
 
 
-def _label_smoothing_for_gradmatch(loss_fn: Any) -> float:
-    """The proxy e = softmax(z) − t is the cross-entropy gradient: refuse any other loss."""
-    import torch.nn.functional as F
-
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.weight is not None:
-            raise ValueError("strategy='gradmatch' uses the last-layer gradient of an unweighted cross-entropy; "
-                             "nn.CrossEntropyLoss(weight=...) is not supported")
-        return float(loss_fn.label_smoothing)
-    if loss_fn is F.cross_entropy:
-        return 0.0
-    raise ValueError(f"strategy='gradmatch' needs loss_fn = nn.CrossEntropyLoss() or F.cross_entropy (its proxy "
-                     f"gradient is softmax(z) − onehot(y)); got {getattr(loss_fn, '__name__', type(loss_fn).__name__)}. "
-                     "Use strategy='loss' or 'random' for other losses.")
-
-
 class SelectionStep:
     """``step(inputs, targets) -> loss``: one optimizer step on the selected, weighted rows.
 
@@ -322,8 +306,6 @@ class SelectionStep:
         self.spec: SelectionSpec = selector.spec
         self.per_sample_loss = per_sample_loss_fn(loss_fn)
         self.tap: Optional[_FeatureTap] = selector.__dict__.get("_feature_tap")
-        if selector.strategy == "gradmatch":
-            selector.label_smoothing = _label_smoothing_for_gradmatch(loss_fn)
         self.step_index = 0
         self.last_selection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.last_subset_loss: Optional[torch.Tensor] = None
@@ -346,8 +328,8 @@ class SelectionStep:
     # The compiled functions --------------------------------------------------------------
     def _select(self, outputs: Any, losses: torch.Tensor, targets: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         features = self.tap.take() if self.tap is not None else None
-        logits = outputs if isinstance(outputs, torch.Tensor) else tensor_leaves(outputs)[0]
-        return self.selector.select(losses, features=features, logits=logits, targets=targets)
+        errors = output_errors(self.per_sample_loss, outputs, targets) if features is not None else None
+        return self.selector.select(losses, features=features, errors=errors)
 
     # The batch arrives as (args, kwargs): a tensor, tuple or dict batch (model(**batch)) alike.
     def _forward_select_eager(self, args: tuple, kwargs: dict, targets: Any):
@@ -453,7 +435,7 @@ class SampleSelectionPass(ModelPass):
         if config.strategy == "gradmatch" and problem:
             raise ValueError(f"sample_selection: strategy='gradmatch' cannot run on {type(model).__name__}: {problem}. "
                              "It needs a final linear layer (the model output, possibly reshaped) whose input is "
-                             "the (batch, features) penultimate activation; use strategy='loss' or 'random'.")
+                             "the penultimate activation (batch, [positions,] features); use strategy='loss' or 'random'.")
         spec = SelectionSpec(
             mode=mode, batch_size=batch, k=k,
             head_scope=head_use.scope if config.strategy == "gradmatch" else None,

@@ -1,7 +1,7 @@
 """Per-sample selection: which rows of a batch are backpropagated, and with which weights.
 
 ``SampleSelector`` turns the per-sample losses of one batch (plus, for gradient matching, the
-penultimate features and the logits) into ``(index: int64[k], weights: float[k])``; the
+penultimate features and the loss's gradient at the head output) into ``(index: int64[k], weights: float[k])``; the
 training loss is then ``selected_loss = Σ_j weights_j · ℓ[index_j]`` (``selected_loss``).
 Everything runs on the device with static shapes (``k = max(1, round(keep·B))`` depends only
 on the batch size), so a compiled step never synchronises with the host and never recompiles.
@@ -19,10 +19,12 @@ Strategies (Balles, Archambeau, Zappella, arXiv 2312.05021 compare them; none re
   k rows without replacement with probabilities ∝ ``p_i`` (Gumbel top-k), weights ``1/k``.
   Both are unweighted, hence biased towards hard samples, as in the paper.
 * ``gradmatch``: pick S (|S| = k) and w ≥ 0 minimising ``‖(1/B)Σ_i g_i − Σ_{j∈S} w_j g_j‖²`` for the
-  last-layer proxy gradients ``g_i = e_i ⊗ [h_i, 1]`` of a cross-entropy head ``z = W·h + b``,
-  ``e_i = softmax(z_i) − y_i`` (``y_i``: the one-hot target, label-smoothed if the loss smooths).
-  Only the Gram kernel ``K_ij = ⟨g_i, g_j⟩ = ⟨e_i, e_j⟩·(⟨h_i, h_j⟩ + 1)`` (B×B) is formed, never
-  the C·d-dimensional gradients.  Greedy orthogonal matching pursuit (k unrolled iterations,
+  last-layer proxy gradients ``g_i = Σ_t e_it ⊗ [h_it, 1]`` of the head ``z = W·h + b``: ``e_it =
+  ∂ℓ_i/∂z_it``, the user's per-sample loss differentiated at the head output (any loss; for a
+  cross-entropy it is ``softmax(z_i) − y_i``), ``t`` over the head's positions (one for a
+  classifier, every token for a language-model or token-classification head).  Only the B×B
+  Gram kernel ``K_ij = ⟨g_i, g_j⟩`` is formed, never the C·d-dimensional gradients, by the
+  cheaper of two exact forms (:func:`gradmatch_kernel`).  Greedy orthogonal matching pursuit (k unrolled iterations,
   each a ridge least-squares refit on the chosen rows) followed by a non-negative least-squares
   weight fit (projected accelerated gradient) — all on the device.
 
@@ -49,8 +51,8 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from effcompile._compat import is_compiling, pytree
 from effcompile.distributed import all_gather_replicas
 
 __all__ = [
@@ -70,31 +72,99 @@ def selected_loss(per_sample_loss: torch.Tensor, index: torch.Tensor, weights: t
 
 
 # ------------------------------------------------------------------------------ gradient matching
-def output_errors(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """e_i = ∂CE(z_i, y_i)/∂z_i = softmax(z_i) − t_i with t_i the (label-smoothed) one-hot target."""
-    if logits.dim() != 2:
-        raise ValueError(f"gradmatch needs (batch, classes) logits, got shape {tuple(logits.shape)}")
-    probabilities = torch.softmax(logits.float(), dim=-1)
-    if targets.dtype.is_floating_point:  # class probabilities given directly
-        target_distribution = targets.float()
-    else:
-        target_distribution = F.one_hot(targets.long(), logits.shape[-1]).float()
-    if label_smoothing:
-        target_distribution = (1 - label_smoothing) * target_distribution + label_smoothing / logits.shape[-1]
-    return probabilities - target_distribution
+def output_errors(per_sample_loss: Callable[[Any, Any], torch.Tensor], outputs: Any,
+                  targets: Any) -> torch.Tensor:
+    """e = ∂(Σ_i ℓ_i)/∂z at z = the first tensor of ``outputs`` (the head output), float32, shaped like z.
+
+    ℓ_i = ``per_sample_loss(outputs, targets)[i]`` depends on sample i's outputs only, so row i of
+    e is ∂ℓ_i/∂z_i.  The other output tensors enter as constants.  Compiled, ``torch.func.grad``
+    keeps it inside the step's one graph (Dynamo traces functorch transforms; ``autograd.grad``
+    would break the graph).
+    """
+    leaves, spec = pytree.tree_flatten(outputs)
+    position = next((i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)), None)
+    if position is None or not leaves[position].is_floating_point():
+        raise ValueError("strategy='gradmatch' differentiates the loss at the model's first output tensor; "
+                         f"the outputs ({type(outputs).__name__}) have no floating-point tensor first")
+    constants = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+    def total_loss(head_output: torch.Tensor) -> torch.Tensor:
+        rebuilt = list(constants)
+        rebuilt[position] = head_output
+        return per_sample_loss(pytree.tree_unflatten(rebuilt, spec), targets).float().sum()
+
+    head_output = constants[position]
+    if is_compiling():
+        return torch.func.grad(total_loss)(head_output).float()
+    # Eagerly autograd: torch.func refuses to run under saved-tensor hooks (offloading, checkpointing).
+    head_output = head_output.detach().requires_grad_()
+    with torch.enable_grad():
+        return torch.autograd.grad(total_loss(head_output), head_output)[0].float()
+
+
+# Elements of the largest temporary a kernel form materialises at once (64 MiB of float32).
+_KERNEL_CHUNK_ELEMENTS = 1 << 24
+
+
+def _positions(features: torch.Tensor, errors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, d) features and (B, T, C) errors: T head positions per sample (1 for a classifier)."""
+    batch = features.shape[0]
+    h = features.reshape(batch, -1, features.shape[-1]).float()
+    tokens = h.shape[1]
+    if errors.numel() % (batch * tokens):
+        raise ValueError(f"gradmatch: the loss gradient at the head output {tuple(errors.shape)} does not split into "
+                         f"the head input's {batch}×{tokens} positions {tuple(features.shape)}")
+    return h, errors.reshape(batch, tokens, -1).float()
 
 
 def gradmatch_kernel(features: torch.Tensor, errors: torch.Tensor, bias: bool = True) -> torch.Tensor:
-    """Gram matrix of the last-layer gradients g_i = e_i ⊗ [h_i, 1] without forming them.
+    """Gram matrix K_ij = ⟨g_i, g_j⟩ of the last-layer gradients g_i = Σ_t e_it ⊗ [h_it, 1], exactly.
 
-    ⟨e_i ⊗ h_i, e_j ⊗ h_j⟩ = ⟨e_i, e_j⟩·⟨h_i, h_j⟩ (weight part) plus ⟨e_i, e_j⟩ (bias part):
-    B²·(C + d) work instead of B·C·d memory.
+    ``features`` (B, [T,] d) are the head's inputs, ``errors`` (B, [T,] C) the loss gradient at
+    its outputs.  Two forms, the cheaper one by multiply-adds:
+
+    * pairwise: ⟨e_it ⊗ h_it, e_js ⊗ h_js⟩ = ⟨e_it, e_js⟩·⟨h_it, h_js⟩ (plus ⟨e_it, e_js⟩ for the
+      bias), summed over t and s: (B·T)²·(C + d) — a classifier (T = 1) costs B²·(C + d);
+    * explicit: g_i = E_iᵀ·[H_i, 1] as a C×(d+1) matrix per sample, then G·Gᵀ: B·T·C·d + B²·C·d —
+      cheaper for long sequences (token heads).
+
+    Either runs in chunks of at most 2^24 temporary elements.
     """
-    features = features.reshape(features.shape[0], -1).float()
-    feature_gram = features @ features.t()
+    h, e = _positions(features, errors)
+    batch, tokens = h.shape[:2]
+    classes, width = e.shape[-1], h.shape[-1] + int(bias)
+    pairwise = (batch * tokens) ** 2 * (classes + width)
+    explicit = batch * tokens * classes * width + batch ** 2 * classes * width
+    if explicit < pairwise:
+        return _explicit_kernel(h, e, bias)
+    return _pairwise_kernel(h, e, bias)
+
+
+def _pairwise_kernel(h: torch.Tensor, e: torch.Tensor, bias: bool) -> torch.Tensor:
+    batch, tokens = h.shape[:2]
+    h_rows, e_rows = h.reshape(batch * tokens, -1), e.reshape(batch * tokens, -1)
+    chunk = max(1, _KERNEL_CHUNK_ELEMENTS // (tokens * batch * tokens))
+    blocks = []
+    for start in range(0, batch, chunk):
+        rows = slice(start * tokens, min(batch, start + chunk) * tokens)
+        feature_gram = h_rows[rows] @ h_rows.t()
+        if bias:
+            feature_gram = feature_gram + 1.0
+        products = (e_rows[rows] @ e_rows.t()) * feature_gram  # (chunk·T, B·T)
+        blocks.append(products.reshape(-1, tokens, batch, tokens).sum(dim=(1, 3)))
+    return torch.cat(blocks)
+
+
+def _explicit_kernel(h: torch.Tensor, e: torch.Tensor, bias: bool) -> torch.Tensor:
+    batch = h.shape[0]
     if bias:
-        feature_gram = feature_gram + 1.0
-    return (errors @ errors.t()) * feature_gram
+        h = torch.cat([h, h.new_ones(*h.shape[:2], 1)], dim=-1)
+    chunk = max(1, _KERNEL_CHUNK_ELEMENTS // (batch * h.shape[-1]))
+    kernel = h.new_zeros(batch, batch)
+    for start in range(0, e.shape[-1], chunk):  # a block of classes at a time: K = Σ_blocks G_b·G_bᵀ
+        gradients = torch.bmm(e[..., start:start + chunk].transpose(1, 2), h).reshape(batch, -1)
+        kernel = kernel + gradients @ gradients.t()
+    return kernel
 
 
 def nonnegative_least_squares(gram: torch.Tensor, target: torch.Tensor, initial: torch.Tensor,
@@ -160,14 +230,14 @@ def gradmatch_select(kernel: torch.Tensor, k: int, ridge: float = 1e-3,
 class SampleSelector(nn.Module):
     """Selects the rows of each batch to backpropagate; its buffers are the selection state.
 
-    ``select(per_sample_loss, features=None, logits=None, targets=None) -> (index, weights)``
-    records the losses in the history and returns ``k`` row indices (int64) and their weights
-    (float32).  ``features``/``logits``/``targets`` are needed by ``gradmatch`` only.
+    ``select(per_sample_loss, features=None, errors=None) -> (index, weights)`` records the
+    losses in the history and returns ``k`` row indices (int64) and their weights (float32).
+    ``features`` (the head's input) and ``errors`` (:func:`output_errors`) are for ``gradmatch``.
     """
 
     def __init__(self, keep: float, strategy: str, *, fixed_k: bool = True, beta: float = 1.0,
                  history_size: int = 1024, gradmatch_ridge: float = 1e-3, nnls_iterations: int = 50,
-                 head_bias: bool = True, label_smoothing: float = 0.0, sync_history: bool = True,
+                 head_bias: bool = True, sync_history: bool = True,
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
         if strategy not in ("loss", "gradmatch", "random"):
@@ -180,7 +250,6 @@ class SampleSelector(nn.Module):
         self.gradmatch_ridge = float(gradmatch_ridge)
         self.nnls_iterations = int(nnls_iterations)
         self.head_bias = bool(head_bias)
-        self.label_smoothing = float(label_smoothing)
         self.sync_history = bool(sync_history)
         self.register_buffer("loss_history", torch.zeros(self.history_size, device=device))
         for name in ("history_fill", "history_position", "steps", "rows_seen"):
@@ -204,8 +273,7 @@ class SampleSelector(nn.Module):
 
     # ----------------------------------------------------------------------------- selection
     def select(self, per_sample_loss: torch.Tensor, features: Optional[torch.Tensor] = None,
-               logits: Optional[torch.Tensor] = None,
-               targets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               errors: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             losses = per_sample_loss.detach().float().reshape(-1)
             batch = losses.shape[0]
@@ -221,7 +289,7 @@ class SampleSelector(nn.Module):
                 index = torch.rand(batch, device=losses.device).topk(k).indices
                 weights = torch.full((k,), 1.0 / k, device=losses.device)
             else:
-                index, weights = self._select_gradmatch(features, logits, targets, k)
+                index, weights = self._select_gradmatch(features, errors, k)
             self.steps.add_(1)
             self.rows_seen.add_(batch)
             self.rows_selected.add_((weights > 0).sum())
@@ -262,11 +330,11 @@ class SampleSelector(nn.Module):
         keys = probability.clamp_min(1e-30).log() - torch.log(-torch.log(uniform))
         return keys.topk(k).indices, torch.full((k,), 1.0 / k, device=losses.device)
 
-    def _select_gradmatch(self, features, logits, targets, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if features is None or logits is None or targets is None:
-            raise ValueError("strategy='gradmatch' needs features (the head's input), logits and targets")
-        errors = output_errors(logits.detach(), targets, self.label_smoothing)
-        kernel = gradmatch_kernel(features.detach(), errors, bias=self.head_bias)
+    def _select_gradmatch(self, features, errors, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if features is None or errors is None:
+            raise ValueError("strategy='gradmatch' needs features (the head's input) and errors (the loss "
+                             "gradient at the head output, output_errors)")
+        kernel = gradmatch_kernel(features.detach(), errors.detach(), bias=self.head_bias)
         return gradmatch_select(kernel, k, self.gradmatch_ridge, self.nnls_iterations)
 
     # ----------------------------------------------------------------------------- logging
@@ -391,7 +459,6 @@ def _vmapped_loss(loss_fn: Callable) -> Callable[[Any, Any], torch.Tensor]:
     dimension are vmapped over it, every other leaf (a KV-cache object, a shared mask, a number)
     is passed to each sample unchanged.
     """
-    from torch.utils import _pytree as pytree
 
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
 

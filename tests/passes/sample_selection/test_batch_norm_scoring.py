@@ -73,9 +73,9 @@ def _spy_scores(model):
     selector, seen = selector_of(model), []
     original = selector.select
 
-    def spy(losses, features=None, logits=None, targets=None):
+    def spy(losses, features=None, errors=None):
         seen.append(losses.detach().clone())
-        return original(losses, features=features, logits=logits, targets=targets)
+        return original(losses, features=features, errors=errors)
 
     selector.select = spy
     return seen

@@ -193,9 +193,9 @@ class TestGradMatchWiring:
         selector = selector_of(model)
         original = selector.select
 
-        def spy(losses, features=None, logits=None, targets=None):
-            seen.update(features=features, logits=logits)
-            return original(losses, features=features, logits=logits, targets=targets)
+        def spy(losses, features=None, errors=None):
+            seen.update(features=features, errors=errors)
+            return original(losses, features=features, errors=errors)
 
         selector.select = spy
         with torch.no_grad():  # the head input and output before the step's optimizer update
@@ -203,7 +203,8 @@ class TestGradMatchWiring:
             z = model.head(h)
         effcompile.train_step(model, nn.CrossEntropyLoss(), _sgd(model))(x, y)
         torch.testing.assert_close(seen["features"], h)
-        torch.testing.assert_close(seen["logits"].detach(), z)
+        # the cross-entropy gradient at the head output: softmax(z) − onehot(y), of the mean loss per row
+        torch.testing.assert_close(seen["errors"], torch.softmax(z, -1) - F.one_hot(y, 10).float())
         assert selector.__dict__["_feature_tap"].value is None  # no batch outlives its step
 
     def test_model_without_linear_head_raises(self):
@@ -221,11 +222,27 @@ class TestGradMatchWiring:
         plan = effcompile.report(_selecting(ConvHead(), x, strategy="random"))  # other strategies are fine
         assert plan.row("conv").details["mode"] == "forward_reuse"
 
-    def test_non_cross_entropy_loss_raises_at_step_creation(self):
+    def test_any_loss_gives_its_own_output_gradient(self):
+        """A regression loss: the proxy error is ∂ℓ_i/∂z_i of that loss (2(z_i − t_i)/C for MSE), and
+        the step backpropagates the k matched rows."""
         x, _ = _data()
-        model = _selecting(_mlp(), x, strategy="gradmatch")
-        with pytest.raises(ValueError, match="gradmatch.*needs loss_fn.*got MSELoss"):
-            effcompile.train_step(model, nn.MSELoss(), _sgd(model))
+        targets = torch.randn(x.shape[0], 10)
+        model = _selecting(_mlp(), x, keep=0.25, strategy="gradmatch")
+        selector, seen = selector_of(model), {}
+        original = selector.select
+
+        def spy(losses, features=None, errors=None):
+            seen.update(errors=errors)
+            return original(losses, features=features, errors=errors)
+
+        selector.select = spy
+        with torch.no_grad():
+            z = model(x)
+        step = effcompile.train_step(model, nn.MSELoss(), _sgd(model))
+        step(x, targets)
+        torch.testing.assert_close(seen["errors"], 2 * (z - targets) / 10)
+        index, weights = step.last_selection
+        assert index.shape == (x.shape[0] // 4,) and (weights >= 0).all() and weights.sum() > 0
 
 
 class TestModelIntegration:

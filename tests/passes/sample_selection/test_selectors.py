@@ -31,6 +31,13 @@ def _explicit_last_layer_gradients(head: nn.Linear, features, targets, label_smo
     return torch.stack(rows)
 
 
+def _cross_entropy_errors(logits, targets, label_smoothing=0.0):
+    """softmax(z) − t, t the (label-smoothed) one-hot target: ∂CE_i/∂z_i written out."""
+    target = F.one_hot(targets, logits.shape[-1]).float()
+    target = (1 - label_smoothing) * target + label_smoothing / logits.shape[-1]
+    return torch.softmax(logits, -1) - target
+
+
 class TestGradMatchKernel:
     @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
     def test_kernel_equals_gram_of_explicit_per_sample_gradients(self, label_smoothing):
@@ -38,7 +45,9 @@ class TestGradMatchKernel:
         head = nn.Linear(6, 4)
         h, y = torch.randn(9, 6), torch.randint(0, 4, (9,))
         explicit = _explicit_last_layer_gradients(head, h, y, label_smoothing)
-        errors = output_errors(head(h).detach(), y, label_smoothing)
+        loss = per_sample_loss_fn(nn.CrossEntropyLoss(label_smoothing=label_smoothing))
+        errors = output_errors(loss, head(h).detach(), y)
+        torch.testing.assert_close(errors, _cross_entropy_errors(head(h).detach(), y, label_smoothing))
         # e_i ⊗ [h_i, 1] is the gradient itself (weight part row-major, then the bias part)
         outer = torch.cat([torch.einsum("bc,bd->bcd", errors, h).flatten(1), errors], dim=1)
         torch.testing.assert_close(outer, explicit, rtol=1e-5, atol=1e-6)
@@ -48,6 +57,50 @@ class TestGradMatchKernel:
         h, e = torch.randn(5, 3), torch.randn(5, 4)
         g = torch.einsum("bc,bd->bcd", e, h).flatten(1)
         torch.testing.assert_close(gradmatch_kernel(h, e, bias=False), g @ g.T, rtol=1e-5, atol=1e-6)
+
+
+    @pytest.mark.parametrize("form", ["pairwise", "explicit"])
+    @pytest.mark.parametrize("bias", [True, False])
+    def test_token_head_kernel_equals_gram_of_per_sample_gradients(self, form, bias):
+        """A language-model head over T positions and a loss that is neither a plain cross entropy nor
+        per-row (next-token CE of a ModelOutput, positions shifted): both kernel forms equal the Gram
+        matrix of each sample's head gradient, computed by autograd one sample at a time."""
+        from effcompile.passes.sample_selection import selectors
+
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(2)
+        batch, tokens, width, vocab = 5, 7, 6, 11
+        head = nn.Linear(width, vocab, bias=bias)
+        h, ids = torch.randn(batch, tokens, width), torch.randint(0, vocab, (batch, tokens))
+
+        def next_token_loss(output, input_ids):
+            logits = output.logits[:, :-1]
+            return F.cross_entropy(logits.reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
+
+        def wrap(logits):
+            return transformers.modeling_outputs.CausalLMOutput(logits=logits)
+
+        rows = []
+        for i in range(batch):
+            head.zero_grad()
+            next_token_loss(wrap(head(h[i:i + 1])), ids[i:i + 1]).backward()
+            rows.append(torch.cat([head.weight.grad.flatten()] + ([head.bias.grad] if bias else [])))
+        explicit = torch.stack(rows)
+        errors = output_errors(per_sample_loss_fn(next_token_loss), wrap(head(h).detach()), ids)
+        assert errors.shape == (batch, tokens, vocab) and errors[:, -1].abs().max() == 0  # no target after the last
+        kernel = getattr(selectors, f"_{form}_kernel")(*selectors._positions(h, errors), bias)
+        torch.testing.assert_close(kernel, explicit @ explicit.T, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gradmatch_kernel(h, errors, bias), kernel, rtol=1e-4, atol=1e-6)
+
+    def test_kernel_forms_chunk_without_changing_the_result(self, monkeypatch):
+        from effcompile.passes.sample_selection import selectors
+
+        h, e = torch.randn(6, 5, 4), torch.randn(6, 5, 9)
+        whole = [selectors._pairwise_kernel(h, e, True), selectors._explicit_kernel(h, e, True)]
+        monkeypatch.setattr(selectors, "_KERNEL_CHUNK_ELEMENTS", 64)  # forces 1-sample / 1-class chunks
+        torch.testing.assert_close(selectors._pairwise_kernel(h, e, True), whole[0])
+        torch.testing.assert_close(selectors._explicit_kernel(h, e, True), whole[1])
+        torch.testing.assert_close(whole[0], whole[1], rtol=1e-4, atol=1e-5)
 
 
 def _residual(gradients, index, weights):
@@ -81,7 +134,7 @@ class TestGradMatchSelection:
             h = torch.randn(batch, d, generator=generator)
             y = torch.randint(0, classes, (batch,), generator=generator)
             with torch.no_grad():
-                errors = output_errors(head(h), y)
+                errors = _cross_entropy_errors(head(h), y)
             g = torch.cat([torch.einsum("bc,bd->bcd", errors, h).flatten(1), errors], dim=1)
             index, weights = gradmatch_select(gradmatch_kernel(h, errors), k, nnls_iterations=200)
             assert index.unique().numel() == k and (weights >= 0).all()
