@@ -7,6 +7,7 @@ sketched gradients differ draw to draw, selection backpropagates k sequences), a
 falls through ``train_step``.  The randomized VJP trains compiled (``effcompile_aot_eager``).
 """
 
+import math
 import warnings
 
 import pytest
@@ -107,6 +108,44 @@ def test_randomized_vjp_samples_every_layer_in_eager_training(name, joint_log):
     live = [(row.layer, grads) for row, *grads in zip(rows, *draws) if grads[0].abs().max() > 0]
     exact = [layer for layer, grads in live if all(torch.equal(grads[0], g) for g in grads[1:])]
     assert len(live) >= 8 and not exact, exact
+
+
+CONFIGS = {
+    "decorrelation": lambda: (effcompile.Decorrelation(),),
+    "randomized_vjp": lambda: (effcompile.RandomizedVJP(keep=0.5, multiple=1),),
+    "gradmatch": lambda: (effcompile.SampleSelection(keep=0.5, strategy="gradmatch"),),
+    "decorrelation+randomized_vjp": lambda: (effcompile.Decorrelation(), effcompile.RandomizedVJP(keep=0.5, multiple=1)),
+    "greedy_stages": lambda: (effcompile.GreedyStages(num_stages=2),),
+}
+
+
+@pytest.mark.parametrize("technique", list(CONFIGS))
+@pytest.mark.parametrize("name", list(CLIENTS))
+def test_bf16_autocast_and_a_partial_last_batch(name, technique):
+    """What a user's loop meets: bf16 autocast and a last batch smaller than the one the model was
+    transformed with, eagerly.  Both steps give finite losses, every trained weight moves, and the
+    gradients come back in the parameters' dtype (fp32)."""
+    client = _client(name)
+    if technique == "gradmatch" and client.no_gradmatch:
+        pytest.skip(f"{name}: {client.no_gradmatch}")
+    torch.manual_seed(0)
+    model = client.build()
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, *CONFIGS[technique](), example_inputs=client.batch(ROWS, 0)[0])
+    step = effcompile.train_step(model, client.loss, torch.optim.SGD(model.parameters(), lr=1e-3))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    for rows in (ROWS, ROWS - 3):
+        inputs, targets = client.batch(rows, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(float(step(inputs, targets)))
+    assert all(map(math.isfinite, losses)), losses
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(moved) >= len(grads) // 2, (len(moved), len(grads))
 
 
 @pytest.mark.parametrize("name", list(CLIENTS))
