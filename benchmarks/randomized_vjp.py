@@ -14,6 +14,10 @@ Five measurements, each against plain backprop on the same machine in the same p
   of a backprop run on real data.
 * :func:`bench_batchnorm_eval` – test accuracy per epoch in eval mode, with batch statistics and
   with recalibrated BatchNorm statistics: backprop, the sketched default, the plain estimator.
+* :func:`bench_eager_scope` – eager step time of a ``nn.TransformerEncoder`` classifier whose
+  attention projections (used inside ``F.multi_head_attention_forward``) are sketched through the
+  scope mode: at ``keep=1`` (the mode and the autograd functions, no sampling: pure overhead) and
+  at a sampling keep, against the exact eager step.
 * :func:`bench_time_to_accuracy` – epochs and wall-clock seconds (evaluation excluded) until the
   digits test accuracy first reaches a target, for exact backprop at batch ``B``, the sketched
   run at batch ``B``, and the *same-FLOPs smaller batch*: exact backprop at
@@ -36,12 +40,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effcompile.api import train_step, transform
+from effcompile.api import plan_of, train_step, transform
 from effcompile.measure import machine_info, synchronize, time_steps
 from effcompile.passes.randomized_vjp import RandomizedVJP
 
 __all__ = ["bench_step_times", "bench_saved_activations", "bench_variance", "bench_batchnorm_eval",
-           "bench_time_to_accuracy", "same_flops_batch", "main"]
+           "bench_eager_scope", "bench_time_to_accuracy", "same_flops_batch", "main"]
 
 
 def same_flops_batch(batch_size: int, keep: float) -> int:
@@ -124,6 +128,45 @@ def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, k
     return {"benchmark": "step_times", "model": name, "model_kwargs": model_kwargs, "batch_size": batch_size,
             "compile": compile, "backend": backend, "steps": steps, "autocast": autocast, "rows": rows,
             "machine": machine_info(device)}
+
+
+class _EncoderClassifier(nn.Module):
+    """Token classifier on ``nn.TransformerEncoder`` (its attention reads ``in_proj_weight`` and
+    ``out_proj.weight`` inside ``F.multi_head_attention_forward``), mean-pooled into a linear head."""
+
+    def __init__(self, width: int, heads: int, depth: int, classes: int) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(tokens).mean(1))
+
+
+def bench_eager_scope(batch_size: int = 32, tokens: int = 32, width: int = 128, heads: int = 4, depth: int = 2,
+                      keep: float = 0.25, *, steps: int = 30, warmup: int = 3, seed: int = 0) -> Dict[str, Any]:
+    """Eager step ratios to exact backprop: every weight sketched (attention through the scope
+    mode, the FFN and head through their nn.Linear forward) at ``keep=1`` and at ``keep``."""
+    torch.manual_seed(seed)
+    plain = _EncoderClassifier(width, heads, depth, 10)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch_size, tokens, width, generator=generator)
+    targets = torch.randint(0, 10, (batch_size,), generator=generator)
+    variants = {"exact": _TimedStep(copy.deepcopy(plain), inputs, targets, False, "eager")}
+    scoped: List[str] = []
+    for label, value in (("keep1", 1.0), (f"keep{keep:g}", keep)):
+        model = _transformed(plain, RandomizedVJP(keep=value, multiple=1), inputs)
+        scoped = [row.layer for row in plan_of(model) if row.details.get("eager_scope")]
+        variants[label] = _TimedStep(model, inputs, targets, False, "eager")
+    time_steps(variants, warmup, block_size=1)
+    times = time_steps(variants, steps, block_size=5)
+    median = {label: statistics.median(seconds) for label, seconds in times.items()}
+    return {"benchmark": "eager_scope", "batch_size": batch_size, "tokens": tokens, "width": width, "heads": heads,
+            "depth": depth, "keep": keep, "steps": steps, "scoped_layers": scoped,
+            "rows": [{"arm": label, "step_ms": median[label] * 1e3, "step_ratio": median[label] / median["exact"]}
+                     for label in variants],
+            "machine": machine_info("cpu")}
 
 
 def _saved_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -376,7 +419,7 @@ _MODELS = {
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="randomized-VJP benchmark rows")
-    parser.add_argument("kind", choices=["steps", "memory", "accuracy", "variance", "batchnorm"])
+    parser.add_argument("kind", choices=["steps", "memory", "accuracy", "variance", "batchnorm", "scope"])
     parser.add_argument("--model", choices=sorted(_MODELS), default="mlp")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=8)
@@ -401,6 +444,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         result = bench_step_times(name, kwargs, args.batch_size, [float(k) for k in args.keeps.split(",")],
                                   steps=args.steps, in_channels=args.in_channels, image_size=args.image_size,
                                   estimators=args.estimators.split(","), device=args.device, autocast=args.autocast)
+    elif args.kind == "scope":
+        result = bench_eager_scope(args.batch_size, keep=args.keep, steps=args.steps, seed=args.seeds[0])
     elif args.kind == "memory":
         result = bench_saved_activations(name, kwargs, args.batch_size, args.keep, in_channels=args.in_channels,
                                          image_size=args.image_size)

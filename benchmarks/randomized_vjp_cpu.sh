@@ -18,6 +18,11 @@ done
 "$py" -m benchmarks randomized_vjp steps --model mlp1024 --in-channels 3 --image-size 32 --batch-size 512 \
   --out "$out/$tag-steps-mlp1024.json"
 "$py" -m benchmarks randomized_vjp steps --model vit192 --batch-size 128 --out "$out/$tag-steps-vit192.json"
+# 2b. Eager: the scope mode around nn.MultiheadAttention (keep 1 = its overhead alone, and keep 0.25).
+for batch in 32 128; do
+  "$py" -m benchmarks randomized_vjp scope --batch-size $batch --keep 0.25 --steps 30 \
+    --out "$out/$tag-eager-scope-b$batch.json"
+done
 # 3. Saved-for-backward bytes, exact vs memory mode (keep 0.25).
 "$py" -m benchmarks randomized_vjp memory --model mlp1024 --in-channels 3 --image-size 32 --batch-size 512 \
   --out "$out/$tag-memory-mlp1024.json"

@@ -53,3 +53,11 @@ def test_decorrelation_step_benchmark_has_one_variant_per_update_dtype():
     assert variants["effcompile max_overhead=none bfloat16"]["update_dtypes"] == ["bfloat16"]
     assert variants["effcompile max_overhead=none float32"]["update_dtypes"] == ["float32"]
     assert isinstance(result["native_bf16_matmul"], bool)
+
+
+def test_eager_scope_benchmark_sketches_the_attention_through_the_mode():
+    result = randomized_vjp_bench.bench_eager_scope(batch_size=4, tokens=4, width=16, heads=2, depth=1, steps=2,
+                                                    warmup=1)
+    assert [row["arm"] for row in result["rows"]] == ["exact", "keep1", "keep0.25"]
+    assert result["scoped_layers"] == ["encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0.self_attn.out_proj"]
+    assert all(row["step_ms"] > 0 for row in result["rows"])
