@@ -206,6 +206,46 @@ def test_gradmatch_selects_by_the_users_loss_and_learns(name):
     assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
 
 
+def _without_stochastic_layers(model):
+    """Dropout and stochastic depth off (eager and compiled steps draw their masks differently)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) or type(module).__name__ == "StochasticDepth":
+            module.p = 0.0
+        if isinstance(getattr(module, "drop_prob", None), float):  # Hugging Face and timm drop path
+            module.drop_prob = 0.0
+    return model
+
+
+@pytest.mark.parametrize("name", [name for name, client in CLIENTS.items() if client.cut_kind == "block-stack hooks"])
+def test_compiled_block_stack_stages_are_one_graph_equal_to_eager(name):
+    """Greedy stages on the block-stack hook path, compiled: the model's forward with its cuts,
+    the aux heads and every stage loss in one graph, and the parameters after two steps equal the
+    eager step's — also for GPT-2, whose tied embedding the later stage reads detached.  The eager
+    arm trains a deep copy, so the copy keeps the tied parameter's owner."""
+    import copy
+
+    from effcompile._compat import unique_graph_count
+
+    torch.manual_seed(0)
+    client = _client(name)
+    model = _without_stochastic_layers(client.build())
+    model.train()
+    effcompile.transform(model, effcompile.GreedyStages(num_stages=2), example_inputs=client.batch(ROWS, 0)[0])
+    inputs, targets = client.batch(ROWS, 1)
+    trained = {}
+    for compiled, arm in ((False, copy.deepcopy(model)), (True, model)):
+        step = effcompile.train_step(arm, client.loss, torch.optim.SGD(arm.parameters(), lr=client.lr), compile=compiled,
+                                     backend="effcompile_aot_eager")
+        graphs = unique_graph_count()
+        for _ in range(2):
+            step(inputs, targets)
+        if compiled:
+            assert unique_graph_count() - graphs == 1
+        trained[compiled] = {n: p.detach() for n, p in arm.named_parameters()}
+    for name_, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name_], value, rtol=1e-5, atol=1e-6, msg=name_)
+
+
 @pytest.mark.parametrize("name, strategy", [("gpt2", "random"), ("llama", "random"), ("gpt2", "gradmatch")])
 def test_compiled_selection_runs_every_weight_gradient_on_the_selected_sequences(name, strategy, joint_log):
     """Forward reuse on a causal LM: the row-sparse backward follows the per-sequence loss (vmapped

@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from effcompile._compat import pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from effcompile._compat import ConvNd, NormBase
+from effcompile._compat import ConvNd, NormBase, is_compiling
 from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves
 from effcompile.passes.analysis.side_effects import module_state_restored
 
@@ -169,7 +169,10 @@ def _detach_all(value: Any) -> Tuple[Any, Optional[torch.Tensor]]:
             return leaf
         out = leaf.detach()
         if not first:
-            if out.is_floating_point():
+            # Eagerly a leaf that requires grad, as a stage's own input; compiled the next block's
+            # parameters make its outputs require grad anyway, and ``requires_grad_`` on an
+            # intermediate would break the graph.
+            if out.is_floating_point() and not is_compiling():
                 out.requires_grad_()
             first.append(out)
         return out
@@ -438,6 +441,25 @@ def _min_max_cuts(units: List[int], n: int, stages: int, head_cost: int) -> List
 
 
 # ------------------------------------------------------------------------------------ runtime
+class _CutHook:
+    """Forward hook of the block after which stage k ends: while ``BlockStagedModel.run`` runs,
+    stage k's aux output from the block's hidden state, and the block's output detached.  A class
+    (not a closure), so ``copy.deepcopy`` of the model copies it with its staged view."""
+
+    def __init__(self, staged: "BlockStagedModel", k: int) -> None:
+        self.staged, self.k = staged, k
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        state = self.staged.state
+        aux = state["aux"]
+        if aux is None:
+            return None
+        aux.append(self.staged.heads[self.k](_first_tensor(output)))
+        state["stage"] = self.k + 1
+        detached, _ = _detach_all(output)
+        return detached
+
+
 class BlockStagedModel:
     """The runtime view of a model staged on the block-stack hook path (``model.__dict__``)."""
 
@@ -449,7 +471,17 @@ class BlockStagedModel:
         self._heads_attr = heads_attr
         named = dict(model.named_parameters())
         self._owners = {id(named[p]): (named[p], plan.owners[p]) for p in plan.shared}
-        self.state = {"stage": 0}
+        # "aux": the list the cut hooks append stage outputs to while ``run`` runs (None otherwise:
+        # a plain forward of the model is not cut).
+        self.state: Dict[str, Any] = {"stage": 0, "aux": None}
+        modules = dict(model.named_modules())
+        self.hook_handles = [modules[plan.stack.blocks[c]].register_forward_hook(_CutHook(self, k))
+                             for k, c in enumerate(plan.cuts)]
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # copy.deepcopy of the model copies the tied parameters: key them by the copies' ids.
+        state["_owners"] = {id(parameter): (parameter, owner) for parameter, owner in state["_owners"].values()}
+        self.__dict__.update(state)
 
     @property
     def num_stages(self) -> int:
@@ -503,22 +535,13 @@ class BlockStagedModel:
         return list(found.values())
 
     def run(self, inputs: Any) -> Tuple[Any, List[torch.Tensor]]:
-        """The model's forward with the cuts: ``(output, [aux output of stage k for k < K−1])``."""
-        modules = dict(self.model.named_modules())
-        blocks = self.plan.stack.blocks
+        """The model's forward with the cuts: ``(output, [aux output of stage k for k < K−1])``.
+
+        The cut hooks stay registered (registering them per call would break a compiled step's
+        graph); they act only while ``state["aux"]`` is a list."""
         aux: List[torch.Tensor] = []
         self.state["stage"] = 0
-
-        def cut_hook(k):
-            def hook(module, args, output):
-                hidden = _first_tensor(output)
-                aux.append(self.heads[k](hidden))
-                self.state["stage"] = k + 1
-                detached, _ = _detach_all(output)
-                return detached
-            return hook
-
-        handles = [modules[blocks[c]].register_forward_hook(cut_hook(k)) for k, c in enumerate(self.plan.cuts)]
+        self.state["aux"] = aux
         try:
             if self._owners:
                 with _DetachForeign(self._owners, lambda: self.state["stage"]):
@@ -526,8 +549,7 @@ class BlockStagedModel:
             else:
                 output = call(self.model, inputs)
         finally:
-            for handle in handles:
-                handle.remove()
+            self.state["aux"] = None
             self.state["stage"] = 0
         if len(aux) != len(self.plan.cuts):
             raise RuntimeError(f"greedy_stages: {len(aux)} of {len(self.plan.cuts)} cut blocks ran in this forward")
@@ -560,23 +582,27 @@ def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: C
     ``sync``: an ``effcompile.distributed.DataParallelSync`` when the model is wrapped in DDP
     (the hooks run the inner module, so the step averages the gradients itself)."""
     from effcompile.api import check_finite_loss, training_step
+    from effcompile.compiling import compile_for
     from effcompile.passes.sample_selection.selectors import selector_of
 
-    if options.compile:
-        raise ValueError("greedy_stages: compile=True is not supported on the block-stack hook path (the model's own "
-                         "forward runs eager with hooks at the cuts); use compile=False")
     if selector_of(model) is not None:
         raise ValueError("greedy_stages: the block-stack hook path does not compose with sample_selection (its "
                          "per-stage selection needs the fx stages)")
     counter = {"step": 0}
+
+    def stage_losses(inputs: Any, targets: Any) -> List[torch.Tensor]:
+        output, aux = staged.run(inputs)
+        return [loss_fn(replace_first_tensor(output, a), targets) for a in aux] + [loss_fn(output, targets)]
+
+    if options.compile:  # the model's forward with its cuts, the heads and every loss: one graph
+        stage_losses = compile_for(model, stage_losses, backend=options.backend, dynamic=False)
 
     @training_step
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         if sync is not None:
             sync.before_forward()
-        output, aux = staged.run(inputs)
-        losses = [loss_fn(replace_first_tensor(output, a), targets) for a in aux] + [loss_fn(output, targets)]
+        losses = stage_losses(inputs, targets)
         if options.check_finite:
             for loss in losses:
                 check_finite_loss(loss, counter["step"])

@@ -743,7 +743,9 @@ class GreedyStagesPass(ModelPass):
 
     def fold(self, model: nn.Module) -> int:
         heads = detach(model, HEADS_ATTR)
-        model.__dict__.pop(_STAGED_ATTR, None)
+        staged = model.__dict__.pop(_STAGED_ATTR, None)
+        for handle in getattr(staged, "hook_handles", ()):  # the block-stack path's cut hooks
+            handle.remove()
         return 0 if heads is None else len(heads)
 
     def make_train_step(self, model: nn.Module, loss_fn: Callable, optimizer: Any,
