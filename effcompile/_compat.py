@@ -160,13 +160,19 @@ def compile_caches_disabled() -> Iterator[None]:
         yield
 
 
+_DTENSOR_TYPE: list = []  # DTensor, imported on first use (or () in builds without distributed)
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (an FSDP2 ``fully_shard`` parameter, a tensor-parallel shard)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without distributed
-        return False
-    return isinstance(tensor, DTensor)
+    """Whether ``tensor`` is a DTensor (an FSDP2 ``fully_shard`` parameter, a tensor-parallel shard).
+    Cheap after the first call: weight properties call it on every read."""
+    if not _DTENSOR_TYPE:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - builds without distributed
+            DTensor = ()
+        _DTENSOR_TYPE.append(DTensor)
+    return isinstance(tensor, _DTENSOR_TYPE[0])
 
 
 _DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")

@@ -71,7 +71,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
         raise ValueError("transform needs example_inputs (a tensor, a tuple or a dict of the forward's inputs): "
                          "layers are found on the graph captured from one call of the model")
 
-    _refuse_sharded(model, [PASSES[name] for name in names], "transform")
+    _refuse_sharded_transform(model)
     involved = [PASSES[name] for name in names] + [p for p in PASSES.values() if p.name not in names and p.is_applied(model)]
     refused = [row for model_pass in involved for row in model_pass.refusals(model, configs)]
     if refused:
@@ -121,6 +121,18 @@ def apply_plan(model: nn.Module, plan: Plan, *configs: PassConfig, example_input
     model.__dict__[_PLAN_ATTR] = Plan(list(plan))
     _guard_step_owners(model)
     return model
+
+
+def _refuse_sharded_transform(model: nn.Module) -> None:
+    """Layers are found on a graph captured from plain parameters: transform first, then shard."""
+    from ._compat import is_sharded
+
+    sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+    if sharded is not None:
+        raise NotImplementedError(
+            f"effcompile.transform: the model's parameters are already sharded (FSDP2 fully_shard: {sharded!r} is "
+            "a DTensor); transform the plain model, then fully_shard it: transform(model, ...); fully_shard(...); "
+            "train_step(model, ...)")
 
 
 def _refuse_sharded(model: nn.Module, passes: list, where: str) -> None:

@@ -57,9 +57,9 @@ class ModelPass(abc.ABC):
     # ``fc.weight_decorrelation``): ONNX inspection attributes nodes in those name scopes to it.
     onnx_scope_suffixes: Tuple[str, ...] = ()
 
-    # FSDP2 (``fully_shard``: parameters become DTensors).  "" where the pass is tested to train a
-    # sharded model; otherwise why it cannot, which ``transform`` (on an already sharded model)
-    # and ``train_step`` raise instead of failing inside torch with a mixed Tensor/DTensor error.
+    # FSDP2 (``fully_shard`` after ``transform``: parameters become DTensors).  "" where the pass is
+    # tested to train a sharded model; otherwise why it cannot, which ``train_step`` raises instead
+    # of failing inside torch with a mixed Tensor/DTensor error.
     sharded_parameters_unsupported: str = ("not made to work with FSDP2-sharded parameters (DTensor) yet; "
                                            "use DistributedDataParallel, or apply the pass before sharding and "
                                            "train without fully_shard")

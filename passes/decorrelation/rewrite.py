@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 
 from effcompile import distributed as replicas
-from effcompile._compat import ConvNd, is_compiling
+from effcompile._compat import ConvNd, is_compiling, is_sharded
 from effcompile.passes.analysis.capture import GraphCapture, InputLocation, LayerCandidate
 from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
@@ -141,7 +141,10 @@ def _fused_weight_property(attr: str) -> property:
     child = state_name(attr)
 
     def fused_weight(self: nn.Module) -> torch.Tensor:
-        return self._modules[child](self._parameters[attr])  # the state's forward: W·R on the weight side
+        weight = self._parameters[attr]
+        if is_sharded(weight):  # FSDP2 between forwards reads its sharded parameter back; its forward sees W
+            return weight
+        return self._modules[child](weight)  # the state's forward: W·R on the weight side
 
     fused_weight.__doc__ = f"``{attr}`` seen by the forward: the decorrelated weight W·R (the parameter stays in _parameters)."
     return property(fused_weight)
@@ -177,6 +180,9 @@ def decorrelation_states(model: nn.Module) -> Dict[str, DecorrelationState]:
 # ------------------------------------------------------------------------------------ the pass
 class DecorrelationPass(ModelPass):
     config_type = Decorrelation
+    # FSDP2: the weight reads see the unsharded parameter inside forward (fully_shard swaps it into
+    # _parameters), and a sharded one between forwards is returned as is (tests/test_fsdp2.py).
+    sharded_parameters_unsupported = ""
     onnx_scope_suffixes = (STATE_SUFFIX,)
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: Decorrelation) -> List[PlanRow]:

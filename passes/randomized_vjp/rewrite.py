@@ -345,6 +345,9 @@ class _LayerSpec:
 
 class RandomizedVJPPass(ModelPass):
     config_type = RandomizedVJP
+    # FSDP2: the weight reads see the unsharded parameter inside forward (fully_shard swaps it into
+    # _parameters), and a sharded one between forwards is returned as is (tests/test_fsdp2.py).
+    sharded_parameters_unsupported = ""
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: RandomizedVJP) -> List[PlanRow]:
         return [self._plan_layer(model, candidate, config) for candidate in captured.layers]
