@@ -15,7 +15,8 @@ from .config import PassConfig
 from .inputs import call, model_inputs
 from .plan import Plan, PlanRefused
 
-__all__ = ["transform", "apply_plan", "report", "fold", "train_step", "plain_train_step", "check_finite_loss", "plan_of"]
+__all__ = ["transform", "apply_plan", "report", "fold", "train_step", "training_loss", "plain_train_step",
+           "check_finite_loss", "plan_of"]
 
 _PLAN_ATTR = "_effcompile_plan"
 
@@ -236,6 +237,86 @@ def train_step(
             if step is not None:
                 return step
     return plain_train_step(model, loss_fn, optimizer, options)
+
+
+def training_loss(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    compile: bool = False,
+    backend: Any = "effcompile",
+    check_finite: bool = False,
+) -> Callable[[Any, Any], torch.Tensor]:
+    """Return ``objective(inputs, targets) -> loss`` for a trainer that owns the backward and the
+    optimizer (``transformers.Trainer.compute_loss``, Lightning's ``training_step``, a loop with
+    gradient accumulation, clipping or a ``GradScaler``): ``loss.backward()`` leaves the gradients
+    :func:`train_step` would apply.
+
+    Greedy stages: the sum of the stage losses (their graphs are disjoint, so each stage's
+    parameters get its own loss's gradient; one backward keeps every stage's activations until it
+    runs, where ``train_step`` frees them stage by stage).  Sample selection: the weighted loss of
+    the selected rows.  Other passes: ``loss_fn(model(inputs), targets)``.  The loss to log is
+    ``objective.reported_loss`` (detached: the last stage's loss; selection's full-batch mean);
+    ``objective.stage_losses`` and ``objective.last_selection`` as on the step.  Step-owning passes
+    refuse to run under ``torch.distributed`` with more than one rank: their forward is not the
+    DDP wrapper's, so a trainer's DDP would not average their gradients (use ``train_step``).
+    """
+    from effcompile.passes import PASSES, StepOptions, step_owners
+
+    options = StepOptions(compile=compile, backend=backend, check_finite=check_finite)
+    base = _unwrap(model)
+    _refuse_sharded(base, [p for p in PASSES.values() if p.is_applied(base)], "training_loss")
+    for owner in step_owners():
+        if owner.is_applied(base):
+            objective = owner.make_training_loss(model, loss_fn, options)
+            if objective is not None:
+                return _SingleProcessObjective(objective, owner.name)
+    return plain_training_loss(model, loss_fn, options)
+
+
+class _SingleProcessObjective:
+    """A step owner's objective, refused under torch.distributed with more than one rank; attribute
+    reads (``reported_loss``, ``stage_losses``, ``last_selection``) go to the objective."""
+
+    def __init__(self, objective: Callable, owner: str) -> None:
+        # A bound method's attributes live on its instance (the pass's step object).
+        self.__dict__.update(_objective=objective, _owner=owner, _state=getattr(objective, "__self__", objective),
+                             _run=training_step(objective))
+
+    def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise NotImplementedError(
+                f"effcompile.training_loss: {self._owner} runs its forward outside the DDP/FSDP wrapper, so a "
+                "trainer's data parallelism would not average its gradients; under torch.distributed use "
+                "effcompile.train_step")
+        return self._run(inputs, targets)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_state"], name)
+
+
+def plain_training_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
+                        options: Any) -> Callable[[Any, Any], torch.Tensor]:
+    """``loss_fn(model(inputs), targets)`` (compiled if asked): the objective of every pass that
+    keeps the step's shape."""
+
+    def forward_loss(inputs: Any, targets: Any) -> torch.Tensor:
+        return loss_fn(call(model, inputs), targets)
+
+    compiled = compile_for(_unwrap(model), forward_loss, backend=options.backend) if options.compile else forward_loss
+    counter = {"step": 0}
+
+    def objective(inputs: Any, targets: Any) -> torch.Tensor:
+        loss = compiled(inputs, targets)
+        if options.check_finite:
+            check_finite_loss(loss, counter["step"])
+        counter["step"] += 1
+        objective.reported_loss = loss.detach()
+        return loss
+
+    objective.reported_loss = None
+    return objective
 
 
 def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],

@@ -3,6 +3,7 @@
     pip install 'effcompile[hf]'          # transformers + accelerate
     python examples/hf_trainer.py --passes decorrelation
     python examples/hf_trainer.py --passes decorrelation,randomized_vjp --compile
+    python examples/hf_trainer.py --passes greedy_stages            # or sample_selection
 
 The model is a tiny GPT-2 built from a config (random init, no download) and the data are random
 token sequences; the point is the wiring, not the result:
@@ -16,8 +17,10 @@ token sequences; the point is the wiring, not the result:
   ``TrainingArguments(torch_compile_backend=...)`` accepts only accelerate's list of backend names,
   and ``torch_compile=True`` alone would compile with plain Inductor, where the randomized VJP's
   markers raise instead of training exact gradients silently.
-  Passes that change the step itself (greedy stages, sample selection) need
-  ``effcompile.train_step`` and are refused here;
+  Passes that change the step itself (greedy stages, sample selection) enter through the
+  Trainer's ``compute_loss``: ``effcompile.training_loss(model, loss_fn)`` returns the loss
+  whose backward is their step's gradient (the sum of the stages' local losses; the selected
+  rows' weighted loss), and the Trainer does the rest (its backward, clipping, optimizer);
 * ``effcompile.report(model)`` shows what was applied and the live counters.
 """
 
@@ -33,6 +36,12 @@ import effcompile
 
 VOCAB, TOKENS = 97, 12
 STEP_CHANGING = {"greedy_stages", "sample_selection"}
+
+
+def causal_lm_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy (a mean over tokens, so selection scores each sequence by its own)."""
+    logits = output.logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -62,7 +71,25 @@ def _config(name: str) -> effcompile.PassConfig:
         return effcompile.Decorrelation(lr=0.01)
     if name == "randomized_vjp":
         return effcompile.RandomizedVJP(keep=0.5, multiple=1)
-    raise SystemExit(f"{name}: change the training step itself; train with effcompile.train_step, not the Trainer")
+    if name == "greedy_stages":
+        return effcompile.GreedyStages(num_stages=2)
+    if name == "sample_selection":
+        return effcompile.SampleSelection(keep=0.5, strategy="loss")
+    raise SystemExit(f"unknown pass {name!r}")
+
+
+def objective_trainer(objective: Any) -> type:
+    """A ``transformers.Trainer`` whose loss is ``objective(batch, labels)`` (``effcompile.training_loss``)."""
+    import transformers
+
+    class EffcompileTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            loss = objective(inputs, labels)
+            return (loss, None) if return_outputs else loss
+
+    return EffcompileTrainer
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -82,14 +109,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     data = RandomTokens()
     example = {key: torch.stack([data[i][key] for i in range(8)]) for key in ("input_ids", "attention_mask")}
     effcompile.transform(model, *[_config(name) for name in names], example_inputs=example)
-    if args.compile:
+    trainer_class, objective = transformers.Trainer, None
+    if STEP_CHANGING & set(names):  # the technique is the loss: compiled there, not by model.compile
+        objective = effcompile.training_loss(model, causal_lm_loss, compile=args.compile, backend=args.backend)
+        trainer_class = objective_trainer(objective)
+    elif args.compile:
         model.compile(backend=args.backend)  # in place: the Trainer sees the same module
 
     training = transformers.TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=8, num_train_epochs=args.epochs, learning_rate=1e-2,
         logging_steps=4, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=training, train_dataset=data)
+    trainer = trainer_class(model=model, args=training, train_dataset=data)
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
@@ -97,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print(effcompile.report(model).table())
     print(f"Trainer: {len(losses)} logged losses {[round(float(l), 3) for l in losses]}, "
           f"train_loss {result.training_loss:.3f}, {seconds:.1f} s ({'compiled: ' + args.backend if args.compile else 'eager'})")
-    return {"losses": [float(l) for l in losses], "train_loss": float(result.training_loss), "model": model}
+    return {"losses": [float(l) for l in losses], "train_loss": float(result.training_loss), "model": model,
+            "objective": objective}
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@
     python examples/lightning_digits.py --passes decorrelation,sample_selection
 
 ``configure_model`` runs once, before the optimizers are built, on the device Lightning chose:
-the model is transformed there with one example batch.  Passes whose work runs inside
-``forward`` (decorrelation) train with Lightning's automatic optimisation unchanged.  Passes that
-change the step itself (greedy stages, sample selection) own it: the module switches to manual
-optimisation and calls the ``effcompile.train_step`` step in ``training_step``.
+the model is transformed there with one example batch.  ``training_step`` returns
+``effcompile.training_loss(net, loss_fn)(x, y)``: for passes whose work runs inside ``forward``
+(decorrelation) that is the plain loss; for passes that change the step itself (greedy stages,
+sample selection) it is the loss whose backward is their step's gradient (the sum of the stages'
+local losses, the selected rows' weighted loss).  Lightning's automatic optimisation does the rest
+(its backward — precision plugins and loss scaling included —, clipping, the optimizer).
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ import torch.nn.functional as F
 
 import effcompile
 from effcompile.harness.data import get_dataset
-from effcompile.passes import PASSES
 
-STEP_OWNERS = {name for name, model_pass in PASSES.items() if model_pass.step_order is not None}
 
 
 def _configs(names: List[str]) -> List[effcompile.PassConfig]:
@@ -44,9 +44,7 @@ def build_module(names: List[str]):
             self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                      nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
             self.example = example
-            self.owns_step = bool(STEP_OWNERS & set(names))
-            self.automatic_optimization = not self.owns_step  # a step-owning pass runs the whole step
-            self._step = None
+            self._objective = None
 
         def configure_model(self) -> None:
             if not effcompile.api.plan_of(self.net):
@@ -55,20 +53,13 @@ def build_module(names: List[str]):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
 
-        def training_step(self, batch: Any, batch_index: int) -> Optional[torch.Tensor]:
+        def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
             x, y = batch
-            if not self.owns_step:
-                loss = F.cross_entropy(self.net(x), y)
-                self.log("train_loss", loss)
-                return loss
-            if self._step is None:
-                # Lightning's optimizer wrapper: its step() advances global_step (max_steps counts it).
-                # The effcompile step calls loss.backward() itself, so precision plugins that need
-                # manual_backward (fp16 loss scaling) are not supported on this path.
-                self._step = effcompile.train_step(self.net, nn.CrossEntropyLoss(), self.optimizers())
-            loss = self._step(x, y)
-            self.log("train_loss", loss)
-            return None
+            if self._objective is None:  # after configure_model: the transformed network
+                self._objective = effcompile.training_loss(self.net, F.cross_entropy)
+            loss = self._objective(x, y)
+            self.log("train_loss", self._objective.reported_loss)  # the batch's loss, not the subset's
+            return loss
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)

@@ -109,6 +109,12 @@ class ModelPass(abc.ABC):
         """The training step of a step owner (``step_order`` set); None leaves the plain step."""
         return None
 
+    def make_training_loss(self, model: nn.Module, loss_fn: Callable, options: StepOptions) -> Optional[Callable]:
+        """A step owner's ``objective(inputs, targets) -> loss`` for a trainer that owns backward and
+        the optimizer: ``loss.backward()`` gives the gradients this pass's step would apply
+        (``effcompile.training_loss``); None leaves the plain loss."""
+        return None
+
     def inspect_views(self, model: nn.Module, example_inputs: Sequence[Any]) -> List[Tuple[str, List[str]]]:
         """Extra ``effcompile inspect`` sections: ``[(title, lines)]`` (e.g. the backward rewrites)."""
         return []

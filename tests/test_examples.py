@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import effcompile
 
@@ -84,8 +85,23 @@ def test_hf_trainer_with_torch_compile_samples_the_backward(hf_trainer, tmp_path
     # The model's graph samples all 8 Conv1D layers (a graph without markers, e.g. the Trainer's loss, has none:
     # a marked layer left unsampled would have raised MissingRewriteError).
     assert max(graph["randomized_vjp"].rewrites for graph in joint_log.graphs) >= 8
-    with pytest.raises(SystemExit, match="train_step"):
-        hf_trainer.main(["--passes", "sample_selection", "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("passes", ["greedy_stages", "sample_selection"])
+def test_hf_trainer_trains_step_changing_passes_through_compute_loss(hf_trainer, tmp_path, passes):
+    """effcompile.training_loss as the Trainer's compute_loss: the Trainer's backward and optimizer
+    train the stages on their local losses / the selected sequences."""
+    from effcompile.passes.sample_selection.selectors import selector_of
+
+    result = hf_trainer.main(["--passes", passes, "--epochs", "2", "--output-dir", str(tmp_path)])
+    losses, model = result["losses"], result["model"]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], losses
+    if passes == "sample_selection":
+        selector = selector_of(model)
+        assert int(selector.steps) == 16 and float(selector.rows_selected) == 16 * 4  # 4 of 8 sequences a step
+    else:  # the Trainer logged the sum of the two stages' local losses, and it fell
+        stage_losses = result["objective"].stage_losses
+        assert len(stage_losses) == 2 and all(math.isfinite(float(loss)) for loss in stage_losses)
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +120,18 @@ def test_lightning_trains_a_decorrelated_model_with_automatic_optimisation(light
     assert states and all(int(state.updates) == math.ceil(40 / state.update_every) > 0 for state in states.values())
 
 
-def test_lightning_hands_a_step_owning_pass_the_whole_step(lightning_digits):
+@pytest.mark.parametrize("passes", ["decorrelation,sample_selection", "greedy_stages"])
+def test_lightning_trains_step_changing_passes_with_automatic_optimisation(lightning_digits, passes):
+    """training_step returns effcompile.training_loss: Lightning's own backward and optimizer step
+    train the selected rows / every stage on its local loss."""
     from effcompile.passes.sample_selection import selector_of
 
-    result = lightning_digits.main(["--passes", "decorrelation,sample_selection", "--steps", "20"])
-    assert not result["module"].automatic_optimization
-    assert selector_of(result["module"].net).last_index.numel() == 16  # keep 0.5 of 32 rows
+    result = lightning_digits.main(["--passes", passes, "--steps", "20"])
+    module = result["module"]
+    assert module.automatic_optimization
+    if "sample_selection" in passes:
+        assert selector_of(module.net).last_index.numel() == 16  # keep 0.5 of 32 rows
+        assert int(selector_of(module.net).steps) == 20
+    else:
+        assert len(module._objective.stage_losses) == 2
     assert sum(result["losses"][-5:]) / 5 < result["losses"][0]

@@ -67,7 +67,7 @@ from .config import GreedyStages
 from .cut_search import StageTraceError, evaluating
 
 __all__ = ["BlockStack", "BlockStagePlan", "BlockStagedModel", "find_block_stack", "plan_block_stages",
-           "replace_first_tensor", "CUT_KIND"]
+           "make_block_train_step", "make_block_training_loss", "replace_first_tensor", "CUT_KIND"]
 
 CUT_KIND = "block-stack hooks"
 
@@ -575,46 +575,75 @@ class BlockStagedModel:
         return f"BlockStagedModel({self.num_stages} stages of {self.plan.stack.path!r}, boundaries: {shapes})"
 
 
+class _BlockStageLosses:
+    """Every stage's loss of one batch on the hook path: the model's forward with its cuts, the aux
+    heads and the losses (one compiled graph with ``compile=True``)."""
+
+    def __init__(self, model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, options: Any) -> None:
+        from effcompile.compiling import compile_for
+        from effcompile.passes.sample_selection.selectors import selector_of
+
+        if selector_of(model) is not None:
+            raise ValueError("greedy_stages: the block-stack hook path does not compose with sample_selection (its "
+                             "per-stage selection needs the fx stages)")
+
+        def stage_losses(inputs: Any, targets: Any) -> List[torch.Tensor]:
+            output, aux = staged.run(inputs)
+            return [loss_fn(replace_first_tensor(output, a), targets) for a in aux] + [loss_fn(output, targets)]
+
+        self.losses = compile_for(model, stage_losses, backend=options.backend, dynamic=False) if options.compile \
+            else stage_losses
+        self.options, self.steps = options, 0
+        self.stage_losses: List[torch.Tensor] = []
+
+    def run(self, inputs: Any, targets: Any) -> List[torch.Tensor]:
+        from effcompile.api import check_finite_loss
+
+        losses = self.losses(inputs, targets)
+        if self.options.check_finite:
+            for loss in losses:
+                check_finite_loss(loss, self.steps)
+        self.stage_losses = [loss.detach() for loss in losses]
+        self.steps += 1
+        return losses
+
+    @property
+    def reported_loss(self) -> Optional[torch.Tensor]:
+        return self.stage_losses[-1] if self.stage_losses else None
+
+    def training_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """The sum of the stage losses (disjoint graphs: each stage gets its own loss's gradient)."""
+        return torch.stack(self.run(inputs, targets)).sum()
+
+
 def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, optimizer: Any,
                           options: Any, sync: Any = None) -> Callable:
     """The single-process DGL step of the hook path (see the module docstring).
 
     ``sync``: an ``effcompile.distributed.DataParallelSync`` when the model is wrapped in DDP
     (the hooks run the inner module, so the step averages the gradients itself)."""
-    from effcompile.api import check_finite_loss, training_step
-    from effcompile.compiling import compile_for
-    from effcompile.passes.sample_selection.selectors import selector_of
+    from effcompile.api import training_step
 
-    if selector_of(model) is not None:
-        raise ValueError("greedy_stages: the block-stack hook path does not compose with sample_selection (its "
-                         "per-stage selection needs the fx stages)")
-    counter = {"step": 0}
-
-    def stage_losses(inputs: Any, targets: Any) -> List[torch.Tensor]:
-        output, aux = staged.run(inputs)
-        return [loss_fn(replace_first_tensor(output, a), targets) for a in aux] + [loss_fn(output, targets)]
-
-    if options.compile:  # the model's forward with its cuts, the heads and every loss: one graph
-        stage_losses = compile_for(model, stage_losses, backend=options.backend, dynamic=False)
+    stages = _BlockStageLosses(model, staged, loss_fn, options)
 
     @training_step
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         if sync is not None:
             sync.before_forward()
-        losses = stage_losses(inputs, targets)
-        if options.check_finite:
-            for loss in losses:
-                check_finite_loss(loss, counter["step"])
         # The stages' graphs are disjoint (every cut detached), so one backward over all losses
         # gives each parameter exactly the gradient of its own stage's loss.
-        torch.autograd.backward(losses)
+        torch.autograd.backward(stages.run(inputs, targets))
         if sync is not None:
             sync.after_backward()
         optimizer.step()
-        counter["step"] += 1
-        step.stage_losses = [loss.detach() for loss in losses]
-        return step.stage_losses[-1]
+        step.stage_losses = stages.stage_losses
+        return stages.reported_loss
 
     step.stage_losses = []
     return step
+
+
+def make_block_training_loss(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, options: Any) -> Callable:
+    """``effcompile.training_loss`` on the hook path: the sum of the stage losses."""
+    return _BlockStageLosses(model, staged, loss_fn, options).training_loss

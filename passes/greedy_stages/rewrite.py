@@ -54,7 +54,8 @@ from effcompile.passes.base import ModelPass, StepOptions, register_pass
 from effcompile.plan import Action, PlanRow
 
 from .aux_heads import head_kind_for, make_aux_head, make_output_head
-from .block_stack import CUT_KIND, BlockStagedModel, BlockStagePlan, make_block_train_step, plan_block_stages
+from .block_stack import (CUT_KIND, BlockStagedModel, BlockStagePlan, make_block_train_step, make_block_training_loss,
+                          plan_block_stages)
 from .config import GreedyStages
 from .cut_search import (
     Boundary, StageTraceError, TracedModel, boundary_for_module, count_flops, evaluating, find_boundaries,
@@ -474,11 +475,63 @@ def _stage_loss_function(staged: StagedModel, k: int, objective: Callable) -> Ca
                               stage_forward_loss.__defaults__, stage_forward_loss.__closure__)
 
 
+class _StageRunner:
+    """The stages of the fx path run one after another on one batch: each stage's loss (with a
+    composed selection, its selected rows' weighted loss), its input the previous stage's output
+    detached.  ``backward_each``: backpropagate each stage's loss as soon as it exists, which
+    frees its saved activations before the next stage runs (the step); otherwise the losses are
+    returned for one backward of their sum (``effcompile.training_loss``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, options: StepOptions) -> None:
+        from effcompile.passes.sample_selection.selectors import selector_of
+
+        self.staged, self.options = staged_model(model), options
+        objective = _stage_objective(_unwrap(model), loss_fn)
+        self.selector = selector_of(_unwrap(model))
+        functions = [_stage_loss_function(self.staged, k, objective) for k in range(self.staged.num_stages)]
+        if options.compile:
+            # Static shapes per batch size (a partial last batch compiles once more): a composed
+            # selection's row-sparse backward needs the batch size as a number.
+            functions = [compile_for(_unwrap(model), fn, backend=options.backend, dynamic=False) for fn in functions]
+        self.functions = functions
+        self.steps = 0
+        self.stage_losses: List[torch.Tensor] = []  # each stage's loss on the whole batch (selection: per-sample mean)
+        self.stage_subset_losses: List[torch.Tensor] = []  # what each stage backpropagated
+
+    def run(self, inputs: Any, targets: Any, backward_each: bool) -> List[torch.Tensor]:
+        from effcompile.api import check_finite_loss
+
+        x, losses, reported, subset = self.staged.positional(inputs), [], [], []
+        for function in self.functions:
+            loss, out, selection, stage_loss = function(x, targets)
+            if self.options.check_finite:
+                check_finite_loss(loss, self.steps)
+            if backward_each:
+                loss.backward()
+            else:
+                losses.append(loss)
+            if selection is not None:  # the report's selection counters: the last stage's selection
+                self.selector.record(*selection)
+            reported.append(stage_loss)
+            subset.append(loss.detach())
+            x = (out.detach(),) if isinstance(out, torch.Tensor) else None
+        self.stage_losses, self.stage_subset_losses = reported, subset
+        self.steps += 1
+        return losses
+
+    @property
+    def reported_loss(self) -> Optional[torch.Tensor]:
+        return self.stage_losses[-1] if self.stage_losses else None
+
+    def training_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """The sum of the stage losses: their graphs are disjoint, so its backward gives each
+        stage's parameters exactly their own loss's gradient."""
+        return torch.stack(self.run(inputs, targets, backward_each=False)).sum()
+
+
 def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, options: StepOptions) -> Callable:
     """The single-process DGL step (see the module docstring)."""
-    from effcompile.api import check_finite_loss, training_step
-
-    from effcompile.passes.sample_selection.selectors import selector_of
+    from effcompile.api import training_step
 
     staged = staged_model(model)
     # The stages run the module behind a DDP wrapper piece by piece, never the wrapper's forward,
@@ -486,43 +539,32 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     sync = DataParallelSync.of(model)
     if isinstance(staged, BlockStagedModel):
         return make_block_train_step(_unwrap(model), staged, loss_fn, optimizer, options, sync=sync)
-    objective = _stage_objective(_unwrap(model), loss_fn)
-    selector = selector_of(_unwrap(model))
-    functions = [_stage_loss_function(staged, k, objective) for k in range(staged.num_stages)]
-    if options.compile:
-        # Static shapes per batch size (a partial last batch compiles once more): a composed
-        # selection's row-sparse backward needs the batch size as a number.
-        functions = [compile_for(_unwrap(model), fn, backend=options.backend, dynamic=False) for fn in functions]
-    counter = {"step": 0}
+    runner = _StageRunner(model, loss_fn, options)
 
     @training_step
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         if sync is not None:
             sync.before_forward()
-        x, losses, subset_losses = staged.positional(inputs), [], []
-        for function in functions:
-            loss, out, selection, reported = function(x, targets)
-            if options.check_finite:
-                check_finite_loss(loss, counter["step"])
-            loss.backward()  # frees this stage's saved activations before the next stage runs
-            if selection is not None:  # the report's selection counters: the last stage's selection
-                selector.record(*selection)
-            losses.append(reported)
-            subset_losses.append(loss.detach())
-            x = (out.detach(),) if isinstance(out, torch.Tensor) else None
+        runner.run(inputs, targets, backward_each=True)
         if sync is not None:
             sync.after_backward()
         # Gradients never cross stages, so one optimizer over all parameters takes exactly the
         # per-stage optimizers' steps for per-parameter optimizers (SGD, Adam, ...).
         optimizer.step()
-        counter["step"] += 1
-        step.stage_losses = losses  # each stage's loss on the whole batch (with selection: per-sample mean)
-        step.stage_subset_losses = subset_losses  # what each stage backpropagated
-        return losses[-1]
+        step.stage_losses, step.stage_subset_losses = runner.stage_losses, runner.stage_subset_losses
+        return runner.reported_loss
 
     step.stage_losses, step.stage_subset_losses = [], []
     return step
+
+
+def make_staged_training_loss(model: nn.Module, loss_fn: Callable, options: StepOptions) -> Callable:
+    """``effcompile.training_loss`` for a staged model: the sum of the stage losses."""
+    staged = staged_model(model)
+    if isinstance(staged, BlockStagedModel):
+        return make_block_training_loss(_unwrap(model), staged, loss_fn, options)
+    return _StageRunner(model, loss_fn, options).training_loss
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -751,6 +793,9 @@ class GreedyStagesPass(ModelPass):
     def make_train_step(self, model: nn.Module, loss_fn: Callable, optimizer: Any,
                         options: StepOptions) -> Optional[Callable]:
         return make_staged_train_step(model, loss_fn, optimizer, options)
+
+    def make_training_loss(self, model: nn.Module, loss_fn: Callable, options: StepOptions) -> Optional[Callable]:
+        return make_staged_training_loss(model, loss_fn, options)
 
 
 def _example_inputs(captured: GraphCapture) -> ModelInputs:

@@ -309,6 +309,7 @@ class SelectionStep:
         self.step_index = 0
         self.last_selection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.last_subset_loss: Optional[torch.Tensor] = None
+        self.reported_loss: Optional[torch.Tensor] = None
         # Re-forward scoring: the modules kept in train mode, the (module, buffer name) pairs whose
         # values the scoring forward must leave as they were (looked up by name at every call, so
         # model.to(...) and load_state_dict keep working).
@@ -372,11 +373,21 @@ class SelectionStep:
     # The step ------------------------------------------------------------------------------
     @training_step
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
-        batch = model_inputs(inputs)
-        args, kwargs = batch.args, batch.kwargs
         self.optimizer.zero_grad(set_to_none=True)
         if self._ddp is not None:
             self._ddp.before_forward()
+        loss = self.training_loss(inputs, targets)
+        loss.backward()
+        if self._ddp is not None:
+            self._ddp.after_backward()
+        self.optimizer.step()
+        return self.reported_loss
+
+    def training_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
+        """The weighted loss of this batch's selected rows (what the step backpropagates); the
+        selection is recorded, ``reported_loss`` is the full-batch mean (``effcompile.training_loss``)."""
+        batch = model_inputs(inputs)
+        args, kwargs = batch.args, batch.kwargs
         if self.spec.mode == FORWARD_REUSE:
             loss, batch_loss, index, weights = self._forward_select(args, kwargs, targets)
         else:
@@ -384,15 +395,12 @@ class SelectionStep:
             loss = self._train_rows(args, kwargs, targets, index, weights)
         if self.options.check_finite:
             check_finite_loss(loss, self.step_index)
-        loss.backward()
-        if self._ddp is not None:
-            self._ddp.after_backward()
-        self.optimizer.step()
         self.selector.record(index, weights)
         self.last_selection = (index, weights)
         self.last_subset_loss = loss.detach()
+        self.reported_loss = batch_loss.detach()
         self.step_index += 1
-        return batch_loss.detach()
+        return loss
 
     def _scoring_pass(self, inputs: Any, targets: Any):
         """Training-mode normalisation, nothing else: the layers of ``spec.train_mode_modules``
@@ -556,6 +564,12 @@ class SampleSelectionPass(ModelPass):
         if selector is None:
             return None
         return SelectionStep(model, loss_fn, optimizer, options, selector)
+
+    def make_training_loss(self, model: nn.Module, loss_fn: Callable, options: StepOptions) -> Optional[Callable]:
+        selector = selector_of(model)
+        if selector is None:
+            return None
+        return SelectionStep(model, loss_fn, None, options, selector).training_loss
 
 
 _STAGED_REFORWARD = ("sample_selection(mode='reforward') cannot compose with greedy_stages: the staged step scores "
