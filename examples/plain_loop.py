@@ -9,12 +9,14 @@ What it shows:
 1. A model written by hand (``DigitsNet`` below, not from effcompile's zoo) is rewritten in place
    by ``effcompile.transform``: same class, same ``state_dict`` keys plus the passes' state.
 2. ``effcompile.report(model)`` prints the Plan: what each pass decided for each layer.
-3. Training.  With only decorrelation and/or the randomized VJP, the usual loop works unchanged
-   (``loss.backward(); optimizer.step()``): the decorrelation update runs inside ``forward()`` in
-   training mode and the randomized VJP lives in the backward.  Greedy stages and sample selection
-   change the *shape* of a step (a local loss per stage; a weighted subset of the batch), so the
-   step comes from ``effcompile.train_step``, which works for every combination.  ``--loop`` picks
-   one; the default is ``plain`` when the passes allow it.
+3. Training.  The usual loop (``loss.backward(); optimizer.step()``) works for every pass: the
+   loss comes from ``effcompile.training_loss(model, loss_fn)``.  With only decorrelation and/or
+   the randomized VJP it is the plain loss (the decorrelation update runs inside ``forward()`` in
+   training mode, the randomized VJP lives in the backward); greedy stages and sample selection
+   change the *shape* of a step (a local loss per stage; a weighted subset of the batch), and
+   their objective is the loss whose backward is that step's gradient.  ``--loop train_step``
+   hands the whole step to ``effcompile.train_step`` instead (it frees each stage's activations
+   before the next stage runs).
 4. The trained model is evaluated like any model, and ``effcompile.fold`` returns a plain copy
    without effcompile state (W ← W·R for decorrelation) that gives the same outputs.
 
@@ -34,7 +36,6 @@ from torch import nn
 
 import effcompile
 
-PLAIN_LOOP_PASSES = {"decorrelation", "randomized_vjp"}  # passes that keep the step's shape
 
 
 class DigitsNet(nn.Module):
@@ -96,8 +97,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--passes", default="decorrelation", help="comma-separated pass names")
-    parser.add_argument("--loop", choices=("auto", "plain", "train_step"), default="auto",
-                        help="a hand-written loop or effcompile.train_step (auto: plain when the passes allow)")
+    parser.add_argument("--loop", choices=("plain", "train_step"), default="plain",
+                        help="a hand-written loop around effcompile.training_loss, or effcompile.train_step")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -117,22 +118,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     names = {config.name for config in configs}
     loop = args.loop
-    if loop == "auto":
-        loop = "plain" if names <= PLAIN_LOOP_PASSES else "train_step"
-    if loop == "plain" and not names <= PLAIN_LOOP_PASSES:
-        raise SystemExit(f"--loop plain: {', '.join(sorted(names - PLAIN_LOOP_PASSES))} change the step; "
-                         "use --loop train_step")
-
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     if loop == "plain":
-        forward = torch.compile(model, backend="effcompile") if args.compile else model
+        objective = effcompile.training_loss(model, F.cross_entropy, compile=args.compile)
 
         def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(forward(inputs), targets)
+            loss = objective(inputs, targets)
             loss.backward()
             optimizer.step()
-            return loss.detach()
+            return objective.reported_loss
     else:
         step = effcompile.train_step(model, F.cross_entropy, optimizer, compile=args.compile)
 
