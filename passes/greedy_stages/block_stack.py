@@ -62,6 +62,8 @@ from effcompile._compat import ConvNd, NormBase, is_compiling
 from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves
 from effcompile.passes.analysis.side_effects import module_state_restored
 
+from .stage_losses import StageLosses
+
 from .aux_heads import make_output_head, output_head_kind
 from .config import GreedyStages
 from .cut_search import StageTraceError, evaluating
@@ -575,7 +577,7 @@ class BlockStagedModel:
         return f"BlockStagedModel({self.num_stages} stages of {self.plan.stack.path!r}, boundaries: {shapes})"
 
 
-class _BlockStageLosses:
+class _BlockStageLosses(StageLosses):
     """Every stage's loss of one batch on the hook path: the model's forward with its cuts, the aux
     heads and the losses (one compiled graph with ``compile=True``)."""
 
@@ -596,7 +598,7 @@ class _BlockStageLosses:
         self.options, self.steps = options, 0
         self.stage_losses: List[torch.Tensor] = []
 
-    def run(self, inputs: Any, targets: Any) -> List[torch.Tensor]:
+    def run(self, inputs: Any, targets: Any, backward_each: bool) -> List[torch.Tensor]:
         from effcompile.api import check_finite_loss
 
         losses = self.losses(inputs, targets)
@@ -605,15 +607,10 @@ class _BlockStageLosses:
                 check_finite_loss(loss, self.steps)
         self.stage_losses = [loss.detach() for loss in losses]
         self.steps += 1
+        if backward_each:  # one backward over all: the stages' graphs are disjoint, the model's forward is one
+            torch.autograd.backward(losses)
+            return []
         return losses
-
-    @property
-    def reported_loss(self) -> Optional[torch.Tensor]:
-        return self.stage_losses[-1] if self.stage_losses else None
-
-    def training_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
-        """The sum of the stage losses (disjoint graphs: each stage gets its own loss's gradient)."""
-        return torch.stack(self.run(inputs, targets)).sum()
 
 
 def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, optimizer: Any,
@@ -631,9 +628,7 @@ def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: C
         optimizer.zero_grad(set_to_none=True)
         if sync is not None:
             sync.before_forward()
-        # The stages' graphs are disjoint (every cut detached), so one backward over all losses
-        # gives each parameter exactly the gradient of its own stage's loss.
-        torch.autograd.backward(stages.run(inputs, targets))
+        stages.run(inputs, targets, backward_each=True)
         if sync is not None:
             sync.after_backward()
         optimizer.step()

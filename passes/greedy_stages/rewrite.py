@@ -62,6 +62,7 @@ from .cut_search import (
     measure_node_costs, merge_equivalent, min_max_partition, probe_batch_values, split_stages, stage_costs,
     trace_for_stages, trainable_elements,
 )
+from .stage_losses import StageLosses
 
 __all__ = [
     "GreedyStagesPass", "GreedyStageHeads", "StagedModel", "StagePlan", "staged_model", "make_stage_optimizers",
@@ -475,7 +476,7 @@ def _stage_loss_function(staged: StagedModel, k: int, objective: Callable) -> Ca
                               stage_forward_loss.__defaults__, stage_forward_loss.__closure__)
 
 
-class _StageRunner:
+class _StageRunner(StageLosses):
     """The stages of the fx path run one after another on one batch: each stage's loss (with a
     composed selection, its selected rows' weighted loss), its input the previous stage's output
     detached.  ``backward_each``: backpropagate each stage's loss as soon as it exists, which
@@ -518,15 +519,6 @@ class _StageRunner:
         self.stage_losses, self.stage_subset_losses = reported, subset
         self.steps += 1
         return losses
-
-    @property
-    def reported_loss(self) -> Optional[torch.Tensor]:
-        return self.stage_losses[-1] if self.stage_losses else None
-
-    def training_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
-        """The sum of the stage losses: their graphs are disjoint, so its backward gives each
-        stage's parameters exactly their own loss's gradient."""
-        return torch.stack(self.run(inputs, targets, backward_each=False)).sum()
 
 
 def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, options: StepOptions) -> Callable:
