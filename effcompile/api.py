@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .compiling import compile_for
 from .config import PassConfig
-from .inputs import call, model_inputs
+from .inputs import call, model_inputs, training_batch
 from .plan import Plan, PlanRefused
 
 __all__ = ["transform", "apply_plan", "report", "fold", "train_step", "training_loss", "plain_train_step",
@@ -305,10 +305,11 @@ def plain_training_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Te
         return loss_fn(call(model, inputs), targets)
 
     compiled = compile_for(_unwrap(model), forward_loss, backend=options.backend) if options.compile else forward_loss
+    batch = training_batch(_unwrap(model))
     counter = {"step": 0}
 
     def objective(inputs: Any, targets: Any) -> torch.Tensor:
-        loss = compiled(inputs, targets)
+        loss = compiled(batch(inputs), targets)
         if options.check_finite:
             check_finite_loss(loss, counter["step"])
         counter["step"] += 1
@@ -322,23 +323,13 @@ def plain_training_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Te
 def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
                      optimizer: torch.optim.Optimizer, options: Any) -> Callable[[Any, Any], torch.Tensor]:
     """One loss, one backward, one optimizer step (the step of every pass that keeps its shape)."""
-
-    def forward_loss(inputs: Any, targets: Any) -> torch.Tensor:
-        return loss_fn(call(model, inputs), targets)
-
-    if options.compile:
-        forward_loss = compile_for(_unwrap(model), forward_loss, backend=options.backend)
-    counter = {"step": 0}
+    objective = plain_training_loss(model, loss_fn, options)
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = forward_loss(inputs, targets)
-        if options.check_finite:
-            check_finite_loss(loss, counter["step"])
-        loss.backward()
+        objective(inputs, targets).backward()
         optimizer.step()
-        counter["step"] += 1
-        return loss.detach()
+        return objective.reported_loss
 
     return step
 

@@ -16,13 +16,14 @@ only those (graph capture).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Tuple
+import inspect
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 import torch
 import torch.nn as nn
 from effcompile._compat import pytree
 
-__all__ = ["ModelInputs", "model_inputs", "call", "tensor_leaves"]
+__all__ = ["ModelInputs", "model_inputs", "call", "tensor_leaves", "training_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,24 @@ def call(model: nn.Module, inputs: Any) -> Any:
     """``model`` on one batch in any form of :func:`model_inputs`."""
     batch = model_inputs(inputs)
     return model(*batch.args, **batch.kwargs)
+
+
+def training_batch(model: nn.Module) -> Callable[[Any], Any]:
+    """How a training step hands a batch to ``model``: a dict batch gets ``use_cache=False`` when
+    the forward takes a ``use_cache`` argument the batch does not set; any other batch is unchanged.
+
+    A training step never reads a KV cache.  Building one (Hugging Face decoders default to
+    ``use_cache=True``) keeps key/value copies and, under ``torch.compile``, breaks the graph on
+    the cache's lazily initialised layers.  Decided once per step (the signature is read here, not
+    in the compiled function)."""
+    try:
+        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        takes_cache = False
+    if not takes_cache:
+        return lambda inputs: inputs
+    return lambda inputs: ({**inputs, "use_cache": False} if isinstance(inputs, Mapping) and "use_cache" not in inputs
+                           else inputs)
 
 
 def tensor_leaves(output: Any) -> Tuple[torch.Tensor, ...]:

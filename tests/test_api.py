@@ -70,3 +70,18 @@ def test_passes_that_live_in_the_forward_do_not_warn():
         warnings.simplefilter("always")
         F.cross_entropy(model(x), y).backward()
     assert not _outside_step_warnings(record)
+
+
+def test_training_batch_turns_the_kv_cache_off_only_where_the_forward_takes_it():
+    from effcompile.inputs import training_batch
+
+    class Decoder(nn.Module):
+        def forward(self, input_ids, use_cache=None):
+            return input_ids
+
+    batch = {"input_ids": torch.zeros(2, 3)}
+    assert training_batch(Decoder())(batch) == {**batch, "use_cache": False}
+    assert training_batch(Decoder())({**batch, "use_cache": True})["use_cache"] is True  # the user's choice stands
+    x = torch.zeros(2, 3)
+    assert training_batch(Decoder())(x) is x  # positional batches are passed as they are
+    assert training_batch(nn.Linear(3, 3))(batch) is batch

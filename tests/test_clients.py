@@ -246,6 +246,34 @@ def test_compiled_block_stack_stages_are_one_graph_equal_to_eager(name):
         torch.testing.assert_close(trained[True][name_], value, rtol=1e-5, atol=1e-6, msg=name_)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_compiled_decorrelation_of_a_causal_lm_has_no_graph_break(name):
+    """A decoder's KV cache (``use_cache=True`` by default) broke the compiled decorrelated step on
+    its lazily initialised layers (5 graphs for GPT-2, 9 for Llama); a training step passes
+    ``use_cache=False``, so the step is one graph per R-update variant (update step, other steps)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from effcompile._compat import unique_graph_count
+
+    torch.manual_seed(0)
+    client = CLIENTS[name]
+    model = client.build()
+    model.train()
+    assert model.config.use_cache  # the user's configuration, left as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, effcompile.Decorrelation(), example_inputs=client.batch(ROWS, 0)[0])
+    step = effcompile.train_step(model, client.loss, torch.optim.Adam(model.parameters(), lr=1e-3), compile=True,
+                                 backend="effcompile_aot_eager")
+    counters.clear()
+    graphs = unique_graph_count()
+    for _ in range(3):
+        step(*client.batch(ROWS, 1))
+    assert unique_graph_count() - graphs <= 2 and not counters["graph_break"], dict(counters["graph_break"])
+    assert model.config.use_cache
+
+
 @pytest.mark.parametrize("name, strategy", [("gpt2", "random"), ("llama", "random"), ("gpt2", "gradmatch")])
 def test_compiled_selection_runs_every_weight_gradient_on_the_selected_sequences(name, strategy, joint_log):
     """Forward reuse on a causal LM: the row-sparse backward follows the per-sequence loss (vmapped

@@ -59,7 +59,7 @@ from effcompile._compat import pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from effcompile._compat import ConvNd, NormBase, is_compiling
-from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves
+from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves, training_batch
 from effcompile.passes.analysis.side_effects import module_state_restored
 
 from .stage_losses import StageLosses
@@ -596,12 +596,13 @@ class _BlockStageLosses(StageLosses):
         self.losses = compile_for(model, stage_losses, backend=options.backend, dynamic=False) if options.compile \
             else stage_losses
         self.options, self.steps = options, 0
+        self.batch = training_batch(model)
         self.stage_losses: List[torch.Tensor] = []
 
     def run(self, inputs: Any, targets: Any, backward_each: bool) -> List[torch.Tensor]:
         from effcompile.api import check_finite_loss
 
-        losses = self.losses(inputs, targets)
+        losses = self.losses(self.batch(inputs), targets)
         if self.options.check_finite:
             for loss in losses:
                 check_finite_loss(loss, self.steps)

@@ -48,7 +48,7 @@ import torch.nn as nn
 from effcompile.api import _unwrap, check_finite_loss, training_step
 from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
-from effcompile.inputs import model_inputs
+from effcompile.inputs import model_inputs, training_batch
 from effcompile.passes.analysis.state_children import attach, detach
 from .config import SampleSelection
 from effcompile.plan import Action, PlanRow
@@ -307,6 +307,7 @@ class SelectionStep:
         self.per_sample_loss = per_sample_loss_fn(loss_fn)
         self.tap: Optional[_FeatureTap] = selector.__dict__.get("_feature_tap")
         self.step_index = 0
+        self._training_batch = training_batch(self.base)
         self.last_selection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.last_subset_loss: Optional[torch.Tensor] = None
         self.reported_loss: Optional[torch.Tensor] = None
@@ -386,7 +387,7 @@ class SelectionStep:
     def training_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
         """The weighted loss of this batch's selected rows (what the step backpropagates); the
         selection is recorded, ``reported_loss`` is the full-batch mean (``effcompile.training_loss``)."""
-        batch = model_inputs(inputs)
+        batch = model_inputs(self._training_batch(inputs))
         args, kwargs = batch.args, batch.kwargs
         if self.spec.mode == FORWARD_REUSE:
             loss, batch_loss, index, weights = self._forward_select(args, kwargs, targets)
