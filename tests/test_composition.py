@@ -95,20 +95,39 @@ def test_all_four_passes_train_eagerly():
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
-def test_gradmatch_with_stages_is_refused_with_a_reason():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gradmatch_with_stages_matches_each_stages_own_head(compiled):
+    """Every stage selects by gradient matching on its own last layer: the input of its aux head's
+    final Linear (the model's head for the last stage) and its local loss's gradient at its logits;
+    the stages train on their matched rows.  Stages first, selection in a later transform."""
+    from effcompile.passes.sample_selection import selector_of
+
     batch = next(_digits_batches(1))[0]
     torch.manual_seed(0)
     model = get_model("cnn", num_classes=10, in_channels=1, image_size=8)
-    keys = set(model.state_dict())
-    with pytest.raises(effcompile.plan.PlanRefused, match="gradmatch.*not supported") as refused:
-        effcompile.transform(model, GreedyStages(num_stages=2), SampleSelection(keep=0.5, strategy="gradmatch"),
-                             example_inputs=(batch,))
-    assert [row.action for row in refused.value.rows] == [effcompile.Action.REFUSE]
-    assert set(model.state_dict()) == keys and effcompile.api.plan_of(model) is None  # nothing applied
-    # Stages first, selection in a later transform: refused the same way.
     effcompile.transform(model, GreedyStages(num_stages=2), example_inputs=(batch,))
-    with pytest.raises(ValueError, match="gradmatch.*not supported"):
-        effcompile.transform(model, SampleSelection(keep=0.5, strategy="gradmatch"), example_inputs=(batch,))
+    effcompile.transform(model, SampleSelection(keep=0.5, strategy="gradmatch", nnls_iterations=10),
+                         example_inputs=(batch,))
+    selector, seen = selector_of(model), []
+    original = selector.select
+
+    def spy(losses, features=None, errors=None, head_bias=None):
+        seen.append((features.shape, errors.shape, head_bias))
+        return original(losses, features=features, errors=errors, head_bias=head_bias)
+
+    selector.select = spy
+    step = effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                 compile=compiled, backend="effcompile_aot_eager")
+    losses = [float(step(x, y)) for x, y in _digits_batches(20)]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    aux_linear = [m for m in model.greedy_stage_heads[0].modules() if isinstance(m, nn.Linear)][-1]
+    head_linear = [m for m in model.modules() if isinstance(m, nn.Linear)
+                   and not any(m is h for h in model.greedy_stage_heads.modules())][-1]
+    if not compiled:  # (a compiled step calls select while tracing only)
+        assert seen[:2] == [((32, aux_linear.in_features), (32, 10), True),
+                            ((32, head_linear.in_features), (32, 10), head_linear.bias is not None)]
+    index, weights = selector.last_index, selector.last_weights
+    assert index.shape == (16,) and (weights >= 0).all() and float(weights.sum()) > 0
 
 
 def test_composed_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):

@@ -71,6 +71,7 @@ __all__ = [
 
 HEADS_ATTR = "greedy_stage_heads"
 _STAGED_ATTR = "_effcompile_greedy_stages"
+_TAPS_ATTR = "_effcompile_stage_feature_taps"  # gradient matching's per-stage head inputs
 
 
 class GreedyStageHeads(nn.ModuleList):
@@ -429,10 +430,11 @@ def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any,
     Composition: each stage scores its batch by its own per-sample local loss, selects ``k`` rows
     (the selector's strategy, shared history) and backpropagates ``Σ w_j ℓ[idx_j]``.  The loss
     goes through ``select_rows``, so under the ``effcompile`` backend the stage's backward runs on
-    the selected rows only (forward reuse).  Gradient matching is refused at transform time
-    (``GreedyStagesPass.refusals``).
+    the selected rows only (forward reuse).  Gradient matching matches each stage's own
+    last-layer gradients: the input of the last ``nn.Linear`` of its aux head (the model's head
+    for the last stage) and the stage loss's gradient at its logits.
     """
-    from effcompile.passes.sample_selection.selectors import per_sample_loss_fn, selector_of
+    from effcompile.passes.sample_selection.selectors import output_errors, per_sample_loss_fn, selector_of
 
     selector = selector_of(model)
     if selector is None:
@@ -445,14 +447,66 @@ def _stage_objective(model: nn.Module, loss_fn: Callable) -> Callable[[Any, Any,
 
     per_sample = per_sample_loss_fn(loss_fn)
 
+    taps = _stage_feature_taps(model, selector) if selector.strategy == "gradmatch" else None
+
     def selected_stage_loss(logits: Any, targets: Any, stage: int) -> Tuple[torch.Tensor, Any, torch.Tensor]:
         # (the selected rows' weighted loss, which is backpropagated; the selection; the
         # full-batch mean of the per-sample losses, which the step reports, as selection alone does)
         losses = per_sample(logits, targets)
-        index, weights = selector.select(losses.detach())
+        if taps is None:
+            index, weights = selector.select(losses.detach())
+        else:
+            features, bias = taps[stage].take()
+            index, weights = selector.select(losses.detach(), features=features,
+                                             errors=output_errors(per_sample, logits, targets), head_bias=bias)
         return (select_rows(losses, index) * weights.to(losses.dtype)).sum(), (index, weights), losses.detach().mean()
 
     return selected_stage_loss
+
+
+class _LastLinearTap:
+    """Forward hooks on every ``nn.Linear`` of an aux head: the input (and bias presence) of the
+    last one called — the head's final layer, whose gradient gradient matching approximates."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.value: Optional[Tuple[torch.Tensor, bool]] = None
+        self.handles = [module.register_forward_hook(self._record) for module in head.modules()
+                        if isinstance(module, nn.Linear)]
+
+    def _record(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.value = (args[0], module.bias is not None)
+
+    def take(self) -> Tuple[Optional[torch.Tensor], Optional[bool]]:
+        value, self.value = self.value, None
+        return value if value is not None else (None, None)
+
+
+class _ModelHeadTap:
+    """The last stage's features: the selection pass's tap on the model's own head."""
+
+    def __init__(self, selector: Any) -> None:
+        self.selector = selector
+
+    def take(self) -> Tuple[Optional[torch.Tensor], Optional[bool]]:
+        tap = self.selector.__dict__.get("_feature_tap")
+        features = tap.take() if tap is not None else None
+        if features is None:
+            raise ValueError("greedy_stages + gradmatch: the model's head was not called as a module in the last stage, "
+                             "so its input cannot be read; use strategy 'loss' or 'random' with stages")
+        return features, self.selector.head_bias
+
+
+def _stage_feature_taps(model: nn.Module, selector: Any) -> List[Any]:
+    """One feature tap per stage for gradient matching, made once per model (the aux heads' hooks
+    are removed by ``fold``)."""
+    taps = model.__dict__.get(_TAPS_ATTR)
+    if taps is None:
+        heads = model._modules[HEADS_ATTR]
+        taps = [_LastLinearTap(head) for head in heads] + [_ModelHeadTap(selector)]
+        model.__dict__[_TAPS_ATTR] = taps
+        model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(GreedyStages.name, []).extend(
+            handle for tap in taps[:-1] for handle in tap.handles)
+    return taps
 
 
 def _stage_loss_function(staged: StagedModel, k: int, objective: Callable) -> Callable:
@@ -738,17 +792,6 @@ class GreedyStagesPass(ModelPass):
         plan.input_names = names
         return [dataclasses.replace(row, spec=plan) for row in rows]
 
-    def refusals(self, model: nn.Module, configs: Sequence[Any]) -> List[PlanRow]:
-        from effcompile.passes.sample_selection.selectors import selector_of
-
-        selector = selector_of(model)
-        strategies = [getattr(c, "strategy", None) for c in configs if c.name == "sample_selection"]
-        if "gradmatch" not in strategies + [selector.strategy if selector is not None else None]:
-            return []
-        return [PlanRow(layer="<root>", pass_name=self.name, action=Action.REFUSE,
-                        reason="greedy_stages + sample_selection(strategy='gradmatch') is not supported: the aux heads' "
-                               "penultimate features are not tracked; use strategy 'loss' or 'random' with stages")]
-
     def apply(self, model: nn.Module, rows: List[PlanRow], config: GreedyStages) -> int:
         spec = next(row.spec for row in rows if isinstance(row.spec, (StagePlan, BlockStagePlan)))
         if isinstance(spec, BlockStagePlan):
@@ -778,6 +821,9 @@ class GreedyStagesPass(ModelPass):
     def fold(self, model: nn.Module) -> int:
         heads = detach(model, HEADS_ATTR)
         staged = model.__dict__.pop(_STAGED_ATTR, None)
+        model.__dict__.pop(_TAPS_ATTR, None)
+        for handle in model.__dict__.get("_effcompile_hooks", {}).pop(self.name, []):  # gradmatch's head taps
+            handle.remove()
         for handle in getattr(staged, "hook_handles", ()):  # the block-stack path's cut hooks
             handle.remove()
         return 0 if heads is None else len(heads)

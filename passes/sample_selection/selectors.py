@@ -232,7 +232,8 @@ class SampleSelector(nn.Module):
 
     ``select(per_sample_loss, features=None, errors=None) -> (index, weights)`` records the
     losses in the history and returns ``k`` row indices (int64) and their weights (float32).
-    ``features`` (the head's input) and ``errors`` (:func:`output_errors`) are for ``gradmatch``.
+    ``features`` (the head's input) and ``errors`` (:func:`output_errors`) are for ``gradmatch``;
+    ``head_bias`` overrides whether that head has a bias (a greedy stage's aux head).
     """
 
     def __init__(self, keep: float, strategy: str, *, fixed_k: bool = True, beta: float = 1.0,
@@ -273,7 +274,8 @@ class SampleSelector(nn.Module):
 
     # ----------------------------------------------------------------------------- selection
     def select(self, per_sample_loss: torch.Tensor, features: Optional[torch.Tensor] = None,
-               errors: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               errors: Optional[torch.Tensor] = None,
+               head_bias: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             losses = per_sample_loss.detach().float().reshape(-1)
             batch = losses.shape[0]
@@ -289,7 +291,8 @@ class SampleSelector(nn.Module):
                 index = torch.rand(batch, device=losses.device).topk(k).indices
                 weights = torch.full((k,), 1.0 / k, device=losses.device)
             else:
-                index, weights = self._select_gradmatch(features, errors, k)
+                index, weights = self._select_gradmatch(features, errors, k,
+                                                        self.head_bias if head_bias is None else head_bias)
             self.steps.add_(1)
             self.rows_seen.add_(batch)
             self.rows_selected.add_((weights > 0).sum())
@@ -330,11 +333,11 @@ class SampleSelector(nn.Module):
         keys = probability.clamp_min(1e-30).log() - torch.log(-torch.log(uniform))
         return keys.topk(k).indices, torch.full((k,), 1.0 / k, device=losses.device)
 
-    def _select_gradmatch(self, features, errors, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _select_gradmatch(self, features, errors, k: int, bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         if features is None or errors is None:
             raise ValueError("strategy='gradmatch' needs features (the head's input) and errors (the loss "
                              "gradient at the head output, output_errors)")
-        kernel = gradmatch_kernel(features.detach(), errors.detach(), bias=self.head_bias)
+        kernel = gradmatch_kernel(features.detach(), errors.detach(), bias=bias)
         return gradmatch_select(kernel, k, self.gradmatch_ridge, self.nnls_iterations)
 
     # ----------------------------------------------------------------------------- logging
