@@ -36,6 +36,8 @@ class Client:
     lr: float = 1e-2  # Adam's learning rate in the tests' training loops
     # why gradient matching refuses the model ("" when it has one linear head over its output)
     no_gradmatch: str = ""
+    # why greedy stages refuses the model (with cut_kind ""), as its StageTraceError says it
+    no_greedy: str = ""
 
 
 def causal_lm_loss(output: Any, input_ids: torch.Tensor) -> torch.Tensor:
@@ -89,6 +91,25 @@ def _llama() -> nn.Module:
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return transformers.LlamaForCausalLM(config)
+
+
+def _t5() -> nn.Module:
+    import transformers
+
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def _seq2seq_batch(rows: int, seed: int) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    inputs, _ = _token_batch(rows, seed)
+    targets = torch.randint(0, VOCAB, (rows, TOKENS), generator=torch.Generator().manual_seed(seed + 1))
+    return {**inputs, "decoder_input_ids": targets}, targets
+
+
+def seq2seq_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of the decoder's logits (B, T, V) against its labels (teacher forcing, unshifted)."""
+    return F.cross_entropy(output.logits.reshape(-1, output.logits.shape[-1]).float(), labels.reshape(-1))
 
 
 def _bert() -> nn.Module:
@@ -180,6 +201,10 @@ CLIENTS: Dict[str, Client] = {
     # GPT-2: Conv1D layers (addmm(b, x, W), W stored in×out); lm_head shares the embedding's weight.
     "gpt2": Client(_gpt2, _token_batch, causal_lm_loss, {"lm_head": TIED}),
     "llama": Client(_llama, _token_batch, causal_lm_loss),
+    # encoder-decoder: two block stacks, a relative position bias and the encoder's output feed
+    # every decoder block, the LM head is tied to the shared embedding
+    "t5": Client(_t5, _seq2seq_batch, seq2seq_loss, {"lm_head": TIED}, cut_kind="",
+                 no_greedy="receives trainable tensors besides its hidden state"),
     "bert": Client(_bert, lambda rows, seed: _token_batch(rows, seed, classes=3), classification_loss),
     "hf_convnext": Client(_hf_convnext, _pixel_batch, classification_loss),
     "hf_swin": Client(_hf_swin, _pixel_batch, classification_loss),
