@@ -36,8 +36,6 @@ class Client:
     lr: float = 1e-2  # Adam's learning rate in the tests' training loops
     # why gradient matching refuses the model ("" when it has one linear head over its output)
     no_gradmatch: str = ""
-    # why greedy stages refuses the model (with cut_kind ""), as its StageTraceError says it
-    no_greedy: str = ""
 
 
 def causal_lm_loss(output: Any, input_ids: torch.Tensor) -> torch.Tensor:
@@ -202,9 +200,9 @@ CLIENTS: Dict[str, Client] = {
     "gpt2": Client(_gpt2, _token_batch, causal_lm_loss, {"lm_head": TIED}),
     "llama": Client(_llama, _token_batch, causal_lm_loss),
     # encoder-decoder: two block stacks, a relative position bias and the encoder's output feed
-    # every decoder block, the LM head is tied to the shared embedding
-    "t5": Client(_t5, _seq2seq_batch, seq2seq_loss, {"lm_head": TIED}, cut_kind="",
-                 no_greedy="receives trainable tensors besides its hidden state"),
+    # every decoder block (greedy stages read them detached after the cut), the LM head is tied
+    # to the shared embedding
+    "t5": Client(_t5, _seq2seq_batch, seq2seq_loss, {"lm_head": TIED}),
     "bert": Client(_bert, lambda rows, seed: _token_batch(rows, seed, classes=3), classification_loss),
     "hf_convnext": Client(_hf_convnext, _pixel_batch, classification_loss),
     "hf_swin": Client(_hf_swin, _pixel_batch, classification_loss),

@@ -128,8 +128,6 @@ def test_bf16_autocast_and_a_partial_last_batch(name, technique):
     client = _client(name)
     if technique == "gradmatch" and client.no_gradmatch:
         pytest.skip(f"{name}: {client.no_gradmatch}")
-    if technique == "greedy_stages" and client.no_greedy:
-        pytest.skip(f"{name}: {client.no_greedy} (test_greedy_stages_cut_the_model_and_every_stage_learns)")
     torch.manual_seed(0)
     model = client.build()
     model.train()
@@ -159,13 +157,6 @@ def test_greedy_stages_cut_the_model_and_every_stage_learns(name):
     client = _client(name)
     model = client.build()
     model.train()
-    if client.no_greedy:  # refused by name, the model left as it was
-        from effcompile.passes.greedy_stages import StageTraceError
-
-        with pytest.raises(StageTraceError, match=client.no_greedy):
-            effcompile.transform(model, effcompile.GreedyStages(num_stages=2), example_inputs=client.batch(ROWS, 0)[0])
-        assert effcompile.api.plan_of(model) is None
-        return
     effcompile.transform(model, effcompile.GreedyStages(num_stages=2), example_inputs=client.batch(ROWS, 0)[0])
     stages = [row for row in effcompile.report(model).for_pass("greedy_stages") if "cut_kind" in row.details]
     kinds = [row.details["cut_kind"] for row in stages]
@@ -222,6 +213,8 @@ def _without_stochastic_layers(model):
             module.p = 0.0
         if isinstance(getattr(module, "drop_prob", None), float):  # Hugging Face and timm drop path
             module.drop_prob = 0.0
+        if isinstance(getattr(module, "dropout", None), float):  # functional dropout (T5's attention weights)
+            module.dropout = 0.0
     return model
 
 

@@ -40,10 +40,10 @@ Model after ``transform(model, GreedyStages(K), example_inputs=batch)`` on this 
 
 so no gradient crosses a cut and each stage's parameters get gradients from its own loss only.  A
 parameter used by several stages (a tied embedding) belongs to the first; later stages read it
-detached (the ``TorchFunctionMode`` swaps it per op).  A block of a later stage that receives a
-trainable tensor other than its hidden state (a position bias computed in an earlier stage) is
-refused at plan time (``StageTraceError``), as is a stack whose blocks run more than once, out of
-order or not at all.
+detached (the ``TorchFunctionMode`` swaps it per op).  A block of a later stage that receives
+trainable tensors besides its hidden state (T5's encoder output and position bias) reads those
+that no block of its own stage made detached (``_SideInputs``).  A stack whose blocks run more
+than once, out of order or not at all is refused at plan time (``StageTraceError``).
 """
 
 from __future__ import annotations
@@ -241,6 +241,9 @@ class BlockStagePlan:
     head_flops: List[int]  # forward FLOPs per aux head (0 for the last stage)
     stage_weights: List[int]  # trainable elements per stage (heads excluded)
     fx_reason: str  # why the fx path was not taken
+    # block index (a later stage's) → the trainable tensors it receives besides its hidden state
+    # (argument leaf index, shape): an encoder output, a position bias; read detached at run time
+    side_inputs: Dict[int, List[Tuple[int, Tuple[int, ...]]]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_stages(self) -> int:
@@ -362,13 +365,10 @@ def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_rea
         owners[pname] = stages[0] if stages else _owner_by_path(pname, stack, cuts)
         if len(stages) > 1 and parameter.requires_grad:
             shared[pname] = stages
-    for index in range(n):
-        stage = _stage_of(index, cuts)
-        if stage > 0 and index > 0 and measured["inputs"][index]:
-            raise StageTraceError(
-                f"greedy_stages: block {stack.blocks[index]!r} (stage {stage}) receives trainable tensors besides its "
-                f"hidden state (argument leaves {measured['inputs'][index]}); computed in an earlier stage, their "
-                "gradient would cross the cut. This model is not supported on the block-stack path")
+    # Trainable side inputs of a later stage's blocks (T5's encoder output and position bias) were
+    # computed before its cut: the stage reads them detached (_SideInputs), so no gradient crosses.
+    side_inputs = {index: measured["inputs"][index] for index in range(n)
+                   if _stage_of(index, cuts) > 0 and index > 0 and measured["inputs"][index]}
     edges = [-1] + list(cuts) + [n - 1]
     stage_flops = [sum(units[edges[s] + 1: edges[s + 1] + 1]) for s in range(len(cuts) + 1)]
     weights = [0] * (len(cuts) + 1)
@@ -380,7 +380,7 @@ def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_rea
     boundary_shapes = [tuple(hidden[c].shape) for c in cuts]
     return BlockStagePlan(stack, cuts, boundary_shapes, hidden[0].dtype, hidden[0].device, tuple(logits.shape),
                           [kind] * len(cuts), owners, shared, stage_flops, [head_cost] * len(cuts) + [0], weights,
-                          fx_reason)
+                          fx_reason, side_inputs)
 
 
 def _owner_by_path(pname: str, stack: BlockStack, cuts: Sequence[int]) -> int:
@@ -462,6 +462,47 @@ class _CutHook:
         return detached
 
 
+class _BlockOutputs:
+    """Forward hook of every block while ``run`` runs: which stage made each tensor a block returned."""
+
+    def __init__(self, staged: "BlockStagedModel", stage: int) -> None:
+        self.staged, self.stage = staged, stage
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        made = self.staged.state["made_by"]
+        if made is not None:
+            for leaf in pytree.tree_leaves(output):
+                if isinstance(leaf, torch.Tensor):
+                    made[id(leaf)] = (self.stage, leaf)  # the tensor is kept: its id is not reused this run
+
+
+class _SideInputs:
+    """Forward pre-hook of a later stage's block that receives trainable tensors besides its hidden
+    state: while ``run`` runs, each such tensor that no block of this stage made (an encoder
+    output, a position bias from an earlier stage) is passed detached, one detached copy per tensor."""
+
+    def __init__(self, staged: "BlockStagedModel", stage: int) -> None:
+        self.staged, self.stage = staged, stage
+
+    def _detached(self, leaf: Any) -> Any:
+        state = self.staged.state
+        if not (isinstance(leaf, torch.Tensor) and leaf.requires_grad):
+            return leaf
+        made = state["made_by"].get(id(leaf))
+        if made is not None and made[0] == self.stage and made[1] is leaf:
+            return leaf
+        cache = state["detached"]
+        if id(leaf) not in cache:
+            cache[id(leaf)] = (leaf, leaf.detach())  # the source is kept so its id is not reused this run
+        return cache[id(leaf)][1]
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
+        if self.staged.state["made_by"] is None or not args:
+            return None
+        rest, kwargs = pytree.tree_map(self._detached, (args[1:], kwargs))
+        return (args[0],) + tuple(rest), kwargs
+
+
 class BlockStagedModel:
     """The runtime view of a model staged on the block-stack hook path (``model.__dict__``)."""
 
@@ -475,10 +516,17 @@ class BlockStagedModel:
         self._owners = {id(named[p]): (named[p], plan.owners[p]) for p in plan.shared}
         # "aux": the list the cut hooks append stage outputs to while ``run`` runs (None otherwise:
         # a plain forward of the model is not cut).
-        self.state: Dict[str, Any] = {"stage": 0, "aux": None}
+        self.state: Dict[str, Any] = {"stage": 0, "aux": None, "made_by": None, "detached": {}}
         modules = dict(model.named_modules())
         self.hook_handles = [modules[plan.stack.blocks[c]].register_forward_hook(_CutHook(self, k))
                              for k, c in enumerate(plan.cuts)]
+        if plan.side_inputs:
+            for index, path in enumerate(plan.stack.blocks):
+                stage = _stage_of(index, plan.cuts)
+                self.hook_handles.append(modules[path].register_forward_hook(_BlockOutputs(self, stage)))
+                if index in plan.side_inputs:
+                    self.hook_handles.append(
+                        modules[path].register_forward_pre_hook(_SideInputs(self, stage), with_kwargs=True))
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # copy.deepcopy of the model copies the tied parameters: key them by the copies' ids.
@@ -544,6 +592,8 @@ class BlockStagedModel:
         aux: List[torch.Tensor] = []
         self.state["stage"] = 0
         self.state["aux"] = aux
+        if self.plan.side_inputs:
+            self.state["made_by"], self.state["detached"] = {}, {}
         try:
             if self._owners:
                 with _DetachForeign(self._owners, lambda: self.state["stage"]):
@@ -553,6 +603,7 @@ class BlockStagedModel:
         finally:
             self.state["aux"] = None
             self.state["stage"] = 0
+            self.state["made_by"], self.state["detached"] = None, {}
         if len(aux) != len(self.plan.cuts):
             raise RuntimeError(f"greedy_stages: {len(aux)} of {len(self.plan.cuts)} cut blocks ran in this forward")
         return output, aux

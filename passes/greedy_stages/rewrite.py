@@ -746,6 +746,11 @@ class GreedyStagesPass(ModelPass):
                 details["cut_after"] = plan.stack.blocks[plan.cuts[k]]
                 details["boundary"] = "x".join(map(str, plan.boundary_shapes[k]))
                 details["output"] = "x".join(map(str, plan.output_shape))
+            side = [plan.stack.blocks[i] for i in plan.side_inputs if i in range(len(plan.stack.blocks))
+                    and plan.stack.blocks[i] in blocks]
+            if side:  # trainable tensors made before this stage, read detached (no gradient crosses the cut)
+                details["side_inputs_detached"] = ", ".join(
+                    f"{path} ({len(plan.side_inputs[plan.stack.blocks.index(path)])})" for path in side)
             rows.append(PlanRow(
                 layer=f"<stage {k}>" if last else f"{HEADS_ATTR}.{k}", pass_name=self.name, action=Action.ASSIGN,
                 op="model output" if last else plan.head_kinds[k], input_shape=None if last else plan.boundary_shapes[k],

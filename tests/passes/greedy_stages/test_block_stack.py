@@ -26,9 +26,9 @@ from clients import CLIENTS  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROWS = 8
-STACKS = {"gpt2": "transformer.h", "llama": "model.layers", "bert": "bert.encoder.layer"}
+STACKS = {"gpt2": "transformer.h", "llama": "model.layers", "bert": "bert.encoder.layer", "t5": "decoder.block"}
 EMBEDDINGS = {"gpt2": "transformer.wte.weight", "llama": "model.embed_tokens.weight",
-              "bert": "bert.embeddings.word_embeddings.weight"}
+              "bert": "bert.embeddings.word_embeddings.weight", "t5": "shared.weight"}
 
 
 def _staged(name, seed=0, **config):
@@ -120,6 +120,26 @@ def test_no_gradient_crosses_the_cut(name, monkeypatch):
     monkeypatch.setattr(staged, "_owners", {})
     leaked = _stage_grads(model, staged, client.loss, inputs, targets, weights=(0.0, 1.0))
     assert any(_nonzero(leaked[n]) for n in stage0)
+
+
+def test_encoder_output_and_position_bias_reach_the_later_stage_detached(monkeypatch):
+    """T5: every decoder block receives the encoder's output and the relative position bias made
+    before the cut.  The later stage reads them detached (the Plan names the blocks), so its loss
+    leaves the encoder without gradient; without those pre-hooks it would reach it."""
+    client, model, inputs, targets = _staged("t5")
+    model.eval()
+    last = [row for row in effcompile.report(model).for_pass("greedy_stages") if row.layer == "<stage 1>"][0]
+    assert last.details["side_inputs_detached"] == "decoder.block.1 (2)"
+    staged = staged_model(model)
+    encoder = [n for n, _ in model.named_parameters() if n.startswith("encoder.")]
+    only_last = _stage_grads(model, staged, client.loss, inputs, targets, weights=(0.0, 1.0))
+    assert encoder and not any(_nonzero(only_last[n]) for n in encoder)
+    only_first = _stage_grads(model, staged, client.loss, inputs, targets, weights=(1.0, 0.0))
+    assert any(_nonzero(only_first[n]) for n in encoder)  # the encoder trains on stage 0's loss
+    # Control: side inputs passed as they are carry stage 1's loss back into the encoder.
+    monkeypatch.setattr(block_stack._SideInputs, "__call__", lambda self, module, args, kwargs: None)
+    leaked = _stage_grads(model, staged, client.loss, inputs, targets, weights=(0.0, 1.0))
+    assert any(_nonzero(leaked[n]) for n in encoder)
 
 
 def test_tied_embedding_is_owned_by_stage_0_and_read_detached_by_the_last():
