@@ -224,13 +224,38 @@ def _batch_size(captured: GraphCapture) -> int:
     raise ValueError("sample selection needs a tensor input with a batch dimension in example_inputs")
 
 
+_SHIFTS = {aten.add.Tensor, aten.sub.Tensor}
+
+
+def _state_or_constant(captured: GraphCapture, value: Any) -> bool:
+    """A number, or a tensor of the model's state (parameter, buffer, lifted constant): not batch data."""
+    if not isinstance(value, torch.fx.Node):
+        return isinstance(value, (int, float))
+    while value.op == "call_function" and value.target in _ROW_PRESERVING_OPS:  # .to(device), views
+        value = value.args[0]
+    signature = captured.exported.graph_signature
+    state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+             **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
+    return value.op == "get_attr" or (value.op == "placeholder" and value.name in state)
+
+
 def find_head(captured: GraphCapture) -> Tuple[Optional[LayerCandidate], Optional[WeightUse], str]:
-    """The linear layer whose output is the model output (through views), or the reason there is none."""
+    """The linear layer whose output is the model output (through views, and shifts by a constant
+    or a state tensor — BART adds ``final_logits_bias``: the loss's gradient at the output is the
+    gradient at the head's output), or the reason there is none."""
     output = next(node for node in captured.exported.graph.nodes if node.op == "output")
     results = output.args[0]
     node = results[0] if isinstance(results, (tuple, list)) else results
-    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _ROW_PRESERVING_OPS:
-        node = node.args[0]
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        if node.target in _ROW_PRESERVING_OPS:
+            node = node.args[0]
+        elif node.target in _SHIFTS and len(node.args) >= 2 and _state_or_constant(captured, node.args[1]) \
+                and node.kwargs.get("alpha", 1) == 1:
+            node = node.args[0]
+        elif node.target is aten.add.Tensor and len(node.args) >= 2 and _state_or_constant(captured, node.args[0]):
+            node = node.args[1]
+        else:
+            break
     if not isinstance(node, torch.fx.Node):
         return None, None, "the model output is not a tensor computed by the graph"
     for candidate in captured.layers:

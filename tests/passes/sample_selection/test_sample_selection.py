@@ -207,6 +207,29 @@ class TestGradMatchWiring:
         torch.testing.assert_close(seen["errors"], torch.softmax(z, -1) - F.one_hot(y, 10).float())
         assert selector.__dict__["_feature_tap"].value is None  # no batch outlives its step
 
+    def test_a_head_shifted_by_a_state_tensor_is_still_the_head(self):
+        """BART adds ``final_logits_bias`` (a buffer, moved with ``.to``) to its LM head's output: the
+        loss's gradient at the output is the gradient at the head, so the head is found through
+        the shift.  A shift by batch data (another activation) is not a head any more."""
+        class Shifted(nn.Module):
+            def __init__(self, by_data=False):
+                super().__init__()
+                self.body, self.head, self.by_data = nn.Linear(64, 16), nn.Linear(16, 10), by_data
+                self.register_buffer("logit_bias", torch.randn(1, 10))
+
+            def forward(self, x):
+                h = torch.tanh(self.body(x.flatten(1)))
+                return self.head(h) + (h[:, :10] if self.by_data else self.logit_bias.to(h.device))
+
+        x, y = _data()
+        model = _selecting(Shifted(), x, keep=0.25, strategy="gradmatch")
+        assert "gradmatch features" in effcompile.report(model).row("head").details["head"]
+        step = effcompile.train_step(model, nn.CrossEntropyLoss(), _sgd(model))
+        losses = [float(step(x, y)) for _ in range(5)]
+        assert losses[-1] < losses[0] and step.last_selection[0].shape == (x.shape[0] // 4,)
+        with pytest.raises(ValueError, match="gradmatch.*aten.add"):
+            _selecting(Shifted(by_data=True), x, strategy="gradmatch")
+
     def test_model_without_linear_head_raises(self):
         class ConvHead(nn.Module):
             def __init__(self):
