@@ -61,3 +61,13 @@ def test_eager_scope_benchmark_sketches_the_attention_through_the_mode():
     assert [row["arm"] for row in result["rows"]] == ["exact", "keep1", "keep0.25"]
     assert result["scoped_layers"] == ["encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0.self_attn.out_proj"]
     assert all(row["step_ms"] > 0 for row in result["rows"])
+
+
+def test_architecture_survey_row_records_losses_and_the_plan():
+    pytest.importorskip("transformers")
+    from benchmarks import architectures
+
+    build, batch, loss_fn = architectures._architectures()["bart"]
+    row = architectures.survey_one(build, batch, loss_fn, "gradmatch", compile=False)
+    assert "error" not in row, row
+    assert len(row["losses"]) == 7 and row["applied"] > 0 and not row["skipped"]
