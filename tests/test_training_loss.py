@@ -120,3 +120,19 @@ def test_step_owners_refuse_more_than_one_rank(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with pytest.raises(NotImplementedError, match="greedy_stages.*effcompile.train_step"):
         objective(*_batches()[0])
+
+
+def test_gradient_accumulation_over_micro_batches_gives_the_full_batch_gradient():
+    """What a trainer with ``gradient_accumulation_steps=2`` does with the objective: half-weighted
+    backwards of two micro-batches leave the greedy stages' full-batch gradient (mean losses, no
+    batch-coupled layer), per stage."""
+    model = _model(CONFIGS["greedy_stages"]())
+    objective = effcompile.training_loss(model, F.cross_entropy)
+    x, y = _batches()[0]
+    objective(x, y).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for part in (slice(0, 8), slice(8, 16)):
+        (objective(x[part], y[part]) / 2).backward()
+    for accumulated, expected in zip((p.grad for p in model.parameters()), full):
+        torch.testing.assert_close(accumulated, expected, rtol=1e-5, atol=1e-6)
