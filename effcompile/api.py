@@ -124,11 +124,16 @@ def apply_plan(model: nn.Module, plan: Plan, *configs: PassConfig, example_input
     return model
 
 
-def _refuse_sharded_transform(model: nn.Module) -> None:
-    """Layers are found on a graph captured from plain parameters: transform first, then shard."""
+def _first_sharded(model: nn.Module) -> Optional[str]:
+    """The name of the model's first FSDP2-sharded (DTensor) parameter, or None."""
     from ._compat import is_sharded
 
-    sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+    return next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+
+
+def _refuse_sharded_transform(model: nn.Module) -> None:
+    """Layers are found on a graph captured from plain parameters: transform first, then shard."""
+    sharded = _first_sharded(model)
     if sharded is not None:
         raise NotImplementedError(
             f"effcompile.transform: the model's parameters are already sharded (FSDP2 fully_shard: {sharded!r} is "
@@ -138,9 +143,7 @@ def _refuse_sharded_transform(model: nn.Module) -> None:
 
 def _refuse_sharded(model: nn.Module, passes: list, where: str) -> None:
     """FSDP2-sharded parameters (DTensors) with a pass that cannot train them: say so, naming it."""
-    from ._compat import is_sharded
-
-    sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+    sharded = _first_sharded(model)
     if sharded is None:
         return
     refused = [(p.name, p.sharded_parameters_unsupported) for p in passes if p.sharded_parameters_unsupported]

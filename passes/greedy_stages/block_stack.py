@@ -518,15 +518,16 @@ class BlockStagedModel:
         # a plain forward of the model is not cut).
         self.state: Dict[str, Any] = {"stage": 0, "aux": None, "made_by": None, "detached": {}}
         modules = dict(model.named_modules())
-        self.hook_handles = [modules[plan.stack.blocks[c]].register_forward_hook(_CutHook(self, k))
-                             for k, c in enumerate(plan.cuts)]
+        # Kept with the other passes' hooks of the model (``fold`` removes them).
+        handles = model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(GreedyStages.name, [])
+        handles += [modules[plan.stack.blocks[c]].register_forward_hook(_CutHook(self, k))
+                    for k, c in enumerate(plan.cuts)]
         if plan.side_inputs:
             for index, path in enumerate(plan.stack.blocks):
                 stage = _stage_of(index, plan.cuts)
-                self.hook_handles.append(modules[path].register_forward_hook(_BlockOutputs(self, stage)))
+                handles.append(modules[path].register_forward_hook(_BlockOutputs(self, stage)))
                 if index in plan.side_inputs:
-                    self.hook_handles.append(
-                        modules[path].register_forward_pre_hook(_SideInputs(self, stage), with_kwargs=True))
+                    handles.append(modules[path].register_forward_pre_hook(_SideInputs(self, stage), with_kwargs=True))
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # copy.deepcopy of the model copies the tied parameters: key them by the copies' ids.

@@ -746,11 +746,10 @@ class GreedyStagesPass(ModelPass):
                 details["cut_after"] = plan.stack.blocks[plan.cuts[k]]
                 details["boundary"] = "x".join(map(str, plan.boundary_shapes[k]))
                 details["output"] = "x".join(map(str, plan.output_shape))
-            side = [plan.stack.blocks[i] for i in plan.side_inputs if i in range(len(plan.stack.blocks))
-                    and plan.stack.blocks[i] in blocks]
+            side = [f"{plan.stack.blocks[i]} ({len(leaves)})" for i, leaves in plan.side_inputs.items()
+                    if plan.stack.blocks[i] in blocks]
             if side:  # trainable tensors made before this stage, read detached (no gradient crosses the cut)
-                details["side_inputs_detached"] = ", ".join(
-                    f"{path} ({len(plan.side_inputs[plan.stack.blocks.index(path)])})" for path in side)
+                details["side_inputs_detached"] = ", ".join(side)
             rows.append(PlanRow(
                 layer=f"<stage {k}>" if last else f"{HEADS_ATTR}.{k}", pass_name=self.name, action=Action.ASSIGN,
                 op="model output" if last else plan.head_kinds[k], input_shape=None if last else plan.boundary_shapes[k],
@@ -825,11 +824,10 @@ class GreedyStagesPass(ModelPass):
 
     def fold(self, model: nn.Module) -> int:
         heads = detach(model, HEADS_ATTR)
-        staged = model.__dict__.pop(_STAGED_ATTR, None)
+        model.__dict__.pop(_STAGED_ATTR, None)
         model.__dict__.pop(_TAPS_ATTR, None)
-        for handle in model.__dict__.get("_effcompile_hooks", {}).pop(self.name, []):  # gradmatch's head taps
-            handle.remove()
-        for handle in getattr(staged, "hook_handles", ()):  # the block-stack path's cut hooks
+        # The block-stack path's cut and side-input hooks, gradient matching's head taps.
+        for handle in model.__dict__.get("_effcompile_hooks", {}).pop(self.name, []):
             handle.remove()
         return 0 if heads is None else len(heads)
 

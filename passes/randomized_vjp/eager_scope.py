@@ -173,11 +173,10 @@ def sketched_op(kind: str, args: tuple, kwargs: dict, input: Any, weight: Any,
             return None
         return linear(input, weight.t(), bias)
     if kind == "conv":
-        names = ("bias", "stride", "padding", "dilation", "groups")
-        defaults = (None, 1, 0, 1, 1)
-        bias, stride, padding, dilation, groups = (
-            argument(args, kwargs, 2 + i, name) if argument(args, kwargs, 2 + i, name) is not None else default
-            for i, (name, default) in enumerate(zip(names, defaults)))
+        given = (argument(args, kwargs, 2 + i, name)
+                 for i, name in enumerate(("bias", "stride", "padding", "dilation", "groups")))
+        bias, stride, padding, dilation, groups = (default if value is None else value
+                                                   for value, default in zip(given, (None, 1, 0, 1, 1)))
         if input.dim() != weight.dim():  # unbatched input
             return None
         padded = _conv_padding(padding, weight, dilation, input)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -210,18 +211,35 @@ def _marked_weight_property(attr: str, base_getter: Optional[Any]) -> property:
     return property(weight)
 
 
+def _sketch_linear(owner: nn.Module, attr: str, input: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(input, weight, bias)`` as :class:`SketchedLinear` with the layer's current settings."""
+    from .estimators import SketchedLinear, apply_like_autocast
+
+    settings = _current_settings(owner, attr)
+    state = _state(owner, attr)
+    return apply_like_autocast(SketchedLinear, (input, weight, bias), settings.keep if settings.keep < 1 else None,
+                               settings.keep_input if settings.keep_input < 1 else None, settings.estimator,
+                               settings.uniform_mix, settings.multiple,
+                               state.statistics if isinstance(state, VarianceControl) else None, settings.ladder,
+                               settings.center)
+
+
+def _sketch_conv(owner: nn.Module, attr: str, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 stride: Any, padding: Any, dilation: Any, groups: int) -> torch.Tensor:
+    """A convolution (numeric padding) as :class:`SketchedConv` with the layer's settings."""
+    from .estimators import SketchedConv, apply_like_autocast
+
+    settings = _current_settings(owner, attr)
+    return apply_like_autocast(SketchedConv, (input, weight, bias), stride, padding, dilation, groups,
+                               settings.keep if settings.keep < 1 else None, settings.estimator, settings.uniform_mix,
+                               settings.multiple, settings.center)
+
+
 def _sketched_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     if is_compiling() or not (self.training and torch.is_grad_enabled()):
         return F.linear(input, self.weight, self.bias)
-    from .estimators import SketchedLinear, apply_like_autocast
-
-    settings = _current_settings(self, "weight")
-    state = _state(self, "weight")
-    keep_weight = settings.keep if settings.keep < 1 else None
-    keep_input = settings.keep_input if settings.keep_input < 1 else None
-    return apply_like_autocast(SketchedLinear, (input, _base_weight(self, "weight"), self.bias), keep_weight, keep_input,
-                               settings.estimator, settings.uniform_mix, settings.multiple,
-                               state.statistics if state is not None else None, settings.ladder, settings.center)
+    return _sketch_linear(self, "weight", input, _base_weight(self, "weight"), self.bias)
 
 
 def _memory_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
@@ -244,34 +262,15 @@ def _sketched_conv_forward(self: ConvNd, input: torch.Tensor) -> torch.Tensor:
     original = type(self)._effcompile_original_class
     if is_compiling() or not (self.training and torch.is_grad_enabled()):
         return original.forward(self, input)
-    from .estimators import SketchedConv, apply_like_autocast
-
-    settings: LayerSketch = self._effcompile_sketch["weight"]
-    return apply_like_autocast(SketchedConv, (input, _base_weight(self, "weight"), self.bias), self.stride, self.padding,
-                               self.dilation, self.groups, settings.keep if settings.keep < 1 else None,
-                               settings.estimator, settings.uniform_mix, settings.multiple, settings.center)
+    return _sketch_conv(self, "weight", input, _base_weight(self, "weight"), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
 
 
 def _run_sketched(owner: nn.Module, attr: str, kind: str, args: tuple, kwargs: dict, input: Any, weight: Any
                   ) -> Optional[torch.Tensor]:
     """One layer op of a scope-sketched weight (:mod:`.eager_scope`) as its sketched autograd function."""
-    from .estimators import SketchedConv, SketchedLinear, apply_like_autocast
-
-    settings = _current_settings(owner, attr)
-    state = _state(owner, attr)
-    keep_weight = settings.keep if settings.keep < 1 else None
-    keep_input = settings.keep_input if settings.keep_input < 1 else None
-    statistics = state.statistics if isinstance(state, VarianceControl) else None
-
-    def linear(x, w, b):
-        return apply_like_autocast(SketchedLinear, (x, w, b), keep_weight, keep_input, settings.estimator,
-                                   settings.uniform_mix, settings.multiple, statistics, settings.ladder, settings.center)
-
-    def conv(x, w, b, stride, padding, dilation, groups):
-        return apply_like_autocast(SketchedConv, (x, w, b), stride, padding, dilation, groups, keep_weight,
-                                   settings.estimator, settings.uniform_mix, settings.multiple, settings.center)
-
-    return sketched_op(kind, args, kwargs, input, weight, linear, conv)
+    return sketched_op(kind, args, kwargs, input, weight, functools.partial(_sketch_linear, owner, attr),
+                       functools.partial(_sketch_conv, owner, attr))
 
 
 def _eager_forward(cls: type, attrs: Tuple[str, ...]):
