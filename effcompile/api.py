@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .compiling import compile_for
 from .config import PassConfig
+from .distributed import WrapperForward
 from .inputs import call, model_inputs, training_batch
 from .plan import Plan, PlanRefused
 
@@ -259,41 +260,44 @@ def training_loss(
     runs, where ``train_step`` frees them stage by stage).  Sample selection: the weighted loss of
     the selected rows.  Other passes: ``loss_fn(model(inputs), targets)``.  The loss to log is
     ``objective.reported_loss`` (detached: the last stage's loss; selection's full-batch mean);
-    ``objective.stage_losses`` and ``objective.last_selection`` as on the step.  Step-owning passes
-    refuse to run under ``torch.distributed`` with more than one rank: their forward is not the
-    DDP wrapper's, so a trainer's DDP would not average their gradients (use ``train_step``).
+    ``objective.stage_losses`` and ``objective.last_selection`` as on the step.
+
+    Data parallelism: given a DDP-wrapped model with more than one rank, a step-owning pass's
+    objective runs the module behind the wrapper as the wrapper's forward (``WrapperForward``), so
+    the trainer's backward all-reduces its gradients as it would a plain forward's (``no_sync()``
+    honoured).  An FSDP2 ``fully_shard`` root: the objective runs within the root's forward (greedy
+    stages run as it), so the backward reduce-scatters.  A model passed unwrapped runs as it is:
+    inside a trainer that already calls the objective within the wrapper's forward (Lightning's
+    strategies) that is what averages it.
     """
     from effcompile.passes import PASSES, StepOptions, step_owners
 
     options = StepOptions(compile=compile, backend=backend, check_finite=check_finite)
     base = _unwrap(model)
     _refuse_sharded(base, [p for p in PASSES.values() if p.is_applied(base)], "training_loss")
+    wrapper = WrapperForward.of(model)
     for owner in step_owners():
         if owner.is_applied(base):
-            objective = owner.make_training_loss(model, loss_fn, options)
+            # Under a wrapper the objective runs the module behind it, inside the wrapper's forward.
+            objective = owner.make_training_loss(model if wrapper is None else base, loss_fn, options)
             if objective is not None:
-                return _SingleProcessObjective(objective, owner.name)
+                return _StepOwnerObjective(objective, wrapper)
     return plain_training_loss(model, loss_fn, options)
 
 
-class _SingleProcessObjective:
-    """A step owner's objective, refused under torch.distributed with more than one rank; attribute
-    reads (``reported_loss``, ``stage_losses``, ``last_selection``) go to the objective."""
+class _StepOwnerObjective:
+    """A step owner's objective, run as the data-parallel wrapper's forward where there is one;
+    attribute reads (``reported_loss``, ``stage_losses``, ``last_selection``) go to the objective."""
 
-    def __init__(self, objective: Callable, owner: str) -> None:
+    def __init__(self, objective: Callable, wrapper: Optional[WrapperForward]) -> None:
         # A bound method's attributes live on its instance (the pass's step object).
-        self.__dict__.update(_objective=objective, _owner=owner, _state=getattr(objective, "__self__", objective),
-                             _run=training_step(objective))
+        self.__dict__.update(_state=getattr(objective, "__self__", objective), _run=training_step(objective),
+                             _wrapper=wrapper)
 
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError(
-                f"effcompile.training_loss: {self._owner} runs its forward outside the DDP/FSDP wrapper, so a "
-                "trainer's data parallelism would not average its gradients; under torch.distributed use "
-                "effcompile.train_step")
-        return self._run(inputs, targets)
+        if self._wrapper is None:
+            return self._run(inputs, targets)
+        return self._wrapper(self._run, inputs, targets)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_state"], name)

@@ -21,6 +21,9 @@ Two questions every pass with state or randomness must answer under torch.distri
 * **Who all-reduces?**  DDP arms its gradient all-reduce in its own forward only.  A step that
   runs the module behind the wrapper another way (a compiled function of the inner module, a
   step that runs the model stage by stage) uses :class:`DataParallelSync` to do what DDP does.
+  An objective whose backward a trainer runs cannot average afterwards: it runs as the wrapper's
+  forward instead (:class:`WrapperForward`), and so do stages of an FSDP2 root, whose forward
+  unshards the root's own parameters.
 
 What each pass shares and what stays per rank: the "Per-rank semantics" table in passes/README.md.
 """
@@ -34,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "replica_group", "replica_world_size", "use_replica_group", "all_reduce_mean",
-           "all_gather_replicas", "rank_generator", "global_rank", "DataParallelSync"]
+           "all_gather_replicas", "rank_generator", "global_rank", "DataParallelSync", "WrapperForward"]
 
 _UNSET = object()
 _REPLICA_GROUP: object = _UNSET  # unset: the default group (WORLD); None: this rank has no replicas
@@ -190,3 +193,65 @@ class DataParallelSync:
                 parameter.grad.copy_(chunk)
             elif count > 0:  # another rank had a gradient: DDP would give this rank the average too
                 parameter.grad = chunk.clone()
+
+
+class WrapperForward:
+    """Runs a function *as the forward* of the wrapper that arms data parallelism (forward
+    redirection), for objectives that call the model's modules another way (stage by stage, a
+    compiled function of the inner module) and whose backward someone else runs.
+
+    What arms the averaging is the wrapper's forward: DDP prepares its reducer there (buckets
+    all-reduce during the backward; ``no_sync()`` is honoured), and an FSDP2 root unshards its own
+    parameters there and registers the reduce-scatter of their gradients on the forward's output.
+    So the objective runs inside that forward: the inner module's ``forward`` is swapped for one
+    call, the wrapper is called, and the swap is undone before the objective starts (its own calls
+    of the inner module run the real forward).  The objective's output (the loss) is the
+    forward's output.
+    """
+
+    def __init__(self, wrapper: torch.nn.Module, inner: torch.nn.Module) -> None:
+        self.wrapper, self.inner = wrapper, inner
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Optional["WrapperForward"]:
+        """For ``model`` wrapped in DDP with more than one rank (possibly inside ``torch.compile``'s
+        wrapper); None otherwise."""
+        model = _uncompiled(model)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return cls(model, model.module) if dist.get_world_size(group=model.process_group) > 1 else None
+        return None
+
+    @classmethod
+    def fsdp_root(cls, model: torch.nn.Module) -> Optional["WrapperForward"]:
+        """For an FSDP2 (``fully_shard``) root, whose hooks wrap its own forward; None otherwise.
+        Only for objectives that do not call the root's forward themselves."""
+        from torch.distributed.fsdp import FSDPModule
+
+        model = _uncompiled(model)
+        return cls(model, model) if isinstance(model, FSDPModule) else None
+
+    def __call__(self, function, *args, **kwargs):
+        inner = self.inner
+        own = inner.__dict__.get("forward", _UNSET)  # an instance-level forward the user set, kept
+
+        def restore() -> None:
+            if own is _UNSET:
+                inner.__dict__.pop("forward", None)
+            else:
+                inner.__dict__["forward"] = own
+
+        def forward(*_: object, **__: object):
+            restore()
+            return function(*args, **kwargs)
+
+        inner.__dict__["forward"] = forward
+        try:
+            return self.wrapper()
+        finally:
+            restore()
+
+
+def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+        model = model._orig_mod
+    return model

@@ -20,8 +20,14 @@ Both ranks are seeded alike (``torch.manual_seed``), as data-parallel training d
   ``sync_history=False`` (the control) keeps a history per rank.
 * Steps that run the module behind a DDP wrapper without its forward (compiled selection, the
   single-process greedy-stage step) average the gradients themselves: the ranks stay identical.
+* ``effcompile.training_loss`` under DDP (a trainer owns the backward): a step owner's objective
+  runs as the wrapper's forward (``WrapperForward``), so DDP's own reducer all-reduces during the
+  trainer's backward.  With different data per rank the ranks stay identical and end where
+  ``train_step`` ends; ``no_sync()`` accumulation ends where synced micro-batches do.  The control
+  (the objective without the wrapper's forward) leaves the ranks apart.
 """
 
+import contextlib
 import math
 import warnings
 from statistics import NormalDist
@@ -149,16 +155,68 @@ def _ddp_training(rank, config, compile=False, backend="aot_eager", steps=5):
             "fill": None if selector is None else int(selector.history_fill)}
 
 
+# Step owners' objectives for a trainer that owns the backward (``effcompile.training_loss``).
+OBJECTIVES = {
+    "stages": lambda effcompile: (effcompile.GreedyStages(num_stages=2),),
+    "selection": lambda effcompile: (effcompile.SampleSelection(keep=0.25, strategy="loss", history_size=256),),
+    "stages_with_selection": lambda effcompile: (effcompile.GreedyStages(num_stages=2),
+                                                 effcompile.SampleSelection(keep=0.5, strategy="random")),
+}
+
+
+def _ddp_objective_training(rank, name, by, compile=False, steps=4):
+    """``steps`` DDP steps with different data on each rank: by ``train_step``, by a trainer-style
+    loop around ``training_loss`` (``"loss"``), the same with the first of two micro-batches
+    under ``no_sync()`` (``"no_sync"``) or synced (``"micro"``), or by the objective of the module
+    behind the wrapper, not run as its forward (``"unwrapped"``: the control)."""
+    import effcompile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, *OBJECTIVES[name](effcompile), example_inputs=(torch.randn(16, 8),))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    options = dict(compile=compile, backend="effcompile_aot_eager")
+    if by == "step":
+        step = effcompile.train_step(ddp, F.cross_entropy, optimizer, **options)
+    else:
+        objective = effcompile.training_loss(model if by == "unwrapped" else ddp, F.cross_entropy, **options)
+
+        def step(x, y):
+            optimizer.zero_grad()
+            if by in ("no_sync", "micro"):
+                with ddp.no_sync() if by == "no_sync" else contextlib.nullcontext():
+                    objective(x[:8], y[:8]).backward()
+                objective(x[8:], y[8:]).backward()
+            else:
+                objective(x, y).backward()
+            optimizer.step()
+
+    generator = torch.Generator().manual_seed(10 + rank)
+    torch.manual_seed(5 + rank)
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=generator) * (1 + 3 * rank)
+        step(x, torch.randint(0, 3, (16,), generator=generator))
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def _rank_results(rank):
     import effcompile
 
     selection = effcompile.SampleSelection(keep=0.25, strategy="loss", history_size=256)
+    objectives = {(name, by, compile): _ddp_objective_training(rank, name, by, compile)
+                  for name in OBJECTIVES for compile in (False, True) for by in ("step", "loss")}
+    objectives.update({("stages", by, False): _ddp_objective_training(rank, "stages", by)
+                       for by in ("no_sync", "micro", "unwrapped")})
     return {
         "randomized_vjp": _randomized_vjp(rank),
         "selector": _selector_history(rank),
         "selection_eager": _ddp_training(rank, selection),
         "selection_compiled": _ddp_training(rank, selection, compile=True),
         "stages": _ddp_training(rank, effcompile.GreedyStages(num_stages=2)),
+        "objectives": objectives,
     }
 
 
@@ -253,3 +311,84 @@ def test_ddp_greedy_stage_step_ranks_stay_identical(ranks):
     for a, b, initial in zip(rank0["parameters"], rank1["parameters"], rank0["initial"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert any(not torch.equal(a, initial) for a, initial in zip(rank0["parameters"], rank0["initial"]))
+
+
+# ------------------------------------------------------------------------------ training_loss under DDP
+def _same(first, second):
+    return all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_ddp_training_loss_is_all_reduced_like_train_step(name, compile, ranks):
+    """The trainer's backward of the objective is averaged by DDP itself: the ranks (different
+    data) stay identical, and end exactly where DDP ``train_step`` (which averages itself) ends."""
+    rank0, rank1 = (r["objectives"] for r in ranks)
+    assert _same(rank0[(name, "loss", compile)], rank1[(name, "loss", compile)])
+    for by_loss, by_step in zip(rank0[(name, "loss", compile)], rank0[(name, "step", compile)]):
+        torch.testing.assert_close(by_loss, by_step, rtol=0, atol=1e-6)
+
+
+def test_ddp_training_loss_honours_no_sync_accumulation(ranks):
+    """A trainer accumulating two micro-batches with the first under ``no_sync()`` ends where
+    syncing both does (DDP all-reduces the accumulated gradient once), identical on both ranks."""
+    rank0, rank1 = (r["objectives"] for r in ranks)
+    assert _same(rank0[("stages", "no_sync", False)], rank1[("stages", "no_sync", False)])
+    for a, b in zip(rank0[("stages", "no_sync", False)], rank0[("stages", "micro", False)]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_objective_outside_the_wrappers_forward_drifts_apart(ranks):
+    """The control: the same objective not run as the wrapper's forward is never averaged."""
+    rank0, rank1 = (r["objectives"] for r in ranks)
+    assert not _same(rank0[("stages", "unwrapped", False)], rank1[("stages", "unwrapped", False)])
+
+
+# ------------------------------------------------------------------------------ WrapperForward itself
+class _Recording(nn.Module):
+    """A stand-in wrapper: its forward calls the inner module, as DDP's does, between two records."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.module, self.calls = inner, []
+
+    def forward(self):
+        self.calls.append("before")
+        output = self.module()
+        self.calls.append("after")
+        return output
+
+
+def test_wrapper_forward_runs_the_function_as_the_inner_forward_once():
+    from effcompile.distributed import WrapperForward
+
+    inner = nn.Linear(3, 2)
+    wrapper = _Recording(inner)
+    x = torch.randn(4, 3)
+    seen = []
+
+    def objective(value):
+        seen.append(list(wrapper.calls))
+        return inner(value).sum()  # the inner module's own forward again, not the objective
+
+    loss = WrapperForward(wrapper, inner)(objective, x)
+    torch.testing.assert_close(loss, inner(x).sum())
+    assert seen == [["before"]] and wrapper.calls == ["before", "after"]
+    assert "forward" not in inner.__dict__  # the swap is undone
+
+
+def test_wrapper_forward_keeps_an_instance_forward_and_restores_on_error():
+    from effcompile.distributed import WrapperForward
+
+    inner = nn.Linear(3, 2)
+    own = lambda: "own"  # noqa: E731
+    inner.forward = own
+    wrapper = _Recording(inner)
+
+    def failing():
+        raise ValueError("inside")
+
+    with pytest.raises(ValueError, match="inside"):
+        WrapperForward(wrapper, inner)(failing)
+    assert inner.__dict__["forward"] is own
+    assert WrapperForward(wrapper, inner)(lambda: 7) == 7 and inner() == "own"

@@ -111,17 +111,6 @@ def test_plain_passes_give_the_plain_loss():
     torch.testing.assert_close(objective(x, y), F.cross_entropy(model(x), y))
 
 
-def test_step_owners_refuse_more_than_one_rank(monkeypatch):
-    import torch.distributed as dist
-
-    model = _model(CONFIGS["greedy_stages"]())
-    objective = effcompile.training_loss(model, F.cross_entropy)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    with pytest.raises(NotImplementedError, match="greedy_stages.*effcompile.train_step"):
-        objective(*_batches()[0])
-
-
 def test_gradient_accumulation_over_micro_batches_gives_the_full_batch_gradient():
     """What a trainer with ``gradient_accumulation_steps=2`` does with the objective: half-weighted
     backwards of two micro-batches leave the greedy stages' full-batch gradient (mean losses, no

@@ -203,15 +203,35 @@ class _ParameterUses(TorchFunctionMode):
 
 
 class _DetachForeign(TorchFunctionMode):
-    """While stage ``s`` runs, a parameter owned by an earlier stage (a tied weight) is read detached."""
+    """While stage ``s`` runs, a parameter owned by an earlier stage (a tied weight) is read detached.
 
-    def __init__(self, owners: Dict[int, Tuple[nn.Parameter, int]], stage: Callable[[], int]) -> None:
+    ``owners``: per shared parameter, the (module, attribute) places that hold it and its owning
+    stage.  The parameter is recognised by what those places hold *now*, not by the object seen at
+    transform time: FSDP2 swaps its unsharded parameter into them for the forward, and
+    ``copy.deepcopy`` gives a copy new parameters."""
+
+    def __init__(self, owners: List[Tuple[List[Tuple[nn.Module, str]], int]], stage: Callable[[], int]) -> None:
         super().__init__()
         self.owners, self.stage = owners, stage
+        self.owner_of: Dict[int, int] = {}  # id of a shared parameter read in this forward → its owner
         self.cache: Dict[int, torch.Tensor] = {}
 
+    def _owner(self, leaf: nn.Parameter) -> Optional[int]:
+        # Only hits are remembered: FSDP2 touches its unsharded parameter (the all-gather's copy)
+        # before it places it on the modules.
+        owner = self.owner_of.get(id(leaf))
+        if owner is None:
+            owner = next((owner for places, owner in self.owners
+                          if any(module._parameters.get(name) is leaf for module, name in places)), None)
+            if owner is not None:
+                self.owner_of[id(leaf)] = owner
+        return owner
+
     def _swap(self, leaf: Any) -> Any:
-        if isinstance(leaf, nn.Parameter) and id(leaf) in self.owners and self.owners[id(leaf)][1] != self.stage():
+        if not isinstance(leaf, nn.Parameter):
+            return leaf
+        owner = self._owner(leaf)
+        if owner is not None and owner != self.stage():
             if id(leaf) not in self.cache:
                 self.cache[id(leaf)] = leaf.detach()
             return self.cache[id(leaf)]
@@ -503,6 +523,18 @@ class _SideInputs:
         return (args[0],) + tuple(rest), kwargs
 
 
+def _shared_places(model: nn.Module, plan: BlockStagePlan) -> List[Tuple[List[Tuple[nn.Module, str]], int]]:
+    """Per parameter used by several stages: every (module, attribute) holding it (a tied weight
+    has several) and its owning stage."""
+    places: Dict[int, List[Tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                places.setdefault(id(parameter), []).append((module, name))
+    named = dict(model.named_parameters())
+    return [(places[id(named[name])], plan.owners[name]) for name in plan.shared]
+
+
 class BlockStagedModel:
     """The runtime view of a model staged on the block-stack hook path (``model.__dict__``)."""
 
@@ -512,8 +544,7 @@ class BlockStagedModel:
         self.model = model
         self.plan = plan
         self._heads_attr = heads_attr
-        named = dict(model.named_parameters())
-        self._owners = {id(named[p]): (named[p], plan.owners[p]) for p in plan.shared}
+        self._owners = _shared_places(model, plan)
         # "aux": the list the cut hooks append stage outputs to while ``run`` runs (None otherwise:
         # a plain forward of the model is not cut).
         self.state: Dict[str, Any] = {"stage": 0, "aux": None, "made_by": None, "detached": {}}
@@ -528,11 +559,6 @@ class BlockStagedModel:
                 handles.append(modules[path].register_forward_hook(_BlockOutputs(self, stage)))
                 if index in plan.side_inputs:
                     handles.append(modules[path].register_forward_pre_hook(_SideInputs(self, stage), with_kwargs=True))
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        # copy.deepcopy of the model copies the tied parameters: key them by the copies' ids.
-        state["_owners"] = {id(parameter): (parameter, owner) for parameter, owner in state["_owners"].values()}
-        self.__dict__.update(state)
 
     @property
     def num_stages(self) -> int:
@@ -692,6 +718,11 @@ def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: C
     return step
 
 
+def block_stage_losses(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, options: Any) -> StageLosses:
+    """The stage losses of the hook path (for steps that backpropagate them their own way)."""
+    return _BlockStageLosses(model, staged, loss_fn, options)
+
+
 def make_block_training_loss(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, options: Any) -> Callable:
     """``effcompile.training_loss`` on the hook path: the sum of the stage losses."""
-    return _BlockStageLosses(model, staged, loss_fn, options).training_loss
+    return block_stage_losses(model, staged, loss_fn, options).training_loss

@@ -45,7 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from effcompile.compiling import compile_for
-from effcompile.distributed import DataParallelSync
+from effcompile.distributed import DataParallelSync, WrapperForward
 from effcompile.inputs import ModelInputs, model_inputs
 from effcompile.measure import SavedTensorMeter
 from effcompile.passes.analysis.capture import GraphCapture
@@ -54,8 +54,8 @@ from effcompile.passes.base import ModelPass, StepOptions, register_pass
 from effcompile.plan import Action, PlanRow
 
 from .aux_heads import head_kind_for, make_aux_head, make_output_head
-from .block_stack import (CUT_KIND, BlockStagedModel, BlockStagePlan, make_block_train_step, make_block_training_loss,
-                          plan_block_stages)
+from .block_stack import (CUT_KIND, BlockStagedModel, BlockStagePlan, block_stage_losses, make_block_train_step,
+                          make_block_training_loss, plan_block_stages)
 from .config import GreedyStages
 from .cut_search import (
     Boundary, StageTraceError, TracedModel, boundary_for_module, count_flops, evaluating, find_boundaries,
@@ -552,6 +552,14 @@ class _StageRunner(StageLosses):
         self.steps = 0
         self.stage_losses: List[torch.Tensor] = []  # each stage's loss on the whole batch (selection: per-sample mean)
         self.stage_subset_losses: List[torch.Tensor] = []  # what each stage backpropagated
+        # The stages call the model's modules piece by piece, never an FSDP2 root's forward, whose
+        # hooks unshard the root's own parameters (aux heads, embeddings): run them as that forward.
+        self.root = WrapperForward.fsdp_root(model)
+
+    def training_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
+        if self.root is None:
+            return super().training_loss(inputs, targets)
+        return self.root(super().training_loss, inputs, targets)
 
     def run(self, inputs: Any, targets: Any, backward_each: bool) -> List[torch.Tensor]:
         from effcompile.api import check_finite_loss
@@ -580,6 +588,11 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     from effcompile.api import training_step
 
     staged = staged_model(model)
+    if WrapperForward.fsdp_root(model) is not None:
+        _refuse_compiled_hooks_under_fsdp(staged, options)
+        stages = (block_stage_losses(_unwrap(model), staged, loss_fn, options) if isinstance(staged, BlockStagedModel)
+                  else _StageRunner(model, loss_fn, options))
+        return _sharded_train_step(stages, optimizer)
     # The stages run the module behind a DDP wrapper piece by piece, never the wrapper's forward,
     # so DDP would not all-reduce their gradients: the step does what DDP does itself.
     sync = DataParallelSync.of(model)
@@ -605,9 +618,43 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     return step
 
 
+def _sharded_train_step(stages: StageLosses, optimizer: Any) -> Callable:
+    """The DGL step of an FSDP2-sharded model: the stage losses are backpropagated together, once,
+    as FSDP2 expects of a forward (its root's hooks, or ``_StageRunner``'s run through the root's
+    forward, arm the reduce-scatter for one backward).  The same gradients as stage-by-stage
+    backwards; the stages' activations are all held until that backward (``train_step`` without
+    FSDP2 frees them stage by stage)."""
+    from effcompile.api import training_step
+
+    @training_step
+    def step(inputs: Any, targets: Any) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        stages.training_loss(inputs, targets).backward()
+        optimizer.step()
+        step.stage_losses = stages.stage_losses
+        step.stage_subset_losses = getattr(stages, "stage_subset_losses", stages.stage_losses)
+        return stages.reported_loss
+
+    step.stage_losses, step.stage_subset_losses = [], []
+    return step
+
+
+def _refuse_compiled_hooks_under_fsdp(staged: Any, options: StepOptions) -> None:
+    # Measured (torch 2.13, GPT-2 with per-block fully_shard): the compiled backward of the hook
+    # path reads a block's weight after FSDP2 resharded it (its storage is freed), which fails
+    # inside AOTAutograd; eager steps match the unsharded model exactly.
+    if options.compile and isinstance(staged, BlockStagedModel):
+        raise NotImplementedError(
+            "greedy_stages: compile=True on the block-stack hook path is not supported with FSDP2 (fully_shard): "
+            "the compiled backward reads a block's parameter after FSDP2 has resharded it. Use compile=False "
+            "(eager stages under FSDP2 give the unsharded model's gradients), or DDP with compile=True")
+
+
 def make_staged_training_loss(model: nn.Module, loss_fn: Callable, options: StepOptions) -> Callable:
     """``effcompile.training_loss`` for a staged model: the sum of the stage losses."""
     staged = staged_model(model)
+    if WrapperForward.fsdp_root(model) is not None:
+        _refuse_compiled_hooks_under_fsdp(staged, options)
     if isinstance(staged, BlockStagedModel):
         return make_block_training_loss(_unwrap(model), staged, loss_fn, options)
     return _StageRunner(model, loss_fn, options).training_loss
@@ -667,6 +714,8 @@ def _format_flops(flops: float) -> str:
 class GreedyStagesPass(ModelPass):
     config_type = GreedyStages
     step_order = 10  # outermost: each stage runs its local loss through the selection
+    # FSDP2: the stages run as the root's forward (WrapperForward), one backward of their losses.
+    sharded_parameters_unsupported = ""
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: GreedyStages) -> List[PlanRow]:
         batch = _example_inputs(captured)
