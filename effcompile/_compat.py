@@ -126,7 +126,7 @@ __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
     "functional_all_gather",
     "unique_graph_count", "is_compiling", "ConvNd", "NormBase", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
-    "is_sharded", "native_bf16_matmul", "pytree",
+    "is_sharded", "native_bf16_matmul", "pytree", "inside_ddp_forward",
 ]
 
 
@@ -158,6 +158,15 @@ def compile_caches_disabled() -> Iterator[None]:
 
     with inductor_config().patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         yield
+
+
+def inside_ddp_forward() -> bool:
+    """Whether a ``DistributedDataParallel`` forward is running (its module's forward is on the
+    stack): DDP's own flag, ``_active_ddp_module``, kept for Dynamo's DDPOptimizer (torch 2.11 and
+    2.13; not set by the experimental Python reducer)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module() is not None
 
 
 _DTENSOR_TYPE: list = []  # DTensor, imported on first use (or () in builds without distributed)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 
 from .compiling import compile_for
+from . import distributed as replicas
+from ._compat import inside_ddp_forward
 from .config import PassConfig
 from .distributed import WrapperForward
 from .inputs import call, model_inputs, training_batch
@@ -268,7 +270,9 @@ def training_loss(
     honoured).  An FSDP2 ``fully_shard`` root: the objective runs within the root's forward (greedy
     stages run as it), so the backward reduce-scatters.  A model passed unwrapped runs as it is:
     inside a trainer that already calls the objective within the wrapper's forward (Lightning's
-    strategies) that is what averages it.
+    strategies) that is what averages it; called outside any DDP forward under more than one
+    rank, a step owner's objective made from an unwrapped model raises ``RuntimeError`` instead of
+    training each rank apart.
     """
     from effcompile.passes import PASSES, StepOptions, step_owners
 
@@ -281,7 +285,7 @@ def training_loss(
             # Under a wrapper the objective runs the module behind it, inside the wrapper's forward.
             objective = owner.make_training_loss(model if wrapper is None else base, loss_fn, options)
             if objective is not None:
-                return _StepOwnerObjective(objective, wrapper)
+                return _StepOwnerObjective(objective, owner.name, wrapper, WrapperForward.fsdp_root(base) is not None)
     return plain_training_loss(model, loss_fn, options)
 
 
@@ -289,15 +293,22 @@ class _StepOwnerObjective:
     """A step owner's objective, run as the data-parallel wrapper's forward where there is one;
     attribute reads (``reported_loss``, ``stage_losses``, ``last_selection``) go to the objective."""
 
-    def __init__(self, objective: Callable, wrapper: Optional[WrapperForward]) -> None:
+    def __init__(self, objective: Callable, owner: str, wrapper: Optional[WrapperForward], sharded: bool) -> None:
         # A bound method's attributes live on its instance (the pass's step object).
         self.__dict__.update(_state=getattr(objective, "__self__", objective), _run=training_step(objective),
-                             _wrapper=wrapper)
+                             _owner=owner, _wrapper=wrapper, _sharded=sharded)
 
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
-        if self._wrapper is None:
-            return self._run(inputs, targets)
-        return self._wrapper(self._run, inputs, targets)
+        if self._wrapper is not None:
+            return self._wrapper(self._run, inputs, targets)
+        if not self._sharded and replicas.is_distributed() and not inside_ddp_forward():
+            raise RuntimeError(
+                f"effcompile.training_loss: {self._owner} runs under torch.distributed with "
+                f"{torch.distributed.get_world_size()} ranks, but the objective was made from a model without its "
+                "DDP wrapper and is not called inside a DDP forward, so nothing would average its gradients. Make "
+                "it from the DDP-wrapped model (in transformers.Trainer.compute_loss: the `model` argument), or "
+                "call it inside the wrapper's forward (Lightning's strategies do)")
+        return self._run(inputs, targets)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_state"], name)

@@ -4,6 +4,7 @@
     python examples/hf_trainer.py --passes decorrelation
     python examples/hf_trainer.py --passes decorrelation,randomized_vjp --compile
     python examples/hf_trainer.py --passes greedy_stages            # or sample_selection
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --passes greedy_stages   # DDP (gloo on CPU)
 
 The model is a tiny GPT-2 built from a config (random init, no download) and the data are random
 token sequences; the point is the wiring, not the result:
@@ -20,7 +21,9 @@ token sequences; the point is the wiring, not the result:
   Passes that change the step itself (greedy stages, sample selection) enter through the
   Trainer's ``compute_loss``: ``effcompile.training_loss(model, loss_fn)`` returns the loss
   whose backward is their step's gradient (the sum of the stages' local losses; the selected
-  rows' weighted loss), and the Trainer does the rest (its backward, clipping, optimizer);
+  rows' weighted loss), and the Trainer does the rest (its backward, clipping, optimizer).  The
+  objective is made from the ``model`` the Trainer passes to ``compute_loss``: under ``torchrun``
+  that is the DDP wrapper, and the objective then runs as its forward, so DDP averages it;
 * ``effcompile.report(model)`` shows what was applied and the live counters.
 """
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -78,15 +81,21 @@ def _config(name: str) -> effcompile.PassConfig:
     raise SystemExit(f"unknown pass {name!r}")
 
 
-def objective_trainer(objective: Any) -> type:
-    """A ``transformers.Trainer`` whose loss is ``objective(batch, labels)`` (``effcompile.training_loss``)."""
+def objective_trainer(make_objective: Callable[[torch.nn.Module], Any]) -> type:
+    """A ``transformers.Trainer`` whose loss is ``objective(batch, labels)``, the objective made by
+    ``make_objective`` (``effcompile.training_loss``) from the model the Trainer trains — wrapped
+    in DDP under ``torchrun`` — once per model object."""
     import transformers
 
     class EffcompileTrainer(transformers.Trainer):
+        objective, objective_model = None, None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.objective_model is not model:
+                self.objective, self.objective_model = make_objective(model), model
             inputs = dict(inputs)
             labels = inputs.pop("labels")
-            loss = objective(inputs, labels)
+            loss = self.objective(inputs, labels)
             return (loss, None) if return_outputs else loss
 
     return EffcompileTrainer
@@ -109,10 +118,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     data = RandomTokens()
     example = {key: torch.stack([data[i][key] for i in range(8)]) for key in ("input_ids", "attention_mask")}
     effcompile.transform(model, *[_config(name) for name in names], example_inputs=example)
-    trainer_class, objective = transformers.Trainer, None
+    trainer_class = transformers.Trainer
     if STEP_CHANGING & set(names):  # the technique is the loss: compiled there, not by model.compile
-        objective = effcompile.training_loss(model, causal_lm_loss, compile=args.compile, backend=args.backend)
-        trainer_class = objective_trainer(objective)
+        trainer_class = objective_trainer(
+            lambda trained: effcompile.training_loss(trained, causal_lm_loss, compile=args.compile, backend=args.backend))
     elif args.compile:
         model.compile(backend=args.backend)  # in place: the Trainer sees the same module
 
@@ -129,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print(f"Trainer: {len(losses)} logged losses {[round(float(l), 3) for l in losses]}, "
           f"train_loss {result.training_loss:.3f}, {seconds:.1f} s ({'compiled: ' + args.backend if args.compile else 'eager'})")
     return {"losses": [float(l) for l in losses], "train_loss": float(result.training_loss), "model": model,
-            "objective": objective}
+            "objective": getattr(trainer, "objective", None)}
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ Both ranks are seeded alike (``torch.manual_seed``), as data-parallel training d
 """
 
 import contextlib
+import functools
 import math
 import warnings
 from statistics import NormalDist
@@ -167,9 +168,13 @@ OBJECTIVES = {
 def _ddp_objective_training(rank, name, by, compile=False, steps=4):
     """``steps`` DDP steps with different data on each rank: by ``train_step``, by a trainer-style
     loop around ``training_loss`` (``"loss"``), the same with the first of two micro-batches
-    under ``no_sync()`` (``"no_sync"``) or synced (``"micro"``), or by the objective of the module
-    behind the wrapper, not run as its forward (``"unwrapped"``: the control)."""
+    under ``no_sync()`` (``"no_sync"``) or synced (``"micro"``); by the objective of the module
+    behind the wrapper called inside the wrapper's forward as Lightning's strategies call
+    ``training_step`` (``"lightning"``), called outside it (``"unwrapped"``: refused, the error
+    text is returned), or called outside it with that check fooled (``"drift"``: the control)."""
     import effcompile
+    from effcompile import api
+    from effcompile.distributed import WrapperForward
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -182,7 +187,13 @@ def _ddp_objective_training(rank, name, by, compile=False, steps=4):
     if by == "step":
         step = effcompile.train_step(ddp, F.cross_entropy, optimizer, **options)
     else:
-        objective = effcompile.training_loss(model if by == "unwrapped" else ddp, F.cross_entropy, **options)
+        unwrapped = by in ("lightning", "unwrapped", "drift")
+        objective = effcompile.training_loss(model if unwrapped else ddp, F.cross_entropy, **options)
+        if by == "lightning":
+            objective = functools.partial(WrapperForward(ddp, model), objective)
+        if by == "drift":
+            checked = api.inside_ddp_forward
+            api.inside_ddp_forward = lambda: True
 
         def step(x, y):
             optimizer.zero_grad()
@@ -194,11 +205,19 @@ def _ddp_objective_training(rank, name, by, compile=False, steps=4):
                 objective(x, y).backward()
             optimizer.step()
 
+        if by == "unwrapped":
+            try:
+                step(torch.randn(16, 8), torch.randint(0, 3, (16,)))
+            except RuntimeError as error:
+                return str(error)
+
     generator = torch.Generator().manual_seed(10 + rank)
     torch.manual_seed(5 + rank)
     for _ in range(steps):
         x = torch.randn(16, 8, generator=generator) * (1 + 3 * rank)
         step(x, torch.randint(0, 3, (16,), generator=generator))
+    if by == "drift":
+        api.inside_ddp_forward = checked
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -209,7 +228,7 @@ def _rank_results(rank):
     objectives = {(name, by, compile): _ddp_objective_training(rank, name, by, compile)
                   for name in OBJECTIVES for compile in (False, True) for by in ("step", "loss")}
     objectives.update({("stages", by, False): _ddp_objective_training(rank, "stages", by)
-                       for by in ("no_sync", "micro", "unwrapped")})
+                       for by in ("no_sync", "micro", "lightning", "unwrapped", "drift")})
     return {
         "randomized_vjp": _randomized_vjp(rank),
         "selector": _selector_history(rank),
@@ -338,10 +357,23 @@ def test_ddp_training_loss_honours_no_sync_accumulation(ranks):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_objective_outside_the_wrappers_forward_drifts_apart(ranks):
-    """The control: the same objective not run as the wrapper's forward is never averaged."""
+def test_ddp_objective_of_the_inner_module_inside_the_wrappers_forward_is_averaged(ranks):
+    """Lightning's way: the trainer calls the objective (made from the unwrapped module) inside
+    the DDP forward; it runs as it is and DDP averages it, as ``train_step`` does."""
     rank0, rank1 = (r["objectives"] for r in ranks)
-    assert not _same(rank0[("stages", "unwrapped", False)], rank1[("stages", "unwrapped", False)])
+    assert _same(rank0[("stages", "lightning", False)], rank1[("stages", "lightning", False)])
+    for a, b in zip(rank0[("stages", "lightning", False)], rank0[("stages", "step", False)]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_ddp_objective_outside_any_ddp_forward_refuses_and_would_drift(ranks):
+    """Made from the unwrapped module and called outside any DDP forward, nothing would average it:
+    it refuses, saying what to pass.  The control (that check fooled) shows the ranks drifting."""
+    for results in ranks:
+        refused = results["objectives"][("stages", "unwrapped", False)]
+        assert isinstance(refused, str) and "greedy_stages" in refused and "DDP-wrapped model" in refused
+    rank0, rank1 = (r["objectives"] for r in ranks)
+    assert not _same(rank0[("stages", "drift", False)], rank1[("stages", "drift", False)])
 
 
 # ------------------------------------------------------------------------------ WrapperForward itself

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -103,6 +105,28 @@ def test_hf_trainer_trains_step_changing_passes_through_compute_loss(hf_trainer,
     else:  # the Trainer logged the sum of the two stages' local losses, and it fell
         stage_losses = result["objective"].stage_losses
         assert len(stage_losses) == 2 and all(math.isfinite(float(loss)) for loss in stage_losses)
+
+
+@pytest.mark.parametrize("passes", ["greedy_stages", "sample_selection"])
+def test_hf_trainer_under_torchrun_ddp_averages_step_changing_passes(passes, tmp_path):
+    """``torchrun`` with 2 CPU processes: the Trainer wraps the model in DDP (gloo), shards the
+    data per rank, and calls ``compute_loss`` with the wrapper; the objective made from it runs as
+    the wrapper's forward, so DDP averages it and the ranks end with identical parameters (each
+    rank alone would drift with its own data; an objective of the unwrapped model refuses)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "hf_trainer_ddp.py"
+    with socket.socket() as probe:  # a free port for the rendezvous (port 0 is not one)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(script), "--passes", passes, "--epochs", "1", "--output-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ranks identical: True; moved: True; objective: _StepOwnerObjective" in done.stdout, done.stdout[-2000:]
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,8 @@ def _no_dropout(model):
 
 
 def _parity_case(model_name, configs, by="step", compile=False):
-    """Three steps on the same data on every rank, sharded and not: both full states."""
+    """Three steps on the same data on every rank, sharded (``by``: ``train_step`` or a loop around
+    ``training_loss``) and not (``train_step``): both full states."""
     from clients import CLIENTS
 
     if model_name == "mlp":
@@ -128,7 +129,7 @@ def _parity_case(model_name, configs, by="step", compile=False):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
         options = dict(compile=compile, backend="effcompile_aot_eager")
         try:
-            if by == "step":
+            if by == "step" or not sharded:  # the reference: the unsharded model's train_step
                 step = effcompile.train_step(model, loss_fn, optimizer, **options)
             else:
                 objective = effcompile.training_loss(model, loss_fn, **options)
