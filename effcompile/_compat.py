@@ -8,7 +8,7 @@ moves, or a public one is newer than 2.11 (``redispatch_function``), this is the
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils import _pytree as pytree  # tree_flatten/unflatten over outputs (ModelOutput is registered)
@@ -126,7 +126,7 @@ __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
     "functional_all_gather",
     "unique_graph_count", "is_compiling", "ConvNd", "NormBase", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
-    "is_sharded", "native_bf16_matmul", "pytree", "inside_ddp_forward",
+    "is_sharded", "native_bf16_matmul", "pytree", "inside_ddp_forward", "hook_runs_last",
 ]
 
 
@@ -158,6 +158,14 @@ def compile_caches_disabled() -> Iterator[None]:
 
     with inductor_config().patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         yield
+
+
+def hook_runs_last(handle: Any) -> None:
+    """Move a module hook to the end of its module's hook order: ``RemovableHandle.hooks_dict_ref``
+    is the module's ordered dict of hooks, keyed by ``handle.id`` (torch 2.11 and 2.13)."""
+    hooks = handle.hooks_dict_ref()
+    if hooks is not None and handle.id in hooks:
+        hooks.move_to_end(handle.id)
 
 
 def inside_ddp_forward() -> bool:

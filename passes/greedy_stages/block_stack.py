@@ -55,10 +55,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
-from effcompile._compat import pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from effcompile._compat import ConvNd, NormBase, is_compiling
+from effcompile._compat import ConvNd, NormBase, hook_runs_last, is_compiling, pytree
 from effcompile.inputs import ModelInputs, call, model_inputs, tensor_leaves, training_batch
 from effcompile.passes.analysis.side_effects import module_state_restored
 
@@ -559,6 +558,14 @@ class BlockStagedModel:
                 handles.append(modules[path].register_forward_hook(_BlockOutputs(self, stage)))
                 if index in plan.side_inputs:
                     handles.append(modules[path].register_forward_pre_hook(_SideInputs(self, stage), with_kwargs=True))
+
+    def hooks_after_fsdp(self) -> None:
+        """Run the cut hooks after FSDP2's forward hooks (``fully_shard`` after ``transform``
+        appended its own): FSDP2's post-forward then registers its pre-backward unshard on the
+        block's real output — the one the aux head reads — before the cut detaches it, so a
+        stage's backward unshards the block by that hook, not by the prefetch of a later block."""
+        for handle in self.model.__dict__.get("_effcompile_hooks", {}).get(GreedyStages.name, []):
+            hook_runs_last(handle)
 
     @property
     def num_stages(self) -> int:

@@ -589,7 +589,7 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
 
     staged = staged_model(model)
     if WrapperForward.fsdp_root(model) is not None:
-        _refuse_compiled_hooks_under_fsdp(staged, options)
+        _under_fsdp(staged)
         stages = (block_stage_losses(_unwrap(model), staged, loss_fn, options) if isinstance(staged, BlockStagedModel)
                   else _StageRunner(model, loss_fn, options))
         return _sharded_train_step(stages, optimizer)
@@ -639,22 +639,16 @@ def _sharded_train_step(stages: StageLosses, optimizer: Any) -> Callable:
     return step
 
 
-def _refuse_compiled_hooks_under_fsdp(staged: Any, options: StepOptions) -> None:
-    # Measured (torch 2.13, GPT-2 with per-block fully_shard): the compiled backward of the hook
-    # path reads a block's weight after FSDP2 resharded it (its storage is freed), which fails
-    # inside AOTAutograd; eager steps match the unsharded model exactly.
-    if options.compile and isinstance(staged, BlockStagedModel):
-        raise NotImplementedError(
-            "greedy_stages: compile=True on the block-stack hook path is not supported with FSDP2 (fully_shard): "
-            "the compiled backward reads a block's parameter after FSDP2 has resharded it. Use compile=False "
-            "(eager stages under FSDP2 give the unsharded model's gradients), or DDP with compile=True")
+def _under_fsdp(staged: Any) -> None:
+    if isinstance(staged, BlockStagedModel):
+        staged.hooks_after_fsdp()
 
 
 def make_staged_training_loss(model: nn.Module, loss_fn: Callable, options: StepOptions) -> Callable:
     """``effcompile.training_loss`` for a staged model: the sum of the stage losses."""
     staged = staged_model(model)
     if WrapperForward.fsdp_root(model) is not None:
-        _refuse_compiled_hooks_under_fsdp(staged, options)
+        _under_fsdp(staged)
     if isinstance(staged, BlockStagedModel):
         return make_block_training_loss(_unwrap(model), staged, loss_fn, options)
     return _StageRunner(model, loss_fn, options).training_loss
