@@ -152,13 +152,42 @@ PARITY = {
     "stages_gpt2_block_stack_eager": ("gpt2", "stages", "step", False),
     "stages_gpt2_block_stack_training_loss": ("gpt2", "stages", "loss", False),
     "stages_gpt2_block_stack_compiled": ("gpt2", "stages", "step", True),
+    # GPT-2's Conv1D weights are read by addmm inside the block: the observed (scope) path
+    "decorrelation_gpt2_eager": ("gpt2", "decorrelation", "step", False),
+    "decorrelation_gpt2_compiled": ("gpt2", "decorrelation", "step", True),
 }
 PARITY_CONFIGS = {
     "stages": lambda: (effcompile.GreedyStages(num_stages=2),),
     "stages_with_selection": lambda: (effcompile.GreedyStages(num_stages=2),
                                       effcompile.SampleSelection(keep=0.5, strategy="random")),
     "selection": lambda: (effcompile.SampleSelection(keep=0.5, strategy="loss"),),
+    "decorrelation": lambda: (effcompile.Decorrelation(),),
 }
+
+
+def _gpt2_sketch_draws(compile):
+    """GPT-2 (Conv1D weights: the randomized VJP's eager scope mode, or the compiled rewrite),
+    per-block ``fully_shard``: two draws of one batch's reduced gradient at lr 0."""
+    from clients import CLIENTS
+    from torch.distributed.fsdp import fully_shard
+
+    client = CLIENTS["gpt2"]
+    torch.manual_seed(0)
+    model = client.build().train()
+    inputs, targets = client.batch(8, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25, multiple=1), example_inputs=inputs)
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    step = effcompile.train_step(model, client.loss, torch.optim.SGD(model.parameters(), lr=0.0), compile=compile,
+                                 backend="effcompile_aot_eager")
+    draws = []
+    for _ in range(2):
+        step(inputs, targets)
+        draws.append({name: _full(p.grad) for name, p in model.named_parameters() if p.grad is not None})
+    return draws
 
 
 def _rank_results(rank):
@@ -172,6 +201,8 @@ def _rank_results(rank):
         cases = {name: case for name, case in PARITY.items() if case[0] == "mlp"}
     results["parity"] = {name: _parity_case(model, PARITY_CONFIGS[configs](), by, compile)
                          for name, (model, configs, by, compile) in cases.items()}
+    if cases is PARITY:
+        results["gpt2_sketch"] = {compile: _gpt2_sketch_draws(compile) for compile in (False, True)}
     return results
 
 
@@ -230,6 +261,16 @@ def test_sharded_step_owners_end_where_the_unsharded_model_ends(case, ranks):
             if key.endswith("last_index"):  # the selected rows: per rank by design
                 continue
             torch.testing.assert_close(outcome["sharded"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_randomized_vjp_samples_gpt2_conv1d_weights_under_fsdp(compile, ranks):
+    """Every weight's reduced gradient differs draw to draw: the sketch ran on the unsharded
+    Conv1D weights that FSDP2 swaps in (eager: the scope mode recognises them)."""
+    pytest.importorskip("transformers")
+    first, second = ranks[0]["gpt2_sketch"][compile]
+    weights = [name for name in first if name.endswith("weight") and ".h." in name]
+    assert weights and all(not torch.equal(first[name], second[name]) for name in weights)
 
 
 def test_a_pass_without_sharded_support_is_refused_by_name(monkeypatch):
