@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
+from ._compat import is_sharded
 from .api import _unwrap, plan_of
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "FORMAT_VERSION"]
@@ -180,6 +181,47 @@ def _applied_layers(model: nn.Module) -> list:
     return [] if plan is None else sorted((row.layer, row.pass_name) for row in plan.applied())
 
 
+# ------------------------------------------------------------------------------ sharded models
+def _full(value: Any) -> Any:
+    """``value`` with every DTensor (an FSDP2 ``fully_shard`` parameter or optimizer state)
+    gathered into the plain full tensor: a collective, so every rank saves."""
+    if is_sharded(value):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {key: _full(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_full(item) for item in value)
+    return value
+
+
+def _sharded_like(full: Any, target: Any) -> Any:
+    """``full`` (a saved full tensor) as a DTensor sharded like ``target`` where ``target`` is one:
+    this rank's shard, cut from its own copy (no communication)."""
+    if not (is_sharded(target) and isinstance(full, torch.Tensor)):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+
+
+def _model_state_for(model: nn.Module, saved: Dict[str, Any]) -> Dict[str, Any]:
+    current = model.state_dict()
+    return {key: _sharded_like(value, current.get(key)) for key, value in saved.items()}
+
+
+def _optimizer_state_for(optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> Dict[str, Any]:
+    """Parameter-shaped state of a sharded parameter as a DTensor sharded like the parameter (a
+    plain tensor would meet the DTensor parameter in the optimizer's step)."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entry in saved["state"].items():
+        parameter = parameters[index] if isinstance(index, int) and index < len(parameters) else None
+        state[index] = {name: _sharded_like(value, parameter) if name in _PARAMETER_SHAPED_STATE else value
+                        for name, value in entry.items()}
+    return dict(saved, state=state)
+
+
+# ------------------------------------------------------------------------------ saving
 def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     extra: Optional[Dict[str, Any]] = None) -> None:
     """Write model, optimizer, RNG states and the applied Plan to ``path`` (atomically, with a checksum).
@@ -187,6 +229,10 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     ``extra`` may hold only tensors, dicts, lists, tuples, str, int, float, bool and None (e.g. a
     step counter, losses, other objects' ``state_dict()``); anything else raises
     :class:`CheckpointError` before a byte is written.
+
+    FSDP2 (``fully_shard``): the file holds full tensors, gathered from the shards — every rank
+    must call this (a collective; each may write its own path or the same one) — so it loads into
+    the sharded model at any world size, or into the unsharded model.
     """
     model = _unwrap(model)
     extra = {} if extra is None else extra
@@ -194,8 +240,8 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
         raise CheckpointError(path, f"cannot save extra: expected a dict, got a {type(extra).__name__}")
     payload = {
         "format_version": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "model": _full(model.state_dict()),
+        "optimizer": None if optimizer is None else _full(optimizer.state_dict()),
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "applied_layers": _applied_layers(model),
@@ -504,10 +550,10 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     rng_before = torch.get_rng_state()
     stage = "model"
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(_model_state_for(model, payload["model"]))
         if optimizer is not None:
             stage = "optimizer"
-            optimizer.load_state_dict(payload["optimizer"])
+            optimizer.load_state_dict(_optimizer_state_for(optimizer, payload["optimizer"]))
         if restore_rng:
             stage = "RNG"
             torch.set_rng_state(payload["rng"]["cpu"])

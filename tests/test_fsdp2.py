@@ -15,6 +15,7 @@ pass (layers are found on a graph of plain parameters) — never a mixed Tensor/
 inside torch.
 """
 
+import functools
 import importlib.util
 import sys
 import warnings
@@ -190,11 +191,38 @@ def _gpt2_sketch_draws(compile):
     return draws
 
 
-def _rank_results(rank):
+def _sharded_run(name):
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, SETTINGS[name].config(), example_inputs=(_batch(0, 0)[0],))
+    _shard(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, optimizer, effcompile.train_step(model, nn.CrossEntropyLoss(), optimizer)
+
+
+def _resume(name, rank, directory):
+    """Three steps, a checkpoint, three more; then a fresh sharded model loads the checkpoint and
+    takes the last three again.  Returns both loss runs and the checkpoint's path."""
+    path = f"{directory}/{name}-rank{rank}.pt"
+    batches = [_batch(rank, step) for step in range(6)]
+    model, optimizer, step = _sharded_run(name)
+    losses = [float(step(*batch)) for batch in batches[:3]]
+    effcompile.save_checkpoint(path, model, optimizer, extra={"step": 3})
+    full_state = {key: _full(value) for key, value in model.state_dict().items()}
+    losses += [float(step(*batch)) for batch in batches[3:]]
+    model, optimizer, step = _sharded_run(name)
+    extra = effcompile.load_checkpoint(path, model, optimizer)
+    resumed = [float(step(*batch)) for batch in batches[3:]]
+    return {"uninterrupted": losses[3:], "resumed": resumed, "extra": extra, "path": path, "saved_state": full_state}
+
+
+def _rank_results(rank, directory):
     results = {name: _one_pass(name, rank) for name in SETTINGS}
     results["composed_compiled"] = _one_pass(
         "composed", rank, (effcompile.Decorrelation(), effcompile.RandomizedVJP(keep=0.25, multiple=1)), compile=True)
     results["sharded_first"] = _sharded_first(rank)
+    results["resume"] = {name: _resume(name, rank, directory) for name in SETTINGS}
     if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
         cases = PARITY
     else:
@@ -208,7 +236,8 @@ def _rank_results(rank):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks(_rank_results, tmp_path_factory.mktemp("fsdp2"), WORLD)
+    directory = tmp_path_factory.mktemp("fsdp2")
+    return run_ranks(functools.partial(_rank_results, directory=str(directory)), directory, WORLD)
 
 
 TRAINED = [name for name in SETTINGS if not PASSES[name].sharded_parameters_unsupported] + ["composed_compiled"]
@@ -292,3 +321,27 @@ def test_transform_of_an_already_sharded_model_refuses_before_changing_it(ranks)
         assert set(results["sharded_first"]) == set(SETTINGS)
         assert all("transform the plain model, then fully_shard" in message
                    for message in results["sharded_first"].values())
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_checkpoint_of_a_sharded_model_resumes_exactly(name, ranks):
+    """``save_checkpoint`` gathers the shards (model and Adam state), ``load_checkpoint`` cuts them
+    again for a fresh sharded model: the resumed run repeats the uninterrupted losses exactly."""
+    for results in ranks:
+        resume = results["resume"][name]
+        assert resume["resumed"] == resume["uninterrupted"] and resume["extra"] == {"step": 3}
+
+
+def test_checkpoint_of_a_sharded_model_loads_into_the_unsharded_model(ranks):
+    """The file holds full tensors: a plain (unsharded, one-process) model transformed the same way
+    loads it and holds exactly the sharded model's full state, pass state included."""
+    resume = ranks[0]["resume"]["decorrelation"]
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, SETTINGS["decorrelation"].config(), example_inputs=(_batch(0, 0)[0],))
+    effcompile.load_checkpoint(resume["path"], model, restore_rng=False)
+    state = model.state_dict()
+    assert any(key.endswith("_decorrelation.matrix") for key in state)
+    for key, value in resume["saved_state"].items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
