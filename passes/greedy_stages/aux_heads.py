@@ -191,19 +191,23 @@ class PooledHead(nn.Module):
         return self.proj(self.norm(pooled))
 
 
-OUTPUT_HEAD_KINDS = ("token", "token_linear", "first_token", "first_token_linear", "pool_channels_first",
-                     "pool_channels_first_linear", "pool_channels_last", "pool_channels_last_linear")
+OUTPUT_HEAD_KINDS = ("token", "token_linear", "first_token", "first_token_linear", "pool_tokens", "pool_tokens_linear",
+                     "pool_channels_first", "pool_channels_first_linear", "pool_channels_last",
+                     "pool_channels_last_linear")
 
 
 def output_head_kind(hidden: Sequence[int], target: Sequence[int], requested: str = "auto",
-                     layout: Optional[str] = None) -> str:
+                     layout: Optional[str] = None, pools_tokens: bool = False) -> str:
     """The head mapping a hidden state of shape ``hidden`` to the model's output shape ``target``.
 
     ``target[:-1] == hidden[:-1]`` (per-token logits) → ``token``.  A ``target`` of rank 2 with the
     same batch (a classifier): a channel-first map (``layout="channels_first"``: the block ends in a
     conv or batch norm) → ``pool_channels_first``; a hidden state of rank ≥ 4 otherwise →
-    ``pool_channels_last``; a token sequence ``(B, T, H)`` → ``first_token``.  ``requested="linear"``
-    drops the norm (and the pooler).  Anything else raises ``ValueError`` naming both shapes.
+    ``pool_channels_last``; a token sequence ``(B, T, H)`` → ``first_token`` where the model's own
+    head reads the first position (a CLS token), ``pool_tokens`` (the mean over positions) where
+    it reads them all (``pools_tokens``: a mean-pooled classifier such as Hugging Face Swin's).
+    ``requested="linear"`` drops the norm (and the pooler).  Anything else raises ``ValueError``
+    naming both shapes.
     """
     hidden, target = tuple(hidden), tuple(target)
     suffix = "_linear" if requested == "linear" else ""
@@ -212,7 +216,9 @@ def output_head_kind(hidden: Sequence[int], target: Sequence[int], requested: st
     if len(hidden) >= 3 and len(target) == 2 and target[0] == hidden[0]:
         if layout == "channels_first":
             return "pool_channels_first" + suffix
-        return ("pool_channels_last" if len(hidden) >= 4 else "first_token") + suffix
+        if len(hidden) >= 4:
+            return "pool_channels_last" + suffix
+        return ("pool_tokens" if pools_tokens else "first_token") + suffix
     raise ValueError(f"greedy_stages: no aux head maps a hidden state {hidden} to the model's output {target} "
                      "(supported: per-token outputs (B, T, V) and per-example outputs (B, C))")
 
@@ -224,8 +230,8 @@ def make_output_head(hidden: Sequence[int], target: Sequence[int], kind: str) ->
         return TokenHead(width, outputs, norm=kind == "token")
     if kind.startswith("first_token"):
         return FirstTokenHead(width, outputs, norm=kind == "first_token")
-    if kind.startswith("pool_channels_"):
-        channels_last = kind.startswith("pool_channels_last")
+    if kind.startswith(("pool_channels_", "pool_tokens")):  # a token sequence pools like a channels-last map
+        channels_last = not kind.startswith("pool_channels_first")
         channels = int(hidden[-1] if channels_last else hidden[1])
         return PooledHead(channels, outputs, channels_last, norm=not kind.endswith("_linear"))
     raise ValueError(f"unknown output head kind {kind!r}; expected one of {OUTPUT_HEAD_KINDS}")

@@ -25,7 +25,9 @@ Model after ``transform(model, GreedyStages(K), example_inputs=batch)`` on this 
 * ``model.greedy_stage_heads.k`` (the same attribute as the fx path) maps the hidden state at
   cut k to the model's output shape, inferred from the example output's first tensor (``logits``):
   ``(B, T, V)`` → LayerNorm + Linear to V per token (causal LM); ``(B, C)`` → LayerNorm of the
-  first token → Linear + tanh → Linear to C (classification over a token sequence), or, for a
+  first token → Linear + tanh → Linear to C (classification over a token sequence whose head reads
+  a CLS token), the mean over the tokens → LayerNorm → Linear to C (a head that reads every token,
+  as HF Swin's pooler: the positions the logits' gradient reaches on the example), or, for a
   feature map, mean over its spatial axes → LayerNorm → Linear to C (the channel axis read off the
   block's last conv/norm/Linear: ``(B, C, H, W)`` for a CNN stage, ``(B, H, W, C)`` for Swin).
 
@@ -332,6 +334,17 @@ def _measure(model: nn.Module, batch: ModelInputs, stack: BlockStack) -> Dict[st
     return {"output": output, "total": total, "uses": uses.uses, **state}
 
 
+def _pools_tokens(logits: torch.Tensor, last_hidden: torch.Tensor) -> bool:
+    """Whether the model's own head reads every position of the last block's ``(B, T, H)`` output
+    (a mean-pooled classifier: HF Swin, timm ViT with ``global_pool="avg"``) rather than the first
+    alone (a CLS token: BERT, HF ViT).  Read off the example forward's graph: the positions where
+    the gradient of the logits is non-zero."""
+    if last_hidden.dim() != 3 or logits.dim() != 2 or not (logits.requires_grad and last_hidden.requires_grad):
+        return False
+    (grad,) = torch.autograd.grad(logits.float().sum(), last_hidden, allow_unused=True)
+    return grad is not None and bool(grad[:, 1:].abs().sum() > 0)
+
+
 def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_reason: str) -> BlockStagePlan:
     """Find the stack, measure, and cut (read-only: the model's state is left untouched)."""
     batch = model_inputs(batch)
@@ -363,7 +376,8 @@ def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_rea
             raise StageTraceError(f"greedy_stages: block {stack.blocks[index]!r} returns no floating hidden-state "
                                   "tensor to cut at")
     layout = block_layout(model.get_submodule(stack.blocks[0]), tuple(hidden[0].shape))
-    kind = output_head_kind(tuple(hidden[0].shape), tuple(logits.shape), config.head, layout)
+    kind = output_head_kind(tuple(hidden[0].shape), tuple(logits.shape), config.head, layout,
+                            pools_tokens=_pools_tokens(logits, hidden[-1]))
 
     snapshots = measured["snapshots"]  # [start of block 0, end of block 0, …, end of block n−1]
     units = [snapshots[i + 1] - snapshots[i] for i in range(n)]

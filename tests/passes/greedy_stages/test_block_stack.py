@@ -283,3 +283,52 @@ def test_negligible_stage_warns():
                              example_inputs=(ids,))
     rows = [r for r in effcompile.report(model) if r.details.get("warning") == "negligible stage"]
     assert [r.layer for r in rows] == ["<stage 1>"]
+
+
+class _TokenClassifier(nn.Module):
+    """A token stack with a classifier head that reads the first position (``pool=False``, a CLS
+    token) or the mean of all positions (``pool=True``, Swin-style); fx cannot trace the root."""
+
+    def __init__(self, pool, width=16, depth=4):
+        super().__init__()
+        self.pool = pool
+        self.embed = nn.Linear(4, width)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+                                    for _ in range(depth))
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        if x.dim() == 3:  # a branch on a traced value: torch.fx cannot trace this root
+            hidden = self.embed(x)
+        for layer in self.layers:
+            hidden = hidden + layer(hidden)
+        return self.out(hidden.mean(1) if self.pool else hidden[:, 0])
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["cls", "mean"])
+def test_aux_head_reads_the_sequence_the_way_the_models_own_head_does(pool):
+    """The aux head of a token sequence follows the model's head, read off the example forward:
+    the first position for a CLS classifier, the mean of all positions for a pooled one (HF Swin).
+    The stage-0 loss then reaches every position of the cut's hidden state only when pooling."""
+    torch.manual_seed(0)
+    model = _TokenClassifier(pool)
+    x, y = torch.randn(8, 6, 4), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, GreedyStages(num_stages=2), example_inputs=(x,))
+    row = next(r for r in effcompile.report(model) if r.layer == "greedy_stage_heads.0")
+    assert row.op == ("pool_tokens" if pool else "first_token")
+    hidden = torch.randn(8, 6, 16, requires_grad=True)
+    (grad,) = torch.autograd.grad(model.greedy_stage_heads[0](hidden).sum(), hidden)
+    assert bool(grad[:, 1:].abs().sum() > 0) == pool
+
+
+def test_hugging_face_swin_gets_a_mean_pooled_aux_head():
+    client = CLIENTS["hf_swin"]
+    torch.manual_seed(0)
+    model = client.build()
+    inputs, _ = client.batch(ROWS, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, GreedyStages(num_stages=2), example_inputs=inputs)
+    assert next(r for r in effcompile.report(model) if r.layer == "greedy_stage_heads.0").op == "pool_tokens"
