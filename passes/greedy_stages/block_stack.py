@@ -322,7 +322,9 @@ def _measure(model: nn.Module, batch: ModelInputs, stack: BlockStack) -> Dict[st
         model.eval()
         with torch.random.fork_rng(devices=[]), module_state_restored(model), counter, uses:
             output = call(model, batch)
-        total = counter.get_total_flops()
+            total = counter.get_total_flops()
+            # Before the state is restored (in place: a saved tensor's version would change).
+            pools = bool(state["outputs"]) and _pools_tokens(_first_tensor(output), state["outputs"][-1])
     finally:
         for handle in handles:
             handle.remove()
@@ -331,7 +333,7 @@ def _measure(model: nn.Module, batch: ModelInputs, stack: BlockStack) -> Dict[st
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-    return {"output": output, "total": total, "uses": uses.uses, **state}
+    return {"output": output, "total": total, "uses": uses.uses, "pools_tokens": pools, **state}
 
 
 def _pools_tokens(logits: torch.Tensor, last_hidden: torch.Tensor) -> bool:
@@ -339,7 +341,8 @@ def _pools_tokens(logits: torch.Tensor, last_hidden: torch.Tensor) -> bool:
     (a mean-pooled classifier: HF Swin, timm ViT with ``global_pool="avg"``) rather than the first
     alone (a CLS token: BERT, HF ViT).  Read off the example forward's graph: the positions where
     the gradient of the logits is non-zero."""
-    if last_hidden.dim() != 3 or logits.dim() != 2 or not (logits.requires_grad and last_hidden.requires_grad):
+    if not isinstance(logits, torch.Tensor) or last_hidden is None or last_hidden.dim() != 3 or logits.dim() != 2 \
+            or not (logits.requires_grad and last_hidden.requires_grad):
         return False
     (grad,) = torch.autograd.grad(logits.float().sum(), last_hidden, allow_unused=True)
     return grad is not None and bool(grad[:, 1:].abs().sum() > 0)
@@ -377,7 +380,7 @@ def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_rea
                                   "tensor to cut at")
     layout = block_layout(model.get_submodule(stack.blocks[0]), tuple(hidden[0].shape))
     kind = output_head_kind(tuple(hidden[0].shape), tuple(logits.shape), config.head, layout,
-                            pools_tokens=_pools_tokens(logits, hidden[-1]))
+                            pools_tokens=measured["pools_tokens"])
 
     snapshots = measured["snapshots"]  # [start of block 0, end of block 0, …, end of block n−1]
     units = [snapshots[i + 1] - snapshots[i] for i in range(n)]
