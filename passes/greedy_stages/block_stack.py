@@ -214,29 +214,22 @@ class _DetachForeign(TorchFunctionMode):
     def __init__(self, owners: List[Tuple[List[Tuple[nn.Module, str]], int]], stage: Callable[[], int]) -> None:
         super().__init__()
         self.owners, self.stage = owners, stage
-        self.owner_of: Dict[int, int] = {}  # id of a shared parameter read in this forward → its owner
-        self.cache: Dict[int, torch.Tensor] = {}
 
     def _owner(self, leaf: nn.Parameter) -> Optional[int]:
-        # Only hits are remembered: FSDP2 touches its unsharded parameter (the all-gather's copy)
-        # before it places it on the modules.
-        owner = self.owner_of.get(id(leaf))
-        if owner is None:
-            owner = next((owner for places, owner in self.owners
-                          if any(module._parameters.get(name) is leaf for module, name in places)), None)
-            if owner is not None:
-                self.owner_of[id(leaf)] = owner
-        return owner
+        # Looked up at every read, not remembered: FSDP2 touches its unsharded parameter (the
+        # all-gather's copy) before it places it on the modules, and a dict filled while Dynamo
+        # traces is guarded on (torch 2.11 failed its own guard on such a cache).
+        for places, owner in self.owners:
+            for module, name in places:
+                if module._parameters.get(name) is leaf:
+                    return owner
+        return None
 
     def _swap(self, leaf: Any) -> Any:
         if not isinstance(leaf, nn.Parameter):
             return leaf
         owner = self._owner(leaf)
-        if owner is not None and owner != self.stage():
-            if id(leaf) not in self.cache:
-                self.cache[id(leaf)] = leaf.detach()
-            return self.cache[id(leaf)]
-        return leaf
+        return leaf.detach() if owner is not None and owner != self.stage() else leaf
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
