@@ -232,7 +232,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
 
     FSDP2 (``fully_shard``): the file holds full tensors, gathered from the shards — every rank
     must call this (a collective; each may write its own path or the same one) — so it loads into
-    the sharded model at any world size, or into the unsharded model.
+    the sharded model (each rank cuts its own shard from it) or into the unsharded model.
     """
     model = _unwrap(model)
     extra = {} if extra is None else extra
