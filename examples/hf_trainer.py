@@ -110,6 +110,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--backend", default="effcompile")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--output-dir", default="runs/hf_trainer")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     args = parser.parse_args(argv)
 
     names = [name for name in args.passes.split(",") if name]
@@ -127,6 +128,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     training = transformers.TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=8, num_train_epochs=args.epochs, learning_rate=1e-2,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         logging_steps=4, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True)
     trainer = trainer_class(model=model, args=training, train_dataset=data)

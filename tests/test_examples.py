@@ -107,12 +107,13 @@ def test_hf_trainer_trains_step_changing_passes_through_compute_loss(hf_trainer,
         assert len(stage_losses) == 2 and all(math.isfinite(float(loss)) for loss in stage_losses)
 
 
-@pytest.mark.parametrize("passes", ["greedy_stages", "sample_selection"])
-def test_hf_trainer_under_torchrun_ddp_averages_step_changing_passes(passes, tmp_path):
+@pytest.mark.parametrize("passes, accumulation", [("greedy_stages", 1), ("sample_selection", 1), ("greedy_stages", 2)])
+def test_hf_trainer_under_torchrun_ddp_averages_step_changing_passes(passes, accumulation, tmp_path):
     """``torchrun`` with 2 CPU processes: the Trainer wraps the model in DDP (gloo), shards the
     data per rank, and calls ``compute_loss`` with the wrapper; the objective made from it runs as
     the wrapper's forward, so DDP averages it and the ranks end with identical parameters (each
-    rank alone would drift with its own data; an objective of the unwrapped model refuses)."""
+    rank alone would drift with its own data; an objective of the unwrapped model refuses).  With
+    gradient accumulation the Trainer skips the all-reduce of the first micro-batch (``no_sync``)."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     import subprocess
@@ -122,7 +123,8 @@ def test_hf_trainer_under_torchrun_ddp_averages_step_changing_passes(passes, tmp
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(script), "--passes", passes, "--epochs", "1", "--output-dir", str(tmp_path)]
+               "--master_port", str(port), str(script), "--passes", passes, "--epochs", "1", "--output-dir", str(tmp_path),
+               "--gradient-accumulation-steps", str(accumulation)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
