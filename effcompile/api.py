@@ -10,11 +10,10 @@ from typing import Any, Callable, List, Optional
 import torch
 import torch.nn as nn
 
-from .compiling import compile_for
-from . import distributed as replicas
 from ._compat import inside_ddp_forward
+from .compiling import compile_for
 from .config import PassConfig
-from .distributed import WrapperForward
+from .distributed import WrapperForward, is_distributed
 from .inputs import call, model_inputs, training_batch
 from .plan import Plan, PlanRefused
 
@@ -301,7 +300,7 @@ class _StepOwnerObjective:
     def __call__(self, inputs: Any, targets: Any) -> torch.Tensor:
         if self._wrapper is not None:
             return self._wrapper(self._run, inputs, targets)
-        if not self._sharded and replicas.is_distributed() and not inside_ddp_forward():
+        if not self._sharded and is_distributed() and not inside_ddp_forward():
             raise RuntimeError(
                 f"effcompile.training_loss: {self._owner} runs under torch.distributed with "
                 f"{torch.distributed.get_world_size()} ranks, but the objective was made from a model without its "

@@ -331,7 +331,7 @@ def _measure(model: nn.Module, batch: ModelInputs, stack: BlockStack) -> Dict[st
 
 def _pools_tokens(logits: torch.Tensor, last_hidden: torch.Tensor) -> bool:
     """Whether the model's own head reads every position of the last block's ``(B, T, H)`` output
-    (a mean-pooled classifier: HF Swin, timm ViT with ``global_pool="avg"``) rather than the first
+    (a mean-pooled classifier: Hugging Face Swin's pooler) rather than the first
     alone (a CLS token: BERT, HF ViT).  Read off the example forward's graph: the positions where
     the gradient of the logits is non-zero."""
     if not isinstance(logits, torch.Tensor) or last_hidden is None or last_hidden.dim() != 3 or logits.dim() != 2 \

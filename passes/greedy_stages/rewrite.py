@@ -589,7 +589,7 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
 
     staged = staged_model(model)
     if WrapperForward.fsdp_root(model) is not None:
-        _under_fsdp(staged)
+        _hooks_after_fsdp(staged)
         stages = (block_stage_losses(_unwrap(model), staged, loss_fn, options) if isinstance(staged, BlockStagedModel)
                   else _StageRunner(model, loss_fn, options))
         return _sharded_train_step(stages, optimizer)
@@ -639,7 +639,7 @@ def _sharded_train_step(stages: StageLosses, optimizer: Any) -> Callable:
     return step
 
 
-def _under_fsdp(staged: Any) -> None:
+def _hooks_after_fsdp(staged: Any) -> None:
     if isinstance(staged, BlockStagedModel):
         staged.hooks_after_fsdp()
 
@@ -648,7 +648,7 @@ def make_staged_training_loss(model: nn.Module, loss_fn: Callable, options: Step
     """``effcompile.training_loss`` for a staged model: the sum of the stage losses."""
     staged = staged_model(model)
     if WrapperForward.fsdp_root(model) is not None:
-        _under_fsdp(staged)
+        _hooks_after_fsdp(staged)
     if isinstance(staged, BlockStagedModel):
         return make_block_training_loss(_unwrap(model), staged, loss_fn, options)
     return _StageRunner(model, loss_fn, options).training_loss
