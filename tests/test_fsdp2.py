@@ -101,6 +101,9 @@ def _no_dropout(model):
 def _parity_case(model_name, configs, by="step", compile=False):
     """Three steps on the same data on every rank, sharded (``by``: ``train_step`` or a loop around
     ``training_loss``) and not (``train_step``): both full states."""
+    # FSDP2's hooks break the graph at every sharded block, so the blocks' own frames are compiled
+    # per model; many models in one process would exhaust Dynamo's recompile limit for them.
+    torch.compiler.reset()
     from clients import CLIENTS
 
     if model_name == "mlp":
@@ -156,6 +159,9 @@ PARITY = {
     # GPT-2's Conv1D weights are read by addmm inside the block: the observed (scope) path
     "decorrelation_gpt2_eager": ("gpt2", "decorrelation", "step", False),
     "decorrelation_gpt2_compiled": ("gpt2", "decorrelation", "step", True),
+    # selection calls the root's forward itself, inside the trainer's objective: a nested root call
+    "selection_gpt2_training_loss": ("gpt2", "selection", "loss", False),
+    "gradmatch_gpt2_training_loss_compiled": ("gpt2", "gradmatch", "loss", True),
 }
 PARITY_CONFIGS = {
     "stages": lambda: (effcompile.GreedyStages(num_stages=2),),
@@ -163,6 +169,7 @@ PARITY_CONFIGS = {
                                       effcompile.SampleSelection(keep=0.5, strategy="random")),
     "selection": lambda: (effcompile.SampleSelection(keep=0.5, strategy="loss"),),
     "decorrelation": lambda: (effcompile.Decorrelation(),),
+    "gradmatch": lambda: (effcompile.SampleSelection(keep=0.5, strategy="gradmatch", nnls_iterations=5),),
 }
 
 
@@ -173,6 +180,7 @@ def _gpt2_sketch_draws(compile):
     from torch.distributed.fsdp import fully_shard
 
     client = CLIENTS["gpt2"]
+    torch.compiler.reset()  # as in _parity_case
     torch.manual_seed(0)
     model = client.build().train()
     inputs, targets = client.batch(8, 0)
