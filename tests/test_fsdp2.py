@@ -147,22 +147,17 @@ def _parity_case(model_name, configs, by="step", compile=False):
     return {"unsharded": states[0], "sharded": states[1]}
 
 
-PARITY = {
-    "stages_fx_eager": ("mlp", "stages", "step", False),
-    "stages_fx_compiled": ("mlp", "stages", "step", True),
-    "stages_fx_training_loss": ("mlp", "stages", "loss", False),
-    "stages_with_selection_training_loss": ("mlp", "stages_with_selection", "loss", True),
-    "selection_training_loss": ("mlp", "selection", "loss", False),
-    "stages_gpt2_block_stack_eager": ("gpt2", "stages", "step", False),
-    "stages_gpt2_block_stack_training_loss": ("gpt2", "stages", "loss", False),
-    "stages_gpt2_block_stack_compiled": ("gpt2", "stages", "step", True),
-    # GPT-2's Conv1D weights are read by addmm inside the block: the observed (scope) path
-    "decorrelation_gpt2_eager": ("gpt2", "decorrelation", "step", False),
-    "decorrelation_gpt2_compiled": ("gpt2", "decorrelation", "step", True),
-    # selection calls the root's forward itself, inside the trainer's objective: a nested root call
-    "selection_gpt2_training_loss": ("gpt2", "selection", "loss", False),
-    "gradmatch_gpt2_training_loss_compiled": ("gpt2", "gradmatch", "loss", True),
-}
+# "model configs by mode" per case; ``by`` is ``step`` (train_step) or ``loss`` (a loop around
+# training_loss).
+# GPT-2 runs the block-stack path; its Conv1D weights are read by addmm inside the block (the
+# observed path of decorrelation); selection calls the root's forward itself inside the trainer's
+# objective (a nested root call).
+_PARITY_CASES = """mlp stages step eager | mlp stages step compiled | mlp stages loss eager |
+    mlp stages_with_selection loss compiled | mlp selection loss eager | gpt2 stages step eager |
+    gpt2 stages loss eager | gpt2 stages step compiled | gpt2 decorrelation step eager |
+    gpt2 decorrelation step compiled | gpt2 selection loss eager | gpt2 gradmatch loss compiled"""
+PARITY = {"-".join(words): (words[0], words[1], words[2], words[3] == "compiled")
+          for words in (case.split() for case in _PARITY_CASES.split("|"))}
 PARITY_CONFIGS = {
     "stages": lambda: (effcompile.GreedyStages(num_stages=2),),
     "stages_with_selection": lambda: (effcompile.GreedyStages(num_stages=2),
