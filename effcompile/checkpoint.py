@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from ._compat import is_sharded
+from ._compat import is_sharded, pytree
 from .api import _unwrap, plan_of
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "FORMAT_VERSION"]
@@ -185,13 +185,7 @@ def _applied_layers(model: nn.Module) -> list:
 def _full(value: Any) -> Any:
     """``value`` with every DTensor (an FSDP2 ``fully_shard`` parameter or optimizer state)
     gathered into the plain full tensor: a collective, so every rank saves."""
-    if is_sharded(value):
-        return value.full_tensor()
-    if isinstance(value, dict):
-        return {key: _full(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_full(item) for item in value)
-    return value
+    return pytree.tree_map(lambda leaf: leaf.full_tensor() if is_sharded(leaf) else leaf, value)
 
 
 def _sharded_like(full: Any, target: Any) -> Any:

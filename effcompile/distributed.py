@@ -148,13 +148,8 @@ class DataParallelSync:
     def of(cls, model: torch.nn.Module) -> Optional["DataParallelSync"]:
         """For ``model`` wrapped in DDP (possibly inside ``torch.compile``'s wrapper) with more than
         one rank; None otherwise."""
-        while not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            if not hasattr(model, "_orig_mod"):
-                return None
-            model = model._orig_mod
-        if dist.get_world_size(group=model.process_group) == 1:
-            return None
-        return cls(model)
+        wrapper = _ddp_wrapper(model)
+        return None if wrapper is None else cls(wrapper)
 
     @torch.no_grad()
     def before_forward(self) -> None:
@@ -216,10 +211,8 @@ class WrapperForward:
     def of(cls, model: torch.nn.Module) -> Optional["WrapperForward"]:
         """For ``model`` wrapped in DDP with more than one rank (possibly inside ``torch.compile``'s
         wrapper); None otherwise."""
-        model = _uncompiled(model)
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return cls(model, model.module) if dist.get_world_size(group=model.process_group) > 1 else None
-        return None
+        wrapper = _ddp_wrapper(model)
+        return None if wrapper is None else cls(wrapper, wrapper.module)
 
     @classmethod
     def fsdp_root(cls, model: torch.nn.Module) -> Optional["WrapperForward"]:
@@ -255,3 +248,13 @@ def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
         model = model._orig_mod
     return model
+
+
+def _ddp_wrapper(model: torch.nn.Module) -> Optional[torch.nn.parallel.DistributedDataParallel]:
+    """``model``'s DDP wrapper (possibly inside ``torch.compile``'s) when its group has more than
+    one rank; None otherwise (one rank: nothing to average)."""
+    model = _uncompiled(model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and \
+            dist.get_world_size(group=model.process_group) > 1:
+        return model
+    return None
