@@ -70,7 +70,7 @@ from .config import GreedyStages
 from .cut_search import StageTraceError, evaluating
 
 __all__ = ["BlockStack", "BlockStagePlan", "BlockStagedModel", "find_block_stack", "plan_block_stages",
-           "make_block_train_step", "make_block_training_loss", "replace_first_tensor", "CUT_KIND"]
+           "block_stage_losses", "make_block_training_loss", "replace_first_tensor", "CUT_KIND"]
 
 CUT_KIND = "block-stack hooks"
 
@@ -709,34 +709,8 @@ class _BlockStageLosses(StageLosses):
         return losses
 
 
-def make_block_train_step(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, optimizer: Any,
-                          options: Any, sync: Any = None) -> Callable:
-    """The single-process DGL step of the hook path (see the module docstring).
-
-    ``sync``: an ``effcompile.distributed.DataParallelSync`` when the model is wrapped in DDP
-    (the hooks run the inner module, so the step averages the gradients itself)."""
-    from effcompile.api import training_step
-
-    stages = _BlockStageLosses(model, staged, loss_fn, options)
-
-    @training_step
-    def step(inputs: Any, targets: Any) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        if sync is not None:
-            sync.before_forward()
-        stages.run(inputs, targets, backward_each=True)
-        if sync is not None:
-            sync.after_backward()
-        optimizer.step()
-        step.stage_losses = stages.stage_losses
-        return stages.reported_loss
-
-    step.stage_losses = []
-    return step
-
-
 def block_stage_losses(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, options: Any) -> StageLosses:
-    """The stage losses of the hook path (for steps that backpropagate them their own way)."""
+    """The stage losses of the hook path (the step and ``training_loss`` run them)."""
     return _BlockStageLosses(model, staged, loss_fn, options)
 
 

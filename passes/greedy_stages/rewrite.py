@@ -54,15 +54,15 @@ from effcompile.passes.base import ModelPass, StepOptions, register_pass
 from effcompile.plan import Action, PlanRow
 
 from .aux_heads import head_kind_for, make_aux_head, make_output_head
-from .block_stack import (CUT_KIND, BlockStagedModel, BlockStagePlan, block_stage_losses, make_block_train_step,
-                          make_block_training_loss, plan_block_stages)
+from .block_stack import (CUT_KIND, BlockStagedModel, BlockStagePlan, block_stage_losses, make_block_training_loss,
+                          plan_block_stages)
 from .config import GreedyStages
 from .cut_search import (
     Boundary, StageTraceError, TracedModel, boundary_for_module, count_flops, evaluating, find_boundaries,
     measure_node_costs, merge_equivalent, min_max_partition, probe_batch_values, split_stages, stage_costs,
     trace_for_stages, trainable_elements,
 )
-from .stage_losses import StageLosses
+from .stage_losses import StageLosses, stage_train_step
 
 __all__ = [
     "GreedyStagesPass", "GreedyStageHeads", "StagedModel", "StagePlan", "staged_model", "make_stage_optimizers",
@@ -584,59 +584,14 @@ class _StageRunner(StageLosses):
 
 
 def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, options: StepOptions) -> Callable:
-    """The single-process DGL step (see the module docstring)."""
-    from effcompile.api import training_step
-
+    """The single-process DGL step (see the module docstring); under FSDP2 with one joint backward."""
     staged = staged_model(model)
-    if WrapperForward.fsdp_root(model) is not None:
+    sharded = WrapperForward.fsdp_root(model) is not None
+    if sharded:
         _hooks_after_fsdp(staged)
-        stages = (block_stage_losses(_unwrap(model), staged, loss_fn, options) if isinstance(staged, BlockStagedModel)
-                  else _StageRunner(model, loss_fn, options))
-        return _sharded_train_step(stages, optimizer)
-    # The stages run the module behind a DDP wrapper piece by piece, never the wrapper's forward,
-    # so DDP would not all-reduce their gradients: the step does what DDP does itself.
-    sync = DataParallelSync.of(model)
-    if isinstance(staged, BlockStagedModel):
-        return make_block_train_step(_unwrap(model), staged, loss_fn, optimizer, options, sync=sync)
-    runner = _StageRunner(model, loss_fn, options)
-
-    @training_step
-    def step(inputs: Any, targets: Any) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        if sync is not None:
-            sync.before_forward()
-        runner.run(inputs, targets, backward_each=True)
-        if sync is not None:
-            sync.after_backward()
-        # Gradients never cross stages, so one optimizer over all parameters takes exactly the
-        # per-stage optimizers' steps for per-parameter optimizers (SGD, Adam, ...).
-        optimizer.step()
-        step.stage_losses, step.stage_subset_losses = runner.stage_losses, runner.stage_subset_losses
-        return runner.reported_loss
-
-    step.stage_losses, step.stage_subset_losses = [], []
-    return step
-
-
-def _sharded_train_step(stages: StageLosses, optimizer: Any) -> Callable:
-    """The DGL step of an FSDP2-sharded model: the stage losses are backpropagated together, once,
-    as FSDP2 expects of a forward (its root's hooks, or ``_StageRunner``'s run through the root's
-    forward, arm the reduce-scatter for one backward).  The same gradients as stage-by-stage
-    backwards; the stages' activations are all held until that backward (``train_step`` without
-    FSDP2 frees them stage by stage)."""
-    from effcompile.api import training_step
-
-    @training_step
-    def step(inputs: Any, targets: Any) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        stages.training_loss(inputs, targets).backward()
-        optimizer.step()
-        step.stage_losses = stages.stage_losses
-        step.stage_subset_losses = getattr(stages, "stage_subset_losses", stages.stage_losses)
-        return stages.reported_loss
-
-    step.stage_losses, step.stage_subset_losses = [], []
-    return step
+    stages = (block_stage_losses(_unwrap(model), staged, loss_fn, options) if isinstance(staged, BlockStagedModel)
+              else _StageRunner(model, loss_fn, options))
+    return stage_train_step(stages, optimizer, sync=None if sharded else DataParallelSync.of(model), joint=sharded)
 
 
 def _hooks_after_fsdp(staged: Any) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
-__all__ = ["StageLosses"]
+__all__ = ["StageLosses", "stage_train_step"]
 
 
 class StageLosses:
@@ -29,3 +29,36 @@ class StageLosses:
         """The sum of the stage losses: their graphs are disjoint (every cut is detached), so its
         backward gives each stage's parameters exactly their own loss's gradient."""
         return torch.stack(self.run(inputs, targets, backward_each=False)).sum()
+
+
+def stage_train_step(stages: StageLosses, optimizer: Any, sync: Any = None, joint: bool = False) -> Callable:
+    """The single-process DGL step over ``stages`` (either path).
+
+    Each stage's loss is backpropagated as soon as it exists (freeing its activations), or with
+    ``joint`` all together, once, after the forward: what FSDP2 expects of one forward (the
+    root's hooks, or the fx stages run as the root's forward, arm the reduce-scatter for one
+    backward); the gradients are the same.  ``sync``: an ``effcompile.distributed.DataParallelSync``
+    when the stages run the module behind a DDP wrapper without its forward, so DDP would not
+    all-reduce their gradients: the step does what DDP does itself."""
+    from effcompile.api import training_step
+
+    @training_step
+    def step(inputs: Any, targets: Any) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        if sync is not None:
+            sync.before_forward()
+        if joint:
+            stages.training_loss(inputs, targets).backward()
+        else:
+            stages.run(inputs, targets, backward_each=True)
+        if sync is not None:
+            sync.after_backward()
+        # Gradients never cross stages, so one optimizer over all parameters takes exactly the
+        # per-stage optimizers' steps for per-parameter optimizers (SGD, Adam, ...).
+        optimizer.step()
+        step.stage_losses = stages.stage_losses
+        step.stage_subset_losses = getattr(stages, "stage_subset_losses", stages.stage_losses)
+        return stages.reported_loss
+
+    step.stage_losses, step.stage_subset_losses = [], []
+    return step
