@@ -71,6 +71,7 @@ import torch.nn as nn
 from effcompile import distributed as replicas
 from effcompile._compat import ConvNd, is_compiling, is_sharded
 from effcompile.passes.analysis.capture import GraphCapture, InputLocation, LayerCandidate
+from effcompile.passes.analysis.uncovered import uncovered_rows
 from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
 
@@ -194,10 +195,7 @@ class DecorrelationPass(ModelPass):
             if rungs:
                 ladders.append((row, rungs))
         self._apply_budget(ladders, config)
-        untraced = _untraced_weights(model, captured)
-        rows.extend(untraced)
-        rows.extend(row for row in self._unused_weights(model, captured, tied)
-                    if row.layer not in {untraced_row.layer for untraced_row in untraced})
+        rows.extend(uncovered_rows(self.name, model, captured, rows))
         return rows
 
     def _plan_layer(self, candidate: LayerCandidate, tied: Dict[str, List[str]], config: Decorrelation):
@@ -266,26 +264,6 @@ class DecorrelationPass(ModelPass):
         if len(kinds) > 1:
             return "the weight is used by ops of different kinds or shapes"
         return ""
-
-    @staticmethod
-    def _unused_weights(model: nn.Module, captured: GraphCapture, tied: Dict[str, List[str]]) -> List[PlanRow]:
-        """Weights of linear/conv modules the graph never used as a layer weight: say so."""
-        found = {candidate.param_fqn for candidate in captured.layers}
-        rows = []
-        for path, module in model.named_modules():
-            if isinstance(module, (nn.Linear, ConvNd, nn.Bilinear)):
-                fqn = f"{path}.weight" if path else "weight"
-                if fqn not in found and getattr(module, "weight", None) is not None:
-                    if fqn in tied:
-                        reason = f"tied weight shared with {', '.join(tied[fqn])}"
-                    elif getattr(module, "transposed", False):
-                        reason = "transposed convolution"
-                    else:
-                        reason = "its weight is not used as a linear/conv weight in the captured forward"
-                    rows.append(PlanRow(layer=path or "<root>", pass_name=Decorrelation.name, action=Action.SKIP,
-                                        op=type(module).__name__, weight_shape=tuple(module.weight.shape),
-                                        reason=reason))
-        return rows
 
     def apply(self, model: nn.Module, rows: List[PlanRow], config: Decorrelation) -> int:
         observers: Dict[str, _ScopeObserver] = {}
@@ -442,64 +420,6 @@ def _set_layer_details(row: PlanRow, spec: LayerSpec, config: Decorrelation, cos
 def _encloses(outer: str, inner: str) -> bool:
     """Module path ``outer`` is an ancestor of ``inner`` (``""`` is the root)."""
     return outer == "" or inner.startswith(outer + ".")
-
-
-_aten = torch.ops.aten
-# Layer ops of the captured graph → the position of their weight operand.
-_WEIGHT_POSITION = {
-    _aten.linear.default: 1, _aten.conv1d.default: 1, _aten.conv2d.default: 1, _aten.conv3d.default: 1,
-    _aten.conv1d.padding: 1, _aten.conv2d.padding: 1, _aten.conv3d.padding: 1, _aten.convolution.default: 1,
-    _aten.matmul.default: 1, _aten.mm.default: 1, _aten.addmm.default: 2,
-    _aten.einsum.default: None,  # any operand: einsum against a parameter is no recognised layer form
-}
-
-
-def _untraced_weights(model: nn.Module, captured: GraphCapture) -> List[PlanRow]:
-    """Parameters that reach a layer op's weight operand through ops the layer analysis does not follow.
-
-    The analysis follows a weight through views and casts (``t``, ``transpose``, ``chunk``...);
-    a parameter reaching a linear/conv/matmul through anything else (``.T`` is ``aten.numpy_T``,
-    ``0.5 * w``...) is not a candidate, so it would have no Plan row at all.  It gets a SKIP row.
-    """
-    params = dict(captured.exported.graph_signature.inputs_to_parameters)
-    found = {candidate.param_fqn for candidate in captured.layers}
-    rows: Dict[str, PlanRow] = {}
-    for node in captured.exported.graph.nodes:
-        if node.op != "call_function" or node.target not in _WEIGHT_POSITION:
-            continue
-        position = _WEIGHT_POSITION[node.target]
-        if position is None:
-            operands = list(node.args[1]) if len(node.args) > 1 else []
-        else:
-            operands = [node.args[position]] if len(node.args) > position else []
-        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        for source in operands:
-            through = []
-            while isinstance(source, torch.fx.Node) and source.op == "call_function" and source.args \
-                    and isinstance(source.args[0], torch.fx.Node) and _tensor_inputs(source) == 1:
-                through.append(getattr(source.target, "__name__", str(source.target)))
-                source = source.args[0]
-            fqn = params.get(source.name) if isinstance(source, torch.fx.Node) and source.op == "placeholder" else None
-            if fqn is None or fqn in found:
-                continue
-            owner_path, _, attr = fqn.rpartition(".")
-            key = layer_key(owner_path, attr)
-            if key in rows:
-                continue
-            if position is None:
-                reason = "einsum against a parameter is not a recognised layer form (write it as F.linear or @)"
-            else:
-                reason = (f"the weight reaches {op} through {' → '.join(reversed(through))}, which the layer "
-                          "analysis does not follow")
-            rows[key] = PlanRow(layer=key, pass_name=Decorrelation.name, action=Action.SKIP, op=op,
-                                weight_shape=tuple(model.get_parameter(fqn).shape), reason=reason)
-    return list(rows.values())
-
-
-def _tensor_inputs(node: torch.fx.Node) -> int:
-    """How many graph values ``node`` reads: a weight is followed through one-input ops only
-    (``x + pos_embed`` is no use of ``pos_embed`` as a layer weight)."""
-    return len(node.all_input_nodes)
 
 
 def _tied_parameters(model: nn.Module) -> Dict[str, List[str]]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from effcompile._compat import ConvNd, is_compiling
 from effcompile.passes.analysis.capture import GraphCapture, LayerCandidate
+from effcompile.passes.analysis.uncovered import uncovered_rows
 from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow
 
@@ -349,7 +350,8 @@ class RandomizedVJPPass(ModelPass):
     sharded_parameters_unsupported = ""
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: RandomizedVJP) -> List[PlanRow]:
-        return [self._plan_layer(model, candidate, config) for candidate in captured.layers]
+        rows = [self._plan_layer(model, candidate, config) for candidate in captured.layers]
+        return rows + uncovered_rows(self.name, model, captured, rows)
 
     def _plan_layer(self, model: nn.Module, candidate: LayerCandidate, config: RandomizedVJP) -> PlanRow:
         first = candidate.uses[0]

@@ -1,0 +1,176 @@
+"""Weights the layer analysis does not turn into layers, each with the reason a pass skips it.
+
+``capture`` finds a layer where a parameter is the weight operand of a linear, a convolution or a
+matmul (``capture.py``).  A per-layer pass must still say what it did with every *other* weight
+that a contraction reads: a pass that silently leaves a recurrent layer, a transposed convolution
+or an ``einsum`` weight exact is a defect (the user believes the whole model was rewritten).
+``uncovered_weights`` lists them, one per Plan key, so each per-layer pass adds a SKIP row:
+
+- graph side: a parameter of rank ≥ 2 read (directly, or through one-input ops such as ``.T`` or
+  ``0.5 * w``) by a contraction op of the captured graph — linear/conv/matmul operands the
+  analysis did not follow, ``einsum``/``bmm``/``bilinear`` forms, transposed convolutions and the
+  fused recurrent ops (``aten.lstm``, ``aten.gru_cell``...), whose gate GEMMs run inside one op;
+- module side: an ``nn.Linear``/conv/``nn.Bilinear``/recurrent module whose weight the captured
+  forward never read as a layer weight (unused in this forward, or tied to another module's).
+
+Elementwise reads (a position embedding added, a class token concatenated) and lookups
+(``nn.Embedding``) are not contractions and get no row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from effcompile._compat import ConvNd
+from effcompile.plan import Action, PlanRow, layer_key
+
+from .capture import GraphCapture
+
+__all__ = ["UncoveredWeight", "uncovered_weights", "uncovered_rows"]
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class UncoveredWeight:
+    layer: str  # the Plan key (owner module path, plus the attribute when it is not ``weight``)
+    op: str  # the op (or module class) that reads it
+    weight_shape: Tuple[int, ...]
+    reason: str
+
+
+def _packets(*names: str) -> set:
+    """The OpOverloadPackets of ``names`` that this torch version has (an overload-agnostic match)."""
+    return {getattr(aten, name) for name in names if hasattr(aten, name)}
+
+
+_LAYER_OPS = _packets("linear", "conv1d", "conv2d", "conv3d", "convolution", "matmul", "mm", "addmm")
+_FORM_OPS = _packets("einsum", "bmm", "baddbmm", "addbmm", "bilinear", "_trilinear", "tensordot", "mv", "addmv")
+_TRANSPOSED_OPS = _packets("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_RECURRENT_OPS = _packets("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
+                          "rnn_relu_cell", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell")
+_LAYER_MODULES = (nn.Linear, ConvNd, nn.Bilinear, nn.RNNBase, nn.RNNCellBase)
+
+
+def _packet(node: torch.fx.Node) -> Optional[object]:
+    return getattr(node.target, "overloadpacket", None)
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    return str(getattr(_packet(node), "__name__", node.target)).split(".")[-1]
+
+
+def _nodes_in(value: object) -> Iterator[torch.fx.Node]:
+    """The graph values among an op's arguments (the recurrent ops take their weights as a list)."""
+    if isinstance(value, torch.fx.Node):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _nodes_in(item)
+
+
+def _source_parameter(node: torch.fx.Node, params: Dict[str, str]) -> Tuple[Optional[str], List[str]]:
+    """Follow one-input ops back to a parameter placeholder: (its name or None, the ops passed through).
+
+    Only ops with a single graph input: ``x + pos_embed`` is no use of ``pos_embed`` as a weight."""
+    through = []
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
+            and len(node.all_input_nodes) == 1:
+        through.append(_op_name(node))
+        node = node.args[0]
+    return (params.get(node.name) if node.op == "placeholder" else None), through
+
+
+def _reason(node: torch.fx.Node, through: List[str], position: int) -> str:
+    packet, op = _packet(node), _op_name(node)
+    if packet in _RECURRENT_OPS:
+        return (f"recurrent layer: its gate GEMMs run inside one fused aten.{op}, which the layer analysis cannot "
+                "split into layers (exact backprop)")
+    if packet in _TRANSPOSED_OPS or (packet is aten.convolution and len(node.args) > 6 and node.args[6]):
+        return "transposed convolution"
+    if packet in _FORM_OPS:
+        return f"{op} against a parameter is not a recognised layer form (write it as F.linear or @)"
+    if through:
+        return f"the weight reaches {op} through {' → '.join(reversed(through))}, which the layer analysis does not follow"
+    return (f"the parameter is operand {position} of {op}, not its weight operand (W @ x): not a recognised layer form "
+            "(write it as x @ W.T or F.linear)")
+
+
+def _layer_of(fqn: str, packet: object) -> str:
+    owner, _, attr = fqn.rpartition(".")
+    # A recurrent module's weights (weight_ih_l0, weight_hh_l0, ...) are one layer: one row for the module.
+    return (owner or "<root>") if packet in _RECURRENT_OPS else layer_key(owner, attr)
+
+
+def _graph_rows(model: nn.Module, captured: GraphCapture, covered: set) -> Dict[str, UncoveredWeight]:
+    params = dict(captured.exported.graph_signature.inputs_to_parameters)
+    rows: Dict[str, UncoveredWeight] = {}
+    contractions = _LAYER_OPS | _FORM_OPS | _TRANSPOSED_OPS | _RECURRENT_OPS
+    for node in captured.exported.graph.nodes:
+        if node.op != "call_function" or _packet(node) not in contractions:
+            continue
+        for position, operand in enumerate(node.args):
+            for value in _nodes_in(operand):
+                fqn, through = _source_parameter(value, params)
+                if fqn is None:
+                    continue
+                parameter = model.get_parameter(fqn)
+                if parameter.dim() < 2 or id(parameter) in covered:
+                    continue
+                layer = _layer_of(fqn, _packet(node))
+                rows.setdefault(layer, UncoveredWeight(layer, _op_name(node), tuple(parameter.shape),
+                                                       _reason(node, through, position)))
+    return rows
+
+
+def _tied_names(model: nn.Module) -> Dict[int, List[str]]:
+    names: Dict[int, List[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
+
+
+def _module_rows(model: nn.Module, covered: set, reported: set) -> Dict[str, UncoveredWeight]:
+    tied = _tied_names(model)
+    rows: Dict[str, UncoveredWeight] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, _LAYER_MODULES):
+            continue
+        weights = [(attr, p) for attr, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+        if not weights or any(id(p) in covered for _, p in weights):
+            continue
+        recurrent = isinstance(module, (nn.RNNBase, nn.RNNCellBase))
+        attr, weight = weights[0]
+        layer = (path or "<root>") if recurrent else layer_key(path, attr)
+        if layer in reported:
+            continue
+        fqn = f"{path}.{attr}" if path else attr
+        others = [name for name in tied[id(weight)] if name != fqn]
+        if others:
+            reason = f"tied weight shared with {', '.join(others)}"
+        elif getattr(module, "transposed", False):
+            reason = "transposed convolution"
+        else:
+            reason = "its weight is not used as a linear/conv weight in the captured forward"
+        rows[layer] = UncoveredWeight(layer, type(module).__name__, tuple(weight.shape), reason)
+    return rows
+
+
+def uncovered_weights(model: nn.Module, captured: GraphCapture) -> List[UncoveredWeight]:
+    """Every contraction weight of ``model`` that ``captured.layers`` does not hold, with why."""
+    covered = {id(model.get_parameter(candidate.param_fqn)) for candidate in captured.layers}
+    rows = _graph_rows(model, captured, covered)
+    rows.update(_module_rows(model, covered, set(rows)))
+    return list(rows.values())
+
+
+def uncovered_rows(pass_name: str, model: nn.Module, captured: GraphCapture, planned: List[PlanRow]) -> List[PlanRow]:
+    """A per-layer pass's SKIP rows for the weights it cannot see as layers (none already planned)."""
+    taken = {row.layer for row in planned}
+    return [PlanRow(layer=weight.layer, pass_name=pass_name, action=Action.SKIP, op=weight.op,
+                    weight_shape=weight.weight_shape, reason=weight.reason)
+            for weight in uncovered_weights(model, captured) if weight.layer not in taken]
