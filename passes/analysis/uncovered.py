@@ -56,6 +56,13 @@ _RECURRENT_OPS = _packets("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "g
 _LAYER_MODULES = (nn.Linear, ConvNd, nn.Bilinear, nn.RNNBase, nn.RNNCellBase)
 
 
+def _parameter(model: nn.Module, fqn: str) -> nn.Parameter:
+    """The parameter registered at ``fqn`` (not ``get_parameter``: an earlier pass may have made the
+    attribute a property that computes from it, e.g. decorrelation's ``W·R``)."""
+    owner, _, attr = fqn.rpartition(".")
+    return model.get_submodule(owner)._parameters[attr]
+
+
 def _packet(node: torch.fx.Node) -> Optional[object]:
     return getattr(node.target, "overloadpacket", None)
 
@@ -118,7 +125,7 @@ def _graph_rows(model: nn.Module, captured: GraphCapture, covered: set) -> Dict[
                 fqn, through = _source_parameter(value, params)
                 if fqn is None:
                     continue
-                parameter = model.get_parameter(fqn)
+                parameter = _parameter(model, fqn)
                 if parameter.dim() < 2 or id(parameter) in covered:
                     continue
                 layer = _layer_of(fqn, _packet(node))
@@ -162,7 +169,7 @@ def _module_rows(model: nn.Module, covered: set, reported: set) -> Dict[str, Unc
 
 def uncovered_weights(model: nn.Module, captured: GraphCapture) -> List[UncoveredWeight]:
     """Every contraction weight of ``model`` that ``captured.layers`` does not hold, with why."""
-    covered = {id(model.get_parameter(candidate.param_fqn)) for candidate in captured.layers}
+    covered = {id(_parameter(model, candidate.param_fqn)) for candidate in captured.layers}
     rows = _graph_rows(model, captured, covered)
     rows.update(_module_rows(model, covered, set(rows)))
     return list(rows.values())

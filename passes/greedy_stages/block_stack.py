@@ -12,8 +12,11 @@ through every block.
 
 Model after ``transform(model, GreedyStages(K), example_inputs=batch)`` on this path:
 
-* ``find_block_stack`` picks the stack: the longest ``nn.ModuleList``/``nn.Sequential`` whose
-  children are all of one class and all hold trainable parameters (ties: more parameters).
+* ``block_stacks`` ranks the stacks: every ``nn.ModuleList``/``nn.Sequential`` of >= 2 children
+  that all hold trainable parameters, the one holding the most trainable parameters first (a list
+  of stages holds its stages' block lists; ties: more blocks).  The first stack whose blocks run
+  once each, in order, with a hidden state an aux head maps to the model's output is cut; a stack
+  whose blocks fold the batch (MobileViT's patch transformer: ``(B·P, N, C)``) is passed over.
 * The example forward is run once (eval mode, RNG forked, no backward) with hooks on every block
   and a ``TorchFunctionMode`` that records, per parameter, at which block position it is used
   (so tied weights — GPT-2's ``lm_head.weight`` is ``wte.weight`` — are found), with the forward
@@ -69,7 +72,7 @@ from .aux_heads import make_output_head, output_head_kind
 from .config import GreedyStages
 from .cut_search import StageTraceError, evaluating
 
-__all__ = ["BlockStack", "BlockStagePlan", "BlockStagedModel", "find_block_stack", "plan_block_stages",
+__all__ = ["BlockStack", "BlockStagePlan", "BlockStagedModel", "block_stacks", "plan_block_stages",
            "block_stage_losses", "make_block_training_loss", "replace_first_tensor", "CUT_KIND"]
 
 CUT_KIND = "block-stack hooks"
@@ -87,27 +90,27 @@ def _trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def find_block_stack(model: nn.Module) -> BlockStack:
-    """The model's main block stack (see the module docstring); ``StageTraceError`` with the reason if none."""
-    best, seen = None, []
+def block_stacks(model: nn.Module) -> List[BlockStack]:
+    """The model's candidate block stacks, the main one first (see the module docstring);
+    ``StageTraceError`` with the containers seen if there is none."""
+    ranked, seen = [], []
     for path, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
             continue
         children = list(module.named_children())
-        classes = {type(child) for _, child in children}
-        seen.append(f"{path or '<root>'} ({len(children)}× {', '.join(sorted(c.__name__ for c in classes))})")
-        if len(classes) != 1 or not all(_trainable(child) > 0 for _, child in children):
+        classes = sorted({type(child).__name__ for _, child in children})
+        seen.append(f"{path or '<root>'} ({len(children)}× {', '.join(classes)})")
+        if not all(_trainable(child) > 0 for _, child in children):
             continue
-        key = (len(children), _trainable(module))
-        if best is None or key > best[0]:
-            names = [f"{path}.{name}" if path else name for name, _ in children]
-            best = (key, BlockStack(path, names, type(children[0][1]).__name__))
-    if best is None:
+        names = [f"{path}.{name}" if path else name for name, _ in children]
+        # The stack holding the most of the model's training (a stage list holds its block lists).
+        ranked.append(((_trainable(module), len(children)), BlockStack(path, names, " / ".join(classes))))
+    if not ranked:
         found = "; ".join(seen) if seen else "none"
         raise StageTraceError(
             f"greedy_stages: {type(model).__name__} has no block stack to cut between (an nn.ModuleList or "
-            f"nn.Sequential of >= 2 blocks of one class, each with trainable parameters); containers found: {found}")
-    return best[1]
+            f"nn.Sequential of >= 2 blocks, each with trainable parameters); containers found: {found}")
+    return [stack for _, stack in sorted(ranked, key=lambda item: item[0], reverse=True)]
 
 
 _CHANNEL_FIRST_LAYERS = (ConvNd, NormBase, nn.GroupNorm)  # NormBase: the batch and instance norms
@@ -258,6 +261,7 @@ class BlockStagePlan:
     # block index (a later stage's) → the trainable tensors it receives besides its hidden state
     # (argument leaf index, shape): an encoder output, a position bias; read detached at run time
     side_inputs: Dict[int, List[Tuple[int, Tuple[int, ...]]]] = dataclasses.field(default_factory=dict)
+    passed_over: List[str] = dataclasses.field(default_factory=list)  # stacks ranked higher that did not fit: why
 
     @property
     def num_stages(self) -> int:
@@ -341,23 +345,48 @@ def _pools_tokens(logits: torch.Tensor, last_hidden: torch.Tensor) -> bool:
     return grad is not None and bool(grad[:, 1:].abs().sum() > 0)
 
 
+class _Unfit(Exception):
+    """A stack this model cannot be cut at (the next candidate is tried); ``error`` says why."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_reason: str) -> BlockStagePlan:
-    """Find the stack, measure, and cut (read-only: the model's state is left untouched)."""
+    """Rank the stacks, measure, and cut the first that fits (read-only: the model's state is left
+    untouched).  When none fits, the main stack's error, with why each other stack was passed over."""
     batch = model_inputs(batch)
-    stack = find_block_stack(model)
-    name = type(model).__name__
-    n = len(stack.blocks)
-    if n < config.num_stages:
-        raise ValueError(f"greedy_stages: {name}'s block stack {stack.path!r} has {n} blocks, fewer than "
-                         f"num_stages={config.num_stages} (every stage keeps at least one block)")
     if config.head not in ("auto", "linear"):
         raise ValueError(f"greedy_stages: head={config.head!r} does not apply to the block-stack path (its heads map "
                          "the hidden state to the model's output shape); use head='auto' or 'linear'")
+    passed_over: List[Tuple[BlockStack, Exception]] = []
+    for stack in block_stacks(model):
+        try:
+            plan = _plan_on(model, batch, config, fx_reason, stack)
+        except _Unfit as unfit:
+            passed_over.append((stack, unfit.error))
+            continue
+        plan.passed_over = [f"{unfit_stack.path}: {str(error)[:200]}" for unfit_stack, error in passed_over]
+        return plan
+    main = passed_over[0][1]
+    others = "; ".join(f"{stack.path}: {error}" for stack, error in passed_over[1:])
+    raise type(main)(f"{main}" + (f" (the other block stacks do not fit either: {others})" if others else "")) from None
+
+
+def _plan_on(model: nn.Module, batch: ModelInputs, config: GreedyStages, fx_reason: str,
+             stack: BlockStack) -> BlockStagePlan:
+    """The plan cutting ``stack``; ``_Unfit`` when this stack cannot be cut."""
+    name = type(model).__name__
+    n = len(stack.blocks)
+    if n < config.num_stages:
+        raise _Unfit(ValueError(f"greedy_stages: {name}'s block stack {stack.path!r} has {n} blocks, fewer than "
+                                f"num_stages={config.num_stages} (every stage keeps at least one block)"))
     measured = _measure(model, batch, stack)
     if measured["calls"] != list(range(n)):
-        raise StageTraceError(
+        raise _Unfit(StageTraceError(
             f"greedy_stages: the blocks of {name}'s stack {stack.path!r} ({n}× {stack.block_class}) must each run "
-            f"once, in index order, in one forward; the example forward called them in the order {measured['calls']}")
+            f"once, in index order, in one forward; the example forward called them in the order {measured['calls']}"))
     output = measured["output"]
     if isinstance(output, dict) and output.get("loss") is not None:
         raise ValueError(f"greedy_stages: {name} computed its own loss (labels in the batch?); stage losses apply "
@@ -369,22 +398,32 @@ def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_rea
     hidden = measured["outputs"]
     for index, tensor in enumerate(hidden):
         if tensor is None or not tensor.is_floating_point() or tensor.dim() < 2:
-            raise StageTraceError(f"greedy_stages: block {stack.blocks[index]!r} returns no floating hidden-state "
-                                  "tensor to cut at")
-    layout = block_layout(model.get_submodule(stack.blocks[0]), tuple(hidden[0].shape))
-    kind = output_head_kind(tuple(hidden[0].shape), tuple(logits.shape), config.head, layout,
-                            pools_tokens=measured["pools_tokens"])
+            raise _Unfit(StageTraceError(f"greedy_stages: block {stack.blocks[index]!r} returns no floating "
+                                         "hidden-state tensor to cut at"))
+    kinds = []  # the aux head at every possible cut (after blocks 0..n−2): the blocks of a stage list differ
+    for index in range(n - 1):
+        shape = tuple(hidden[index].shape)
+        layout = block_layout(model.get_submodule(stack.blocks[index]), shape)
+        try:
+            kinds.append(output_head_kind(shape, tuple(logits.shape), config.head, layout,
+                                          pools_tokens=measured["pools_tokens"]))
+        except ValueError as error:
+            raise _Unfit(error) from None
 
     snapshots = measured["snapshots"]  # [start of block 0, end of block 0, …, end of block n−1]
     units = [snapshots[i + 1] - snapshots[i] for i in range(n)]
     units[0] += snapshots[0]  # the prefix (embeddings) runs in stage 0
     units[-1] += measured["total"] - snapshots[-1]  # the suffix (final norm, head) in the last stage
-    head_cost = _head_flops(tuple(hidden[0].shape), tuple(logits.shape), kind, hidden[0].dtype)
+    head_costs = [_head_flops(tuple(hidden[c].shape), tuple(logits.shape), kinds[c], hidden[c].dtype)
+                  for c in range(n - 1)]
 
     if config.cuts is not None:
-        cuts = _user_cuts(stack, config.cuts, name)
+        try:
+            cuts = _user_cuts(stack, config.cuts, name)
+        except ValueError as error:  # the user's cuts name the blocks of another stack
+            raise _Unfit(error) from None
     else:
-        cuts = _min_max_cuts(units, n, config.num_stages, head_cost)
+        cuts = _min_max_cuts(units, n, config.num_stages, head_costs)
     # Parameter ownership: the first stage that uses it; later ones read it detached.
     named = dict(model.named_parameters())
     uses = measured["uses"]
@@ -408,7 +447,8 @@ def plan_block_stages(model: nn.Module, batch: Any, config: GreedyStages, fx_rea
             weights[owners[pname]] += parameter.numel()
     boundary_shapes = [tuple(hidden[c].shape) for c in cuts]
     return BlockStagePlan(stack, cuts, boundary_shapes, hidden[0].dtype, hidden[0].device, tuple(logits.shape),
-                          [kind] * len(cuts), owners, shared, stage_flops, [head_cost] * len(cuts) + [0], weights,
+                          [kinds[c] for c in cuts], owners, shared, stage_flops, [head_costs[c] for c in cuts] + [0],
+                          weights,
                           fx_reason, side_inputs)
 
 
@@ -441,15 +481,17 @@ def _user_cuts(stack: BlockStack, cuts: Sequence[str], name: str) -> List[int]:
     return positions
 
 
-def _min_max_cuts(units: List[int], n: int, stages: int, head_cost: int) -> List[int]:
+def _min_max_cuts(units: List[int], n: int, stages: int, head_costs: Sequence[int]) -> List[int]:
     """Cuts after blocks c_1 < … < c_{K−1} (each stage keeps >= 1 block) minimising the largest stage
-    cost (exact DP, O(K·n²)); ties: the earlier cut."""
+    cost, a non-last stage paying for the aux head at its cut (exact DP, O(K·n²)); ties: the earlier cut."""
     prefix = [0]
     for u in units:
         prefix.append(prefix[-1] + u)
 
     def cost(i: int, j: int, last: bool) -> int:  # blocks i..j inclusive
-        return prefix[j + 1] - prefix[i] + (0 if last else head_cost)
+        if last:
+            return prefix[j + 1] - prefix[i]
+        return prefix[j + 1] - prefix[i] + head_costs[j] if j < len(head_costs) else math.inf  # no cut after the last block
 
     # best[k][j]: the smallest largest-stage cost of stages 0..k covering blocks 0..j
     best = [[math.inf] * n for _ in range(stages)]

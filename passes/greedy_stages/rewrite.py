@@ -748,6 +748,8 @@ class GreedyStagesPass(ModelPass):
                     if plan.stack.blocks[i] in blocks]
             if side:  # trainable tensors made before this stage, read detached (no gradient crosses the cut)
                 details["side_inputs_detached"] = ", ".join(side)
+            if k == 0 and plan.passed_over:  # stacks ranked above the one cut, and why they do not fit
+                details["stacks_passed_over"] = "; ".join(plan.passed_over)
             rows.append(PlanRow(
                 layer=f"<stage {k}>" if last else f"{HEADS_ATTR}.{k}", pass_name=self.name, action=Action.ASSIGN,
                 op="model output" if last else plan.head_kinds[k], input_shape=None if last else plan.boundary_shapes[k],

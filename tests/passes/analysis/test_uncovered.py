@@ -90,6 +90,20 @@ def test_an_unsupported_contraction_is_a_warned_skip_row(construct, pass_name):
     assert {row.layer for row in rows} == {key, "head"}  # one row per layer: a module's weights are one row
 
 
+def test_composed_passes_each_say_the_skip_after_a_rewrite_made_weight_a_property():
+    """Decorrelation first turns ``head.weight`` into the property ``W·R``; the randomized VJP planned
+    after it still finds the parameters (no ``get_parameter`` on a property) and says the skip."""
+    _, shape, key, _ = CONSTRUCTS["lstm"]
+    model = _model("lstm")
+    with pytest.warns(UserWarning, match="randomized_vjp: skipped 1 layer"):
+        effcompile.transform(model, PASSES["decorrelation"](), PASSES["randomized_vjp"](),
+                             example_inputs=(torch.randn(*shape),))
+    plan = effcompile.report(model)
+    assert [(row.pass_name, row.action) for row in plan if row.layer == key] == \
+        [("decorrelation", Action.SKIP), ("randomized_vjp", Action.SKIP)]
+    assert [row.action for row in plan if row.layer == "head"] == [Action.REWRITE, Action.REWRITE]
+
+
 @pytest.mark.parametrize("construct", ["lstm", "conv_transpose", "einsum"])
 def test_a_skipped_weight_keeps_its_exact_gradient_while_the_head_is_sketched(construct):
     """The skip row tells the truth: the body's gradient is plain backprop's; the head's is sampled."""

@@ -194,6 +194,57 @@ def test_no_stack_raises_the_real_reasons():
         effcompile.transform(_Untraceable(), GreedyStages(num_stages=2), example_inputs=(torch.randn(4, 4),))
 
 
+class _FoldedMixer(nn.Module):
+    """A root forward fx cannot trace whose largest stack (a patch mixer, as MobileViT's) runs on
+    the batch folded with the patches, ``(B·4, N, C)``: no aux head maps that to ``(B, classes)``.
+    The stack of conv stages before it, ``(B, C, H, W)``, is cut instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+                                     for _ in range(3)])
+        self.mixer = nn.ModuleList([nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 8))
+                                    for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.dim() == 4:  # a Python branch on a traced value: the fx path fails
+            x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, -1, c)
+        for block in self.mixer:
+            tokens = tokens + block(tokens)
+        return self.head(tokens.reshape(b, -1, c).mean(1))
+
+
+def test_a_stack_that_folds_the_batch_is_passed_over_with_its_reason():
+    torch.manual_seed(0)
+    model = _FoldedMixer()
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    effcompile.transform(model, GreedyStages(num_stages=2), example_inputs=(x,))
+    rows = [row for row in effcompile.report(model).for_pass("greedy_stages") if "cut_kind" in row.details]
+    assert [row.details["stack"] for row in rows] == ["stages", "stages"]
+    assert rows[0].op == "pool_channels_first"
+    assert rows[0].details["stacks_passed_over"].startswith("mixer: greedy_stages: no aux head maps a hidden state "
+                                                            "(32, 16, 8)")
+    step = effcompile.train_step(model, nn.functional.cross_entropy, torch.optim.Adam(model.parameters(), lr=1e-2))
+    history = []
+    for _ in range(12):
+        step(x, y)
+        history.append([float(loss) for loss in step.stage_losses])
+    assert all(history[-1][k] < 0.9 * history[0][k] for k in range(2)), history
+
+
+def test_when_no_stack_fits_the_error_gives_every_stacks_reason():
+    model = _FoldedMixer()
+    with pytest.raises(ValueError, match=r"'mixer' has 2 blocks, fewer than num_stages=4.*other block stacks do not "
+                                         r"fit either: stages: .*'stages' has 3 blocks"):
+        effcompile.transform(model, GreedyStages(num_stages=4), example_inputs=(torch.randn(4, 3, 8, 8),))
+
+
 class _Chain(nn.Module):
     def __init__(self):
         super().__init__()
