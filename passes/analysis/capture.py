@@ -41,7 +41,8 @@ from effcompile.plan import layer_key
 
 from .side_effects import module_state_restored
 
-__all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError", "input_node"]
+__all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError", "input_node",
+           "registered_parameter"]
 
 aten = torch.ops.aten
 
@@ -103,6 +104,16 @@ class LayerCandidate:
     def layer(self) -> str:
         """The Plan key (see ``effcompile.plan.layer_key``)."""
         return layer_key(self.owner_path, self.attr)
+
+    def parameter(self, model: nn.Module) -> nn.Parameter:
+        return registered_parameter(model, self.param_fqn)
+
+
+def registered_parameter(model: nn.Module, fqn: str) -> nn.Parameter:
+    """The parameter registered at ``fqn`` (not ``get_parameter``: an earlier pass may have made the
+    attribute a property that computes from it, e.g. decorrelation's ``W·R``)."""
+    owner, _, attr = fqn.rpartition(".")
+    return model.get_submodule(owner)._parameters[attr]
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ import torch.nn as nn
 from effcompile._compat import ConvNd
 from effcompile.plan import Action, PlanRow, layer_key
 
-from .capture import GraphCapture
+from .capture import GraphCapture, registered_parameter
 
 __all__ = ["UncoveredWeight", "uncovered_weights", "uncovered_rows"]
 
@@ -54,13 +54,6 @@ _TRANSPOSED_OPS = _packets("conv_transpose1d", "conv_transpose2d", "conv_transpo
 _RECURRENT_OPS = _packets("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
                           "rnn_relu_cell", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell")
 _LAYER_MODULES = (nn.Linear, ConvNd, nn.Bilinear, nn.RNNBase, nn.RNNCellBase)
-
-
-def _parameter(model: nn.Module, fqn: str) -> nn.Parameter:
-    """The parameter registered at ``fqn`` (not ``get_parameter``: an earlier pass may have made the
-    attribute a property that computes from it, e.g. decorrelation's ``W·R``)."""
-    owner, _, attr = fqn.rpartition(".")
-    return model.get_submodule(owner)._parameters[attr]
 
 
 def _packet(node: torch.fx.Node) -> Optional[object]:
@@ -125,7 +118,7 @@ def _graph_rows(model: nn.Module, captured: GraphCapture, covered: set) -> Dict[
                 fqn, through = _source_parameter(value, params)
                 if fqn is None:
                     continue
-                parameter = _parameter(model, fqn)
+                parameter = registered_parameter(model, fqn)
                 if parameter.dim() < 2 or id(parameter) in covered:
                     continue
                 layer = _layer_of(fqn, _packet(node))
@@ -169,7 +162,7 @@ def _module_rows(model: nn.Module, covered: set, reported: set) -> Dict[str, Unc
 
 def uncovered_weights(model: nn.Module, captured: GraphCapture) -> List[UncoveredWeight]:
     """Every contraction weight of ``model`` that ``captured.layers`` does not hold, with why."""
-    covered = {id(_parameter(model, candidate.param_fqn)) for candidate in captured.layers}
+    covered = {id(candidate.parameter(model)) for candidate in captured.layers}
     rows = _graph_rows(model, captured, covered)
     rows.update(_module_rows(model, covered, set(rows)))
     return list(rows.values())

@@ -190,7 +190,7 @@ class DecorrelationPass(ModelPass):
         tied = _tied_parameters(model)
         rows, ladders = [], []
         for candidate in captured.layers:
-            row, rungs = self._plan_layer(candidate, tied, config)
+            row, rungs = self._plan_layer(candidate, tied, config, candidate.parameter(model).requires_grad)
             rows.append(row)
             if rungs:
                 ladders.append((row, rungs))
@@ -198,12 +198,13 @@ class DecorrelationPass(ModelPass):
         rows.extend(uncovered_rows(self.name, model, captured, rows))
         return rows
 
-    def _plan_layer(self, candidate: LayerCandidate, tied: Dict[str, List[str]], config: Decorrelation):
+    def _plan_layer(self, candidate: LayerCandidate, tied: Dict[str, List[str]], config: Decorrelation,
+                    trainable: bool):
         """The layer's row (its spec as configured) and its cost ladder ([] without input shapes)."""
         first = candidate.uses[0]
         row = PlanRow(layer=candidate.layer, pass_name=self.name, action=Action.REWRITE, op=first.op,
                       input_shape=first.input_shape, weight_shape=candidate.weight_shape)
-        reason = self._skip_reason(candidate, tied)
+        reason = self._skip_reason(candidate, tied, trainable)
         if reason:
             row.action, row.reason = Action.SKIP, reason
             return row, []
@@ -251,7 +252,9 @@ class DecorrelationPass(ModelPass):
                 warnings.warn(f"effcompile decorrelation: {message}", stacklevel=4)
 
     @staticmethod
-    def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]]) -> str:
+    def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]], trainable: bool) -> str:
+        if not trainable:  # W·R with R moving and W unable to follow would change a frozen layer's function
+            return "frozen weight (requires_grad=False): decorrelating its input would change what the layer computes"
         if candidate.param_fqn in tied:
             return f"tied weight shared with {', '.join(tied[candidate.param_fqn])}"
         if candidate.other_uses:

@@ -99,8 +99,10 @@ def block_stacks(model: nn.Module) -> List[BlockStack]:
             continue
         children = list(module.named_children())
         classes = sorted({type(child).__name__ for _, child in children})
-        seen.append(f"{path or '<root>'} ({len(children)}× {', '.join(classes)})")
-        if not all(_trainable(child) > 0 for _, child in children):
+        untrained = sum(_trainable(child) == 0 for _, child in children)  # parameter-free or frozen blocks
+        seen.append(f"{path or '<root>'} ({len(children)}× {', '.join(classes)}"
+                    + (f"; {untrained} without trainable parameters" if untrained else "") + ")")
+        if untrained:
             continue
         names = [f"{path}.{name}" if path else name for name, _ in children]
         # The stack holding the most of the model's training (a stage list holds its block lists).

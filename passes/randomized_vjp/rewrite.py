@@ -405,6 +405,8 @@ class RandomizedVJPPass(ModelPass):
             return f"excluded by RandomizedVJP(exclude=...) pattern {excluded[0]!r}: exact backprop"
         if candidate.other_uses:
             return f"the weight is also used by {', '.join(sorted(set(candidate.other_uses)))}"
+        if config.target == "grad_weight" and not owner._parameters[candidate.attr].requires_grad:
+            return "frozen weight (requires_grad=False): autograd computes no weight gradient to sketch"
         kinds = {use.op for use in candidate.uses}
         dense = kinds <= {"linear", "matmul"}  # matmul: X @ W in either layout (GPT-2's Conv1D is addmm(b, X, W))
         if not dense and (len(kinds) != 1 or not next(iter(kinds)).startswith("conv")):
