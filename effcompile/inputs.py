@@ -15,9 +15,10 @@ only those (graph capture).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
 
 import torch
 import torch.nn as nn
@@ -96,3 +97,28 @@ def tensor_leaves(output: Any) -> Tuple[torch.Tensor, ...]:
 
     walk(output)
     return tuple(leaves)
+
+
+@contextlib.contextmanager
+def tensor_outputs(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` whose ``forward`` returns ``tensor_leaves`` of its output, for this block only.
+
+    ``torch.export`` (and so ONNX export) must flatten the outputs; a Hugging Face decoder's
+    ``DynamicCache`` is no pytree and fails it.  The wrapper is set on the instance and keeps
+    ``forward``'s signature, so module paths, parameter names and call signatures stay the model's.
+    """
+    original = model.forward
+    had_instance_forward = "forward" in model.__dict__
+
+    def forward(*args: Any, **kwargs: Any) -> Tuple[torch.Tensor, ...]:
+        return tensor_leaves(original(*args, **kwargs))
+
+    forward.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        if had_instance_forward:
+            model.forward = original
+        else:
+            del model.forward

@@ -26,20 +26,23 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
 
     The inserted ops stay as ordinary ONNX ops (e.g. the decorrelation's W·R product is a MatMul
     inside the ``<layer>.weight_decorrelation`` name scope), so onnxruntime runs the file as is.
-    The model is checked with ``onnx.checker`` before returning.
+    The graph's outputs are the tensors of the model's output in order (``inputs.tensor_leaves``:
+    a ``ModelOutput``'s logits first; an object pytree cannot flatten, such as a decoder's KV
+    cache, is left out).  The model is checked with ``onnx.checker`` before returning.
     """
     import onnx
 
     from .api import _unwrap
-    from .inputs import model_inputs
+    from .inputs import model_inputs, tensor_outputs
 
     module = _unwrap(model)
     was_training = module.training
     module.eval()
     try:
         batch = model_inputs(example_inputs)  # a tensor, a tuple or a dict of keyword inputs
-        program = torch.onnx.export(module, batch.args, kwargs=batch.kwargs or None, dynamo=True,
-                                    opset_version=opset_version, optimize=False, verbose=False)
+        with tensor_outputs(module):
+            program = torch.onnx.export(module, batch.args, kwargs=batch.kwargs or None, dynamo=True,
+                                        opset_version=opset_version, optimize=False, verbose=False)
         program.save(os.fspath(path))
     finally:
         module.train(was_training)

@@ -72,3 +72,32 @@ def _assert_onnxruntime_matches(model, x, path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (actual,) = session.run(None, {session.get_inputs()[0].name: x[0].numpy()})
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_decoder_that_returns_its_kv_cache_exports_its_logits(tmp_path):
+    """A Hugging Face decoder in eval returns a ``DynamicCache`` (no pytree) beside its logits, which
+    plain ``torch.onnx.export`` cannot flatten.  The export keeps the output's tensors (the cache
+    object is left out): the file's first output is the logits, every decorrelated layer is listed."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("transformers")
+    import onnxruntime
+    from clients import CLIENTS
+
+    client = CLIENTS["llama"]
+    torch.manual_seed(0)
+    model = client.build()
+    inputs, targets = client.batch(4, 0)
+    effcompile.transform(model, effcompile.Decorrelation(lr=0.05), example_inputs=inputs)
+    step = effcompile.train_step(model, client.loss, torch.optim.SGD(model.parameters(), lr=0.01))
+    step(inputs, targets)  # R moves: the exported W·R is not the identity product
+    model.eval()
+    with torch.no_grad():
+        output = model(**inputs)
+    assert output.past_key_values is not None  # the cache object is there
+    path = effcompile.export_onnx(model, inputs, tmp_path / "llama.onnx")
+    layers = {row.layer for row in effcompile.report(model).applied()}
+    assert {row["layer"] for row in effcompile.inspect_onnx(path)} == layers
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {node.name: inputs[node.name].numpy() for node in session.get_inputs()}
+    logits = session.run(None, feeds)[0]
+    np.testing.assert_allclose(logits, output.logits.numpy(), rtol=1e-4, atol=1e-5)

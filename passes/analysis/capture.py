@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from effcompile._compat import pytree
 
-from effcompile.inputs import model_inputs, tensor_leaves
+from effcompile.inputs import model_inputs, tensor_outputs
 from effcompile.plan import layer_key
 
 from .side_effects import module_state_restored
@@ -339,29 +339,12 @@ def _export(model: nn.Module, example_inputs: Any, scopes: Tuple[str, ...]) -> t
     """``torch.export`` of ``model(*args, **kwargs)`` whose outputs are reduced to their tensors.
 
     Layer analysis needs only the graph; outputs such as a KV-cache object that pytree cannot
-    flatten would fail the export, so ``forward`` is wrapped (on the instance, for this call only)
-    to return ``tensor_leaves(output)``.  The wrapper keeps ``forward``'s signature, so module
-    paths, parameter names and the recorded call signatures are the model's own.
+    flatten would fail the export, so the export sees ``effcompile.inputs.tensor_outputs(model)``
+    (module paths, parameter names and the recorded call signatures stay the model's own).
     """
-    import inspect as _inspect
-
     batch = model_inputs(example_inputs)
-    original = model.forward
-    had_instance_forward = "forward" in model.__dict__
-
-    def forward(*args: Any, **kwargs: Any) -> Tuple[torch.Tensor, ...]:
-        return tensor_leaves(original(*args, **kwargs))
-
-    forward.__signature__ = _inspect.signature(original)  # type: ignore[attr-defined]
-    model.forward = forward
-    try:
-        with module_state_restored(model):
-            return _export_wrapped(model, batch, scopes)
-    finally:
-        if had_instance_forward:
-            model.forward = original
-        else:
-            del model.forward
+    with tensor_outputs(model), module_state_restored(model):
+        return _export_wrapped(model, batch, scopes)
 
 
 def _export_wrapped(model: nn.Module, batch: Any, scopes: Tuple[str, ...]) -> torch.export.ExportedProgram:
