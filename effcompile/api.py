@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from typing import Any, Callable, List, Optional
 
@@ -18,7 +19,7 @@ from .inputs import call, model_inputs, training_batch
 from .plan import Plan, PlanRefused
 
 __all__ = ["transform", "apply_plan", "report", "fold", "train_step", "training_loss", "plain_train_step",
-           "check_finite_loss", "plan_of"]
+           "check_finite_loss", "plan_of", "clip_gradients"]
 
 _PLAN_ATTR = "_effcompile_plan"
 
@@ -217,6 +218,7 @@ def train_step(
     compile: bool = False,
     backend: Any = "effcompile",
     check_finite: bool = False,
+    max_grad_norm: Optional[float] = None,
 ) -> Callable[[Any, Any], torch.Tensor]:
     """Return ``step(inputs, targets) -> loss``: one optimizer step, pass updates included.
 
@@ -228,12 +230,19 @@ def train_step(
     BatchNorm by batch statistics, running stats untouched; ``step.last_subset_loss`` is what was
     backpropagated).  It is detached and stays on device (no host sync);
     ``check_finite=True`` raises ``FloatingPointError`` on a non-finite loss before the optimizer
-    step, at the cost of one host sync per step.
+    step, at the cost of one host sync per step.  ``max_grad_norm`` clips the gradients' total
+    2-norm before the optimizer step (``torch.nn.utils.clip_grad_norm_``, after any data-parallel
+    reduction); greedy stages clip each stage's parameters and aux head on their own, as separate
+    per-stage optimizers would.  The norm before clipping is ``step.grad_norm`` (greedy stages:
+    ``step.stage_grad_norms``).
     """
 
     from effcompile.passes import PASSES, StepOptions, step_owners
 
-    options = StepOptions(compile=compile, backend=backend, check_finite=check_finite)
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
+        raise ValueError(f"train_step: max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+    options = StepOptions(compile=compile, backend=backend, check_finite=check_finite,
+                          max_grad_norm=None if max_grad_norm is None else float(max_grad_norm))
     base = _unwrap(model)
     _refuse_sharded(base, [p for p in PASSES.values() if p.is_applied(base)], "train_step")
     for owner in step_owners():
@@ -345,10 +354,23 @@ def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         objective(inputs, targets).backward()
+        if options.max_grad_norm is not None:
+            (step.grad_norm,) = clip_gradients([list(model.parameters())], options.max_grad_norm)
         optimizer.step()
         return objective.reported_loss
 
+    step.grad_norm = None
     return step
+
+
+def clip_gradients(groups: List[List[nn.Parameter]], max_norm: float) -> List[torch.Tensor]:
+    """Scale each group's gradients so that its total 2-norm is at most ``max_norm``; the norms
+    before clipping, one per group (a group without gradients: 0)."""
+    norms = []
+    for group in groups:
+        with_grad = [parameter for parameter in group if parameter.grad is not None]
+        norms.append(torch.nn.utils.clip_grad_norm_(with_grad, max_norm) if with_grad else torch.zeros(()))
+    return norms
 
 
 # How many effcompile training steps are running (a list: Dynamo guards on its value, so the

@@ -165,6 +165,7 @@ class StepOptions:
     compile: bool = False
     backend: Any = "effcompile"
     check_finite: bool = False
+    max_grad_norm: Optional[float] = None  # clip the gradients' total norm before the optimizer step
 
 
 PASSES: Dict[str, ModelPass] = {}

@@ -591,7 +591,9 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
         _hooks_after_fsdp(staged)
     stages = (block_stage_losses(_unwrap(model), staged, loss_fn, options) if isinstance(staged, BlockStagedModel)
               else _StageRunner(model, loss_fn, options))
-    return stage_train_step(stages, optimizer, sync=None if sharded else DataParallelSync.of(model), joint=sharded)
+    return stage_train_step(stages, optimizer, sync=None if sharded else DataParallelSync.of(model), joint=sharded,
+                            max_grad_norm=options.max_grad_norm,
+                            stage_parameters=[staged.stage_parameters(k) for k in range(staged.num_stages)])
 
 
 def _hooks_after_fsdp(staged: Any) -> None:

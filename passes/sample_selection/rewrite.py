@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from effcompile.api import _unwrap, check_finite_loss, training_step
+from effcompile.api import _unwrap, check_finite_loss, clip_gradients, training_step
 from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
 from effcompile.inputs import model_inputs, training_batch
@@ -327,6 +327,7 @@ class SelectionStep:
         self._ddp = DataParallelSync.of(model) if options.compile else None
         self.optimizer = optimizer
         self.options = options
+        self.grad_norm: Optional[torch.Tensor] = None  # before clipping (train_step(max_grad_norm=...))
         self.selector = selector
         self.spec: SelectionSpec = selector.spec
         self.per_sample_loss = per_sample_loss_fn(loss_fn)
@@ -406,6 +407,8 @@ class SelectionStep:
         loss.backward()
         if self._ddp is not None:
             self._ddp.after_backward()
+        if self.options.max_grad_norm is not None:
+            (self.grad_norm,) = clip_gradients([list(self.base.parameters())], self.options.max_grad_norm)
         self.optimizer.step()
         return self.reported_loss
 
