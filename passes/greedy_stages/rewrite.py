@@ -207,6 +207,7 @@ def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyS
     if not (isinstance(output, torch.Tensor) and output.dim() >= 1):
         raise ValueError(f"greedy_stages: {type(model).__name__} must return one logits tensor (classes on the last "
                          "axis) so aux heads know the number of classes")
+    _check_batch_first(model, traced, output, probe.get(result.name) if probe is not None else None)
     num_classes = int(output.shape[-1])
     boundaries, live_counts = find_boundaries(traced, values, probe)
     node_totals = [cost.total for cost in costs]
@@ -229,6 +230,24 @@ def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyS
                      modules, attributes, _stage_weights(traced, modules, attributes))
     plan.warnings = _negligible_stages(plan, config.min_stage_share)
     return plan
+
+
+def _check_batch_first(model: nn.Module, traced: TracedModel, output: torch.Tensor, probed: Any) -> None:
+    """Stages cut batch-first activations and each aux head gives one row per sample, like the
+    model's output: on a batch one row longer along the inputs' first axis (the probe) the
+    output must grow by one row too.  A sequence-first model (``nn.TransformerEncoderLayer``
+    without ``batch_first=True``) whose output is per sample fails this: its activations'
+    first axis is time, and an aux head would give one row per time step."""
+    if not isinstance(probed, torch.Tensor):
+        return  # no probe (a fixed batch size): nothing to compare
+    first = next((node for node in traced.nodes[: traced.num_inputs] if node.op == "placeholder"), None)
+    if probed.dim() >= 1 and probed.shape[0] == output.shape[0] + 1:
+        return
+    raise ValueError(
+        f"greedy_stages: {type(model).__name__}'s output {tuple(output.shape)} does not follow the first axis of its "
+        f"input{f' {first.name!r}' if first is not None else ''}: with one more entry along that axis the output is "
+        f"{tuple(probed.shape)}.  Greedy stages cut batch-first activations; make the model batch-first (e.g. "
+        "nn.TransformerEncoderLayer(..., batch_first=True)) or pass batch-first inputs")
 
 
 def _decided_plan(traced: TracedModel, boundaries: List[Boundary], decided: Sequence[int], num_classes: int,

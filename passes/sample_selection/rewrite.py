@@ -48,7 +48,7 @@ import torch.nn as nn
 from effcompile.api import _unwrap, check_finite_loss, clip_gradients, training_step
 from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
-from effcompile.inputs import model_inputs, training_batch
+from effcompile.inputs import model_inputs, tensor_leaves, training_batch
 from effcompile.passes.analysis.state_children import attach, detach
 from .config import SampleSelection
 from effcompile.plan import Action, PlanRow
@@ -385,13 +385,18 @@ class SelectionStep:
 
     def _train_rows_eager(self, args: tuple, kwargs: dict, targets: Any, index: torch.Tensor, weights: torch.Tensor):
         batch = targets.shape[0] if isinstance(targets, torch.Tensor) else None
-        # Every tensor with the batch's leading dimension is cut to the selected rows (ids, masks,
-        # pixel values, per-sample targets); anything else (a shared mask, a scalar) is kept whole.
-        rows = lambda value: (value.index_select(0, index) if isinstance(value, torch.Tensor) and value.dim() >= 1
-                              and (batch is None or value.shape[0] == batch) else value)
+
+        def rows(value: Any) -> Any:
+            # Every tensor with a batch axis is cut to the selected rows (ids, masks, pixel values,
+            # per-sample targets; a sequence-first (T, B, C) input along axis 1); anything else (a
+            # shared mask, a scalar) is kept whole.
+            axis = _batch_axis(value, batch)
+            return value if axis is None else value.index_select(axis, index)
+
         outputs = self.model(*(rows(x) for x in args), **{key: rows(value) for key, value in kwargs.items()})
         if self.tap is not None:
             self.tap.take()
+        _check_rows(outputs, index.shape[0], batch)
         losses = self.per_sample_loss(outputs, rows(targets))
         if index.shape[0] == batch and not self.selector.probabilistic:
             return losses.mean()  # every row, in order: exactly the full-batch step
@@ -449,6 +454,29 @@ class SelectionStep:
         finally:
             for module, training in modes:
                 module.training = training
+
+
+def _batch_axis(value: Any, batch: Optional[int]) -> Optional[int]:
+    """The axis of ``value`` that holds the batch: the first when its size is the batch (the
+    convention), else the only axis of that size; None for a non-tensor or a tensor without one."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    if batch is None or value.shape[0] == batch:
+        return 0
+    axes = [axis for axis, size in enumerate(value.shape) if size == batch]
+    return axes[0] if len(axes) == 1 else None
+
+
+def _check_rows(outputs: Any, selected: int, batch: Optional[int]) -> None:
+    """The re-forward of the selected rows must give one output row per selected sample; a model
+    whose inputs hold the batch on an axis the cut could not find would give something else."""
+    first = next(iter(tensor_leaves(outputs)), None)
+    if first is not None and first.dim() >= 1 and first.shape[0] != selected:
+        raise ValueError(
+            f"sample_selection(mode='reforward'): the forward of the {selected} selected rows (of {batch}) returned "
+            f"{tuple(first.shape)}, not one row per selected sample: the batch axis of the inputs was not found (a "
+            "sequence-first input whose time axis has the batch's size?).  Pass batch-first inputs or use "
+            "mode='forward_reuse'")
 
 
 # ------------------------------------------------------------------------------------ the pass

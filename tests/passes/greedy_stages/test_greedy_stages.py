@@ -419,3 +419,23 @@ def test_a_deep_staged_model_deep_copies_and_the_copy_trains_on_its_own():
     assert len(effcompile.report(twin).for_pass("greedy_stages")) == len(effcompile.report(model).for_pass("greedy_stages"))
     folded = effcompile.fold(model)
     torch.testing.assert_close(folded(x), model(x))
+
+
+def test_a_sequence_first_model_is_refused_with_the_reason():
+    """Stages cut batch-first activations: a (T, B, C) encoder whose output is per sample would get
+    aux heads giving one row per time step.  The batch probe finds it (the output does not grow
+    with the inputs' first axis) and the transform says so."""
+
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 16)
+            self.layers = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):  # x: (T, B, 6)
+            return self.head(self.layers(self.embed(x)).mean(0))
+
+    with pytest.raises(ValueError, match=r"output \(8, 3\) does not follow the first axis of its input 'x'.*batch-first"):
+        effcompile.transform(SequenceFirst(), effcompile.GreedyStages(num_stages=2),
+                             example_inputs=(torch.randn(5, 8, 6),))

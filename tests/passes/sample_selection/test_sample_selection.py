@@ -446,3 +446,46 @@ def test_digits_every_strategy_trains_close_to_backprop():
         losses = [m.train_loss for m in result.history]
         assert losses[-1] < 0.3 * losses[0], (strategy, losses)
         assert result.final_accuracy >= backprop - 0.04, (strategy, result.final_accuracy, backprop)
+
+
+class _SequenceFirst(nn.Module):
+    """``nn.TransformerEncoderLayer`` without ``batch_first``: inputs (T, B, C), one output row per sample."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, 16)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), 1,
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(0))
+
+
+def test_reforward_cuts_a_sequence_first_input_along_its_batch_axis():
+    """The re-forward selects the rows of axis 1 of a (T, B, C) input: the same gradient as forward
+    reuse and as plain backprop of the weighted subset written by hand."""
+    x, y = torch.randn(5, 8, 6), torch.randint(0, 3, (8,))
+    index, weights = torch.tensor([6, 1, 3, 4]), torch.rand(4)
+    grads = {}
+    for mode in ("forward_reuse", "reforward"):
+        model = _selecting(_SequenceFirst(), x, keep=0.5, strategy="random", mode=mode)
+        selector_of(model).select = lambda *args, **kwargs: (index, weights)
+        effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.0))(x, y)
+        grads[mode] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    reference = _SequenceFirst()
+    (F.cross_entropy(reference(x[:, index]), y[index], reduction="none") * weights).sum().backward()
+    for name, p in reference.named_parameters():
+        for mode in grads:
+            torch.testing.assert_close(grads[mode][name], p.grad, rtol=1e-5, atol=1e-6, msg=f"{mode} {name}")
+
+
+def test_reforward_refuses_a_batch_axis_it_cannot_tell_from_time():
+    """T == B: the first axis (time) has the batch's size and is cut; the output then has B rows, not
+    the k selected, and the step says why instead of training on the wrong rows."""
+    x, y = torch.randn(8, 8, 6), torch.randint(0, 3, (8,))
+    model = _selecting(_SequenceFirst(), x, keep=0.5, strategy="random", mode="reforward")
+    step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="not one row per selected sample: the batch axis of the inputs was not found"):
+        step(x, y)
