@@ -42,7 +42,7 @@ from effcompile.plan import layer_key
 from .side_effects import module_state_restored
 
 __all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError", "input_node",
-           "registered_parameter"]
+           "registered_parameter", "parametrized_weight", "PARAMETRIZED_REASON"]
 
 aten = torch.ops.aten
 
@@ -107,6 +107,18 @@ class LayerCandidate:
 
     def parameter(self, model: nn.Module) -> nn.Parameter:
         return registered_parameter(model, self.param_fqn)
+
+
+_PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original\d*$")
+PARAMETRIZED_REASON = ("the weight is computed by a parametrization (torch.nn.utils.parametrize: weight_norm, "
+                       "spectral_norm, ...); the passes rewrite a weight parameter, not a computed weight")
+
+
+def parametrized_weight(fqn: str) -> Optional[Tuple[str, str]]:
+    """(module path, attribute) of the weight a ``torch.nn.utils.parametrize`` parametrization
+    computes from the parameter ``fqn`` (``<path>.parametrizations.<attr>.original[0-9]``), or None."""
+    match = _PARAMETRIZED.match(fqn)
+    return (match.group(1) or "", match.group(2)) if match else None
 
 
 def registered_parameter(model: nn.Module, fqn: str) -> nn.Parameter:
@@ -373,7 +385,8 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
 
     def candidate(fqn: str) -> LayerCandidate:
         if fqn not in candidates:
-            owner_path, _, attr = fqn.rpartition(".")
+            # A parametrized weight is the module's (its Plan key, e.g. "fc"), not its original's.
+            owner_path, attr = parametrized_weight(fqn) or fqn.rpartition(".")[::2]
             shape = tuple(model.get_parameter(fqn).shape)
             candidates[fqn] = LayerCandidate(fqn, owner_path, attr, shape)
         return candidates[fqn]
@@ -390,6 +403,8 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
         row_preserving = use.op in ("linear", "matmul")
         use.input_location, use.input_unobservable, use.input_exclusive = _locate_input(
             node, use.scope, row_preserving, signatures, modules, user_inputs, exported.call_spec.in_spec)
+        if parametrized_weight(fqn):
+            use.unsupported = use.unsupported or PARAMETRIZED_REASON
         candidate(fqn).uses.append(use)
 
     # Any other use of a candidate parameter (as a bias, in a norm, ...) makes it unsafe to rewrite.

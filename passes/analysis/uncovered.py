@@ -24,11 +24,12 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from effcompile._compat import ConvNd
 from effcompile.plan import Action, PlanRow, layer_key
 
-from .capture import GraphCapture, registered_parameter
+from .capture import PARAMETRIZED_REASON, GraphCapture, parametrized_weight, registered_parameter
 
 __all__ = ["UncoveredWeight", "uncovered_weights", "uncovered_rows"]
 
@@ -101,7 +102,7 @@ def _reason(node: torch.fx.Node, through: List[str], position: int) -> str:
 
 
 def _layer_of(fqn: str, packet: object) -> str:
-    owner, _, attr = fqn.rpartition(".")
+    owner, attr = parametrized_weight(fqn) or fqn.rpartition(".")[::2]
     # A recurrent module's weights (weight_ih_l0, weight_hh_l0, ...) are one layer: one row for the module.
     return (owner or "<root>") if packet in _RECURRENT_OPS else layer_key(owner, attr)
 
@@ -122,8 +123,9 @@ def _graph_rows(model: nn.Module, captured: GraphCapture, covered: set) -> Dict[
                 if parameter.dim() < 2 or id(parameter) in covered:
                     continue
                 layer = _layer_of(fqn, _packet(node))
-                rows.setdefault(layer, UncoveredWeight(layer, _op_name(node), tuple(parameter.shape),
-                                                       _reason(node, through, position)))
+                # A parametrization's own ops (spectral_norm's power iteration) are not why: it is computed.
+                reason = PARAMETRIZED_REASON if parametrized_weight(fqn) else _reason(node, through, position)
+                rows.setdefault(layer, UncoveredWeight(layer, _op_name(node), tuple(parameter.shape), reason))
     return rows
 
 
@@ -134,23 +136,35 @@ def _tied_names(model: nn.Module) -> Dict[int, List[str]]:
     return names
 
 
-def _module_rows(model: nn.Module, covered: set, reported: set) -> Dict[str, UncoveredWeight]:
+def _layer_weights(module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """A layer module's weights of rank >= 2, a parametrized one as the originals it is computed from."""
+    weights = [(attr, p) for attr, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if parametrize.is_parametrized(module):
+        weights += [(attr, p) for attr, originals in module.parametrizations.items() for p in originals.parameters()]
+    return weights
+
+
+def _module_rows(model: nn.Module, layers: set, reported: set) -> Dict[str, UncoveredWeight]:
+    """Layer modules no candidate is keyed by (``layers``) and the graph scan did not report: a
+    module whose weight is tied to another's is keyed by one of them only, and gets its own row."""
     tied = _tied_names(model)
     rows: Dict[str, UncoveredWeight] = {}
     for path, module in model.named_modules():
         if not isinstance(module, _LAYER_MODULES):
             continue
-        weights = [(attr, p) for attr, p in module.named_parameters(recurse=False) if p.dim() >= 2]
-        if not weights or any(id(p) in covered for _, p in weights):
+        weights = _layer_weights(module)
+        if not weights:
             continue
         recurrent = isinstance(module, (nn.RNNBase, nn.RNNCellBase))
         attr, weight = weights[0]
         layer = (path or "<root>") if recurrent else layer_key(path, attr)
-        if layer in reported:
+        if layer in layers or layer in reported:
             continue
         fqn = f"{path}.{attr}" if path else attr
         others = [name for name in tied[id(weight)] if name != fqn]
-        if others:
+        if parametrize.is_parametrized(module, attr):
+            reason = PARAMETRIZED_REASON
+        elif others:
             reason = f"tied weight shared with {', '.join(others)}"
         elif getattr(module, "transposed", False):
             reason = "transposed convolution"
@@ -164,7 +178,7 @@ def uncovered_weights(model: nn.Module, captured: GraphCapture) -> List[Uncovere
     """Every contraction weight of ``model`` that ``captured.layers`` does not hold, with why."""
     covered = {id(candidate.parameter(model)) for candidate in captured.layers}
     rows = _graph_rows(model, captured, covered)
-    rows.update(_module_rows(model, covered, set(rows)))
+    rows.update(_module_rows(model, {candidate.layer for candidate in captured.layers}, set(rows)))
     return list(rows.values())
 
 

@@ -358,7 +358,7 @@ class RandomizedVJPPass(ModelPass):
         row = PlanRow(layer=candidate.layer, pass_name=self.name, action=Action.REWRITE, op=first.op,
                       input_shape=first.input_shape, weight_shape=candidate.weight_shape)
         owner = model.get_submodule(candidate.owner_path)
-        reason = self._skip_reason(owner, candidate, config)
+        reason = self._skip_reason(owner, candidate, config, candidate.parameter(model).requires_grad)
         if reason:
             row.action, row.reason = Action.SKIP, reason
             return row
@@ -399,13 +399,13 @@ class RandomizedVJPPass(ModelPass):
         return row
 
     @staticmethod
-    def _skip_reason(owner: nn.Module, candidate: LayerCandidate, config: RandomizedVJP) -> str:
+    def _skip_reason(owner: nn.Module, candidate: LayerCandidate, config: RandomizedVJP, trainable: bool) -> str:
         excluded = [pattern for pattern in config.exclude if fnmatch.fnmatchcase(candidate.layer, pattern)]
         if excluded:
             return f"excluded by RandomizedVJP(exclude=...) pattern {excluded[0]!r}: exact backprop"
         if candidate.other_uses:
             return f"the weight is also used by {', '.join(sorted(set(candidate.other_uses)))}"
-        if config.target == "grad_weight" and not owner._parameters[candidate.attr].requires_grad:
+        if config.target == "grad_weight" and not trainable:
             return "frozen weight (requires_grad=False): autograd computes no weight gradient to sketch"
         kinds = {use.op for use in candidate.uses}
         dense = kinds <= {"linear", "matmul"}  # matmul: X @ W in either layout (GPT-2's Conv1D is addmm(b, X, W))

@@ -264,7 +264,11 @@ def find_head(captured: GraphCapture) -> Tuple[Optional[LayerCandidate], Optiona
                 if use.op not in ("linear", "matmul"):
                     return None, None, f"the output comes from a {use.op} ({candidate.layer}), not a linear layer"
                 return candidate, use, ""
-    return None, None, f"the model output is computed by {node.target} ({_scope(node) or '<root>'}), not by a linear layer"
+    where = _scope(node) or "<root>"
+    if node.target in (aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default):
+        return None, None, (f"the head ({node.target} in {where}) multiplies by a computed weight (a parametrization "
+                            "such as weight_norm?), not by a parameter")
+    return None, None, f"the model output is computed by {node.target} ({where}), not by a linear layer"
 
 
 def _head_problem(captured: GraphCapture, candidate: Optional[LayerCandidate], use: Optional[WeightUse]) -> str:

@@ -62,6 +62,27 @@ CONSTRUCTS = {
     "bmm": (lambda: _Functional("bmm"), (4, 6), "body.w", "not a recognised layer form"),
     "left_operand": (lambda: _Functional("left"), (4, 6), "body.w", "not its weight operand"),
 }
+def _parametrized(kind: str):
+    def build() -> nn.Module:
+        from torch.nn.utils import parametrizations, parametrize
+
+        layer = nn.Linear(6, 6)
+        if kind == "weight_norm":
+            return parametrizations.weight_norm(layer)
+        if kind == "spectral_norm":
+            return parametrizations.spectral_norm(layer)
+        parametrize.register_parametrization(layer, "weight", nn.Identity())  # even the identity: a computed weight
+        return layer
+
+    return build
+
+
+PARAMETRIZED = "computed by a parametrization"
+CONSTRUCTS.update({
+    "weight_norm": (_parametrized("weight_norm"), (4, 6), "body", PARAMETRIZED),
+    "spectral_norm": (_parametrized("spectral_norm"), (4, 6), "body", PARAMETRIZED),  # not its power iteration's mv
+    "identity_parametrization": (_parametrized("identity"), (4, 6), "body", PARAMETRIZED),
+})
 PASSES = {
     "decorrelation": lambda: effcompile.Decorrelation(max_overhead=None),
     "randomized_vjp": lambda: effcompile.RandomizedVJP(keep=0.5, multiple=1, estimator="uniform"),

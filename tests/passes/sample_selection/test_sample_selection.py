@@ -489,3 +489,11 @@ def test_reforward_refuses_a_batch_axis_it_cannot_tell_from_time():
     step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="not one row per selected sample: the batch axis of the inputs was not found"):
         step(x, y)
+
+
+def test_gradmatch_on_a_weight_normed_head_says_the_weight_is_computed():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), weight_norm(nn.Linear(16, 3)))
+    with pytest.raises(ValueError, match=r"the head \(aten.linear.default in 2\) multiplies by a computed weight"):
+        effcompile.transform(model, SampleSelection(keep=0.5, strategy="gradmatch"), example_inputs=(torch.randn(16, 8),))
