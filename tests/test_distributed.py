@@ -19,7 +19,8 @@ Both ranks are seeded alike (``torch.manual_seed``), as data-parallel training d
   records every rank's losses), so percentiles rank a row among the whole data-parallel batch.
   ``sync_history=False`` (the control) keeps a history per rank.
 * Steps that run the module behind a DDP wrapper without its forward (compiled selection, the
-  single-process greedy-stage step) average the gradients themselves: the ranks stay identical.
+  single-process greedy-stage step) average the gradients themselves: the ranks stay identical,
+  and ``max_grad_norm`` clips the averaged gradient.
 * ``effcompile.training_loss`` under DDP (a trainer owns the backward): a step owner's objective
   runs as the wrapper's forward (``WrapperForward``), so DDP's own reducer all-reduces during the
   trainer's backward.  With different data per rank the ranks stay identical and end where
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from gloo_ranks import run_ranks
 
 WORLD = 2
+CLIP = 0.02  # max_grad_norm of the clipped runs: below every step's averaged gradient norm here
 DRAWS = 400
 ALPHA = 1e-4  # family-wise false-alarm rate of each z-test
 
@@ -132,9 +134,10 @@ def _selector_history(rank):
     return out
 
 
-def _ddp_training(rank, config, compile=False, backend="aot_eager", steps=5):
+def _ddp_training(rank, config, compile=False, backend="aot_eager", steps=5, max_grad_norm=None):
     """``steps`` DDP steps of ``effcompile.train_step`` with different data on each rank."""
     import effcompile
+    from effcompile.passes.greedy_stages import staged_model
     from effcompile.passes.sample_selection.selectors import selector_of
 
     torch.manual_seed(0)
@@ -145,13 +148,19 @@ def _ddp_training(rank, config, compile=False, backend="aot_eager", steps=5):
         effcompile.transform(model, config, example_inputs=(torch.randn(16, 8),))
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    step = effcompile.train_step(ddp, F.cross_entropy, optimizer, compile=compile, backend=backend)
+    step = effcompile.train_step(ddp, F.cross_entropy, optimizer, compile=compile, backend=backend,
+                                 max_grad_norm=max_grad_norm)
     generator = torch.Generator().manual_seed(10 + rank)
     for _ in range(steps):
         x = torch.randn(16, 8, generator=generator) * (1 + 3 * rank)
         step(x, torch.randint(0, 3, (16,), generator=generator))
     selector = selector_of(model)
-    return {"initial": initial, "parameters": [p.detach().clone() for p in model.parameters()],
+    groups = [list(model.parameters())]
+    if isinstance(config, effcompile.GreedyStages):
+        staged = staged_model(model)
+        groups = [staged.stage_parameters(k) for k in range(staged.num_stages)]
+    grad_norms = [math.sqrt(sum(float(p.grad.square().sum()) for p in group if p.grad is not None)) for group in groups]
+    return {"initial": initial, "parameters": [p.detach().clone() for p in model.parameters()], "grad_norms": grad_norms,
             "history": None if selector is None else selector.loss_history.clone(),
             "fill": None if selector is None else int(selector.history_fill)}
 
@@ -235,6 +244,8 @@ def _rank_results(rank):
         "selection_eager": _ddp_training(rank, selection),
         "selection_compiled": _ddp_training(rank, selection, compile=True),
         "stages": _ddp_training(rank, effcompile.GreedyStages(num_stages=2)),
+        "selection_compiled_clipped": _ddp_training(rank, selection, compile=True, max_grad_norm=CLIP),
+        "stages_clipped": _ddp_training(rank, effcompile.GreedyStages(num_stages=2), max_grad_norm=CLIP),
         "objectives": objectives,
     }
 
@@ -330,6 +341,17 @@ def test_ddp_greedy_stage_step_ranks_stay_identical(ranks):
     for a, b, initial in zip(rank0["parameters"], rank1["parameters"], rank0["initial"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert any(not torch.equal(a, initial) for a, initial in zip(rank0["parameters"], rank0["initial"]))
+
+
+@pytest.mark.parametrize("run", ["selection_compiled_clipped", "stages_clipped"])
+def test_ddp_steps_clip_the_averaged_gradient(run, ranks):
+    """``max_grad_norm`` under DDP clips after the ranks' gradients are averaged: the ranks stay
+    identical and the stepped gradient (each stage's, for greedy stages) has exactly the norm
+    ``CLIP`` — clipping each rank's own gradient before averaging would leave it below ``CLIP``."""
+    rank0, rank1 = (r[run] for r in ranks)
+    for a, b in zip(rank0["parameters"], rank1["parameters"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert rank0["grad_norms"] == pytest.approx([CLIP] * len(rank0["grad_norms"]), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------ training_loss under DDP
