@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -251,7 +252,8 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
                data_factory: Callable[[], Any], steps: int, *, eval_factory: Optional[Callable[[], Any]] = None,
                seed: int = 0, threads_per_process: int = 1, checkpoint_dir: Optional[str] = None,
                checkpoint_every: int = 0, resume: bool = False, codebook_every: int = RUNTIME_CODEBOOK_EVERY,
-               fault: Optional[Fault] = None, start_timeout_s: float = 120.0, data_parallel: int = 1) -> StageRunResult:
+               fault: Optional[Fault] = None, start_timeout_s: float = 120.0, data_parallel: int = 1,
+               max_grad_norm: Optional[float] = None) -> StageRunResult:
     """Train a greedy-staged model with one process per stage and replica on this machine (gloo on CPU).
 
     Args:
@@ -276,6 +278,8 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
             all-reduce their gradients and buffers every step, so they stay identical; the
             activations of replica d flow to replica d of the next stage.  ``steps`` counts each
             replica's steps (D·steps batches in all).
+        max_grad_norm: clip each stage's gradient (its replicas' average) to this total norm
+            before its optimizer step, as ``train_step(max_grad_norm=...)`` does per stage.
 
     Raises ``StageRuntimeError`` naming the failed stage and step when a stage fails, dies or hangs;
     every child process is stopped before it is raised.
@@ -286,6 +290,8 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
         raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
     if not (isinstance(data_parallel, int) and data_parallel >= 1):
         raise ValueError(f"data_parallel={data_parallel!r} is invalid: expected an integer >= 1")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: expected a positive finite number or None")
     if fault is not None and not 0 <= fault.stage < config.num_stages:
         raise ValueError(f"Fault.stage={fault.stage} is out of range for {config.num_stages} stages")
     if fault is not None and not fault.replica < data_parallel:
@@ -294,7 +300,7 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
 
     job = StageJob(config, model_factory, loss_fn, optimizer_factory, data_factory, steps, eval_factory, seed,
                    threads_per_process, checkpoint_dir, checkpoint_every, resume, codebook_every, fault,
-                   replicas=data_parallel)
+                   replicas=data_parallel, max_grad_norm=max_grad_norm)
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
     layout = job.layout
@@ -513,6 +519,7 @@ def _parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="clip each stage's gradient to this norm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per stage process")
     parser.add_argument("--timeout", type=float, default=60.0)
@@ -538,6 +545,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
     args = parser.parse_args(argv)
     if args.data_parallel < 1:
         parser.error(f"--data-parallel must be >= 1, got {args.data_parallel}")
+    if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
+        parser.error(f"--max-grad-norm must be a positive finite number, got {args.max_grad_norm}")
     from effcompile.config import PASS_CONFIGS
 
     passes = tuple(name for name in args.passes.split(",") if name)
@@ -560,7 +569,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
     result = run_stages(config, zoo.model_factory, cross_entropy, zoo.optimizer_factory, zoo.data_factory,
                         args.steps, eval_factory=eval_factory, seed=args.seed, threads_per_process=args.threads,
                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                        resume=args.resume, codebook_every=args.codebook_every, data_parallel=args.data_parallel)
+                        resume=args.resume, codebook_every=args.codebook_every, data_parallel=args.data_parallel,
+                        max_grad_norm=args.max_grad_norm)
     summary = result.summary()
     _emit(summary, args.out)
     return summary
@@ -592,7 +602,7 @@ def _torchrun_stage(args: argparse.Namespace, config: GreedyStages, zoo: ZooJob,
     job = StageJob(config, zoo.model_factory, cross_entropy, zoo.optimizer_factory, zoo.data_factory, args.steps,
                    eval_factory, args.seed, args.threads, args.checkpoint_dir, args.checkpoint_every, args.resume,
                    args.codebook_every, None, "nccl" if torch.cuda.is_available() else "gloo",
-                   replicas=args.data_parallel)
+                   replicas=args.data_parallel, max_grad_norm=args.max_grad_norm)
     started = time.time()
     results = stage_process(rank, world, job, None, run_dir, collect=True)  # exits 1 on failure
     summary: Dict[str, Any] = {}

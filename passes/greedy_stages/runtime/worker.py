@@ -109,6 +109,7 @@ class StageJob:
     backend: str = "gloo"
     launched_at: float = 0.0  # launcher's clock when the processes were started (start-up accounting)
     replicas: int = 1  # data-parallel replicas D of every stage (K·D processes)
+    max_grad_norm: Optional[float] = None  # clip each stage's (replica-averaged) gradient to this norm
 
     @property
     def layout(self) -> Layout:
@@ -369,6 +370,11 @@ class _StageWorker:
                                     "the optimizer step was not taken")
         loss.backward()
         self._average_over_replicas(step_id)
+        if self.job.max_grad_norm is not None:
+            from effcompile.api import clip_gradients
+
+            clip_gradients([[p for group in self.optimizer.param_groups for p in group["params"]]],
+                           self.job.max_grad_norm)
         self.optimizer.step()
         self.losses.append(float(loss.detach()))
         self.step_ids.append(step_id)

@@ -89,6 +89,23 @@ def test_sync_run_matches_single_process_train_step(sync_run, reference_run):
     assert _falls(sync_run.losses[-1], factor=0.8)[0]
 
 
+def test_clipped_sync_run_matches_the_clipped_single_process_step():
+    """``max_grad_norm``: each stage process clips its own gradient, as the single-process step
+    clips per stage; the two runs end on the same weights (and differ from the unclipped run)."""
+    steps, clip = 8, 0.1
+    run = _run(_config(), steps=steps, max_grad_norm=clip)
+    model = build_staged_model(_config(), ZOO.model_factory, seed=0)
+    step = effcompile.train_step(model, cross_entropy, ZOO.optimizer_factory(list(model.parameters())),
+                                 max_grad_norm=clip)
+    for index, (inputs, labels) in cycle_batches(ZOO.data_factory):
+        if index == steps:
+            break
+        step(inputs, labels)
+        assert all(float(norm) > clip for norm in step.stage_grad_norms)  # every step clips
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(run.model_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_sync_run_reports_bytes_throughput_and_accuracy(sync_run):
     boundary = sync_run.boundaries[0]
     activation = ZOO.batch_size * 8 * 4 * 4 * 4  # fp32 (B, 8, 4, 4)
