@@ -1,6 +1,6 @@
 """Every technique on Hugging Face architectures beyond the test zoo (``tests/clients.py``).
 
-Tiny configs, random init, no download.  Per architecture × technique × mode (eager, compiled
+Tiny configs, random init, no download (MobileViT joined the test zoo itself).  Per architecture × technique × mode (eager, compiled
 with ``effcompile_aot_eager``): ``transform`` with the dict batch the model takes, six
 ``train_step`` steps on one batch and one on a partial batch of 5 rows; the row records the losses,
 the number of Plan rows applied and skipped (with the reasons), and the error if anything raised.
@@ -76,6 +76,21 @@ def _architectures() -> Dict[str, Tuple[Callable[[], torch.nn.Module], Callable[
             decoder_start_token_id=1, **seq2seq)),
                     lambda rows, seed: ({"input_features": torch.randn(rows, 8, 32, generator=torch.Generator().manual_seed(seed)),
                                          "decoder_input_ids": _ids(rows, seed + 7)}, _ids(rows, seed + 7)), seq2seq_loss),
+        "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, max_position_embeddings=64,
+                                                     word_embed_proj_dim=32)), lm, causal_lm_loss),
+        "phi": (lambda: T.PhiForCausalLM(T.PhiConfig(vocab_size=VOCAB, max_position_embeddings=64, **small)), lm,
+                causal_lm_loss),
+        "roberta": (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(
+            vocab_size=VOCAB, num_labels=3, max_position_embeddings=64, pad_token_id=1, **small)), text3,
+            classification_loss),
+        # weight_norm on its positional conv (a parametrized weight: a skip row with the reason);
+        # LayerDrop off: a Python branch on torch.rand, which torch.export cannot capture
+        "wav2vec2": (lambda: T.Wav2Vec2ForSequenceClassification(T.Wav2Vec2Config(
+            vocab_size=32, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4, layerdrop=0.0, mask_time_prob=0.0, num_labels=3, **small)),
+                     lambda rows, seed: ({"input_values": torch.randn(rows, 800, generator=torch.Generator().manual_seed(seed))},
+                                         _labels(rows, seed, 3)), classification_loss),
         "hf_vit": (lambda: T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_channels=3,
                                                                    num_labels=10, **small)),
                    lambda rows, seed: ({"pixel_values": torch.randn(rows, 3, 16, 16,

@@ -367,6 +367,17 @@ def _resizable(model: nn.Module, key: str) -> bool:
     return name in dict(owner.named_buffers(recurse=False)) and bool(owner._load_state_dict_pre_hooks)
 
 
+def _legacy(model: nn.Module, key: str) -> bool:
+    """State an older version saved that the module now accepts and drops on load (its
+    ``legacy_state_keys``, e.g. a buffer that became a plain attribute)."""
+    owner_path, _, name = key.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_path) if owner_path else model
+    except AttributeError:
+        return False
+    return name in getattr(owner, "legacy_state_keys", ())
+
+
 def check_tensors(path: PathLike, saved: Any, model: nn.Module, keys: Optional[List[str]] = None,
                   strict: bool = True) -> None:
     """Check the saved model state against ``model``: keys (all, or ``keys``), tensor shapes and dtypes."""
@@ -379,7 +390,7 @@ def check_tensors(path: PathLike, saved: Any, model: nn.Module, keys: Optional[L
         raise CheckpointError(path, f"does not fit the model: {len(missing)} state entries are missing "
                                     f"(e.g. {missing[:3]})")
     if strict and keys is None:
-        unexpected = [key for key in saved if key not in current]
+        unexpected = [key for key in saved if key not in current and not _legacy(model, key)]
         if unexpected:
             raise CheckpointError(path, f"does not fit the model: {len(unexpected)} unexpected state entries "
                                         f"(e.g. {unexpected[:3]})")

@@ -70,6 +70,7 @@ import torch.nn as nn
 
 from effcompile import distributed as replicas
 from effcompile._compat import ConvNd, is_compiling, is_sharded
+from effcompile.swapped import picklable
 from effcompile.passes.analysis.capture import GraphCapture, InputLocation, LayerCandidate
 from effcompile.passes.analysis.uncovered import uncovered_rows
 from effcompile.passes.base import ModelPass, register_pass
@@ -165,7 +166,8 @@ def _decorrelated_class(cls: type, attrs: Tuple[str, ...], fused: Tuple[str, ...
         namespace["_effcompile_decorrelated"] = attrs
         if observes:
             namespace["forward"] = observed_forward(cls)
-        _DECORRELATED_CLASSES[key] = type(f"Decorrelated{cls.__name__}", (cls,), namespace)
+        _DECORRELATED_CLASSES[key] = picklable(type(f"Decorrelated{cls.__name__}", (cls,), namespace),
+                                               _decorrelated_class, key)
     return _DECORRELATED_CLASSES[key]
 
 

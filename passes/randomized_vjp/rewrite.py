@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from effcompile._compat import ConvNd, is_compiling
+from effcompile.swapped import picklable
 from effcompile.passes.analysis.capture import GraphCapture, LayerCandidate
 from effcompile.passes.analysis.uncovered import uncovered_rows
 from effcompile.passes.base import ModelPass, register_pass
@@ -326,7 +327,7 @@ def _sketched_class(cls: type, attrs: Tuple[str, ...], memory_mode: bool = False
                 namespace["forward"] = eager_forward
                 namespace["_effcompile_eager_sketch"] = True
             name = f"Sketched{cls.__name__}"
-        _SKETCHED_CLASSES[key] = type(name, (cls,), namespace)
+        _SKETCHED_CLASSES[key] = picklable(type(name, (cls,), namespace), _sketched_class, key)
     return _SKETCHED_CLASSES[key]
 
 

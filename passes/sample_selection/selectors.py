@@ -236,6 +236,8 @@ class SampleSelector(nn.Module):
     ``head_bias`` overrides whether that head has a bias (a greedy stage's aux head).
     """
 
+    legacy_state_keys = ("last_index", "last_weights")  # buffers until 2026-12-05: accepted and dropped on load
+
     def __init__(self, keep: float, strategy: str, *, fixed_k: bool = True, beta: float = 1.0,
                  history_size: int = 1024, gradmatch_ridge: float = 1e-3, nnls_iterations: int = 50,
                  head_bias: bool = True, sync_history: bool = True,
@@ -256,9 +258,11 @@ class SampleSelector(nn.Module):
         for name in ("history_fill", "history_position", "steps", "rows_seen"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("rows_selected", torch.zeros((), dtype=torch.float64, device=device))
-        self.register_buffer("last_index", torch.zeros(0, dtype=torch.long, device=device))
-        self.register_buffer("last_weights", torch.zeros(0, device=device))
-        self._register_load_state_dict_pre_hook(_adopt_checkpoint_shapes, with_module=True)
+        # The last selection, for the report: plain attributes, not buffers — their size follows the
+        # batch, and an EMA copy of the model (AveragedModel, timm's ModelEma) copies buffers in place.
+        self.last_index = torch.zeros(0, dtype=torch.long, device=device)
+        self.last_weights = torch.zeros(0, device=device)
+        self._register_load_state_dict_pre_hook(_drop_legacy_state, with_module=True)
 
     @property
     def probabilistic(self) -> bool:
@@ -342,7 +346,7 @@ class SampleSelector(nn.Module):
 
     # ----------------------------------------------------------------------------- logging
     def record(self, index: torch.Tensor, weights: torch.Tensor) -> None:
-        """Keep the last selection in the ``last_index``/``last_weights`` buffers (no copy)."""
+        """Keep the last selection in ``last_index``/``last_weights`` (no copy)."""
         self.last_index = index.detach()
         self.last_weights = weights.detach()
 
@@ -359,12 +363,11 @@ class SampleSelector(nn.Module):
         }
 
 
-def _adopt_checkpoint_shapes(module: SampleSelector, state_dict, prefix, *args) -> None:
-    """The last selection's size depends on the batch size: take the checkpoint's; fill missing state."""
-    for name in ("last_index", "last_weights"):
-        key = prefix + name
-        if key in state_dict:
-            setattr(module, name, torch.empty_like(state_dict[key], device=getattr(module, name).device))
+def _drop_legacy_state(module: SampleSelector, state_dict, prefix, *args) -> None:
+    """An older checkpoint's last selection is accepted and dropped (it is only reported); state a
+    checkpoint lacks (saved before a buffer existed) keeps its current value."""
+    for name in module.legacy_state_keys:
+        state_dict.pop(prefix + name, None)
     for name, buffer in module.named_buffers(recurse=False):
         state_dict.setdefault(prefix + name, buffer.detach().clone())
 

@@ -277,7 +277,7 @@ class TestModelIntegration:
         assert keys < set(model.state_dict())
         assert {k for k in model.state_dict() if k not in keys} == {
             f"{SELECTOR_NAME}.{name}" for name in ("loss_history", "history_fill", "history_position", "steps",
-                                                   "rows_seen", "rows_selected", "last_index", "last_weights")}
+                                                   "rows_seen", "rows_selected")}
         effcompile.train_step(model, nn.CrossEntropyLoss(), _sgd(model))(x, y)
         folded = effcompile.fold(model)
         assert set(folded.state_dict()) == keys and selector_of(folded) is None
