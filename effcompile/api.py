@@ -219,6 +219,7 @@ def train_step(
     backend: Any = "effcompile",
     check_finite: bool = False,
     max_grad_norm: Optional[float] = None,
+    grad_scaler: Optional[Any] = None,
 ) -> Callable[[Any, Any], torch.Tensor]:
     """Return ``step(inputs, targets) -> loss``: one optimizer step, pass updates included.
 
@@ -234,15 +235,22 @@ def train_step(
     2-norm before the optimizer step (``torch.nn.utils.clip_grad_norm_``, after any data-parallel
     reduction); greedy stages clip each stage's parameters and aux head on their own, as separate
     per-stage optimizers would.  The norm before clipping is ``step.grad_norm`` (greedy stages:
-    ``step.stage_grad_norms``).
+    ``step.stage_grad_norms``).  ``grad_scaler`` (a ``torch.amp.GradScaler``, for float16
+    autocast): every backward runs on the scaled loss, the gradients are unscaled before clipping,
+    and ``grad_scaler.step``/``update`` replace the optimizer step (a step whose gradients are not
+    finite is skipped and the scale lowered).
     """
 
     from effcompile.passes import PASSES, StepOptions, step_owners
 
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
         raise ValueError(f"train_step: max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+    if grad_scaler is not None and not all(callable(getattr(grad_scaler, name, None))
+                                           for name in ("scale", "unscale_", "step", "update")):
+        raise TypeError(f"train_step: grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
     options = StepOptions(compile=compile, backend=backend, check_finite=check_finite,
-                          max_grad_norm=None if max_grad_norm is None else float(max_grad_norm))
+                          max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
+                          grad_scaler=grad_scaler)
     base = _unwrap(model)
     _refuse_sharded(base, [p for p in PASSES.values() if p.is_applied(base)], "train_step")
     for owner in step_owners():
@@ -353,10 +361,9 @@ def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
 
     def step(inputs: Any, targets: Any) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        objective(inputs, targets).backward()
-        if options.max_grad_norm is not None:
-            (step.grad_norm,) = clip_gradients([list(model.parameters())], options.max_grad_norm)
-        optimizer.step()
+        options.backward(objective(inputs, targets))
+        norms = options.optimizer_step(optimizer, lambda: [list(model.parameters())])
+        step.grad_norm = norms[0] if norms else None
         return objective.reported_loss
 
     step.grad_norm = None

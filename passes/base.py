@@ -166,6 +166,30 @@ class StepOptions:
     backend: Any = "effcompile"
     check_finite: bool = False
     max_grad_norm: Optional[float] = None  # clip the gradients' total norm before the optimizer step
+    grad_scaler: Any = None  # a torch.amp.GradScaler: scaled backward, unscale → clip → scaler.step → update
+
+    def backward(self, losses: Any) -> None:
+        """Backpropagate a loss or a list of losses, scaled by the step's ``grad_scaler`` if any."""
+        losses = list(losses) if isinstance(losses, (list, tuple)) else [losses]
+        if self.grad_scaler is not None:
+            losses = [self.grad_scaler.scale(loss) for loss in losses]
+        torch.autograd.backward(losses)
+
+    def optimizer_step(self, optimizer: Any, groups: Callable[[], List[List[Any]]]) -> Optional[List[Any]]:
+        """Unscale, clip each of ``groups()`` to ``max_grad_norm``, step; the norms before clipping
+        (None without ``max_grad_norm``).  With a ``grad_scaler`` a step with non-finite gradients
+        is skipped and the scale lowered, as ``GradScaler.step`` does."""
+        from effcompile.api import clip_gradients
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(optimizer)
+        norms = clip_gradients(groups(), self.max_grad_norm) if self.max_grad_norm is not None else None
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(optimizer)
+            self.grad_scaler.update()
+        else:
+            optimizer.step()
+        return norms
 
 
 PASSES: Dict[str, ModelPass] = {}

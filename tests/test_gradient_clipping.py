@@ -74,3 +74,61 @@ def test_an_invalid_max_grad_norm_is_refused(bad):
     model = _mlp()
     with pytest.raises(ValueError, match="max_grad_norm must be a positive finite number"):
         effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=bad)
+
+
+# ------------------------------------------------------------------------------ float16 loss scaling
+def _fp16_step(model, **kwargs):
+    return effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), **kwargs)
+
+
+def test_the_plain_step_with_a_grad_scaler_is_the_hand_written_scaled_loop():
+    model, reference = _mlp(), _mlp()
+    x, y = _batch()
+    step = _fp16_step(model, max_grad_norm=MAX_NORM)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.float16):
+            step(x, y)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(reference(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM)
+        scaler.step(optimizer)
+        scaler.update()
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("config", [effcompile.SampleSelection(keep=0.5), effcompile.GreedyStages(num_stages=2)],
+                         ids=["sample_selection", "greedy_stages"])
+def test_step_owners_scale_every_backward_and_skip_an_overflowing_step(config):
+    """The step owners backpropagate the scaled loss (the unscaled gradient is what clipping sees:
+    exactly ``MAX_NORM``), and a step whose scaled gradient overflows is skipped with the scale halved."""
+    model = _mlp()
+    x, y = _batch()
+    effcompile.transform(model, config, example_inputs=(x,))
+    step = _fp16_step(model, max_grad_norm=MAX_NORM)
+    with torch.autocast("cpu", dtype=torch.float16):
+        step(x, y)
+    groups = ([effcompile.passes.greedy_stages.staged_model(model).stage_parameters(k) for k in range(2)]
+              if isinstance(config, effcompile.GreedyStages) else [list(model.parameters())])
+    for group in groups:  # unscaled before clipping: a scaled gradient would have been clipped from 1024x
+        assert _norm(group) == pytest.approx(MAX_NORM, rel=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    overflowing = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                                        grad_scaler=scaler)
+    with torch.autocast("cpu", dtype=torch.float16):
+        overflowing(x * float("inf"), y)  # non-finite gradients: the step is skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0 ** 9
+
+
+def test_a_grad_scaler_must_be_a_grad_scaler():
+    model = _mlp()
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), grad_scaler=2.0)

@@ -748,7 +748,7 @@ class _BlockStageLosses(StageLosses):
         self.stage_losses = [loss.detach() for loss in losses]
         self.steps += 1
         if backward_each:  # one backward over all: the stages' graphs are disjoint, the model's forward is one
-            torch.autograd.backward(losses)
+            self.options.backward(losses)
             return []
         return losses
 

@@ -589,7 +589,7 @@ class _StageRunner(StageLosses):
             if self.options.check_finite:
                 check_finite_loss(loss, self.steps)
             if backward_each:
-                loss.backward()
+                self.options.backward(loss)
             else:
                 losses.append(loss)
             if selection is not None:  # the report's selection counters: the last stage's selection
@@ -610,9 +610,8 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
         _hooks_after_fsdp(staged)
     stages = (block_stage_losses(_unwrap(model), staged, loss_fn, options) if isinstance(staged, BlockStagedModel)
               else _StageRunner(model, loss_fn, options))
-    return stage_train_step(stages, optimizer, sync=None if sharded else DataParallelSync.of(model), joint=sharded,
-                            max_grad_norm=options.max_grad_norm,
-                            stage_parameters=[staged.stage_parameters(k) for k in range(staged.num_stages)])
+    return stage_train_step(stages, optimizer, options, sync=None if sharded else DataParallelSync.of(model),
+                            joint=sharded, stage_parameters=[staged.stage_parameters(k) for k in range(staged.num_stages)])
 
 
 def _hooks_after_fsdp(staged: Any) -> None:

@@ -31,8 +31,8 @@ class StageLosses:
         return torch.stack(self.run(inputs, targets, backward_each=False)).sum()
 
 
-def stage_train_step(stages: StageLosses, optimizer: Any, sync: Any = None, joint: bool = False,
-                     max_grad_norm: Optional[float] = None, stage_parameters: Sequence[List[Any]] = ()) -> Callable:
+def stage_train_step(stages: StageLosses, optimizer: Any, options: Any, sync: Any = None, joint: bool = False,
+                     stage_parameters: Sequence[List[Any]] = ()) -> Callable:
     """The single-process DGL step over ``stages`` (either path).
 
     Each stage's loss is backpropagated as soon as it exists (freeing its activations), or with
@@ -40,10 +40,10 @@ def stage_train_step(stages: StageLosses, optimizer: Any, sync: Any = None, join
     root's hooks, or the fx stages run as the root's forward, arm the reduce-scatter for one
     backward); the gradients are the same.  ``sync``: an ``effcompile.distributed.DataParallelSync``
     when the stages run the module behind a DDP wrapper without its forward, so DDP would not
-    all-reduce their gradients: the step does what DDP does itself.  ``max_grad_norm`` clips each
-    stage's gradients (``stage_parameters[k]``: its body and aux head) on their own: no stage's
-    update depends on another's gradient."""
-    from effcompile.api import clip_gradients, training_step
+    all-reduce their gradients: the step does what DDP does itself.  ``options.max_grad_norm``
+    clips each stage's gradients (``stage_parameters[k]``: its body and aux head) on their own: no
+    stage's update depends on another's gradient; ``options.grad_scaler`` scales every backward."""
+    from effcompile.api import training_step
 
     @training_step
     def step(inputs: Any, targets: Any) -> torch.Tensor:
@@ -51,16 +51,14 @@ def stage_train_step(stages: StageLosses, optimizer: Any, sync: Any = None, join
         if sync is not None:
             sync.before_forward()
         if joint:
-            stages.training_loss(inputs, targets).backward()
+            options.backward(stages.training_loss(inputs, targets))
         else:
-            stages.run(inputs, targets, backward_each=True)
+            stages.run(inputs, targets, backward_each=True)  # backpropagates through options.backward
         if sync is not None:
             sync.after_backward()
-        if max_grad_norm is not None:
-            step.stage_grad_norms = clip_gradients(list(stage_parameters), max_grad_norm)
         # Gradients never cross stages, so one optimizer over all parameters takes exactly the
         # per-stage optimizers' steps for per-parameter optimizers (SGD, Adam, ...).
-        optimizer.step()
+        step.stage_grad_norms = options.optimizer_step(optimizer, lambda: list(stage_parameters)) or []
         step.stage_losses = stages.stage_losses
         step.stage_subset_losses = getattr(stages, "stage_subset_losses", stages.stage_losses)
         return stages.reported_loss

@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from effcompile.api import _unwrap, check_finite_loss, clip_gradients, training_step
+from effcompile.api import _unwrap, check_finite_loss, training_step
 from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
 from effcompile.inputs import model_inputs, tensor_leaves, training_batch
@@ -413,12 +413,11 @@ class SelectionStep:
         if self._ddp is not None:
             self._ddp.before_forward()
         loss = self.training_loss(inputs, targets)
-        loss.backward()
+        self.options.backward(loss)
         if self._ddp is not None:
             self._ddp.after_backward()
-        if self.options.max_grad_norm is not None:
-            (self.grad_norm,) = clip_gradients([list(self.base.parameters())], self.options.max_grad_norm)
-        self.optimizer.step()
+        norms = self.options.optimizer_step(self.optimizer, lambda: [list(self.base.parameters())])
+        self.grad_norm = norms[0] if norms else None
         return self.reported_loss
 
     def training_loss(self, inputs: Any, targets: Any) -> torch.Tensor:
