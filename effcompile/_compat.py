@@ -168,6 +168,36 @@ def hook_runs_last(handle: Any) -> None:
         hooks.move_to_end(handle.id)
 
 
+@contextlib.contextmanager
+def reentrant_checkpoints_inlined() -> Iterator[None]:
+    """Within the block, a reentrant ``torch.utils.checkpoint`` region (Hugging Face's default
+    ``gradient_checkpointing_enable()``) runs its function directly.  Its first forward runs under
+    ``torch.no_grad()``, which ``torch.export`` captures as an opaque ``wrap_with_set_grad_enabled``
+    submodule: the layers inside would be invisible to the layer analysis.  Checkpointing changes
+    what is stored, not what is computed, so the capture sees the plain forward.
+    (``CheckpointFunction`` is private in every version.)"""
+    from torch.utils import checkpoint
+
+    function = checkpoint.CheckpointFunction
+    own = function.__dict__.get("apply")  # normally inherited from autograd.Function
+    function.apply = classmethod(lambda cls, run_function, preserve_rng_state, *args: run_function(*args))
+    try:
+        yield
+    finally:
+        if own is None:
+            del function.apply
+        else:
+            function.apply = own
+
+
+def inside_backward() -> bool:
+    """Whether this code runs inside an autograd backward pass: a forward running there is an
+    activation-checkpointing recomputation (``torch.utils.checkpoint``, reentrant or not, as
+    Hugging Face's ``gradient_checkpointing_enable`` uses), which must not repeat the forward's
+    side effects.  Autograd's current graph task id (private; -1 outside a backward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def inside_ddp_forward() -> bool:
     """Whether a ``DistributedDataParallel`` forward is running (its module's forward is on the
     stack): DDP's own flag, ``_active_ddp_module``, kept for Dynamo's DDPOptimizer (torch 2.11 and

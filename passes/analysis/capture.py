@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from effcompile._compat import pytree
+from effcompile._compat import pytree, reentrant_checkpoints_inlined
 
 from effcompile.inputs import model_inputs, tensor_outputs
 from effcompile.plan import layer_key
@@ -355,7 +355,7 @@ def _export(model: nn.Module, example_inputs: Any, scopes: Tuple[str, ...]) -> t
     (module paths, parameter names and the recorded call signatures stay the model's own).
     """
     batch = model_inputs(example_inputs)
-    with tensor_outputs(model), module_state_restored(model):
+    with tensor_outputs(model), module_state_restored(model), reentrant_checkpoints_inlined():
         return _export_wrapped(model, batch, scopes)
 
 

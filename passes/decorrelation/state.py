@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from effcompile import distributed as replicas
-from effcompile._compat import is_compiling, native_bf16_matmul
+from effcompile._compat import inside_backward, is_compiling, native_bf16_matmul
 from effcompile.passes.analysis.capture import ConvGeometry, InputLocation
 
 from .config import Decorrelation
@@ -267,7 +267,13 @@ class DecorrelationState(nn.Module):
 
     # ----------------------------------------------------------------------------- update
     def observe(self, inputs: Sequence[torch.Tensor]) -> None:
-        """Update R from the layer inputs of one training forward (no host synchronisation)."""
+        """Update R from the layer inputs of one training forward (no host synchronisation).
+
+        Not in an activation-checkpointing recomputation (eager; compiled checkpoints recompute in
+        the graph, without Python hooks): R was updated by the forward that it repeats, and the
+        recomputation must use the R that forward used, so the gradient matches its output."""
+        if not is_compiling() and inside_backward():
+            return
         with torch.no_grad():
             self.observed_batches.add_(1)
         gate = self._update_gate()
