@@ -11,7 +11,9 @@ or an ``einsum`` weight exact is a defect (the user believes the whole model was
   analysis did not follow, ``einsum``/``bmm``/``bilinear`` forms, transposed convolutions and the
   fused recurrent ops (``aten.lstm``, ``aten.gru_cell``...), whose gate GEMMs run inside one op;
 - module side: an ``nn.Linear``/conv/``nn.Bilinear``/recurrent module whose weight the captured
-  forward never read as a layer weight (unused in this forward, or tied to another module's).
+  forward never read as a layer weight (unused in this forward, tied to another module's, or
+  computed by a ``torch.nn.utils.parametrize`` parametrization such as ``weight_norm``: keyed by
+  the module, not by ``parametrizations.weight.original0``).
 
 Elementwise reads (a position embedding added, a class token concatenated) and lookups
 (``nn.Embedding``) are not contractions and get no row.
