@@ -30,7 +30,7 @@ import re
 import struct
 import uuid
 import zipfile
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -357,25 +357,27 @@ def check_applied_layers(path: PathLike, payload: Dict[str, Any], model: nn.Modu
                                     f"vs model layers {current}")
 
 
-def _resizable(model: nn.Module, key: str) -> bool:
-    """A buffer whose module adapts its shape on load (a load_state_dict pre-hook, e.g. the last selection)."""
+def _owner(model: nn.Module, key: str) -> Tuple[Optional[nn.Module], str]:
+    """The module holding state entry ``key`` (None if the model has no such module) and its local name."""
     owner_path, _, name = key.rpartition(".")
     try:
-        owner = model.get_submodule(owner_path) if owner_path else model
+        return (model.get_submodule(owner_path) if owner_path else model), name
     except AttributeError:
-        return False
-    return name in dict(owner.named_buffers(recurse=False)) and bool(owner._load_state_dict_pre_hooks)
+        return None, name
+
+
+def _resizable(model: nn.Module, key: str) -> bool:
+    """A buffer whose module adapts its shape on load (a load_state_dict pre-hook)."""
+    owner, name = _owner(model, key)
+    return owner is not None and name in dict(owner.named_buffers(recurse=False)) \
+        and bool(owner._load_state_dict_pre_hooks)
 
 
 def _legacy(model: nn.Module, key: str) -> bool:
     """State an older version saved that the module now accepts and drops on load (its
     ``legacy_state_keys``, e.g. a buffer that became a plain attribute)."""
-    owner_path, _, name = key.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_path) if owner_path else model
-    except AttributeError:
-        return False
-    return name in getattr(owner, "legacy_state_keys", ())
+    owner, name = _owner(model, key)
+    return owner is not None and name in getattr(owner, "legacy_state_keys", ())
 
 
 def check_tensors(path: PathLike, saved: Any, model: nn.Module, keys: Optional[List[str]] = None,
