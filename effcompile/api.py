@@ -19,7 +19,7 @@ from .inputs import call, model_inputs, training_batch
 from .plan import Plan, PlanRefused
 
 __all__ = ["transform", "apply_plan", "report", "fold", "train_step", "training_loss", "plain_train_step",
-           "check_finite_loss", "plan_of", "clip_gradients"]
+           "check_finite_loss", "plan_of", "clip_gradients", "checked_max_grad_norm"]
 
 _PLAN_ATTR = "_effcompile_plan"
 
@@ -243,13 +243,12 @@ def train_step(
 
     from effcompile.passes import PASSES, StepOptions, step_owners
 
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
-        raise ValueError(f"train_step: max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+    max_grad_norm = checked_max_grad_norm(max_grad_norm, "train_step")
     if grad_scaler is not None and not all(callable(getattr(grad_scaler, name, None))
                                            for name in ("scale", "unscale_", "step", "update")):
         raise TypeError(f"train_step: grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
     options = StepOptions(compile=compile, backend=backend, check_finite=check_finite,
-                          max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
+                          max_grad_norm=max_grad_norm,
                           grad_scaler=grad_scaler)
     base = _unwrap(model)
     _refuse_sharded(base, [p for p in PASSES.values() if p.is_applied(base)], "train_step")
@@ -368,6 +367,15 @@ def plain_train_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
 
     step.grad_norm = None
     return step
+
+
+def checked_max_grad_norm(value: Any, where: str) -> Optional[float]:
+    """``value`` as a float clip norm (None: no clipping); ``ValueError`` unless positive and finite."""
+    if value is None:
+        return None
+    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise ValueError(f"{where}: max_grad_norm must be a positive finite number or None, got {value!r}")
+    return float(value)
 
 
 def clip_gradients(groups: List[List[nn.Parameter]], max_norm: float) -> List[torch.Tensor]:

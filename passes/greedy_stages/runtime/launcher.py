@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -65,6 +64,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from effcompile.api import checked_max_grad_norm
 from effcompile.passes.greedy_stages.config import GreedyStages
 
 from .wire import HEADER_BYTES, HEADER_LEN, StageRuntimeError
@@ -290,8 +290,7 @@ def run_stages(config: GreedyStages, model_factory: Callable[[], Tuple[nn.Module
         raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
     if not (isinstance(data_parallel, int) and data_parallel >= 1):
         raise ValueError(f"data_parallel={data_parallel!r} is invalid: expected an integer >= 1")
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
-        raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: expected a positive finite number or None")
+    max_grad_norm = checked_max_grad_norm(max_grad_norm, "run_stages")
     if fault is not None and not 0 <= fault.stage < config.num_stages:
         raise ValueError(f"Fault.stage={fault.stage} is out of range for {config.num_stages} stages")
     if fault is not None and not fault.replica < data_parallel:
@@ -545,8 +544,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
     args = parser.parse_args(argv)
     if args.data_parallel < 1:
         parser.error(f"--data-parallel must be >= 1, got {args.data_parallel}")
-    if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
-        parser.error(f"--max-grad-norm must be a positive finite number, got {args.max_grad_norm}")
+    try:
+        checked_max_grad_norm(args.max_grad_norm, "--max-grad-norm")
+    except ValueError as error:
+        parser.error(str(error))
     from effcompile.config import PASS_CONFIGS
 
     passes = tuple(name for name in args.passes.split(",") if name)
