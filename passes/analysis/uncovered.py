@@ -33,7 +33,7 @@ from effcompile.plan import Action, PlanRow, layer_key
 
 from .capture import PARAMETRIZED_REASON, GraphCapture, parametrized_weight, registered_parameter
 
-__all__ = ["UncoveredWeight", "uncovered_weights", "uncovered_rows"]
+__all__ = ["UncoveredWeight", "uncovered_weights", "uncovered_rows", "tied_parameters"]
 
 aten = torch.ops.aten
 
@@ -131,11 +131,13 @@ def _graph_rows(model: nn.Module, captured: GraphCapture, covered: set) -> Dict[
     return rows
 
 
-def _tied_names(model: nn.Module) -> Dict[int, List[str]]:
-    names: Dict[int, List[str]] = {}
+def tied_parameters(model: nn.Module) -> Dict[str, List[str]]:
+    """Each name of a parameter registered under several names → its other names."""
+    names_by_id: Dict[int, List[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    return names
+        names_by_id.setdefault(id(parameter), []).append(name)
+    return {name: [other for other in names if other != name]
+            for names in names_by_id.values() if len(names) > 1 for name in names}
 
 
 def _layer_weights(module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
@@ -149,7 +151,7 @@ def _layer_weights(module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
 def _module_rows(model: nn.Module, layers: set, reported: set) -> Dict[str, UncoveredWeight]:
     """Layer modules no candidate is keyed by (``layers``) and the graph scan did not report: a
     module whose weight is tied to another's is keyed by one of them only, and gets its own row."""
-    tied = _tied_names(model)
+    tied = tied_parameters(model)
     rows: Dict[str, UncoveredWeight] = {}
     for path, module in model.named_modules():
         if not isinstance(module, _LAYER_MODULES):
@@ -163,7 +165,7 @@ def _module_rows(model: nn.Module, layers: set, reported: set) -> Dict[str, Unco
         if layer in layers or layer in reported:
             continue
         fqn = f"{path}.{attr}" if path else attr
-        others = [name for name in tied[id(weight)] if name != fqn]
+        others = tied.get(fqn, [])
         if parametrize.is_parametrized(module, attr):
             reason = PARAMETRIZED_REASON
         elif others:

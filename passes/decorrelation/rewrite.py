@@ -72,7 +72,7 @@ from effcompile import distributed as replicas
 from effcompile._compat import ConvNd, is_compiling, is_sharded
 from effcompile.swapped import picklable
 from effcompile.passes.analysis.capture import GraphCapture, InputLocation, LayerCandidate
-from effcompile.passes.analysis.uncovered import uncovered_rows
+from effcompile.passes.analysis.uncovered import tied_parameters, uncovered_rows
 from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
 
@@ -189,7 +189,7 @@ class DecorrelationPass(ModelPass):
     onnx_scope_suffixes = (STATE_SUFFIX,)
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: Decorrelation) -> List[PlanRow]:
-        tied = _tied_parameters(model)
+        tied = tied_parameters(model)
         rows, ladders = [], []
         for candidate in captured.layers:
             row, rungs = self._plan_layer(candidate, tied, config, candidate.parameter(model).requires_grad)
@@ -425,18 +425,6 @@ def _set_layer_details(row: PlanRow, spec: LayerSpec, config: Decorrelation, cos
 def _encloses(outer: str, inner: str) -> bool:
     """Module path ``outer`` is an ancestor of ``inner`` (``""`` is the root)."""
     return outer == "" or inner.startswith(outer + ".")
-
-
-def _tied_parameters(model: nn.Module) -> Dict[str, List[str]]:
-    names_by_id: Dict[int, List[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names_by_id.setdefault(id(parameter), []).append(name)
-    tied = {}
-    for names in names_by_id.values():
-        if len(names) > 1:
-            for name in names:
-                tied[name] = [other for other in names if other != name]
-    return tied
 
 
 register_pass(DecorrelationPass())
