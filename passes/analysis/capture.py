@@ -42,7 +42,7 @@ from effcompile.plan import layer_key
 from .side_effects import module_state_restored
 
 __all__ = ["ConvGeometry", "WeightUse", "LayerCandidate", "GraphCapture", "capture", "CaptureError", "input_node",
-           "registered_parameter", "parametrized_weight", "PARAMETRIZED_REASON"]
+           "registered_parameter", "parametrized_weight", "weight_owner", "PARAMETRIZED_REASON"]
 
 aten = torch.ops.aten
 
@@ -119,6 +119,12 @@ def parametrized_weight(fqn: str) -> Optional[Tuple[str, str]]:
     computes from the parameter ``fqn`` (``<path>.parametrizations.<attr>.original[0-9]``), or None."""
     match = _PARAMETRIZED.match(fqn)
     return (match.group(1) or "", match.group(2)) if match else None
+
+
+def weight_owner(fqn: str) -> Tuple[str, str]:
+    """(module path, attribute) of the weight parameter ``fqn`` is: its owner's, or for a
+    parametrization's original the parametrized module's (its Plan key, e.g. ``fc``)."""
+    return parametrized_weight(fqn) or fqn.rpartition(".")[::2]
 
 
 def registered_parameter(model: nn.Module, fqn: str) -> nn.Parameter:
@@ -385,8 +391,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
 
     def candidate(fqn: str) -> LayerCandidate:
         if fqn not in candidates:
-            # A parametrized weight is the module's (its Plan key, e.g. "fc"), not its original's.
-            owner_path, attr = parametrized_weight(fqn) or fqn.rpartition(".")[::2]
+            owner_path, attr = weight_owner(fqn)
             shape = tuple(model.get_parameter(fqn).shape)
             candidates[fqn] = LayerCandidate(fqn, owner_path, attr, shape)
         return candidates[fqn]

@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from effcompile._compat import ConvNd
 from effcompile.plan import Action, PlanRow, layer_key
 
-from .capture import PARAMETRIZED_REASON, GraphCapture, parametrized_weight, registered_parameter
+from .capture import PARAMETRIZED_REASON, GraphCapture, parametrized_weight, registered_parameter, weight_owner
 
 __all__ = ["UncoveredWeight", "uncovered_weights", "uncovered_rows", "tied_parameters"]
 
@@ -104,7 +104,7 @@ def _reason(node: torch.fx.Node, through: List[str], position: int) -> str:
 
 
 def _layer_of(fqn: str, packet: object) -> str:
-    owner, attr = parametrized_weight(fqn) or fqn.rpartition(".")[::2]
+    owner, attr = weight_owner(fqn)
     # A recurrent module's weights (weight_ih_l0, weight_hh_l0, ...) are one layer: one row for the module.
     return (owner or "<root>") if packet in _RECURRENT_OPS else layer_key(owner, attr)
 
