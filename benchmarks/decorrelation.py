@@ -51,7 +51,7 @@ def bench_update(*, blocks: Sequence[int] = (64, 128, 256, 512, 1024), rows_per_
         layer = nn.Linear(b, 8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            transform(layer, Decorrelation(lr=0.01, rows_per_dim=rows_per_dim, max_block_size=b),
+            transform(layer, Decorrelation(rows_per_dim=rows_per_dim, max_block_size=b, input_layers=True),
                       example_inputs=(torch.randn(2, b),))
         state = decorrelation_states(layer)["<root>"]
         with torch.no_grad():

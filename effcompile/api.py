@@ -94,7 +94,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
         model_pass.apply(model, [row for row in rows if row.applied], config)
         for row in rows:
             plan.add(row)
-        _warn_skips(model_pass.name, [row for row in rows if not row.applied])
+        _warn_skips(model_pass.name, [row for row in rows if not row.applied and not row.skipped_by_config])
     model.__dict__[_PLAN_ATTR] = plan
     _guard_step_owners(model)
     return model

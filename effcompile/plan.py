@@ -80,6 +80,12 @@ class PlanRow:
     def applied(self) -> bool:
         return self.action in (Action.REWRITE, Action.ASSIGN)
 
+    @property
+    def skipped_by_config(self) -> bool:
+        """A skip the config asked for (``details["skipped_by"]`` names the field): shown in the
+        Plan, not warned about, unlike a layer the pass cannot handle."""
+        return self.action is Action.SKIP and "skipped_by" in self.details
+
     def to_dict(self) -> Dict[str, Any]:
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
         row["action"] = self.action.value

@@ -93,7 +93,7 @@ def sample_selection_backprops_k_rows(run: Run) -> None:
 
 
 SETTINGS: Dict[str, TechniqueSetting] = {
-    "decorrelation": TechniqueSetting(lambda: effcompile.Decorrelation(lr=0.01), ("mlp", "cnn"), decorrelation_moves_r),
+    "decorrelation": TechniqueSetting(lambda: effcompile.Decorrelation(input_layers=True, lr=0.01), ("mlp", "cnn"), decorrelation_moves_r),
     "randomized_vjp": TechniqueSetting(lambda: effcompile.RandomizedVJP(keep=0.25, multiple=1), ("mlp", "cnn"),
                                        randomized_vjp_samples),
     "greedy_stages": TechniqueSetting(lambda: effcompile.GreedyStages(num_stages=2), ("mlp", "cnn"),

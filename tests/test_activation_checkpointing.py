@@ -19,7 +19,7 @@ import effcompile
 from effcompile.passes.decorrelation import decorrelation_states
 
 TECHNIQUES = {
-    "decorrelation": lambda: (effcompile.Decorrelation(max_overhead=None, lr=0.05),),
+    "decorrelation": lambda: (effcompile.Decorrelation(input_layers=True, max_overhead=None, lr=0.05),),
     "randomized_vjp": lambda: (effcompile.RandomizedVJP(keep=0.5, multiple=1, estimator="uniform"),),
     "sample_selection": lambda: (effcompile.SampleSelection(keep=0.5),),
     "greedy_stages": lambda: (effcompile.GreedyStages(num_stages=2),),

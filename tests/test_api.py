@@ -65,7 +65,7 @@ def test_train_step_and_fold_do_not_warn(technique, compiled):
 
 
 def test_passes_that_live_in_the_forward_do_not_warn():
-    model, x, y = _model(effcompile.Decorrelation(lr=0.01))
+    model, x, y = _model(effcompile.Decorrelation(input_layers=True, lr=0.01))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         F.cross_entropy(model(x), y).backward()

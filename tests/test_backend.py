@@ -28,7 +28,7 @@ def _run(backend, update_every=1):
     x = torch.randn(8, 1, 6, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.Decorrelation(lr=0.02, update_every=update_every, max_overhead=None), example_inputs=(x,))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.02, update_every=update_every, max_overhead=None), example_inputs=(x,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     step = effcompile.train_step(model, F.cross_entropy, optimizer, compile=backend is not None,
                                  backend=backend or "effcompile")
@@ -77,7 +77,7 @@ def test_compiled_update_every_k_skips_the_update_between_updates():
 
     model = _model()
     x = torch.randn(8, 1, 6, 6)
-    effcompile.transform(model, effcompile.Decorrelation(lr=0.02, update_every=3, max_overhead=None), example_inputs=(x,))
+    effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.02, update_every=3, max_overhead=None), example_inputs=(x,))
     reference = copy.deepcopy(model)
     compiled = torch.compile(model, backend=recording)
     torch.manual_seed(3)

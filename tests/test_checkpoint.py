@@ -40,7 +40,7 @@ def _build(kind="mlp", passes=("decorrelation", "sample_selection"), seed=0, ste
     kwargs = {"hidden": 16} if kind == "mlp" else {"widths": (4, 8)}
     model = get_model(kind, image_size=image_size, **kwargs)
     x, y = _batch(image_size)
-    configs = {"decorrelation": effcompile.Decorrelation(),
+    configs = {"decorrelation": effcompile.Decorrelation(input_layers=True),
                "sample_selection": effcompile.SampleSelection(keep=0.5, strategy="loss")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -111,10 +111,10 @@ def test_randomized_vjp_samples_every_layer_in_eager_training(name, joint_log):
 
 
 CONFIGS = {
-    "decorrelation": lambda: (effcompile.Decorrelation(),),
+    "decorrelation": lambda: (effcompile.Decorrelation(input_layers=True),),
     "randomized_vjp": lambda: (effcompile.RandomizedVJP(keep=0.5, multiple=1),),
     "gradmatch": lambda: (effcompile.SampleSelection(keep=0.5, strategy="gradmatch"),),
-    "decorrelation+randomized_vjp": lambda: (effcompile.Decorrelation(), effcompile.RandomizedVJP(keep=0.5, multiple=1)),
+    "decorrelation+randomized_vjp": lambda: (effcompile.Decorrelation(input_layers=True), effcompile.RandomizedVJP(keep=0.5, multiple=1)),
     "greedy_stages": lambda: (effcompile.GreedyStages(num_stages=2),),
 }
 
@@ -265,7 +265,7 @@ def test_compiled_decorrelation_of_a_causal_lm_has_no_graph_break(name):
     assert model.config.use_cache  # the user's configuration, left as it is
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.Decorrelation(), example_inputs=client.batch(ROWS, 0)[0])
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=client.batch(ROWS, 0)[0])
     step = effcompile.train_step(model, client.loss, torch.optim.Adam(model.parameters(), lr=1e-3), compile=True,
                                  backend="effcompile_aot_eager")
     counters.clear()

@@ -31,7 +31,7 @@ def _composed(name: str, batch: torch.Tensor) -> nn.Module:
     model = get_model(name, num_classes=10, in_channels=1, image_size=8, **MODELS[name])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skips are listed in the Plan, asserted below
-        effcompile.transform(model, effcompile.Decorrelation(lr=0.01), effcompile.RandomizedVJP(keep=0.5),
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.01), effcompile.RandomizedVJP(keep=0.5),
                              GreedyStages(num_stages=2), SampleSelection(keep=0.5, strategy="loss"),
                              example_inputs=(batch,))
     return model

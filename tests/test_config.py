@@ -11,7 +11,8 @@ from effcompile.config import config_from_dict
     "field, value",
     [("lr", 0.0), ("lr", 1.0), ("lr", float("nan")), ("lr", "0.1"), ("kappa", -0.1), ("kappa", 1.5),
      ("rows_per_dim", 0), ("max_block_size", 0), ("max_block_size", 2.5), ("update_every", 0),
-     ("divergence_threshold", 1.0), ("sync_statistics", 1), ("update_dtype", "float16"), ("update_dtype", torch.bfloat16)],
+     ("divergence_threshold", 1.0), ("sync_statistics", 1), ("update_dtype", "float16"), ("update_dtype", torch.bfloat16),
+     ("input_layers", 1)],
 )
 def test_bad_decorrelation_field_raises_value_error_naming_it(field, value):
     with pytest.raises(ValueError, match=rf"Decorrelation\.{field}="):

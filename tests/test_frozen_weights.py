@@ -43,7 +43,7 @@ def test_decorrelation_leaves_a_frozen_layer_computing_what_it_did():
     model = _partly_frozen()
     probe = torch.randn(16, 8)
     before = model[0](probe).detach()
-    plan = _transform(model, effcompile.Decorrelation(lr=0.05, max_overhead=None)).for_pass("decorrelation")
+    plan = _transform(model, effcompile.Decorrelation(input_layers=True, lr=0.05, max_overhead=None)).for_pass("decorrelation")
     assert plan.row("0").action == Action.SKIP and "frozen weight" in plan.row("0").reason
     assert [plan.row(layer).action for layer in ("2", "4")] == [Action.REWRITE, Action.REWRITE]
     _train(model)

@@ -163,7 +163,7 @@ PARITY_CONFIGS = {
     "stages_with_selection": lambda: (effcompile.GreedyStages(num_stages=2),
                                       effcompile.SampleSelection(keep=0.5, strategy="random")),
     "selection": lambda: (effcompile.SampleSelection(keep=0.5, strategy="loss"),),
-    "decorrelation": lambda: (effcompile.Decorrelation(),),
+    "decorrelation": lambda: (effcompile.Decorrelation(input_layers=True),),
     "gradmatch": lambda: (effcompile.SampleSelection(keep=0.5, strategy="gradmatch", nnls_iterations=5),),
 }
 
@@ -223,7 +223,7 @@ def _resume(name, rank, directory):
 def _rank_results(rank, directory):
     results = {name: _one_pass(name, rank) for name in SETTINGS}
     results["composed_compiled"] = _one_pass(
-        "composed", rank, (effcompile.Decorrelation(), effcompile.RandomizedVJP(keep=0.25, multiple=1)), compile=True)
+        "composed", rank, (effcompile.Decorrelation(input_layers=True), effcompile.RandomizedVJP(keep=0.25, multiple=1)), compile=True)
     results["sharded_first"] = _sharded_first(rank)
     results["resume"] = {name: _resume(name, rank, directory) for name in SETTINGS}
     if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
@@ -310,7 +310,7 @@ def test_a_pass_without_sharded_support_is_refused_by_name(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(8, 4),))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(8, 4),))
     monkeypatch.setattr(api, "_first_sharded", lambda module: "0.weight")
     monkeypatch.setattr(PASSES["decorrelation"], "sharded_parameters_unsupported", "not yet")
     with pytest.raises(NotImplementedError, match=r"FSDP2.*'0.weight'.*decorrelation: not yet"):

@@ -17,12 +17,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import effcompile
 
 TECHNIQUES = {
-    "decorrelation": lambda: (effcompile.Decorrelation(max_overhead=None),),
+    "decorrelation": lambda: (effcompile.Decorrelation(input_layers=True, max_overhead=None),),
     "randomized_vjp": lambda: (effcompile.RandomizedVJP(keep=0.5, multiple=1),),
     "sample_selection": lambda: (effcompile.SampleSelection(keep=0.5),),
     "greedy_stages": lambda: (effcompile.GreedyStages(num_stages=2),),
     # the randomized VJP's class generated over decorrelation's generated class
-    "composed": lambda: (effcompile.Decorrelation(max_overhead=None), effcompile.RandomizedVJP(keep=0.5, multiple=1),
+    "composed": lambda: (effcompile.Decorrelation(input_layers=True, max_overhead=None), effcompile.RandomizedVJP(keep=0.5, multiple=1),
                          effcompile.SampleSelection(keep=0.5)),
 }
 

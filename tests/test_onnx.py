@@ -34,7 +34,7 @@ def test_export_and_inspect_zoo_model(name, tmp_path):
     layers = _linear_and_conv_paths(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a skipped layer would warn: none may be skipped
-        effcompile.transform(model, effcompile.Decorrelation(lr=0.05), example_inputs=x)
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.05), example_inputs=x)
     model.train()
     model(*x)  # one R update, so the exported W·R is not the identity product
     plan = effcompile.report(model)
@@ -87,7 +87,7 @@ def test_a_decoder_that_returns_its_kv_cache_exports_its_logits(tmp_path):
     torch.manual_seed(0)
     model = client.build()
     inputs, targets = client.batch(4, 0)
-    effcompile.transform(model, effcompile.Decorrelation(lr=0.05), example_inputs=inputs)
+    effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.05), example_inputs=inputs)
     step = effcompile.train_step(model, client.loss, torch.optim.SGD(model.parameters(), lr=0.01))
     step(inputs, targets)  # R moves: the exported W·R is not the identity product
     model.eval()

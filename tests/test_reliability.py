@@ -21,7 +21,7 @@ from effcompile.passes.decorrelation import decorrelation_states
 def _decorrelate(model, *example, **config):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return effcompile.transform(model, effcompile.Decorrelation(**config), example_inputs=example)
+        return effcompile.transform(model, effcompile.Decorrelation(input_layers=True, **config), example_inputs=example)
 
 
 class _Branchy(nn.Module):
@@ -39,12 +39,12 @@ class TestBadModels:
     def test_data_dependent_control_flow_names_module_and_construct(self):
         model = nn.Sequential(nn.Linear(4, 4), _Branchy())
         with pytest.raises(CaptureError, match=r"module '1' \(_Branchy\.forward.*data-dependent control flow"):
-            effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(2, 4),))
+            effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(2, 4),))
         assert not any("decorrelation" in key for key in model.state_dict()), "a failed transform changes nothing"
 
     def test_model_without_layers_is_an_error_not_a_no_op(self):
         with pytest.raises(ValueError, match="no layer this pass applies to"):
-            effcompile.transform(nn.Sequential(nn.ReLU(), nn.Tanh()), effcompile.Decorrelation(),
+            effcompile.transform(nn.Sequential(nn.ReLU(), nn.Tanh()), effcompile.Decorrelation(input_layers=True),
                                  example_inputs=(torch.randn(2, 3),))
 
     def test_module_called_twice_updates_per_call_and_backpropagates(self):
@@ -87,7 +87,7 @@ class TestBadModels:
 
     def test_compiled_model_cannot_be_transformed(self):
         with pytest.raises(TypeError, match="before torch.compile"):
-            effcompile.transform(torch.compile(nn.Linear(2, 2)), effcompile.Decorrelation(),
+            effcompile.transform(torch.compile(nn.Linear(2, 2)), effcompile.Decorrelation(input_layers=True),
                                  example_inputs=(torch.randn(1, 2),))
 
 
@@ -245,7 +245,7 @@ def test_thousand_compiled_steps_with_all_four_passes():
     x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.Decorrelation(lr=0.01), effcompile.RandomizedVJP(keep=0.5),
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.01), effcompile.RandomizedVJP(keep=0.5),
                              effcompile.GreedyStages(num_stages=2), effcompile.SampleSelection(keep=0.5, strategy="random"),
                              example_inputs=(x,))
     new_graphs, loss = _thousand_steps(model, x, y, backend="effcompile_aot_eager")

@@ -27,7 +27,7 @@ CONFIGS = {
     "selection_gradmatch": lambda: (effcompile.SampleSelection(keep=0.25, strategy="gradmatch", nnls_iterations=10),),
     "stages_with_selection": lambda: (effcompile.GreedyStages(num_stages=2),
                                       effcompile.SampleSelection(keep=0.5, strategy="random")),
-    "decorrelation": lambda: (effcompile.Decorrelation(),),
+    "decorrelation": lambda: (effcompile.Decorrelation(input_layers=True),),
 }
 
 

@@ -87,6 +87,10 @@ class WeightUse:
     # The located input feeds nothing but this op inside its scope call, with the contracted
     # features on its last axis all the way (a pass may then transform that argument itself).
     input_exclusive: bool = False
+    # The op reads one of the model's own inputs (through views, reshapes and casts only): it is
+    # an input layer, applied to the raw features (pixels, tabular columns) rather than to features
+    # the model computed.
+    reads_model_input: bool = False
 
 
 @dataclasses.dataclass
@@ -318,6 +322,18 @@ def _locate_input(
     return None, f"its input is computed inside {where}, not passed to it (wrap the op in its own module)", False
 
 
+def _reads_model_input(use_node: torch.fx.Node, user_inputs: set) -> bool:
+    """Whether the op's input is a model input seen only through views, reshapes and casts."""
+    node = input_node(use_node)
+    while isinstance(node, torch.fx.Node):
+        if node.op == "placeholder":
+            return node.name in user_inputs
+        if node.op != "call_function" or node.target not in _ROW_PRESERVING_OPS or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
 def _use_from_node(node: torch.fx.Node, params: Dict[str, str]) -> Optional[Tuple[str, WeightUse]]:
     target = node.target
     if target is aten.linear.default:
@@ -408,6 +424,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
         row_preserving = use.op in ("linear", "matmul")
         use.input_location, use.input_unobservable, use.input_exclusive = _locate_input(
             node, use.scope, row_preserving, signatures, modules, user_inputs, exported.call_spec.in_spec)
+        use.reads_model_input = _reads_model_input(node, set(user_inputs))
         if parametrized_weight(fqn):
             use.unsupported = use.unsupported or PARAMETRIZED_REASON
         candidate(fqn).uses.append(use)

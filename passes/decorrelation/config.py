@@ -70,6 +70,15 @@ class Decorrelation(PassConfig):
             x86 CPUs with AVX512-BF16 or AMX), float32 otherwise (smaller products are
             dispatch-bound: the casts would cost more than they save).  Resolved per layer when
             the state is built or moved (``.to``); the report shows each layer's choice.
+        input_layers: also decorrelate the input layers, those applied to one of the model's own
+            inputs (raw pixels, tabular columns; seen through views, reshapes and casts only).
+            Off by default, and the Plan lists them as skipped: whitening raw input features
+            trains faster but can generalise worse.  On mnist5k (4,000 training images of 784
+            pixels) an MLP with its input layer decorrelated fit the training set sooner and
+            ended at 0.89–0.90 test accuracy against backprop's 0.92–0.93; with only the hidden
+            layers decorrelated it reached 0.92 in 4.7 epochs (backprop 6) and ended at 0.94.  On
+            digits (64 pixels) the input layer helped a little (MLP 3.3 vs 4.0 epochs to 95%),
+            on the CNNs' 3×3 input patches it made no clear difference.
     """
 
     name: ClassVar[str] = "decorrelation"
@@ -84,6 +93,7 @@ class Decorrelation(PassConfig):
     max_overhead: Union[float, str, None] = "auto"
     apply: str = "auto"
     update_dtype: str = "auto"
+    input_layers: bool = False
 
     def __post_init__(self) -> None:
         if not (is_real(self.lr) and 0 < self.lr < 1):
@@ -107,3 +117,5 @@ class Decorrelation(PassConfig):
             self._fail("apply", f"one of {APPLY_SIDES}")
         if self.update_dtype not in UPDATE_DTYPES:
             self._fail("update_dtype", f"one of {UPDATE_DTYPES}")
+        if not isinstance(self.input_layers, bool):
+            self._fail("input_layers", "a bool")

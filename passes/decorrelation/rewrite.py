@@ -181,6 +181,9 @@ def decorrelation_states(model: nn.Module) -> Dict[str, DecorrelationState]:
 
 
 # ------------------------------------------------------------------------------------ the pass
+_INPUT_LAYERS_OFF = "input_layers=False"
+
+
 class DecorrelationPass(ModelPass):
     config_type = Decorrelation
     # FSDP2: the weight reads see the unsharded parameter inside forward (fully_shard swaps it into
@@ -197,6 +200,8 @@ class DecorrelationPass(ModelPass):
             if rungs:
                 ladders.append((row, rungs))
         self._apply_budget(ladders, config)
+        if not any(row.applied for row in rows):
+            _warn_when_only_input_layers(rows)
         rows.extend(uncovered_rows(self.name, model, captured, rows))
         return rows
 
@@ -206,9 +211,11 @@ class DecorrelationPass(ModelPass):
         first = candidate.uses[0]
         row = PlanRow(layer=candidate.layer, pass_name=self.name, action=Action.REWRITE, op=first.op,
                       input_shape=first.input_shape, weight_shape=candidate.weight_shape)
-        reason = self._skip_reason(candidate, tied, trainable)
+        reason = self._skip_reason(candidate, tied, trainable, config)
         if reason:
             row.action, row.reason = Action.SKIP, reason
+            if reason.endswith(_INPUT_LAYERS_OFF):
+                row.details["skipped_by"] = "input_layers"
             return row, []
         spec = _layer_spec(candidate, config)
         sides, weight_reason = _sides(spec, candidate, config)
@@ -254,7 +261,11 @@ class DecorrelationPass(ModelPass):
                 warnings.warn(f"effcompile decorrelation: {message}", stacklevel=4)
 
     @staticmethod
-    def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]], trainable: bool) -> str:
+    def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]], trainable: bool,
+                     config: Decorrelation) -> str:
+        if not config.input_layers and any(use.reads_model_input for use in candidate.uses):
+            # Whitening the raw features fits the training set sooner but generalised worse (config.py).
+            return "input layer (applied to the model's input): " + _INPUT_LAYERS_OFF
         if not trainable:  # W·R with R moving and W unable to follow would change a frozen layer's function
             return "frozen weight (requires_grad=False): decorrelating its input would change what the layer computes"
         if candidate.param_fqn in tied:
@@ -330,6 +341,14 @@ class DecorrelationPass(ModelPass):
         # The update dtype as resolved on the state's device (update_dtype="auto" depends on it).
         return {"updates": int(state.updates), "rejected": int(state.rejected_updates),
                 "update_dtype": str(state.update_dtype).removeprefix("torch.")}
+
+
+def _warn_when_only_input_layers(rows: List[PlanRow]) -> None:
+    """A model whose every layer reads its input (a single linear layer) would be left untouched
+    by ``input_layers=False`` without a word: those skips become warned ones."""
+    for row in rows:
+        if row.details.pop("skipped_by", None) is not None:
+            row.reason += "; the model has no other layer to decorrelate (pass input_layers=True)"
 
 
 def _layer_spec(candidate: LayerCandidate, config: Decorrelation) -> LayerSpec:

@@ -60,7 +60,7 @@ class CachingNet(nn.Module):
 
 
 CONFIGS = {
-    "decorrelation": lambda: effcompile.Decorrelation(lr=0.01),
+    "decorrelation": lambda: effcompile.Decorrelation(input_layers=True, lr=0.01),
     "randomized_vjp": lambda: effcompile.RandomizedVJP(keep=0.5),
     "greedy_stages": lambda: effcompile.GreedyStages(num_stages=2),
     "sample_selection": lambda: effcompile.SampleSelection(keep=0.5, strategy="loss"),

@@ -84,7 +84,7 @@ CONSTRUCTS.update({
     "identity_parametrization": (_parametrized("identity"), (4, 6), "body", PARAMETRIZED),
 })
 PASSES = {
-    "decorrelation": lambda: effcompile.Decorrelation(max_overhead=None),
+    "decorrelation": lambda: effcompile.Decorrelation(input_layers=True, max_overhead=None),
     "randomized_vjp": lambda: effcompile.RandomizedVJP(keep=0.5, multiple=1, estimator="uniform"),
 }
 

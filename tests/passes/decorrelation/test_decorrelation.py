@@ -24,6 +24,7 @@ def _decorrelate(model, *example, **config):
         warnings.simplefilter("ignore")
         # The knobs as given (no budget): these tests check the update rule and its schedule.
         config.setdefault("max_overhead", None)
+        config.setdefault("input_layers", True)  # tiny models: the mechanics on every layer, the first included
         return effcompile.transform(model, effcompile.Decorrelation(**config), example_inputs=example)
 
 
@@ -374,7 +375,7 @@ class TestPlan:
     def test_unsupported_layers_are_skipped_with_reason_and_warned(self):
         model = _AwkwardLayers()
         with pytest.warns(UserWarning, match="skipped 4 layer"):
-            effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(2, 4),))
+            effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(2, 4),))
         plan = effcompile.report(model)
         for tied in ("tied_a", "tied_b"):
             assert plan.row(tied).action == Action.SKIP and "tied" in plan.row(tied).reason
@@ -385,12 +386,12 @@ class TestPlan:
     def test_errors_are_clear(self):
         model = nn.Linear(3, 2)
         with pytest.raises(ValueError, match="example_inputs"):
-            effcompile.transform(model, effcompile.Decorrelation())
+            effcompile.transform(model, effcompile.Decorrelation(input_layers=True))
         with pytest.raises(ValueError, match="at least one pass"):
             effcompile.transform(model, example_inputs=(torch.randn(1, 3),))
-        effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(1, 3),))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(1, 3),))
         with pytest.raises(ValueError, match="already carries"):
-            effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(1, 3),))
+            effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(1, 3),))
         with pytest.raises(ValueError, match="not transformed"):
             effcompile.report(nn.Linear(2, 2))
 
@@ -507,3 +508,45 @@ def test_inductor_step_survives_a_partial_last_batch():
     losses = [step(torch.randn(rows, 16, 8, 8), torch.randint(0, 3, (rows,))) for rows in (8, 6, 8, 6)]
     assert all(torch.isfinite(loss) for loss in losses)
     assert int(_state(model, "0").updates) == 2  # steps 1 and 3
+
+
+class TestInputLayers:
+    """``input_layers=False`` (the default) leaves the layers that read the model's input alone."""
+
+    def _model(self):
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def test_input_layer_is_skipped_by_default_shown_in_the_plan_and_not_warned(self):
+        model = self._model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a skip the config asked for is not a warning
+            effcompile.transform(model, effcompile.Decorrelation(max_overhead=None), example_inputs=(torch.randn(4, 1, 4, 4),))
+        plan = effcompile.report(model)
+        assert plan.row("1").action == Action.SKIP and "input layer" in plan.row("1").reason
+        assert plan.row("1").details["skipped_by"] == "input_layers"
+        assert plan.row("3").action == Action.REWRITE
+        assert set(decorrelation_states(model)) == {"3"}
+
+    def test_input_layers_true_decorrelates_it_too(self):
+        model = self._model()
+        _decorrelate(model, torch.randn(4, 1, 4, 4), input_layers=True)
+        assert set(decorrelation_states(model)) == {"1", "3"}
+
+    def test_a_layer_fed_by_computed_features_is_not_an_input_layer(self):
+        class Scaled(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 2)
+
+            def forward(self, x):
+                return self.fc(x * 2.0)  # the layer reads a computed tensor, not the input itself
+
+        model = Scaled()
+        effcompile.transform(model, effcompile.Decorrelation(max_overhead=None), example_inputs=(torch.randn(3, 4),))
+        assert set(decorrelation_states(model)) == {"fc"}
+
+    def test_a_model_of_input_layers_only_is_warned_not_silently_untouched(self):
+        model = nn.Linear(3, 2)
+        with pytest.warns(UserWarning, match="no other layer to decorrelate"):
+            effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(2, 3),))
+        assert decorrelation_states(model) == {}

@@ -78,10 +78,10 @@ def test_budgeted_plan_is_what_the_runtime_uses_and_R_still_moves():
     model, x = _model(), _x(128)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.Decorrelation(lr=0.01, max_overhead=0.2), example_inputs=(x,))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.01, max_overhead=0.2), example_inputs=(x,))
     plan = {row.layer: row for row in effcompile.report(model)}
     unbudgeted = _model()
-    effcompile.transform(unbudgeted, effcompile.Decorrelation(lr=0.01), example_inputs=(x,))
+    effcompile.transform(unbudgeted, effcompile.Decorrelation(input_layers=True, lr=0.01), example_inputs=(x,))
     free = {row.layer: row for row in effcompile.report(unbudgeted)}
     assert float(free["5"].details["overhead"][:-1]) > 0.2  # the budget binds on the wide linear
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -136,9 +136,9 @@ def test_allocation_is_monotone_in_the_budget_and_reports_an_unreachable_one():
 
 def test_max_overhead_is_validated():
     with pytest.raises(ValueError, match="max_overhead"):
-        effcompile.Decorrelation(max_overhead=0)
+        effcompile.Decorrelation(input_layers=True, max_overhead=0)
     with pytest.raises(ValueError, match="max_overhead"):
-        effcompile.Decorrelation(max_overhead="cheap")
+        effcompile.Decorrelation(input_layers=True, max_overhead="cheap")
 
 
 def test_dispatch_keeps_small_layers_dense_and_splits_wide_ones():
@@ -161,7 +161,7 @@ def _decorrelation_after(steps, **config):
     x = batch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(layer, effcompile.Decorrelation(lr=0.02, **config), example_inputs=(x,))
+        effcompile.transform(layer, effcompile.Decorrelation(input_layers=True, lr=0.02, **config), example_inputs=(x,))
     state = decorrelation_states(layer)["<root>"]
     for _ in range(steps):
         layer(batch())

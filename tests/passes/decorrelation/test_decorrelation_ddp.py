@@ -25,7 +25,7 @@ def _train(rank, sync_statistics, update_dtype="auto"):
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = effcompile.Decorrelation(lr=0.05, sync_statistics=sync_statistics, update_dtype=update_dtype,
+        config = effcompile.Decorrelation(input_layers=True, lr=0.05, sync_statistics=sync_statistics, update_dtype=update_dtype,
                                           max_overhead=None)  # an update every step: the control needs one last
         effcompile.transform(model, config, example_inputs=(torch.randn(4, 6),))
     ddp = nn.parallel.DistributedDataParallel(model)

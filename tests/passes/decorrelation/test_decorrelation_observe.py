@@ -89,7 +89,7 @@ def _train(backend=None, steps=3):
     model = _Mixed()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a skipped layer would warn: none may be skipped
-        effcompile.transform(model, effcompile.Decorrelation(lr=0.05, max_overhead=None), example_inputs=(torch.randn(4, 4, 6),))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.05, max_overhead=None), example_inputs=(torch.randn(4, 4, 6),))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     step = effcompile.train_step(model, F.cross_entropy, optimizer, compile=backend is not None,
                                  backend=backend or "effcompile")
@@ -176,7 +176,7 @@ def test_compiled_inductor_updates_the_out_projection():
     torch.manual_seed(0)
     model = _Attention()
     x = torch.randn(2, 5, 8)
-    effcompile.transform(model, effcompile.Decorrelation(lr=0.05, max_overhead=None), example_inputs=(x,))
+    effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.05, max_overhead=None), example_inputs=(x,))
     compiled = torch.compile(model, backend="effcompile", fullgraph=True)
     for _ in range(2):
         compiled(x).sum().backward()
@@ -190,7 +190,7 @@ def test_eval_mode_leaves_R_alone_and_matches_the_folded_model():
     torch.manual_seed(0)
     model = _Attention()
     x = torch.randn(2, 5, 8)
-    effcompile.transform(model, effcompile.Decorrelation(lr=0.05, max_overhead=None), example_inputs=(x,))
+    effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.05, max_overhead=None), example_inputs=(x,))
     model(x)  # one training update, so R ≠ I
     model.eval()
     before = {layer: state.matrix.clone() for layer, state in decorrelation_states(model).items()}
@@ -205,7 +205,7 @@ def test_the_update_sees_the_computed_input():
     torch.manual_seed(0)
     model = _Gated(6)
     x = torch.randn(32, 6)
-    effcompile.transform(model, effcompile.Decorrelation(lr=0.05, kappa=0.3, max_overhead=None), example_inputs=(x,))
+    effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.05, kappa=0.3, max_overhead=None), example_inputs=(x,))
     state = decorrelation_states(model)["w"]
     R = state.matrix[0].clone()
     model(x)
@@ -232,7 +232,7 @@ class _Untraced(nn.Module):
 def test_a_weight_reaching_a_layer_through_other_ops_is_a_skip_row_not_silence():
     model = _Untraced()
     with pytest.warns(UserWarning, match="skipped 1 layer"):
-        effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(2, 4),))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(2, 4),))
     plan = effcompile.report(model)
     assert plan.row("lin").action == Action.REWRITE
     assert plan.row("v").action == Action.SKIP and "does not follow" in plan.row("v").reason
@@ -257,7 +257,7 @@ class _Hidden(nn.Module):
 def test_an_unseen_use_of_an_observed_weight_raises_instead_of_skipping_the_update():
     for hide in (False, True):
         model = _Hidden(hide)
-        effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(2, 4),))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(2, 4),))
         assert effcompile.report(model).row("w").details["observed_in"] == "<root>"
         if hide:
             with pytest.raises(RuntimeError, match="no linear/conv/matmul used it"):
@@ -279,7 +279,7 @@ def test_einsum_against_a_parameter_is_a_skip_row():
 
     model = Mixed()
     with pytest.warns(UserWarning, match="skipped 1 layer"):
-        effcompile.transform(model, effcompile.Decorrelation(), example_inputs=(torch.randn(2, 4),))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(2, 4),))
     assert effcompile.report(model).row("e").action == Action.SKIP
     assert "einsum" in effcompile.report(model).row("e").reason
 
@@ -291,7 +291,7 @@ def test_composes_with_the_randomized_vjp_marker_on_observed_weights(joint_log):
     x = torch.randn(2, 5, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layer w keeps all of its 2 rows: exact, and says so
-        effcompile.transform(model, effcompile.Decorrelation(lr=0.05, max_overhead=None), effcompile.RandomizedVJP(keep=0.5),
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, lr=0.05, max_overhead=None), effcompile.RandomizedVJP(keep=0.5),
                              example_inputs=(x,))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         step = effcompile.train_step(model, lambda out, _: out.sum(), optimizer, compile=True,

@@ -53,7 +53,7 @@ def _transform(model, rows=8, **config):
     config = {"lr": 0.05, "max_overhead": None, **config}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.Decorrelation(**config), example_inputs=(torch.randn(rows, 24),))
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, **config), example_inputs=(torch.randn(rows, 24),))
     return {row.layer: row for row in effcompile.report(model) if row.pass_name == "decorrelation"}
 
 
@@ -171,10 +171,10 @@ def test_block_diagonal_input_side_equals_the_fused_weight():
 def _transform_one(model, x, side):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, effcompile.Decorrelation(apply=side, max_block_size=32, max_overhead=None),
+        effcompile.transform(model, effcompile.Decorrelation(input_layers=True, apply=side, max_block_size=32, max_overhead=None),
                              example_inputs=(x,))
 
 
 def test_apply_is_validated():
     with pytest.raises(ValueError, match="apply"):
-        effcompile.Decorrelation(apply="both")
+        effcompile.Decorrelation(input_layers=True, apply="both")

@@ -27,7 +27,7 @@ def _decorrelated(layer, x, **config):
         warnings.simplefilter("ignore")
         # No budget: these layers are tiny, and a longer interval would also scale the step.
         config.setdefault("max_overhead", None)
-        effcompile.transform(layer, effcompile.Decorrelation(lr=LR, kappa=KAPPA, rows_per_dim=1000, **config),
+        effcompile.transform(layer, effcompile.Decorrelation(input_layers=True, lr=LR, kappa=KAPPA, rows_per_dim=1000, **config),
                              example_inputs=(x,))
     state = decorrelation_states(layer)["<root>"]
     with torch.no_grad():  # a random, well-conditioned R, so the check is not trivially R = I
@@ -115,7 +115,7 @@ def test_a_step_longer_than_max_step_is_shortened(formula):
     x = torch.randn(400, 1) + 0.3 * torch.randn(400, 48)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(layer, effcompile.Decorrelation(lr=0.9, kappa=KAPPA, rows_per_dim=1000), example_inputs=(x,))
+        effcompile.transform(layer, effcompile.Decorrelation(input_layers=True, lr=0.9, kappa=KAPPA, rows_per_dim=1000), example_inputs=(x,))
     state = decorrelation_states(layer)["<root>"]
     expected = _plain_update(state.matrix[0].clone(), x, torch.ones(48), lr=0.9)
     state._update(state._sample_rows(x), True, formula)
@@ -136,7 +136,7 @@ def test_large_steps_decorrelate_instead_of_diverging(monkeypatch):
         x = torch.randn(400, 1) + 0.3 * torch.randn(400, 48)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            effcompile.transform(layer, effcompile.Decorrelation(lr=0.9, rows_per_dim=4, max_overhead=None),
+            effcompile.transform(layer, effcompile.Decorrelation(input_layers=True, lr=0.9, rows_per_dim=4, max_overhead=None),
                                  example_inputs=(x,))
         state = decorrelation_states(layer)["<root>"]
         before = float(state.off_diagonal_correlation(x))
@@ -234,7 +234,7 @@ def test_compiled_bf16_updates_match_eager_on_the_update_every_schedule():
     x = torch.randn(8, 24) * torch.linspace(0.5, 2.0, 24)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(eager, effcompile.Decorrelation(lr=LR, kappa=KAPPA, rows_per_dim=1000, update_every=2,
+        effcompile.transform(eager, effcompile.Decorrelation(input_layers=True, lr=LR, kappa=KAPPA, rows_per_dim=1000, update_every=2,
                                                              max_overhead=None, update_dtype="bfloat16"),
                              example_inputs=(x,))
     compiled_model = copy.deepcopy(eager)

@@ -234,7 +234,7 @@ def test_composes_with_decorrelation():
     model = _small("cnn")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        effcompile.transform(model, Decorrelation(lr=1e-2), GreedyStages(num_stages=2), example_inputs=(x[:4],))
+        effcompile.transform(model, Decorrelation(input_layers=True, lr=1e-2), GreedyStages(num_stages=2), example_inputs=(x[:4],))
     staged = staged_model(model)
     conv = model.features[0].conv
     assert type(conv).__name__.startswith("Decorrelated") and staged.stage(0).get_submodule("features.0.conv") is conv

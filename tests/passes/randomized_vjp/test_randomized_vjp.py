@@ -367,7 +367,7 @@ class TestPlanAndErrors:
 def test_composes_with_decorrelation_by_sketching_the_fused_weight(path):
     """On a decorrelated layer the sketch applies to W·R; ∂L/∂W = ∂L/∂(W·R)·Rᵀ stays unbiased."""
     model, (x, y) = _mlp(), _data()
-    effcompile.transform(model, effcompile.Decorrelation(update_every=10**6), effcompile.RandomizedVJP(keep=0.25),
+    effcompile.transform(model, effcompile.Decorrelation(input_layers=True, update_every=10**6), effcompile.RandomizedVJP(keep=0.25),
                          example_inputs=(x,))
     plan = effcompile.report(model)
     assert {row.action for row in plan.for_pass("decorrelation")} == {Action.REWRITE}

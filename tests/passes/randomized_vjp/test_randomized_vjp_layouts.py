@@ -204,7 +204,7 @@ def test_attention_projections_are_sketched_unbiased(compiled, joint_log):
 def test_attention_composes_with_decorrelation_eagerly():
     """Decorrelation observes out_proj's input inside the same composite: both modes see the
     ``linear``; R moves and the fused weight's gradient is still sketched without bias."""
-    model, samples, exact = _attention_draws(False, effcompile.Decorrelation(lr=1e-3, update_every=1))
+    model, samples, exact = _attention_draws(False, effcompile.Decorrelation(input_layers=True, lr=1e-3, update_every=1))
     assert all(not torch.equal(samples[0][i], samples[1][i]) for i in range(2))
     states = [m for m in model.modules() if type(m).__name__ == "DecorrelationState"]
     assert states and all(int(state.updates) > 0 for state in states)

@@ -345,7 +345,7 @@ class TestCompiled:
         import torch._dynamo
 
         x, y = _data()
-        model = _selecting(_mlp(), x, effcompile.Decorrelation(), keep=0.125, strategy="gradmatch", nnls_iterations=10)
+        model = _selecting(_mlp(), x, effcompile.Decorrelation(input_layers=True), keep=0.125, strategy="gradmatch", nnls_iterations=10)
         step = effcompile.train_step(model, nn.CrossEntropyLoss(), _sgd(model), compile=True,
                                      backend="effcompile_aot_eager")
         before = unique_graph_count()
