@@ -39,7 +39,7 @@ DEMO_TRAIN = $(VENV)/bin/effcompile train --passes $(ALL_PASSES) --each --compar
 demo: $(STAMP)
 	start=$$(date +%s); \
 	$(DEMO_TRAIN) --dataset digits --model cnn --epochs 8 --batch-size 32 --target-accuracy 0.95 \
-		--pass-arg decorrelation.lr=0.01 --out $(DEMO_OUT)/digits-cnn && \
+		--out $(DEMO_OUT)/digits-cnn && \
 	$(DEMO_TRAIN) --dataset mnist5k --model mlp --epochs 8 --batch-size 64 --target-accuracy 0.92 \
 		--out $(DEMO_OUT)/mnist5k-mlp && \
 	echo && echo "=== make demo: every configuration on both datasets ===" && \

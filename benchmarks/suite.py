@@ -113,7 +113,7 @@ PRESETS: Dict[str, SuiteSettings] = {
 
 def configurations() -> Dict[str, List[PassConfig]]:
     """The compared configurations: each pass alone, then all four composed in one model."""
-    decorrelation = Decorrelation(lr=0.01)
+    decorrelation = Decorrelation()
     randomized = RandomizedVJP(keep=0.25)
     stages = GreedyStages(num_stages=2)
     selection = SampleSelection(keep=0.5, strategy="random")

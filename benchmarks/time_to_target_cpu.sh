@@ -26,7 +26,7 @@ run() {  # run NAME DATASET BATCH EPOCHS THREADS ARGS...
 }
 for setting in "digits 32 8 1" "mnist5k 64 12 2"; do
   read -r dataset batch epochs threads <<<"$setting"
-  run every "$dataset" "$batch" "$epochs" "$threads" --passes "$all" --each --compare --pass-arg decorrelation.lr=0.01
+  run every "$dataset" "$batch" "$epochs" "$threads" --passes "$all" --each --compare
   run selection-random "$dataset" "$batch" "$epochs" "$threads" --passes sample_selection \
     --pass-arg sample_selection.strategy=random
   run randomized-vjp-plain "$dataset" "$batch" "$epochs" "$threads" --passes randomized_vjp \

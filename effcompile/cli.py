@@ -3,7 +3,7 @@
 Usage::
 
     effcompile train --model mlp --dataset digits --passes decorrelation \\
-        --pass-arg decorrelation.lr=0.01 --epochs 10 --seeds 0,1,2 --target-accuracy 0.95 \\
+        --pass-arg decorrelation.kappa=0.25 --epochs 10 --seeds 0,1,2 --target-accuracy 0.95 \\
         --compare --out runs/mlp
     effcompile train --model cnn --dataset digits --compare --each \\
         --passes decorrelation,randomized_vjp,greedy_stages,sample_selection --out runs/cnn

@@ -71,7 +71,7 @@ def build_model() -> torch.nn.Module:
 
 def _config(name: str) -> effcompile.PassConfig:
     if name == "decorrelation":
-        return effcompile.Decorrelation(lr=0.01)
+        return effcompile.Decorrelation()
     if name == "randomized_vjp":
         return effcompile.RandomizedVJP(keep=0.5, multiple=1)
     if name == "greedy_stages":

@@ -28,7 +28,7 @@ from effcompile.harness.data import get_dataset
 
 
 def _configs(names: List[str]) -> List[effcompile.PassConfig]:
-    defaults = {"decorrelation": effcompile.Decorrelation(lr=0.01),
+    defaults = {"decorrelation": effcompile.Decorrelation(),
                 "randomized_vjp": effcompile.RandomizedVJP(keep=0.5, multiple=1),
                 "greedy_stages": effcompile.GreedyStages(num_stages=2),
                 "sample_selection": effcompile.SampleSelection(keep=0.5)}

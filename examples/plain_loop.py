@@ -73,7 +73,7 @@ def load_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def make_configs(names: str) -> list[effcompile.PassConfig]:
     """Pass configs by name, with the settings of ``make demo``."""
     settings = {
-        "decorrelation": lambda: effcompile.Decorrelation(lr=0.01),
+        "decorrelation": lambda: effcompile.Decorrelation(),
         "randomized_vjp": lambda: effcompile.RandomizedVJP(keep=0.25),
         "greedy_stages": lambda: effcompile.GreedyStages(num_stages=2),
         "sample_selection": lambda: effcompile.SampleSelection(keep=0.5),

@@ -27,7 +27,10 @@ class Decorrelation(PassConfig):
     Fields:
         lr: step size η of the R update, in (0, 1).  A step longer than ``state.MAX_STEP`` (0.5,
             Frobenius norm of η·A below) is shortened to it, so a large η cannot diverge; near
-            convergence the step is the plain one.
+            convergence the step is the plain one.  The default 0.01 (the top of the reference's
+            1e-4..1e-2) reached 95% on digits in fewer epochs than 1e-3 (MLP 3.3 vs 4.0, three
+            seeds) and 0.95 on mnist5k's CNN sooner (5.3 vs 6.0 epochs); 0.03 and above gained
+            nothing more and 0.03 kept the mnist5k CNN below 95%.
         kappa: weight κ of the variance-normalising term, in [0, 1] (0: decorrelate only).
         rows_per_dim: statistics use at most ``rows_per_dim · d`` sampled input rows (patches
             for convolutions) per update.
@@ -83,7 +86,7 @@ class Decorrelation(PassConfig):
 
     name: ClassVar[str] = "decorrelation"
 
-    lr: float = 1e-3
+    lr: float = 1e-2
     kappa: float = 0.5
     rows_per_dim: float = 4.0
     max_block_size: int = 1024
