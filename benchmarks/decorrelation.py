@@ -21,6 +21,7 @@ benchmarks/decorrelation_cpu.sh.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import statistics
@@ -147,13 +148,15 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
                in_channels: int = 3, budgets: Sequence[str] = ("auto", "0.15", "0.4", "none"), rounds: int = 5,
                steps_per_round: int = 2, threads: Optional[int] = None, seed: int = 0,
                compile: bool = False, device: str = "cpu", autocast: Optional[str] = None,
-               update_dtypes: Sequence[str] = ("auto",)) -> Dict[str, Any]:
+               update_dtypes: Sequence[str] = ("auto",), input_layers: Sequence[bool] = (False,)) -> Dict[str, Any]:
     """Interleaved step times of backprop, the decorbp-style reference and ``Decorrelation`` at each
     budget (and each ``update_dtype`` of ``update_dtypes``: one variant per pair).  ``compile``:
     every model's forward and backward through ``torch.compile(backend="effcompile")`` (Inductor;
     the reference's Python-side update cannot be, so it is left out);
     the compilation happens in the warm-up, outside the timed rounds, and is reported apart.
-    ``autocast``: "bf16" runs forward and loss under ``torch.autocast``."""
+    ``autocast``: "bf16" runs forward and loss under ``torch.autocast``.  ``input_layers``: the
+    ``Decorrelation.input_layers`` values (``True`` adds variants with the stem decorrelated too,
+    as the reference does)."""
     import torch.nn.functional as F
 
     from effcompile import models
@@ -178,19 +181,19 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
         reference = build()
         wrappers = reference_decorrelated(reference)
         variants["reference"] = {"model": reference, "after": lambda: [w.update() for w in wrappers]}
-    for budget in budgets:
+    for budget, update_dtype, inputs_too in itertools.product(budgets, update_dtypes, input_layers):
         max_overhead = None if budget == "none" else budget if budget == "auto" else float(budget)
-        for update_dtype in update_dtypes:
-            transformed = build()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                transform(transformed, Decorrelation(max_overhead=max_overhead, update_dtype=update_dtype),
-                          example_inputs=(x,))
-            rows = [row for row in report(transformed) if row.applied]
-            predicted = rows[0].details.get("model_overhead") if rows else None
-            name = f"effcompile max_overhead={budget}" + (f" {update_dtype}" if len(update_dtypes) > 1 else "")
-            variants[name] = {"model": transformed, "after": lambda: None, "predicted_overhead": predicted,
-                              "update_dtypes": sorted({row.details.get("update_dtype") for row in rows} - {None})}
+        transformed = build()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transform(transformed, Decorrelation(max_overhead=max_overhead, update_dtype=update_dtype,
+                                                 input_layers=inputs_too), example_inputs=(x,))
+        rows = [row for row in report(transformed) if row.applied]
+        predicted = rows[0].details.get("model_overhead") if rows else None
+        name = (f"effcompile max_overhead={budget}" + (f" {update_dtype}" if len(update_dtypes) > 1 else "")
+                + (" input_layers" if inputs_too else ""))
+        variants[name] = {"model": transformed, "after": lambda: None, "predicted_overhead": predicted,
+                          "update_dtypes": sorted({row.details.get("update_dtype") for row in rows} - {None})}
     for variant in variants.values():
         variant["optimizer"] = torch.optim.SGD(variant["model"].parameters(), lr=0.01, momentum=0.9)
         variant["times"] = []
@@ -249,6 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--budgets", default="auto,0.15,0.4,none", help="max_overhead values ('none': no budget)")
+    parser.add_argument("--input-layers", default="false",
+                        help="step: Decorrelation.input_layers values, e.g. false,true (true: the stem too)")
     parser.add_argument("--update-dtypes", default="auto", help="step: Decorrelation.update_dtype values, e.g. auto,float32")
     parser.add_argument("--blocks", default="64,128,256,512,1024")
     parser.add_argument("--rows-per-dim", type=float, default=4.0)
@@ -265,7 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             in_channels=args.in_channels, budgets=args.budgets.split(","), rounds=args.rounds or 5,
                             threads=args.threads, compile=args.compile, device=args.device,
                             autocast=args.autocast, steps_per_round=args.steps_per_round,
-                            update_dtypes=args.update_dtypes.split(","))
+                            update_dtypes=args.update_dtypes.split(","),
+                            input_layers=[value.strip().lower() == "true" for value in args.input_layers.split(",")])
         print(f"{result['model']} width {result['width']}, batch {result['batch_size']}, {result['mode']}, "
               f"threads={result['threads']}, load {result['load_average']}")
         print(f"{'variant':<40} {'step s':>8} {'vs backprop':>12} {'predicted':>10} {'first step s':>13}")

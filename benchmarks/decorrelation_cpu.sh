@@ -14,3 +14,14 @@ done
 # A realistic layer mix: ResNet-18 (CIFAR stem) on 3x32x32, eager only (CPU Inductor compiles take minutes).
 "$bin" bench --model resnet18_cifar --passes decorrelation --in-channels 3 --image-size 32 --batch-size 32 --steps 10 --warmup 2 \
   --out "$out/$tag-decorrelation-resnet18_cifar-eager.json"
+# Time to target with the defaults a user gets (`Decorrelation()`), against backprop with the same
+# seeds, weights and data order, and with the input layer decorrelated too (`input_layers=true`).
+# Eager, 3 seeds, training seconds only.  The MLP on mnist5k is where the input layer matters.
+for setting in "digits mlp 32 10 1 0.95" "digits cnn 32 8 1 0.95" "mnist5k mlp 64 8 2 0.92" "mnist5k cnn 64 12 2 0.95"; do
+  read -r dataset model batch epochs threads target <<<"$setting"
+  common=(train --model "$model" --dataset "$dataset" --batch-size "$batch" --epochs "$epochs" --threads "$threads"
+          --lr 0.01 --optimizer sgd --momentum 0.9 --seeds 0,1,2 --target-accuracy "$target" --no-progress --passes decorrelation)
+  "$bin" "${common[@]}" --compare --out "$out/$tag-decorrelation-time-to-target-$dataset-$model"
+  "$bin" "${common[@]}" --pass-arg decorrelation.input_layers=true \
+    --out "$out/$tag-decorrelation-time-to-target-$dataset-$model-input-layers"
+done
