@@ -87,9 +87,9 @@ class WeightUse:
     # The located input feeds nothing but this op inside its scope call, with the contracted
     # features on its last axis all the way (a pass may then transform that argument itself).
     input_exclusive: bool = False
-    # The op reads one of the model's own inputs (through views, reshapes and casts only): it is
-    # an input layer, applied to the raw features (pixels, tabular columns) rather than to features
-    # the model computed.
+    # The op reads one of the model's own inputs (through views, reshapes, casts and a fixed affine
+    # rescaling only): it is an input layer, applied to the raw features (pixels, tabular columns)
+    # rather than to features the model computed.
     reads_model_input: bool = False
 
 
@@ -162,6 +162,10 @@ _ROW_PRESERVING_OPS = _WEIGHT_IDENTITY_OPS | {
     aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
     aten.flatten.using_ints,
 }
+
+# Elementwise ops that rescale a tensor by a fixed operand (a number, a buffer, a constant).
+_CONSTANT_AFFINE_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+                        aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar}
 
 # Row-preserving ops that also keep the last axis as it is (a transform of the last axis commutes with them).
 _LAST_AXIS_OPS = _WEIGHT_IDENTITY_OPS | {
@@ -322,15 +326,25 @@ def _locate_input(
     return None, f"its input is computed inside {where}, not passed to it (wrap the op in its own module)", False
 
 
-def _reads_model_input(use_node: torch.fx.Node, user_inputs: set) -> bool:
-    """Whether the op's input is a model input seen only through views, reshapes and casts."""
+def _reads_model_input(use_node: torch.fx.Node, user_inputs: set, constants: set) -> bool:
+    """Whether the op's input is a model input seen only through views, reshapes, casts and a fixed
+    affine rescaling (``x / 255``, ``(x − mean) / std`` with numbers or buffers): raw features."""
     node = input_node(use_node)
     while isinstance(node, torch.fx.Node):
         if node.op == "placeholder":
             return node.name in user_inputs
-        if node.op != "call_function" or node.target not in _ROW_PRESERVING_OPS or not node.args:
+        if node.op != "call_function" or not node.args:
             return False
-        node = node.args[0]
+        if node.target in _ROW_PRESERVING_OPS:
+            node = node.args[0]
+        elif node.target in _CONSTANT_AFFINE_OPS and len(node.args) == 2:
+            fixed = [arg for arg in node.args if not isinstance(arg, torch.fx.Node) or arg.name in constants]
+            varying = [arg for arg in node.args if isinstance(arg, torch.fx.Node) and arg.name not in constants]
+            if len(fixed) != 1 or len(varying) != 1:
+                return False
+            node = varying[0]
+        else:
+            return False
     return False
 
 
@@ -401,6 +415,8 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
 
     params = dict(exported.graph_signature.inputs_to_parameters)
     user_inputs = list(exported.graph_signature.user_inputs)
+    constants = set(exported.graph_signature.inputs_to_buffers) | set(
+        getattr(exported.graph_signature, "inputs_to_lifted_tensor_constants", {}))
     signatures = _module_signatures(exported)
     candidates: Dict[str, LayerCandidate] = {}
     param_nodes = {name for name in params}
@@ -424,7 +440,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
         row_preserving = use.op in ("linear", "matmul")
         use.input_location, use.input_unobservable, use.input_exclusive = _locate_input(
             node, use.scope, row_preserving, signatures, modules, user_inputs, exported.call_spec.in_spec)
-        use.reads_model_input = _reads_model_input(node, set(user_inputs))
+        use.reads_model_input = _reads_model_input(node, set(user_inputs), constants)
         if parametrized_weight(fqn):
             use.unsupported = use.unsupported or PARAMETRIZED_REASON
         candidate(fqn).uses.append(use)

@@ -74,7 +74,8 @@ class Decorrelation(PassConfig):
             dispatch-bound: the casts would cost more than they save).  Resolved per layer when
             the state is built or moved (``.to``); the report shows each layer's choice.
         input_layers: also decorrelate the input layers, those applied to one of the model's own
-            inputs (raw pixels, tabular columns; seen through views, reshapes and casts only).
+            inputs (raw pixels, tabular columns; seen through views, reshapes, casts and a fixed
+            rescaling such as ``(x − mean) / std`` with numbers or buffers only).
             Off by default, and the Plan lists them as skipped: whitening raw input features
             trains faster but can generalise worse.  On mnist5k (4,000 training images of 784
             pixels) an MLP with its input layer decorrelated fit the training set sooner and

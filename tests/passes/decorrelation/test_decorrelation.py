@@ -539,7 +539,7 @@ class TestInputLayers:
                 self.fc = nn.Linear(4, 2)
 
             def forward(self, x):
-                return self.fc(x * 2.0)  # the layer reads a computed tensor, not the input itself
+                return self.fc(torch.tanh(x))  # the layer reads a computed tensor, not the input itself
 
         model = Scaled()
         effcompile.transform(model, effcompile.Decorrelation(max_overhead=None), example_inputs=(torch.randn(3, 4),))
