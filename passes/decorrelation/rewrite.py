@@ -181,9 +181,6 @@ def decorrelation_states(model: nn.Module) -> Dict[str, DecorrelationState]:
 
 
 # ------------------------------------------------------------------------------------ the pass
-_INPUT_LAYERS_OFF = "input_layers=False"
-
-
 class DecorrelationPass(ModelPass):
     config_type = Decorrelation
     # FSDP2: the weight reads see the unsharded parameter inside forward (fully_shard swaps it into
@@ -211,11 +208,14 @@ class DecorrelationPass(ModelPass):
         first = candidate.uses[0]
         row = PlanRow(layer=candidate.layer, pass_name=self.name, action=Action.REWRITE, op=first.op,
                       input_shape=first.input_shape, weight_shape=candidate.weight_shape)
-        reason = self._skip_reason(candidate, tied, trainable, config)
+        if not config.input_layers and any(use.reads_model_input for use in candidate.uses):
+            # Whitening the raw features fits the training set sooner but generalised worse (config.py).
+            row.action, row.reason = Action.SKIP, "input layer (applied to the model's input): input_layers=False"
+            row.details["skipped_by"] = "input_layers"
+            return row, []
+        reason = self._skip_reason(candidate, tied, trainable)
         if reason:
             row.action, row.reason = Action.SKIP, reason
-            if reason.endswith(_INPUT_LAYERS_OFF):
-                row.details["skipped_by"] = "input_layers"
             return row, []
         spec = _layer_spec(candidate, config)
         sides, weight_reason = _sides(spec, candidate, config)
@@ -261,11 +261,7 @@ class DecorrelationPass(ModelPass):
                 warnings.warn(f"effcompile decorrelation: {message}", stacklevel=4)
 
     @staticmethod
-    def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]], trainable: bool,
-                     config: Decorrelation) -> str:
-        if not config.input_layers and any(use.reads_model_input for use in candidate.uses):
-            # Whitening the raw features fits the training set sooner but generalised worse (config.py).
-            return "input layer (applied to the model's input): " + _INPUT_LAYERS_OFF
+    def _skip_reason(candidate: LayerCandidate, tied: Dict[str, List[str]], trainable: bool) -> str:
         if not trainable:  # W·R with R moving and W unable to follow would change a frozen layer's function
             return "frozen weight (requires_grad=False): decorrelating its input would change what the layer computes"
         if candidate.param_fqn in tied:
