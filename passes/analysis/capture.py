@@ -338,9 +338,9 @@ def _reads_model_input(use_node: torch.fx.Node, user_inputs: set, constants: set
         if node.target in _ROW_PRESERVING_OPS:
             node = node.args[0]
         elif node.target in _CONSTANT_AFFINE_OPS and len(node.args) == 2:
-            fixed = [arg for arg in node.args if not isinstance(arg, torch.fx.Node) or arg.name in constants]
+            # One operand varies, the other is fixed (a number, a buffer, a constant).
             varying = [arg for arg in node.args if isinstance(arg, torch.fx.Node) and arg.name not in constants]
-            if len(fixed) != 1 or len(varying) != 1:
+            if len(varying) != 1:
                 return False
             node = varying[0]
         else:
@@ -415,6 +415,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
 
     params = dict(exported.graph_signature.inputs_to_parameters)
     user_inputs = list(exported.graph_signature.user_inputs)
+    model_input_names = set(user_inputs)
     constants = set(exported.graph_signature.inputs_to_buffers) | set(
         getattr(exported.graph_signature, "inputs_to_lifted_tensor_constants", {}))
     signatures = _module_signatures(exported)
@@ -440,7 +441,7 @@ def capture(model: nn.Module, example_inputs: Any) -> GraphCapture:
         row_preserving = use.op in ("linear", "matmul")
         use.input_location, use.input_unobservable, use.input_exclusive = _locate_input(
             node, use.scope, row_preserving, signatures, modules, user_inputs, exported.call_spec.in_spec)
-        use.reads_model_input = _reads_model_input(node, set(user_inputs), constants)
+        use.reads_model_input = _reads_model_input(node, model_input_names, constants)
         if parametrized_weight(fqn):
             use.unsupported = use.unsupported or PARAMETRIZED_REASON
         candidate(fqn).uses.append(use)
