@@ -494,20 +494,26 @@ def test_compiled_partial_last_batch_keeps_one_graph_without_breaks():
 
 
 @pytest.mark.slow
-def test_inductor_step_survives_a_partial_last_batch():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_inductor_step_survives_a_partial_last_batch(autocast):
     """A partial batch through Inductor, the update every other step (a torch.cond): with a
     symbolic row count inside the branch, torch 2.13's Inductor failed to generate it ("expected
-    [s] to have been codegen-ed") when a conv layer's update took every row of the batch."""
+    [s] to have been codegen-ed") when a conv layer's update took every row of the batch.  Under
+    bf16 autocast the patches' fp32 cast was laid out row-major by Inductor while the branch was
+    traced with the transposed (feature-major) strides: a stride assertion on the first step (the
+    second conv: its input is a bf16 activation, the first one's the fp32 model input)."""
     torch.manual_seed(0)
     # 8x8 maps, 144 features: the update's 4·144 row budget exceeds a batch's 64·B rows
-    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 3))
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(512, 3))
     _decorrelate(model, torch.randn(8, 16, 8, 8), update_every=2)  # the update in a torch.cond
     torch._dynamo.reset()
     step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), compile=True,
                                  backend="effcompile")
-    losses = [step(torch.randn(rows, 16, 8, 8), torch.randint(0, 3, (rows,))) for rows in (8, 6, 8, 6)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = [step(torch.randn(rows, 16, 8, 8), torch.randint(0, 3, (rows,))) for rows in (8, 6, 8, 6)]
     assert all(torch.isfinite(loss) for loss in losses)
-    assert int(_state(model, "0").updates) == 2  # steps 1 and 3
+    assert int(_state(model, "0").updates) == int(_state(model, "2").updates) == 2  # steps 1 and 3
 
 
 class TestInputLayers:
