@@ -17,8 +17,9 @@ __all__ = ["export_onnx", "inspect_onnx", "OnnxFileError", "NAME_SCOPES_KEY"]
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 # Shape and constant plumbing around an inserted computation: not worth a row of its own.
-_PLUMBING_OPS = {"Constant", "Reshape", "Concat", "Identity", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast",
-                 "Slice", "Pad"}
+# Layout ops count too: a Kronecker-structured R's two products transpose the weight between them.
+_PLUMBING_OPS = {"Constant", "Reshape", "Transpose", "Concat", "Identity", "Shape", "Gather", "Unsqueeze", "Squeeze",
+                 "Cast", "Slice", "Pad"}
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], opset_version: int = 18) -> str:

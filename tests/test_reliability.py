@@ -136,7 +136,7 @@ def test_random_models_transform_with_identity_R_equal_to_plain_backprop(case):
     model(x).sum().backward()  # one training forward updates R ...
     states = decorrelation_states(model).values()
     assert all(torch.isfinite(state.matrix).all() for state in states)
-    moved = [not torch.equal(state.matrix, torch.eye(state.block).expand_as(state.matrix)) for state in states]
+    moved = [not torch.equal(state.matrix, torch.eye(state.matrix.shape[-1]).expand_as(state.matrix)) for state in states]
     # A step moves R visibly in fp32 when its terms are not negligible: η(1−κ) for the off-diagonal
     # covariance (blocks of b ≥ 2), ηκ for the variance term.
     visible = lambda rate: config["lr"] * rate >= 1e-3

@@ -29,7 +29,10 @@ plain training work.
 the decorrelated layers is at most ``x`` times their summed training work (:func:`allocate`).
 Each layer has a ladder of configurations (:func:`ladder`), from the most decorrelation (largest
 block, update every step) to the cheapest: blocks first shrink to keep every-step updates (down
-to 64 features), then the update interval grows, then blocks shrink further.  Starting with
+to 64 features), then the update interval grows, then blocks shrink further.  A k×k convolution
+under ``structure="auto"`` also has the Kronecker R (``R_channel ⊗ R_spatial``, kronecker.py:
+``2·|W|·(C+s)`` to apply, ``2·n·C·s·(C+s) + C³ + s³`` per update) at each interval, after the
+dense block of the whole patch and before any smaller block.  Starting with
 every layer on its first rung, the layer whose pass work is the largest steps down one rung
 until the model meets the budget.  Wide layers that dominate the cost are the ones made cheaper;
 a small layer keeps its full R, whose cost is negligible for the step even where it is large
@@ -44,10 +47,12 @@ import dataclasses
 import math
 from typing import List, Optional, Sequence, Tuple
 
+from .kronecker import (KRONECKER_APPLY_OPS, KRONECKER_UPDATE_OPS, kronecker_apply_macs, kronecker_rows,
+                        kronecker_update_macs)
 from .state import MIN_ROWS, block_layout, update_formula, update_macs
 
 __all__ = ["SIDES", "DISPATCH_MACS", "APPLY_OPS", "UPDATE_OPS", "LAYER_OPS", "AUTO_BUDGET", "AUTO_MAX_INTERVAL",
-           "LayerCost", "layer_rows", "conv_output_positions", "predict", "ladder", "allocate"]
+           "LayerCost", "layer_rows", "conv_output_positions", "predict", "predict_kronecker", "ladder", "allocate"]
 
 UPDATE_INTERVALS = (1, 2, 4, 8, 16, 32, 64)
 MIN_BUDGET_BLOCK = 64  # below this a block decorrelates little; longer intervals are preferred
@@ -81,12 +86,16 @@ class LayerCost:
     update_macs: int  # per update (all blocks)
     side: str = "weight"  # where R is applied (one of SIDES)
     dense: bool = True  # R is one dense block (no block-diagonal plumbing around the product)
+    structure: str = "blocks"  # "blocks" or "kronecker" (R_channel ⊗ R_spatial, kronecker.py)
 
     @property
     def pass_cost(self) -> float:
         """The pass's own work per training step in MACs, its ops' dispatch counted as
         ``DISPATCH_MACS`` each (the update amortised over its interval)."""
-        ops = APPLY_OPS["dense" if self.dense else "blocked"] + UPDATE_OPS / self.update_every
+        if self.structure == "kronecker":
+            ops = KRONECKER_APPLY_OPS + KRONECKER_UPDATE_OPS / self.update_every
+        else:
+            ops = APPLY_OPS["dense" if self.dense else "blocked"] + UPDATE_OPS / self.update_every
         return self.apply_macs + self.update_macs / self.update_every + DISPATCH_MACS * ops
 
     @property
@@ -128,6 +137,16 @@ def predict(weight_numel: int, rows: int, groups: int, group_dim: int, max_block
                      dense=groups * blocks_per_group == 1)
 
 
+def predict_kronecker(weight_numel: int, rows: int, groups: int, channels: int, taps: int, rows_per_dim: float,
+                      update_every: int) -> LayerCost:
+    """The cost of a convolution's ``R = R_channel ⊗ R_spatial`` (kronecker.py), on the weight."""
+    n = min(kronecker_rows(channels, taps, rows_per_dim), max(1, rows))
+    return LayerCost(block=channels * taps, update_every=update_every, layer_macs=3 * rows * weight_numel,
+                     apply_macs=kronecker_apply_macs(weight_numel, channels, taps),
+                     update_macs=groups * kronecker_update_macs(n, channels, taps), side="weight", dense=False,
+                     structure="kronecker")
+
+
 def _block_ladder(group_dim: int, max_block: int) -> Tuple[int, ...]:
     """Block-size caps from the largest allowed down to 16, halving."""
     caps, cap = [], min(group_dim, max_block)
@@ -139,28 +158,53 @@ def _block_ladder(group_dim: int, max_block: int) -> Tuple[int, ...]:
 
 def ladder(weight_numel: int, rows: int, groups: int, group_dim: int, max_block: int, rows_per_dim: float,
            syncing: bool = False, min_update_every: int = 1, limited: bool = False,
-           sides: Sequence[str] = ("weight",)) -> List[LayerCost]:
+           sides: Sequence[str] = ("weight",), kronecker: Optional[Tuple[int, int]] = None,
+           structure: str = "blocks") -> List[LayerCost]:
     """One layer's configurations in order of preference, each strictly cheaper than the one before.
 
-    Preference: every-step updates with blocks shrinking to ``MIN_BUDGET_BLOCK``, then longer
-    intervals at those blocks, then smaller blocks at any interval.  ``limited`` (the "auto"
-    budget) stops at ``MIN_BUDGET_BLOCK`` and ``AUTO_MAX_INTERVAL``.
+    Preference with blocks: every-step updates with blocks shrinking to ``MIN_BUDGET_BLOCK``, then
+    longer intervals at those blocks, then smaller blocks at any interval.  ``limited`` (the
+    "auto" budget) stops at ``MIN_BUDGET_BLOCK`` and ``AUTO_MAX_INTERVAL``.
+
+    ``kronecker``: (channels C, taps s) of a convolution that may take ``R_channel ⊗ R_spatial``.
+    ``structure="kronecker"`` gives it at every interval instead of blocks; ``"auto"`` puts it,
+    at each interval, after a dense block of the whole patch and before any smaller block (a
+    block spans ``b/s`` channels; the Kronecker R spans all of them).
     """
-    blocks = _block_ladder(group_dim, max_block)
-    floor = min(MIN_BUDGET_BLOCK, group_dim)
     intervals = [every for every in UPDATE_INTERVALS if every >= min_update_every] or [min_update_every]
     if limited:
         intervals = [every for every in intervals if every <= AUTO_MAX_INTERVAL] or intervals[:1]
+    if kronecker is None or structure == "blocks":
+        preferred = _block_preference(group_dim, max_block, intervals, limited)
+    elif structure == "kronecker":
+        preferred = [("kronecker", every) for every in intervals]
+    else:
+        preferred = []
+        for cap, every in _block_preference(group_dim, max_block, intervals, limited):
+            if cap < group_dim and ("kronecker", every) not in preferred:
+                preferred.append(("kronecker", every))
+            preferred.append((cap, every))
+    rungs: List[LayerCost] = []
+    for cap, every in preferred:
+        if cap == "kronecker":
+            cost = predict_kronecker(weight_numel, rows, groups, *kronecker, rows_per_dim, every)
+        else:
+            cost = predict(weight_numel, rows, groups, group_dim, cap, rows_per_dim, every, syncing, sides)
+        if not rungs or cost.pass_cost < rungs[-1].pass_cost:
+            rungs.append(cost)
+    return rungs
+
+
+def _block_preference(group_dim: int, max_block: int, intervals: Sequence[int],
+                      limited: bool) -> List[Tuple[int, int]]:
+    """(block cap, interval) of the block structure in order of preference (:func:`ladder`)."""
+    blocks = _block_ladder(group_dim, max_block)
+    floor = min(MIN_BUDGET_BLOCK, group_dim)
     preferred = [(cap, intervals[0]) for cap in blocks if cap >= floor]
     preferred += [(cap, every) for every in intervals[1:] for cap in blocks if cap >= floor]
     if not limited:
         preferred += [(cap, every) for every in intervals for cap in blocks if cap < floor]
-    rungs: List[LayerCost] = []
-    for cap, every in preferred:
-        cost = predict(weight_numel, rows, groups, group_dim, cap, rows_per_dim, every, syncing, sides)
-        if not rungs or cost.pass_cost < rungs[-1].pass_cost:
-            rungs.append(cost)
-    return rungs
+    return preferred
 
 
 def allocate(ladders: Sequence[Sequence[LayerCost]], max_overhead: float) -> Tuple[List[LayerCost], bool]:

@@ -40,7 +40,9 @@ Details that make it cheap and safe:
   ``Zᵀ(Z·R)/n`` for n < b, ``(ZᵀZ/n − diag)·R`` for b ≤ n ≤ 2b, and ``Σ = R·S·Rᵀ`` from the raw
   input covariance ``S = XᵀX/n`` for n > 2b (the default n = 4b: 7·b³ MACs instead of 9·b³).
 * Structure: layers whose per-group input dimension exceeds ``max_block_size`` get a
-  block-diagonal ``R``; grouped convolutions get one ``R`` per group.
+  block-diagonal ``R``; grouped convolutions get one ``R`` per group.  A k×k convolution may
+  instead take ``R = R_channel ⊗ R_spatial`` (``Decorrelation.structure``, kronecker.py), where
+  the fused weight is ``A[o] = R_cᵀ·W[o]·R_s``: same graph, two GEMMs in place of one.
 * Statistics are computed in fp32 with autocast disabled; ``R`` is stored in fp32 and cast to the
   weight's dtype for the fused product.
 * Stability: an update that makes ``R`` non-finite or larger than ``divergence_threshold`` is
@@ -63,7 +65,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -77,7 +79,9 @@ from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
 
 from .config import Decorrelation
-from .cost import AUTO_BUDGET, LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict
+from .cost import (AUTO_BUDGET, LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict,
+                   predict_kronecker)
+from .kronecker import KroneckerDecorrelationState, kronecker_factors, kronecker_rows
 from .observe import observed_forward
 from .state import MIN_ROWS, DecorrelationState, LayerSpec, block_layout, update_lr
 
@@ -219,10 +223,14 @@ class DecorrelationPass(ModelPass):
             return row, []
         spec = _layer_spec(candidate, config)
         sides, weight_reason = _sides(spec, candidate, config)
-        rungs = _cost_ladder(spec, candidate, config, sides)
-        spec = dataclasses.replace(spec, side=rungs[0].side if rungs else sides[0])
+        factors, not_kronecker = _kronecker_eligibility(spec)
+        rungs = _cost_ladder(spec, candidate, config, sides, factors)
+        structure = rungs[0].structure if rungs else _unbudgeted_structure(spec, config, factors)
+        spec = dataclasses.replace(spec, side=rungs[0].side if rungs else sides[0], structure=structure)
         if weight_reason:
             row.details["weight_side"] = weight_reason
+        if config.structure == "kronecker" and not_kronecker:
+            row.details["blocks_because"] = not_kronecker
         _set_layer_details(row, spec, config, rungs[0] if rungs else None)
         if len(candidate.uses) > 1:
             row.details["uses"] = len(candidate.uses)
@@ -244,7 +252,8 @@ class DecorrelationPass(ModelPass):
             budget = AUTO_BUDGET if automatic else config.max_overhead
             chosen, within = allocate([rungs for _, rungs in ladders], budget)
         for (row, _), cost in zip(ladders, chosen):
-            row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every, side=cost.side)
+            row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every, side=cost.side,
+                                           structure=cost.structure)
             _set_layer_details(row, row.spec, config, cost)
         total = sum(cost.pass_cost for cost in chosen) / sum(cost.layer_cost for cost in chosen)
         for row, _ in ladders:
@@ -287,7 +296,8 @@ class DecorrelationPass(ModelPass):
             owner = model.get_submodule(owner_path)
             for spec in specs:
                 weight = owner._parameters[spec.attr]
-                state = DecorrelationState(spec, config, weight.device)
+                structured = KroneckerDecorrelationState if spec.structure == "kronecker" else DecorrelationState
+                state = structured(spec, config, weight.device)
                 owner.add_module(state_name(spec.attr), state)
                 for scope, locations in spec.scopes:
                     observers.setdefault(scope, _ScopeObserver()).add(state, locations)
@@ -397,8 +407,30 @@ def _sides(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation) ->
     return ("weight",), reason if config.apply == "input" else ""
 
 
+def _kronecker_eligibility(spec: LayerSpec) -> Tuple[Optional[Tuple[int, int]], str]:
+    """(channels, taps) of a layer that can take ``R_channel ⊗ R_spatial``, else None and why not."""
+    if spec.kind != "conv":
+        return None, "not a convolution"
+    channels, taps = kronecker_factors(spec)
+    if taps == 1:
+        return None, "a 1x1 convolution: R is over channels already"
+    if channels == 1:
+        return None, "one channel per group: R is over kernel taps already"
+    return (channels, taps), ""
+
+
+def _unbudgeted_structure(spec: LayerSpec, config: Decorrelation, factors: Optional[Tuple[int, int]]) -> str:
+    """The structure as configured (no budget, or no shapes to cost): ``"auto"`` takes the
+    Kronecker R where blocks would cut the patch (``d > max_block_size``)."""
+    if factors is None or config.structure == "blocks":
+        return "blocks"
+    if config.structure == "kronecker" or spec.group_dim > config.max_block_size:
+        return "kronecker"
+    return "blocks"
+
+
 def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelation,
-                 sides: Tuple[str, ...]) -> List[LayerCost]:
+                 sides: Tuple[str, ...], factors: Optional[Tuple[int, int]]) -> List[LayerCost]:
     """The layer's configurations from the configured one down to the cheapest (cost.py); only the
     configured one without a budget, none without input shapes."""
     rows = _example_rows(candidate)
@@ -407,10 +439,13 @@ def _cost_ladder(spec: LayerSpec, candidate: LayerCandidate, config: Decorrelati
     numel = math.prod(candidate.weight_shape)
     syncing = config.sync_statistics and replicas.is_distributed()
     if config.max_overhead is None:
+        if _unbudgeted_structure(spec, config, factors) == "kronecker":
+            return [predict_kronecker(numel, rows, spec.groups, *factors, config.rows_per_dim, spec.update_every)]
         return [predict(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim,
                         spec.update_every, syncing, sides)]
     return ladder(numel, rows, spec.groups, spec.group_dim, spec.block, config.rows_per_dim, syncing,
-                  min_update_every=config.update_every, limited=config.max_overhead == "auto", sides=sides)
+                  min_update_every=config.update_every, limited=config.max_overhead == "auto", sides=sides,
+                  kronecker=factors, structure=config.structure)
 
 
 def _example_rows(candidate: LayerCandidate):
@@ -423,9 +458,16 @@ def _example_rows(candidate: LayerCandidate):
 
 
 def _set_layer_details(row: PlanRow, spec: LayerSpec, config: Decorrelation, cost) -> None:
-    blocks, block = block_layout(spec.group_dim, spec.block)
-    row.details.update({"d": spec.group_dim, "groups": spec.groups, "blocks": f"{blocks}x{block}", "apply": spec.side,
-                        "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))})
+    row.details.update({"d": spec.group_dim, "groups": spec.groups, "apply": spec.side, "structure": spec.structure})
+    if spec.structure == "kronecker":  # R = R_channel ⊗ R_spatial: the factors' sizes
+        channels, taps = kronecker_factors(spec)
+        row.details.pop("blocks", None)
+        row.details.update({"kronecker": f"{channels}x{channels} ⊗ {taps}x{taps}",
+                            "row_cap": kronecker_rows(channels, taps, config.rows_per_dim)})
+    else:
+        blocks, block = block_layout(spec.group_dim, spec.block)
+        row.details.pop("kronecker", None)
+        row.details.update({"blocks": f"{blocks}x{block}", "row_cap": max(MIN_ROWS, math.ceil(config.rows_per_dim * block))})
     row.details.pop("update_every", None)
     row.details.pop("lr", None)
     if spec.update_every > 1:

@@ -127,6 +127,9 @@ class LayerSpec:
     # Input rows the layer meets per step at the example's batch (None: unknown); an update
     # samples at most this many, which decides what update_dtype="auto" picks.
     example_rows: Optional[int] = None
+    # How R is structured: "blocks" (dense, or block-diagonal of ``block``-sized blocks) or
+    # "kronecker" (R_channel ⊗ R_spatial per group, convolutions with a k×k kernel; kronecker.py).
+    structure: str = "blocks"
 
 
 def block_layout(group_dim: int, max_block: int) -> Tuple[int, int]:
@@ -144,13 +147,7 @@ class DecorrelationState(nn.Module):
 
     def __init__(self, spec: LayerSpec, config: Decorrelation, device: torch.device) -> None:
         super().__init__()
-        self.spec = spec
-        self.lr = update_lr(float(config.lr), spec.update_every, config.update_every)
-        self.kappa = float(config.kappa)
-        self.update_every = int(spec.update_every)
-        self.divergence_threshold = float(config.divergence_threshold)
-        self.sync_statistics = bool(config.sync_statistics)
-        self.update_dtype_choice = config.update_dtype
+        self._configure(spec, config)
         self.blocks_per_group, self.block = block_layout(spec.group_dim, spec.block)
         self.num_rows = max(MIN_ROWS, math.ceil(config.rows_per_dim * self.block))
         num_blocks = spec.groups * self.blocks_per_group
@@ -159,6 +156,20 @@ class DecorrelationState(nn.Module):
         self.register_buffer("feature_mask", torch.empty(num_blocks, self.block, device=device), persistent=False)
         for name in ("_scale_offset", "_scale_slope"):  # constants of the update's row scaling (_update)
             self.register_buffer(name, torch.empty(num_blocks, self.block, device=device), persistent=False)
+        self._finish_init(device)
+
+    def _configure(self, spec: LayerSpec, config: Decorrelation) -> None:
+        """The settings every structure of R shares (the config's, resolved for this layer)."""
+        self.spec = spec
+        self.lr = update_lr(float(config.lr), spec.update_every, config.update_every)
+        self.kappa = float(config.kappa)
+        self.update_every = int(spec.update_every)
+        self.divergence_threshold = float(config.divergence_threshold)
+        self.sync_statistics = bool(config.sync_statistics)
+        self.update_dtype_choice = config.update_dtype
+
+    def _finish_init(self, device: torch.device) -> None:
+        """Counters, initial values and checkpoint hooks, once the structure's buffers exist."""
         for name in ("updates", "rejected_updates", "observed_batches"):
             self.register_buffer(name, torch.empty((), dtype=torch.long, device=device))
         self.reset_parameters()
@@ -355,13 +366,25 @@ class DecorrelationState(nn.Module):
         def propose(matrix, rows, offset, slope):
             return self._proposal(matrix, rows, offset, slope, formula)
 
+        self._commit(propose, _keep, operands, gate, syncing)
+
+    def _commit(self, propose, keep, operands: Tuple[torch.Tensor, ...], gate, syncing: bool) -> None:
+        """Write the update ``propose(*operands)`` into R where it is accepted (and the step updates).
+
+        ``propose`` returns the new value of each state matrix (``operands`` begin with them, in
+        order) and whether they are accepted; ``keep`` is the branch between updates with the same
+        signature (the matrices unchanged, nothing accepted).  Compiled with a device ``gate``, the
+        two are a ``torch.cond``; under DDP the statistic's all-reduce must run on every step, so
+        the proposal is computed unconditionally and masked.
+        """
         if gate is True or syncing:
-            proposal, accepted = propose(*operands)
+            *proposals, accepted = propose(*operands)
         else:
-            proposal, accepted = torch.cond(gate, propose, _keep, operands)
+            *proposals, accepted = torch.cond(gate, propose, keep, operands)
         applied = accepted if gate is True else accepted & gate
         rejected = ~accepted if gate is True else gate & ~accepted
-        self.matrix.copy_(torch.where(applied, proposal, self.matrix))
+        for matrix, proposal in zip(operands, proposals):
+            matrix.copy_(torch.where(applied, proposal, matrix))
         self.updates.add_(applied)
         self.rejected_updates.add_(rejected)
 

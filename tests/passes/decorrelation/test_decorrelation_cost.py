@@ -92,11 +92,14 @@ def test_budgeted_plan_is_what_the_runtime_uses_and_R_still_moves():
     layer_macs, pass_cost = 0, 0
     for layer, state in decorrelation_states(model).items():
         row = plan[layer]
-        assert row.details["blocks"] == f"{state.blocks_per_group}x{state.block}"
+        if row.details["structure"] == "kronecker":  # R_channel ⊗ R_spatial (the budget's choice for a 3x3 conv)
+            assert row.details["kronecker"] == f"{state.channels}x{state.channels} ⊗ {state.taps}x{state.taps}"
+        else:
+            assert row.details["blocks"] == f"{state.blocks_per_group}x{state.block}"
         assert row.details["model_overhead"] == plan["5"].details["model_overhead"]
         every = row.details.get("update_every", 1)
         assert int(state.updates) == math.ceil(8 / every), (layer, int(state.updates), every)
-        assert not torch.equal(state.matrix, torch.eye(state.block).expand_as(state.matrix)), layer
+        assert not torch.equal(state.matrix, torch.eye(state.matrix.shape[-1]).expand_as(state.matrix)), layer
     assert plan["5"].details["blocks"] != free["5"].details["blocks"] or "update_every" in plan["5"].details
     assert float(plan["5"].details["model_overhead"][:-1]) <= 0.2  # the model meets the budget
 

@@ -38,11 +38,31 @@ def _train(rank, sync_statistics, update_dtype="auto"):
     return {name: state.matrix for name, state in decorrelation_states(model).items()}
 
 
+def _train_kronecker(rank, sync_statistics):
+    """A convolution with R = R_channel ⊗ R_spatial: both factors' statistics are averaged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = effcompile.Decorrelation(input_layers=True, lr=0.05, sync_statistics=sync_statistics,
+                                          max_overhead=None, structure="kronecker")
+        effcompile.transform(model, config, example_inputs=(torch.randn(4, 4, 5, 5),))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    step = effcompile.train_step(ddp, nn.functional.cross_entropy, torch.optim.SGD(ddp.parameters(), lr=0.1))
+    generator = torch.Generator().manual_seed(100 + rank)
+    for _ in range(STEPS):
+        x = torch.randn(8, 1, 5, 5, generator=generator) * (1 + rank) + torch.randn(8, 4, 5, 5, generator=generator)
+        step(x, torch.randint(0, 3, (8,), generator=generator))
+    state = decorrelation_states(model)["0"]
+    return {"channel": state.matrix, "spatial": state.spatial_matrix}
+
+
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         runs = {sync: _train(rank, sync) for sync in (True, False)}
         runs["bfloat16"] = _train(rank, True, "bfloat16")  # the averaged statistic, then bf16 products
+        runs["kronecker"] = {sync: _train_kronecker(rank, sync) for sync in (True, False)}
         torch.save(runs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -63,3 +83,8 @@ def test_R_stays_identical_on_every_rank(tmp_path):
         torch.testing.assert_close(matrix, rank1["bfloat16"][name], rtol=0, atol=1e-6)
     # Control: without the all-reduce the ranks' different data make R drift apart.
     assert not torch.allclose(rank0[False]["0"], rank1[False]["0"], atol=1e-4)
+    for factor in ("channel", "spatial"):
+        synced = rank0["kronecker"][True][factor]
+        assert not torch.equal(synced, torch.eye(synced.shape[-1]).expand_as(synced)), factor
+        torch.testing.assert_close(synced, rank1["kronecker"][True][factor], rtol=0, atol=1e-6)
+        assert not torch.allclose(rank0["kronecker"][False][factor], rank1["kronecker"][False][factor], atol=1e-4)

@@ -121,7 +121,7 @@ def test_every_R_moves_in_eager_training(eager_run):
     assert set(states) == WEIGHT_LAYERS
     for layer, state in states.items():
         assert int(state.updates) == 3, layer
-        assert not torch.allclose(state.matrix, torch.eye(state.block).expand_as(state.matrix)), layer
+        assert not torch.allclose(state.matrix, torch.eye(state.matrix.shape[-1]).expand_as(state.matrix)), layer
     assert torch.isfinite(losses).all()
 
 
