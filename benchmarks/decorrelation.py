@@ -21,6 +21,7 @@ benchmarks/decorrelation_cpu.sh.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import os
@@ -148,7 +149,8 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
                in_channels: int = 3, budgets: Sequence[str] = ("auto", "0.15", "0.4", "none"), rounds: int = 5,
                steps_per_round: int = 2, threads: Optional[int] = None, seed: int = 0,
                compile: bool = False, device: str = "cpu", autocast: Optional[str] = None,
-               update_dtypes: Sequence[str] = ("auto",), input_layers: Sequence[bool] = (False,)) -> Dict[str, Any]:
+               update_dtypes: Sequence[str] = ("auto",), input_layers: Sequence[bool] = (False,),
+               structures: Sequence[str] = ("auto",)) -> Dict[str, Any]:
     """Interleaved step times of backprop, the decorbp-style reference and ``Decorrelation`` at each
     budget (and each ``update_dtype`` of ``update_dtypes``: one variant per pair).  ``compile``:
     every model's forward and backward through ``torch.compile(backend="effcompile")`` (Inductor;
@@ -156,7 +158,8 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
     the compilation happens in the warm-up, outside the timed rounds, and is reported apart.
     ``autocast``: "bf16" runs forward and loss under ``torch.autocast``.  ``input_layers``: the
     ``Decorrelation.input_layers`` values (``True`` adds variants with the stem decorrelated too,
-    as the reference does)."""
+    as the reference does).  ``structures``: the ``Decorrelation.structure`` values (``blocks``
+    against the default ``auto``, which takes the Kronecker R where the budget would cut a patch)."""
     import torch.nn.functional as F
 
     from effcompile import models
@@ -181,19 +184,21 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
         reference = build()
         wrappers = reference_decorrelated(reference)
         variants["reference"] = {"model": reference, "after": lambda: [w.update() for w in wrappers]}
-    for budget, update_dtype, inputs_too in itertools.product(budgets, update_dtypes, input_layers):
+    for budget, update_dtype, inputs_too, structure in itertools.product(budgets, update_dtypes, input_layers,
+                                                                         structures):
         max_overhead = None if budget == "none" else budget if budget == "auto" else float(budget)
         transformed = build()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             transform(transformed, Decorrelation(max_overhead=max_overhead, update_dtype=update_dtype,
-                                                 input_layers=inputs_too), example_inputs=(x,))
+                                                 input_layers=inputs_too, structure=structure), example_inputs=(x,))
         rows = [row for row in report(transformed) if row.applied]
         predicted = rows[0].details.get("model_overhead") if rows else None
         name = (f"effcompile max_overhead={budget}" + (f" {update_dtype}" if len(update_dtypes) > 1 else "")
-                + (" input_layers" if inputs_too else ""))
+                + (" input_layers" if inputs_too else "") + (f" {structure}" if len(structures) > 1 else ""))
         variants[name] = {"model": transformed, "after": lambda: None, "predicted_overhead": predicted,
-                          "update_dtypes": sorted({row.details.get("update_dtype") for row in rows} - {None})}
+                          "update_dtypes": sorted({row.details.get("update_dtype") for row in rows} - {None}),
+                          "structures": dict(collections.Counter(row.details.get("structure") for row in rows))}
     for variant in variants.values():
         variant["optimizer"] = torch.optim.SGD(variant["model"].parameters(), lr=0.01, momentum=0.9)
         variant["times"] = []
@@ -229,7 +234,7 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
         seconds = statistics.median(variant["times"])
         out.append({"variant": name, "step_s": seconds, "vs_backprop": seconds / base,
                     "predicted_overhead": variant.get("predicted_overhead"),
-                    "update_dtypes": variant.get("update_dtypes"),
+                    "update_dtypes": variant.get("update_dtypes"), "structures": variant.get("structures"),
                     "first_step_s": variant["first_step_s"], "times": variant["times"]})
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"machine": machine_info(device), "device": str(device), "autocast": autocast,
@@ -255,6 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--input-layers", default="false",
                         help="step: Decorrelation.input_layers values, e.g. false,true (true: the stem too)")
     parser.add_argument("--update-dtypes", default="auto", help="step: Decorrelation.update_dtype values, e.g. auto,float32")
+    parser.add_argument("--structures", default="auto", help="step: Decorrelation.structure values, e.g. auto,blocks")
     parser.add_argument("--blocks", default="64,128,256,512,1024")
     parser.add_argument("--rows-per-dim", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: step 5, update 15)")
@@ -271,7 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             threads=args.threads, compile=args.compile, device=args.device,
                             autocast=args.autocast, steps_per_round=args.steps_per_round,
                             update_dtypes=args.update_dtypes.split(","),
-                            input_layers=[value.strip().lower() == "true" for value in args.input_layers.split(",")])
+                            input_layers=[value.strip().lower() == "true" for value in args.input_layers.split(",")],
+                            structures=args.structures.split(","))
         print(f"{result['model']} width {result['width']}, batch {result['batch_size']}, {result['mode']}, "
               f"threads={result['threads']}, load {result['load_average']}")
         print(f"{'variant':<40} {'step s':>8} {'vs backprop':>12} {'predicted':>10} {'first step s':>13}")

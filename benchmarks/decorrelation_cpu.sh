@@ -14,6 +14,14 @@ done
 # A realistic layer mix: ResNet-18 (CIFAR stem) on 3x32x32, eager only (CPU Inductor compiles take minutes).
 "$bin" bench --model resnet18_cifar --passes decorrelation --in-channels 3 --image-size 32 --batch-size 32 --steps 10 --warmup 2 \
   --out "$out/$tag-decorrelation-resnet18_cifar-eager.json"
+# The structure of R on ResNet-18 (width 32, batch 128): the default "auto" (Kronecker R_channel ⊗
+# R_spatial where the budget would cut a 3x3 patch into blocks) against blocks only and Kronecker on
+# every 3x3 convolution, interleaved with backprop and the decorbp-style reference; then compiled.
+for mode in eager compiled; do
+  flags=(--rounds 8); [ "$mode" = compiled ] && flags=(--compile --rounds 12)
+  ${PYTHON:-.venv/bin/python} -m benchmarks decorrelation step --budgets auto --structures auto,blocks,kronecker \
+    --threads 2 "${flags[@]}" --out "$out/$tag-decorrelation-step-resnet18w32-$mode-structures.json"
+done
 # Time to target with the defaults a user gets (`Decorrelation()`), against backprop with the same
 # seeds, weights and data order, and with the input layer decorrelated too (`input_layers=true`).
 # Eager, 3 seeds, training seconds only.  The MLP on mnist5k is where the input layer matters.

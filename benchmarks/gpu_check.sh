@@ -39,7 +39,7 @@ bench() {  # bench LIMIT NAME ARGS...: one benchmark on the timing cores, its lo
 }
 
 bench 70 decorrelation-step-eager decorrelation step --device cuda --autocast bf16 --width 64 --batch-size 256 \
-  --budgets auto,none --update-dtypes auto,float32 --input-layers false,true --rounds 10 --steps-per-round 5 \
+  --budgets auto,none --update-dtypes auto,float32 --structures auto,blocks --rounds 10 --steps-per-round 5 \
   --out "$OUT/decorrelation-step-eager.json"
 bench 90 suite-eager suite --preset gpu --modes eager --timing-only --out "$OUT/suite-eager"
 bench 150 suite-compiled-resnet18 suite --preset gpu --model resnet18_cifar --modes compiled \
