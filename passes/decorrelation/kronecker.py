@@ -82,6 +82,8 @@ class KroneckerDecorrelationState(DecorrelationState):
     """
 
     def __init__(self, spec: LayerSpec, config: Decorrelation, device: torch.device) -> None:
+        # nn.Module's init, not DecorrelationState's (that one makes the block structure's buffers);
+        # the shared settings and counters come from the same helpers it uses.
         torch.nn.Module.__init__(self)
         self._configure(spec, config)
         if spec.side != "weight":
