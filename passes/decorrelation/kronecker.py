@@ -32,14 +32,12 @@ the two steps (C³ + s³): :func:`kronecker_update_macs`.  Applying it to the we
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from effcompile._compat import is_compiling
-
 from .config import Decorrelation
-from .state import MAX_STEP, MIN_ROWS, DecorrelationState, LayerSpec, resolve_update_dtype
+from .state import MAX_STEP, MIN_ROWS, DecorrelationState, LayerSpec
 
 __all__ = ["KroneckerDecorrelationState", "kronecker_factors", "kronecker_rows", "kronecker_update_macs",
            "kronecker_apply_macs", "KRONECKER_APPLY_OPS", "KRONECKER_UPDATE_OPS"]
@@ -106,16 +104,11 @@ class KroneckerDecorrelationState(DecorrelationState):
         self.matrix.copy_(torch.eye(self.channels, device=device).expand_as(self.matrix))
         self.spatial_matrix.copy_(torch.eye(self.taps, device=device).expand_as(self.spatial_matrix))
         self.feature_mask.fill_(1.0)
-        for counter in (self.updates, self.rejected_updates, self.observed_batches):
-            counter.zero_()
-        self._eager_calls = 0
+        self._reset_counters()
 
-    def _resolve_update_dtype(self) -> None:
-        # The update's products are sized like a block structure's of C·s features with n rows;
-        # the rule of update_dtype="auto" (state.resolve_update_dtype) is the same.
-        n = min(self.num_rows, self.spec.example_rows or self.num_rows)
-        macs = self.spec.groups * kronecker_update_macs(n, self.channels, self.taps)
-        self.update_dtype = resolve_update_dtype(self.update_dtype_choice, macs, self.matrix.device)
+    def _update_macs(self, n: int) -> int:
+        # Every group's factors from n patches (kronecker_update_macs): what update_dtype="auto" weighs.
+        return self.spec.groups * kronecker_update_macs(n, self.channels, self.taps)
 
     def extra_repr(self) -> str:
         return (f"layer={self.spec.owner_path}.{self.spec.attr}, groups={self.spec.groups}, "
@@ -134,14 +127,8 @@ class KroneckerDecorrelationState(DecorrelationState):
     def _factor_snapshots(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """Copies of (R_c, R_s) as the product uses them (DecorrelationState._matrix_snapshot: why)."""
         channel, spatial = self.matrix, self.spatial_matrix
-        if not is_compiling():
-            key = (channel._version, spatial._version, channel.data_ptr(), spatial.data_ptr(), dtype)
-            if self._snapshot_key == key:
-                return self._snapshot
-        copies = (channel.detach().to(dtype, copy=True), spatial.detach().to(dtype, copy=True))
-        if not is_compiling():
-            self.__dict__.update(_snapshot=copies, _snapshot_key=key)
-        return copies
+        return self._snapshot_of((channel, spatial), dtype, lambda: (channel.detach().to(dtype, copy=True),
+                                                                     spatial.detach().to(dtype, copy=True)))
 
     def _right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         """``A[o] = R_cᵀ·W[o]·R_s`` as two GEMMs over the whole weight (a batched product per
@@ -192,23 +179,10 @@ class KroneckerDecorrelationState(DecorrelationState):
         return matrix - step.view(-1, 1, 1) * torch.bmm(direction, matrix)
 
     # ----------------------------------------------------------------------------- diagnostics
-    def off_diagonal_correlation(self, x: torch.Tensor, num_rows: int = 1 << 16) -> torch.Tensor:
-        """Mean |corr(z_i, z_j)| over i≠j of each group's C·s features, on up to ``num_rows`` patches."""
-        with torch.no_grad():
-            rows = self._sample_rows(x, num_rows).transpose(0, 1)  # (groups, n, d)
-            z = torch.bmm(rows, self.dense_matrix().transpose(1, 2))
-            return _mean_off_diagonal_correlation(z)
-
-
-def _mean_off_diagonal_correlation(z: torch.Tensor) -> torch.Tensor:
-    """Mean |corr| over distinct feature pairs of (groups, n, d) rows."""
-    z = z - z.mean(dim=1, keepdim=True)
-    cov = torch.bmm(z.transpose(1, 2), z) / z.shape[1]
-    std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(1e-12).sqrt()
-    corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
-    d = corr.shape[-1]
-    off = 1 - torch.eye(d, device=corr.device)
-    return (corr.abs() * off).sum() / (off.sum() * corr.shape[0]).clamp_min(1)
+    def _decorrelated_rows(self, rows: torch.Tensor, matrix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z = R·x with the dense R the factors stand for: (n, groups, d) rows → (groups, n, d)
+        (what ``off_diagonal_correlation`` measures, over every pair of a group's features)."""
+        return torch.bmm(self._padded_blocks(rows), self.dense_matrix().transpose(1, 2))
 
 
 def _keep_factors(channel, spatial, rows):

@@ -189,6 +189,9 @@ class DecorrelationState(nn.Module):
         # 1 − η·u = (1 + η·κ·mask) + v·(η·(1−κ) − η·κ·mask): the update's row scaling as one addcmul.
         self._scale_offset.copy_(1.0 + self.lr * self.kappa * self.feature_mask)
         self._scale_slope.copy_(self.lr * (1.0 - self.kappa) - self.lr * self.kappa * self.feature_mask)
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
         for counter in (self.updates, self.rejected_updates, self.observed_batches):
             counter.zero_()
         self._eager_calls = 0
@@ -200,9 +203,12 @@ class DecorrelationState(nn.Module):
 
     def _resolve_update_dtype(self) -> None:
         # Decided here, in eager code, never while tracing: the hardware query is not traceable.
-        blocks, n, b = self.matrix.shape[0], min(self.num_rows, self.spec.example_rows or self.num_rows), self.block
-        macs = blocks * update_macs(update_formula(n, b), n, b)
-        self.update_dtype = resolve_update_dtype(self.update_dtype_choice, macs, self.matrix.device)
+        n = min(self.num_rows, self.spec.example_rows or self.num_rows)
+        self.update_dtype = resolve_update_dtype(self.update_dtype_choice, self._update_macs(n), self.matrix.device)
+
+    def _update_macs(self, n: int) -> int:
+        """MACs of one update of every block from ``n`` rows (what ``update_dtype="auto"`` weighs)."""
+        return self.matrix.shape[0] * update_macs(update_formula(n, self.block), n, self.block)
 
     def extra_repr(self) -> str:
         return (f"layer={self.spec.owner_path}.{self.spec.attr}, groups={self.spec.groups}, "
@@ -250,16 +256,22 @@ class DecorrelationState(nn.Module):
         # eager the copy is reused until R changes (its version counter moves: an update, a load):
         # steps between updates then copy nothing, not even the view of the dense block.
         matrix = self.matrix
-        if not is_compiling():
-            key = (matrix._version, matrix.data_ptr(), dtype)
-            if self._snapshot_key == key:
-                return self._snapshot
-        copy = (matrix[0] if self._dense else matrix).detach().to(dtype, copy=True)
-        if not is_compiling():
-            # Plain attributes, set past nn.Module.__setattr__ (its buffer/parameter checks cost
-            # more than the rest of a step's bookkeeping).
-            self.__dict__.update(_snapshot=copy, _snapshot_key=key)
-        return copy
+        return self._snapshot_of((matrix,), dtype,
+                                 lambda: (matrix[0] if self._dense else matrix).detach().to(dtype, copy=True))
+
+    def _snapshot_of(self, sources: Tuple[torch.Tensor, ...], dtype: torch.dtype, copy):
+        """``copy()``; in eager the last one, until a tensor of ``sources`` changes (its version
+        counter or storage: an update, a load) or ``dtype`` does."""
+        if is_compiling():
+            return copy()
+        key = (tuple((source._version, source.data_ptr()) for source in sources), dtype)
+        if self._snapshot_key == key:
+            return self._snapshot
+        made = copy()
+        # Plain attributes, set past nn.Module.__setattr__ (its buffer/parameter checks cost more
+        # than the rest of a step's bookkeeping).
+        self.__dict__.update(_snapshot=made, _snapshot_key=key)
+        return made
 
     def _right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         groups, d, blocks, b = self.spec.groups, self.spec.group_dim, self.blocks_per_group, self.block
