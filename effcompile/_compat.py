@@ -233,13 +233,22 @@ def redispatch_function(func, types, args, kwargs, fallback):
     it wraps, else ``fallback``: a copy of ``func`` reading its globals from
     :func:`dispatch_free_globals`, made ahead of time (Dynamo cannot trace making a function).
     """
-    public = getattr(torch.overrides, "redispatch_function", None)
+    public, skip_one_hop = redispatch_hooks()
     if public is not None:
         return public(func, types, args, kwargs or {})
-    skip_one_hop = getattr(torch._C, "_skip_one_hop_torch_function", None)
     if skip_one_hop is not None:
         return skip_one_hop(func, types, args, kwargs or {})
     return fallback(*args, **(kwargs or {}))
+
+
+def redispatch_hooks():
+    """The public redispatch function and the C hook it wraps, each None where this torch lacks it.
+
+    One seam for tests to stand in for older torch: deleting the C hook from ``torch._C`` itself
+    would also break Dynamo, which calls it while tracing.
+    """
+    return (getattr(torch.overrides, "redispatch_function", None),
+            getattr(torch._C, "_skip_one_hop_torch_function", None))
 
 
 def dispatch_free_globals(module_globals):
@@ -250,4 +259,4 @@ def dispatch_free_globals(module_globals):
     return namespace
 
 
-__all__ += ["redispatch_function", "dispatch_free_globals"]
+__all__ += ["redispatch_function", "redispatch_hooks", "dispatch_free_globals"]
