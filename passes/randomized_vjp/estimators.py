@@ -369,6 +369,18 @@ def _col_norms(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a, dim=0, dtype=torch.float32)
 
 
+# The centring's sums over the batch accumulate and are kept in fp32, then cast back: a bf16 model's
+# (Σ_t g_t) is rounded once, not per partial sum, and the reduction differs from the bias gradient
+# over the same g, which Inductor's CPU codegen (torch 2.11-2.14) would otherwise merge into one
+# bf16 reduction with two stores that declares its converted accumulator twice (C++ compile error).
+def _batch_sum(a: Tensor) -> Tensor:
+    return a.sum(0, keepdim=True, dtype=torch.float32).to(a.dtype)
+
+
+def _batch_mean(a: Tensor) -> Tensor:
+    return a.mean(0, keepdim=True, dtype=torch.float32).to(a.dtype)
+
+
 def _uniform_scores(n: int, like: Tensor) -> Tensor:
     # SRSWOR ignores the values; the op only needs n and the device, so skip the norms.
     return torch.zeros(n, dtype=torch.float32, device=like.device)
@@ -411,20 +423,20 @@ def sketched_grad_weight(grad_output_2d: Tensor, input_2d: Tensor, k: int, estim
     m = g.shape[0]
     if k >= m:
         return g.t() @ x
-    x_mean = x.mean(0, keepdim=True) if center else None
+    x_mean = _batch_mean(x) if center else None
     if estimator == "sketch":
         s = _rademacher(m, k, g)
         if not center:
             return ((g.t() @ s) @ (s.t() @ x)) / k  # E[S Sᵀ] = k·I before the 1/k
         # Sᵀ(X − 1x̄) = SᵀX − (Sᵀ1)·x̄: no centred copy of X.
         right = s.t() @ x - s.sum(0).unsqueeze(1) @ x_mean
-        return torch.addmm(g.sum(0).unsqueeze(1) @ x_mean, g.t() @ s, right, alpha=1.0 / k)
+        return torch.addmm(_batch_sum(g).t() @ x_mean, g.t() @ s, right, alpha=1.0 / k)
     scores = (_uniform_scores(m, g) if estimator == "uniform"
               else _row_norms(g) * _row_norms(x - x_mean if center else x))
     idx, scale = sample_indices(scores, k, estimator, uniform_mix)
     g_rows, x_rows = g[idx] * scale.to(g.dtype).unsqueeze(1), x[idx]
     if center:  # the exact (Σ_t g_t)·x̄ᵀ as row k+1
-        g_rows, x_rows = torch.cat([g_rows, g.sum(0, keepdim=True)]), torch.cat([x_rows - x_mean, x_mean])
+        g_rows, x_rows = torch.cat([g_rows, _batch_sum(g)]), torch.cat([x_rows - x_mean, x_mean])
     return g_rows.t() @ x_rows
 
 
@@ -686,7 +698,7 @@ def _sketched_conv_grad_weight(g: Tensor, x: Tensor, weight: Tensor, conv_args: 
     input images and the mean pair joins the same call as image k+1.
     """
     batch = g.shape[0]
-    x_mean = x.mean(0, keepdim=True) if center else None
+    x_mean = _batch_mean(x) if center else None
     if estimator == "sketch":
         s = _rademacher(batch, k, g)
         g_sub = torch.tensordot(s.t(), g, dims=1) / k
@@ -699,7 +711,7 @@ def _sketched_conv_grad_weight(g: Tensor, x: Tensor, weight: Tensor, conv_args: 
         if center:  # only the sampled images are centred
             x_sub = x_sub - x_mean
     if center:
-        g_sub, x_sub = torch.cat([g_sub, g.sum(0, keepdim=True)]), torch.cat([x_sub, x_mean])
+        g_sub, x_sub = torch.cat([g_sub, _batch_sum(g)]), torch.cat([x_sub, x_mean])
     return _conv_weight_grad(g_sub, x_sub, weight, conv_args)
 
 
@@ -858,7 +870,7 @@ class MemorySketchedLinear(torch.autograd.Function):
         if x.shape[0] % positions:
             raise ValueError(f"memory mode: {x.shape[0]} input rows do not split into {positions} token positions "
                              "(the token count changed since transform)")
-        x_mean = x.mean(0, keepdim=True) if center else None
+        x_mean = _batch_mean(x) if center else None
         scored = x - x_mean if center else x
         position_scale = position_grad_norms.detach().to(torch.float32).repeat(x.shape[0] // positions)
         idx, scale = sample_indices(_row_norms(scored) * position_scale, min(k, x.shape[0]), estimator, uniform_mix)
@@ -875,7 +887,7 @@ class MemorySketchedLinear(torch.autograd.Function):
         g = grad_output.reshape(-1, grad_output.shape[-1])
         g_rows = g.index_select(0, idx) * scale.to(g.dtype).unsqueeze(1)
         if ctx.center:
-            g_rows, input_rows = torch.cat([g_rows, g.sum(0, keepdim=True)]), torch.cat([input_rows, x_mean])
+            g_rows, input_rows = torch.cat([g_rows, _batch_sum(g)]), torch.cat([input_rows, x_mean])
         grad_weight = g_rows.t() @ input_rows
         grad_input = (g @ weight).reshape(ctx.input_shape) if ctx.needs_input_grad[0] else None
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None

@@ -200,8 +200,19 @@ def _norms(graph, like, tensor, dims):
 def _input_mean(graph, like, layer_input, grad_out):
     """(x̄, Σ_t g_t) over dim 0, kept: the centring row of the input and the gradient row that the
     exact mean term ``(Σ_t g_t)·x̄ᵀ`` adds to the sampled GEMM."""
-    return (_insert(graph, like, aten.mean.dim, layer_input, [0], True),
-            _insert(graph, like, aten.sum.dim_IntList, grad_out, [0], True))
+    return (_batch_reduction(graph, like, aten.mean.dim, layer_input),
+            _batch_reduction(graph, like, aten.sum.dim_IntList, grad_out))
+
+
+def _batch_reduction(graph, like, op, tensor):
+    """``op(tensor, [0], keepdim=True)``, accumulated and kept in fp32 for a low-precision tensor and
+    cast back once: the estimators' ``_batch_sum`` (why: a bf16 sum of G would be merged with the bias
+    gradient's into one reduction that Inductor's CPU codegen fails to compile)."""
+    dtype = tensor.meta["val"].dtype
+    if dtype in (torch.float32, torch.float64):
+        return _insert(graph, like, op, tensor, [0], True)
+    wide = _insert(graph, like, prims.convert_element_type.default, tensor, torch.float32)
+    return _insert(graph, like, prims.convert_element_type.default, _insert(graph, like, op, wide, [0], True), dtype)
 
 
 def _centred(graph, like, layer_input, means):

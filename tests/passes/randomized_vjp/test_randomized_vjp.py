@@ -270,6 +270,24 @@ def test_inductor_path_is_unbiased(exact_gradient, joint_log):
     _assert_unbiased(samples, exact_gradient)
 
 
+@pytest.mark.slow
+def test_inductor_path_trains_a_bfloat16_model(joint_log):
+    """A model cast to bf16 (no autocast): the centring's batch sums stay fp32, so Inductor compiles
+    the backward (a bf16 Σ g shared with the bias gradient failed its CPU codegen) and the estimate
+    stays unbiased up to bf16 rounding."""
+    model, (x, y) = _mlp().to(torch.bfloat16), _data()
+    x = x.to(torch.bfloat16)
+    exact = _gradients(model, model, x, y).float()
+    _sketch(model, x, keep=0.25, estimator="importance", center=True)
+    compiled = torch.compile(model, backend="effcompile")
+    samples = _draws(model, compiled, x, y, 200).float()
+    assert {r.gemm for r in joint_log.last("randomized_vjp")} == {"grad_weight"}
+    assert not torch.equal(samples[0], samples[1])  # sketched: draws differ
+    mean, std = samples.mean(0), samples.std(0)
+    bound = Z * std / samples.shape[0] ** 0.5 + 2e-2 * exact.abs() + 1e-3  # + bf16 rounding of each draw
+    assert ((mean - exact).abs() <= bound).all(), float(((mean - exact).abs() / bound).max())
+
+
 _CACHE_PROBE = textwrap.dedent("""
     import sys, warnings, torch, torch.nn as nn, torch.nn.functional as F, effcompile
     from effcompile.passes.joint import recording
