@@ -38,8 +38,28 @@ from effcompile.plan import PlanRow
 
 from .analysis.capture import GraphCapture
 
-__all__ = ["ModelPass", "JointPass", "JointResult", "RecordsJointPass", "PASSES", "JOINT_PASSES", "StepOptions", "register_pass",
+__all__ = ["ModelPass", "PassState", "JointPass", "JointResult", "RecordsJointPass", "PASSES", "JOINT_PASSES", "StepOptions", "register_pass",
            "register_joint_pass", "step_owners"]
+
+
+class PassState(nn.Module):
+    """Runtime state a pass attaches to the user's model (R matrices, loss histories, statistics).
+
+    Its buffers keep the dtypes the pass built them with when the model is cast after
+    ``transform`` (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``): the pass computes
+    its statistics at that precision and casts what the forward needs itself, so a cast buffer
+    would only lose precision or meet operands of another dtype.  Device moves still apply.
+    """
+
+    def _apply(self, fn, *args, **kwargs):
+        dtypes = {name: buffer.dtype for name, buffer in self._buffers.items() if buffer is not None}
+        moved = super()._apply(fn, *args, **kwargs)
+        for name, dtype in dtypes.items():
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.dtype != dtype:
+                with torch.no_grad():
+                    self._buffers[name] = buffer.to(dtype).requires_grad_(buffer.requires_grad)
+        return moved
 
 
 class ModelPass(abc.ABC):

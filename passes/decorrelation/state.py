@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from effcompile import distributed as replicas
 from effcompile._compat import inside_backward, is_compiling, native_bf16_matmul
 from effcompile.passes.analysis.capture import ConvGeometry, InputLocation
+from effcompile.passes.base import PassState
 
 from .config import Decorrelation
 
@@ -138,7 +139,7 @@ def block_layout(group_dim: int, max_block: int) -> Tuple[int, int]:
     return blocks, math.ceil(group_dim / blocks)
 
 
-class DecorrelationState(nn.Module):
+class DecorrelationState(PassState):
     """Holds one layer's decorrelation matrix and applies and updates it.
 
     Buffers (all in ``state_dict``): ``matrix`` (blocks, b, b) fp32, ``updates`` and

@@ -361,12 +361,17 @@ def sample_indices(scores: Tensor, k: int, estimator: str, uniform_mix: float = 
 # --------------------------------------------------------------------------------------------
 
 
-def _row_norms(a: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(a, dim=1, dtype=torch.float32)
+def _wide(a: Tensor) -> torch.dtype:
+    """The accumulation dtype of a reduction over ``a``: fp32, or fp64 for an fp64 model."""
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
+def _row_norms(a: Tensor) -> Tensor:  # fp32 scores whatever the model's dtype
+    return torch.linalg.vector_norm(a, dim=1, dtype=_wide(a)).float()
 
 
 def _col_norms(a: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(a, dim=0, dtype=torch.float32)
+    return torch.linalg.vector_norm(a, dim=0, dtype=_wide(a)).float()
 
 
 # The centring's sums over the batch accumulate and are kept in fp32, then cast back: a bf16 model's
@@ -374,11 +379,11 @@ def _col_norms(a: Tensor) -> Tensor:
 # over the same g, which Inductor's CPU codegen (torch 2.11-2.14) would otherwise merge into one
 # bf16 reduction with two stores that declares its converted accumulator twice (C++ compile error).
 def _batch_sum(a: Tensor) -> Tensor:
-    return a.sum(0, keepdim=True, dtype=torch.float32).to(a.dtype)
+    return a.sum(0, keepdim=True, dtype=_wide(a)).to(a.dtype)
 
 
 def _batch_mean(a: Tensor) -> Tensor:
-    return a.mean(0, keepdim=True, dtype=torch.float32).to(a.dtype)
+    return a.mean(0, keepdim=True, dtype=_wide(a)).to(a.dtype)
 
 
 def _uniform_scores(n: int, like: Tensor) -> Tensor:
@@ -670,7 +675,7 @@ def _tuple(value, dims: int) -> list[int]:
 
 
 def _per_image_norms(a: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1, dtype=torch.float32)
+    return torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1, dtype=_wide(a)).float()
 
 
 def _conv_weight_grad(grad_output: Tensor, input: Tensor, weight: Tensor, conv_args: tuple) -> Tensor:

@@ -27,7 +27,7 @@ from effcompile._compat import ConvNd, is_compiling
 from effcompile.swapped import picklable
 from effcompile.passes.analysis.capture import GraphCapture, LayerCandidate
 from effcompile.passes.analysis.uncovered import uncovered_rows
-from effcompile.passes.base import ModelPass, register_pass
+from effcompile.passes.base import ModelPass, PassState, register_pass
 from effcompile.plan import Action, PlanRow
 
 from .config import RandomizedVJP
@@ -38,7 +38,7 @@ __all__ = ["RandomizedVJPPass", "VarianceControl", "MemoryModeState"]
 
 
 # ------------------------------------------------------------------------------------ model level
-class _GradientSlotState(nn.Module):
+class _GradientSlotState(PassState):
     """Per-layer run-time state fed from the backward through a gradient slot.
 
     ``slot`` is a buffer that requires grad (never an optimizer parameter): the backward writes

@@ -54,6 +54,7 @@ import torch.nn as nn
 
 from effcompile._compat import is_compiling, pytree
 from effcompile.distributed import all_gather_replicas
+from effcompile.passes.base import PassState
 
 __all__ = [
     "SampleSelector", "selector_of", "per_sample_loss_fn", "selected_loss", "num_selected",
@@ -227,7 +228,7 @@ def gradmatch_select(kernel: torch.Tensor, k: int, ridge: float = 1e-3,
 
 
 # ------------------------------------------------------------------------------ the selector
-class SampleSelector(nn.Module):
+class SampleSelector(PassState):
     """Selects the rows of each batch to backpropagate; its buffers are the selection state.
 
     ``select(per_sample_loss, features=None, errors=None) -> (index, weights)`` records the

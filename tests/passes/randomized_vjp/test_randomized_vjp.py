@@ -288,6 +288,19 @@ def test_inductor_path_trains_a_bfloat16_model(joint_log):
     assert ((mean - exact).abs() <= bound).all(), float(((mean - exact).abs() / bound).max())
 
 
+def test_eager_path_is_unbiased_on_a_float64_model():
+    """fp64 (gradient checks): the row norms accumulate in fp64, then score in fp32."""
+    model, (x, y) = _mlp(), _data()
+    reference = copy.deepcopy(model).double()
+    exact = _gradients(reference, reference, x.double(), y)
+    _sketch(model, x, keep=0.25, estimator="importance", center=True)
+    model.double()  # after transform, as a user casts
+    x = x.double()
+    samples = _draws(model, model, x, y, 200)
+    assert samples.dtype == torch.float64 and not torch.equal(samples[0], samples[1])
+    _assert_unbiased(samples, exact)
+
+
 _CACHE_PROBE = textwrap.dedent("""
     import sys, warnings, torch, torch.nn as nn, torch.nn.functional as F, effcompile
     from effcompile.passes.joint import recording
