@@ -14,6 +14,7 @@ BENCHMARKS = {
     "decorrelation": "a step vs backprop and a decorbp-style reference under budgets (cost model checked); one R update by formula",
     "stage_scaling": "K stages x D replicas vs DDP backprop at equal process counts (gloo); predicted 8/64-GPU rates",
     "rewrite_coverage": "is the randomized VJP really applied under autocast, batch changes, dynamic, composition",
+    "cost_model": "each pass's Plan prediction (predicted_step) beside the measured eager step ratio",
     "architectures": "every technique on Hugging Face architectures beyond the test zoo, eager or compiled (a smoke survey)",
 }
 

@@ -13,7 +13,7 @@ package registers every technique and exposes each config class here by its clas
 
 from .config import PASS_CONFIGS, PassConfig, config_from_dict
 from .plan import Action, Plan, PlanRow
-from .api import fold, report, train_step, training_loss, transform
+from .api import fold, predicted_step, report, train_step, training_loss, transform
 from .onnx_export import export_onnx, inspect_onnx
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from . import backend as _backend  # registers the "effcompile" torch.compile backend
@@ -27,6 +27,6 @@ globals().update(_CONFIG_CLASSES)
 
 __all__ = [
     *sorted(_CONFIG_CLASSES), "PassConfig", "PASS_CONFIGS", "config_from_dict", "Action", "Plan", "PlanRow",
-    "transform", "report", "fold", "train_step", "training_loss", "export_onnx", "inspect_onnx",
+    "transform", "report", "predicted_step", "fold", "train_step", "training_loss", "export_onnx", "inspect_onnx",
     "save_checkpoint", "load_checkpoint", "CheckpointError", "__version__",
 ]

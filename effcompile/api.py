@@ -14,12 +14,13 @@ import torch.nn as nn
 from ._compat import inside_ddp_forward
 from .compiling import compile_for
 from .config import PassConfig
+from .cost import StepWork, node_layers, predicted_ratio, step_work
 from .distributed import WrapperForward, is_distributed
 from .inputs import call, model_inputs, training_batch
-from .plan import Plan, PlanRefused
+from .plan import Plan, PlanRefused, PlanRow
 
 __all__ = ["transform", "apply_plan", "report", "fold", "train_step", "training_loss", "plain_train_step",
-           "check_finite_loss", "plan_of", "clip_gradients", "checked_max_grad_norm"]
+           "check_finite_loss", "plan_of", "predicted_step", "clip_gradients", "checked_max_grad_norm"]
 
 _PLAN_ATTR = "_effcompile_plan"
 
@@ -82,6 +83,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
         raise PlanRefused(refused)
 
     captured = capture(model, model_inputs(example_inputs))
+    plain_step = _plain_step(model, captured)
     plan = plan_of(model) or Plan()
     # Plan and apply one pass at a time: a later pass must see the earlier passes' rewrites
     # (e.g. it skips a layer whose weight another pass already rewrites).
@@ -92,12 +94,47 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
             raise ValueError(f"{model_pass.name}: the captured graph of {type(model).__name__} has no layer this pass "
                              "applies to (no linear, conv or matmul against a parameter)")
         model_pass.apply(model, [row for row in rows if row.applied], config)
+        _show_prediction(model_pass, model, rows, config, plain_step)
         for row in rows:
             plan.add(row)
         _warn_skips(model_pass.name, [row for row in rows if not row.applied and not row.skipped_by_config])
     model.__dict__[_PLAN_ATTR] = plan
     _guard_step_owners(model)
     return model
+
+
+def _plain_step(model: nn.Module, captured) -> Optional[StepWork]:
+    """The cost model's plain training step of the captured model (``effcompile.cost``)."""
+    try:
+        return step_work(captured.exported, node_layers(captured.layers), dict(model.named_parameters()))
+    except Exception as error:  # noqa: BLE001 — an op the counter cannot size: no prediction, said once
+        warnings.warn(f"effcompile: the cost model could not size the captured graph ({type(error).__name__}: "
+                      f"{error}); the Plan shows no predicted_step", stacklevel=3)
+        return None
+
+
+def _show_prediction(model_pass, model: nn.Module, rows: List[PlanRow], config: PassConfig,
+                     plain_step: Optional[StepWork]) -> None:
+    """``predicted_step`` (the pass's cost model: eager step time relative to plain backprop) on
+    every applied row of the pass."""
+    applied = [row for row in rows if row.applied]
+    if plain_step is None or not applied:
+        return
+    ratio = predicted_ratio(plain_step, model_pass.predict_change(model, applied, config, plain_step))
+    if ratio is not None:
+        for row in applied:
+            row.details["predicted_step"] = ratio
+
+
+def predicted_step(model: nn.Module) -> Optional[float]:
+    """The Plan's predicted eager step time relative to plain backprop, all the model's passes
+    together (their predicted changes summed), or None when no pass of the Plan has a cost model."""
+    plan = plan_of(model)
+    ratios = {}
+    for row in plan or ():
+        if "predicted_step" in row.details:
+            ratios[row.pass_name] = float(row.details["predicted_step"])
+    return round(1.0 + sum(ratio - 1.0 for ratio in ratios.values()), 3) if ratios else None
 
 
 def apply_plan(model: nn.Module, plan: Plan, *configs: PassConfig, example_inputs: Any) -> nn.Module:

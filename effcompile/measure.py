@@ -207,12 +207,12 @@ def bench_pass(
     class targets in ``[0, num_classes)`` are drawn from ``seed``.  Both variants use
     :func:`effcompile.train_step` with SGD, so the only difference between them is the
     transform.  Returns a JSON-ready dict with per-variant statistics, ``ratio`` (median
-    transformed / median plain step time), the CUDA ``memory_ratio`` (None on CPU) and
-    ``machine`` info.
+    transformed / median plain step time), ``predicted_ratio`` (the Plan's ``predicted_step``:
+    the cost model's eager step ratio), the CUDA ``memory_ratio`` (None on CPU) and ``machine`` info.
     """
     if not configs:
         raise ValueError("bench_pass needs at least one pass config to compare against plain backprop")
-    from .api import train_step, transform
+    from .api import predicted_step, train_step, transform
 
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
@@ -261,6 +261,7 @@ def bench_pass(
         "device": str(device),
         "variants": variants,
         "ratio": ratio,
+        "predicted_ratio": predicted_step(transformed),  # the Plan's cost model (eager step), None without one
         "memory_ratio": memory_ratio,
         "note": _note(device),
         "machine": machine_info(device),

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from effcompile.config import PassConfig
+from effcompile.cost import StepWork, Work
 from effcompile.plan import PlanRow
 
 from .analysis.capture import GraphCapture
@@ -119,6 +120,14 @@ class ModelPass(abc.ABC):
         nothing is re-decided.  Passes whose Plan is never shipped between processes keep the default.
         """
         raise NotImplementedError(f"{self.name}: applying a Plan decided in another process is not supported")
+
+    def predict_change(self, model: nn.Module, rows: List[PlanRow], config: PassConfig,
+                       step: StepWork) -> Optional[Work]:
+        """The cost model: how the applied ``rows`` change the work of one eager training step of
+        the plain model ``step`` (positive: the pass's own work; negative: work it saves), in
+        ``effcompile.cost`` units.  ``transform`` shows ``step.ratio(change)`` on the pass's rows as
+        ``predicted_step``; None: the pass has no cost model."""
+        return None
 
     def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
         """Run-time counters to show next to a Plan row (read on demand, never per step)."""

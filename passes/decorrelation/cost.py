@@ -47,11 +47,13 @@ import dataclasses
 import math
 from typing import List, Optional, Sequence, Tuple
 
+from effcompile.cost import DISPATCH_MACS, Work  # one op's fixed cost, shared by every cost model
+
 from .kronecker import (KRONECKER_APPLY_OPS, KRONECKER_UPDATE_OPS, kronecker_apply_macs, kronecker_rows,
                         kronecker_update_macs)
 from .state import MIN_ROWS, block_layout, update_formula, update_macs
 
-__all__ = ["SIDES", "DISPATCH_MACS", "APPLY_OPS", "UPDATE_OPS", "LAYER_OPS", "AUTO_BUDGET", "AUTO_MAX_INTERVAL",
+__all__ = ["SIDES", "DISPATCH_MACS", "APPLY_OPS", "APPLY_BYTES", "UPDATE_OPS", "LAYER_OPS", "AUTO_BUDGET", "AUTO_MAX_INTERVAL",
            "LayerCost", "layer_rows", "conv_output_positions", "predict", "predict_kronecker", "ladder", "allocate"]
 
 UPDATE_INTERVALS = (1, 2, 4, 8, 16, 32, 64)
@@ -66,15 +68,20 @@ AUTO_BUDGET = 0.15
 # 3.3 epochs to 95% at every 4 and at every 16; 1.7-1.9x backprop's step at 4, 1.3-2.1x at 16 over four runs).
 AUTO_MAX_INTERVAL = 16
 SIDES = ("weight", "input")  # where R is applied: the fused weight W·R, or the layer input x·Rᵀ
-# One op's fixed cost in MACs: ~5 µs of eager dispatch and autograd bookkeeping at the ~47 GMAC/s
-# of one core of the development CPU (an AMD EPYC; measured 2026-12-04: 2-4 µs for a bare op).
-# A GPU launch costs more MACs than this, so there it errs towards more ops.
-DISPATCH_MACS = 1 << 18
 # Ops per step of applying R (product + backward), dense or block-diagonal, and per R update
 # (row sampling, the batched products, the row scaling, the guarded write and its counters).
 APPLY_OPS = {"dense": 2, "blocked": 12}
 UPDATE_OPS = 20
 LAYER_OPS = 3  # the layer's own: forward, input gradient, weight gradient
+# Memory-bound traffic of applying R per step, in elements of the tensor R meets (fp32 assumed):
+# on the weight, W read and W·R written, then the backward reads the gradient of W·R and writes
+# W's (5 |W|: the fused weight is a new tensor every step); the Kronecker R passes twice, with
+# the permuted copies between its two factors (9 |W|); on the input, x read and z written, the
+# gradient of z read and x's written (4 per input element).  The 1024-wide MLP's budgeted step
+# measured 0.1 above its MACs-only prediction, which 5 |W| at effcompile.cost.MACS_PER_BYTE
+# accounts for (`python -m benchmarks cost_model`, 2026-12-05).
+APPLY_BYTES = {"weight": 5, "kronecker": 9, "input": 4}
+ELEMENT_BYTES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,16 +94,23 @@ class LayerCost:
     side: str = "weight"  # where R is applied (one of SIDES)
     dense: bool = True  # R is one dense block (no block-diagonal plumbing around the product)
     structure: str = "blocks"  # "blocks" or "kronecker" (R_channel ⊗ R_spatial, kronecker.py)
+    moved_bytes: float = 0.0  # memory-bound traffic of applying R (APPLY_BYTES); not in pass_cost
 
     @property
-    def pass_cost(self) -> float:
-        """The pass's own work per training step in MACs, its ops' dispatch counted as
-        ``DISPATCH_MACS`` each (the update amortised over its interval)."""
+    def work(self) -> Work:
+        """The pass's own work per training step (the update amortised over its interval)."""
         if self.structure == "kronecker":
             ops = KRONECKER_APPLY_OPS + KRONECKER_UPDATE_OPS / self.update_every
         else:
             ops = APPLY_OPS["dense" if self.dense else "blocked"] + UPDATE_OPS / self.update_every
-        return self.apply_macs + self.update_macs / self.update_every + DISPATCH_MACS * ops
+        return Work(macs=self.apply_macs + self.update_macs / self.update_every, bytes=self.moved_bytes, ops=ops)
+
+    @property
+    def pass_cost(self) -> float:
+        """The pass's own work per training step in MACs, its ops' dispatch counted as
+        ``DISPATCH_MACS`` each: what the budget allocates (``AUTO_BUDGET`` was calibrated without
+        the bytes, which the Plan's ``predicted_step`` adds through :attr:`work`)."""
+        return self.work.macs + DISPATCH_MACS * self.work.ops
 
     @property
     def layer_cost(self) -> float:
@@ -132,9 +146,11 @@ def predict(weight_numel: int, rows: int, groups: int, group_dim: int, max_block
     per_block = update_macs(update_formula(n, block, syncing), n, block)
     apply_macs = {"weight": 2 * weight_numel * block, "input": 2 * rows * groups * blocks_per_group * block * block}
     side = min((side for side in SIDES if side in sides), key=lambda side: apply_macs[side])
+    moved = {"weight": APPLY_BYTES["weight"] * weight_numel,
+             "input": APPLY_BYTES["input"] * rows * groups * blocks_per_group * block}[side] * ELEMENT_BYTES
     return LayerCost(block=block, update_every=update_every, layer_macs=3 * rows * weight_numel,
                      apply_macs=apply_macs[side], update_macs=groups * blocks_per_group * per_block, side=side,
-                     dense=groups * blocks_per_group == 1)
+                     dense=groups * blocks_per_group == 1, moved_bytes=moved)
 
 
 def predict_kronecker(weight_numel: int, rows: int, groups: int, channels: int, taps: int, rows_per_dim: float,
@@ -144,7 +160,7 @@ def predict_kronecker(weight_numel: int, rows: int, groups: int, channels: int, 
     return LayerCost(block=channels * taps, update_every=update_every, layer_macs=3 * rows * weight_numel,
                      apply_macs=kronecker_apply_macs(weight_numel, channels, taps),
                      update_macs=groups * kronecker_update_macs(n, channels, taps), side="weight", dense=False,
-                     structure="kronecker")
+                     structure="kronecker", moved_bytes=APPLY_BYTES["kronecker"] * weight_numel * ELEMENT_BYTES)
 
 
 def _block_ladder(group_dim: int, max_block: int) -> Tuple[int, ...]:

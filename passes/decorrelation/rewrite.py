@@ -77,6 +77,7 @@ from effcompile.passes.analysis.capture import GraphCapture, InputLocation, Laye
 from effcompile.passes.analysis.uncovered import tied_parameters, uncovered_rows
 from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
+from effcompile.cost import StepWork, Work
 
 from .config import Decorrelation
 from .cost import (AUTO_BUDGET, LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict,
@@ -253,7 +254,7 @@ class DecorrelationPass(ModelPass):
             chosen, within = allocate([rungs for _, rungs in ladders], budget)
         for (row, _), cost in zip(ladders, chosen):
             row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every, side=cost.side,
-                                           structure=cost.structure)
+                                           structure=cost.structure, work=cost.work)
             _set_layer_details(row, row.spec, config, cost)
         total = sum(cost.pass_cost for cost in chosen) / sum(cost.layer_cost for cost in chosen)
         for row, _ in ladders:
@@ -317,6 +318,13 @@ class DecorrelationPass(ModelPass):
             handles.append(model.get_submodule(scope).register_forward_pre_hook(observer, with_kwargs=True))
         model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(self.name, []).extend(handles)
         return sum(len(specs) for specs in by_owner.values())
+
+    def predict_change(self, model: nn.Module, rows: List[PlanRow], config: Decorrelation,
+                       step: StepWork) -> Optional[Work]:
+        """Every decorrelated layer's own work at its chosen configuration (cost.py): applying R
+        and its backward, the update amortised over its interval, their ops."""
+        works = [row.spec.work for row in rows if isinstance(row.spec, LayerSpec)]
+        return sum(works, Work()) if works and all(work is not None for work in works) else None
 
     def is_applied(self, model: nn.Module) -> bool:
         return any(isinstance(module, DecorrelationState) for module in model.modules())

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 import operator
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -131,6 +131,9 @@ class LayerSpec:
     # How R is structured: "blocks" (dense, or block-diagonal of ``block``-sized blocks) or
     # "kronecker" (R_channel ⊗ R_spatial per group, convolutions with a k×k kernel; kronecker.py).
     structure: str = "blocks"
+    # The cost model's work per step of this layer's R at the chosen configuration (cost.py;
+    # what the Plan's predicted_step sums); None when no prediction was made (a replanned spec).
+    work: Optional[Any] = None
 
 
 def block_layout(group_dim: int, max_block: int) -> Tuple[int, int]:

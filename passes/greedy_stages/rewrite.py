@@ -45,6 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from effcompile.compiling import compile_for
+from effcompile.cost import StepWork, Work
 from effcompile.distributed import DataParallelSync, WrapperForward
 from effcompile.inputs import ModelInputs, model_inputs
 from effcompile.measure import SavedTensorMeter
@@ -57,6 +58,7 @@ from .aux_heads import head_kind_for, make_aux_head, make_output_head
 from .block_stack import (CUT_KIND, BlockStagedModel, BlockStagePlan, block_stage_losses, make_block_training_loss,
                           plan_block_stages)
 from .config import GreedyStages
+from .cost import stages_change
 from .cut_search import (
     Boundary, StageTraceError, TracedModel, boundary_for_module, count_flops, evaluating, find_boundaries,
     measure_node_costs, merge_equivalent, min_max_partition, probe_batch_values, split_stages, stage_costs,
@@ -838,6 +840,14 @@ class GreedyStagesPass(ModelPass):
         staged.input_names = plan.input_names
         model.__dict__[_STAGED_ATTR] = staged
         return len(stages)
+
+    def predict_change(self, model: nn.Module, rows: List[PlanRow], config: GreedyStages,
+                       step: StepWork) -> Optional[Work]:
+        """The aux heads' work and the per-stage steps' ops (cost.py)."""
+        plan = next((row.spec for row in rows if isinstance(row.spec, (StagePlan, BlockStagePlan))), None)
+        if plan is None or not plan.head_flops:
+            return None
+        return stages_change(plan.head_flops, forward_only=isinstance(plan, BlockStagePlan))
 
     def is_applied(self, model: nn.Module) -> bool:
         return isinstance(model._modules.get(HEADS_ATTR), GreedyStageHeads)

@@ -27,10 +27,12 @@ from effcompile._compat import ConvNd, is_compiling
 from effcompile.swapped import picklable
 from effcompile.passes.analysis.capture import GraphCapture, LayerCandidate
 from effcompile.passes.analysis.uncovered import uncovered_rows
+from effcompile.cost import StepWork, Work
 from effcompile.passes.base import ModelPass, PassState, register_pass
 from effcompile.plan import Action, PlanRow
 
 from .config import RandomizedVJP
+from .cost import layer_change
 from .eager_scope import EagerLayer, ScopeSketch, active_mode_for, sketched_op
 from .joint_rewrite import MARKER, LayerSketch, _settings, inspect_backward
 
@@ -456,6 +458,18 @@ class RandomizedVJPPass(ModelPass):
                         module.register_forward_hook(hooks.exit, always_call=True)]
         model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(self.name, []).extend(handles)
         return sum(len(specs) for specs in by_owner.values())
+
+    def predict_change(self, model: nn.Module, rows: List[PlanRow], config: RandomizedVJP,
+                       step: StepWork) -> Optional[Work]:
+        """Each sketched layer's saved products and added scoring, gathers and ops (cost.py)."""
+        change = Work()
+        for row in rows:
+            layer = step.layers.get(row.layer)
+            if not isinstance(row.spec, _LayerSpec) or layer is None:
+                continue
+            change += layer_change(row.spec.settings, row.op, row.input_shape, layer,
+                                   adaptive=row.spec.mode == "adaptive")
+        return change
 
     def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
         if not isinstance(row.spec, _LayerSpec):

@@ -48,9 +48,11 @@ import torch.nn as nn
 from effcompile.api import _unwrap, check_finite_loss, training_step
 from effcompile.compiling import compile_for
 from effcompile.distributed import DataParallelSync
+from effcompile.cost import StepWork, Work
 from effcompile.inputs import model_inputs, tensor_leaves, training_batch
 from effcompile.passes.analysis.state_children import attach, detach
 from .config import SampleSelection
+from .cost import selection_change
 from effcompile.plan import Action, PlanRow
 from .selectors import SampleSelector, num_selected, output_errors, per_sample_loss_fn, selector_of
 
@@ -543,6 +545,15 @@ class SampleSelectionPass(ModelPass):
             rows.append(PlanRow(layer="<root>", pass_name=self.name, action=Action.REWRITE, details=dict(common), reason=reason,
                                 spec=spec))
         return rows
+
+    def predict_change(self, model: nn.Module, rows: List[PlanRow], config: SampleSelection,
+                       step: StepWork) -> Optional[Work]:
+        """The eager step's change (cost.py): re-forward trains k rows, forward reuse saves only compiled."""
+        spec = next((row.spec for row in rows if isinstance(row.spec, SelectionSpec)), None)
+        if spec is None:
+            return None
+        head = next((row.weight_shape for row in rows if "head" in row.details), None)
+        return selection_change(step, spec.mode, spec.batch_size, spec.k, config.strategy, config.probabilistic, head)
 
     @staticmethod
     def _decide_mode(config: SampleSelection, coupled: Dict[str, str], staged: bool = False) -> Tuple[str, str]:
