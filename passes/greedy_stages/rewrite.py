@@ -111,6 +111,8 @@ class StagePlan:
     stage_weights: List[int] = dataclasses.field(default_factory=list)  # trainable elements per stage
     warnings: List[str] = dataclasses.field(default_factory=list)  # per stage: "" or why it is negligible
     input_names: Optional[List[str]] = None  # a dict batch: the forward parameters its keys fill, in order
+    # Per aux head: "" or why its kind differs from head="auto"'s (max_head_overhead)
+    head_choices: List[str] = dataclasses.field(default_factory=list)
 
     def flop_share(self, k: int) -> float:
         """Stage k's share of the model's forward+backward FLOPs (stage bodies, heads excluded)."""
@@ -189,13 +191,14 @@ class _HeadCosts:
 
 
 def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyStages,
-                decided: Optional[Sequence[int]] = None) -> StagePlan:
+                decided: Optional[Sequence[int]] = None, decided_kinds: Optional[Sequence[str]] = None) -> StagePlan:
     """Trace, measure and cut ``model`` (read-only: the model's state is left untouched).
 
     ``decided``: the cut positions (traced-node indices) of a Plan decided elsewhere — a stage
     process applying its launcher's Plan.  Then nothing is measured or searched: the trace gives
     the boundary values, the positions are checked to be boundaries of this trace, and the FLOP
-    fields of the result stay empty (the Plan rows already hold them).
+    fields of the result stay empty (the Plan rows already hold them); ``decided_kinds`` are its
+    aux heads' kinds.
     """
     if model._forward_hooks or model._forward_pre_hooks:
         raise ValueError(f"greedy_stages: the root module {type(model).__name__} carries forward hooks, which the "
@@ -214,7 +217,7 @@ def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyS
     boundaries, live_counts = find_boundaries(traced, values, probe)
     node_totals = [cost.total for cost in costs]
     if decided is not None:
-        return _decided_plan(traced, boundaries, decided, num_classes, output.device, config)
+        return _decided_plan(traced, boundaries, decided, num_classes, output.device, config, decided_kinds)
     head_cost = _HeadCosts(num_classes, config.head, config.head_width)
     if config.cuts is not None:
         chosen = _user_cuts(model, traced, boundaries, live_counts, config)
@@ -224,12 +227,14 @@ def plan_stages(model: nn.Module, example_inputs: Sequence[Any], config: GreedyS
     by_position = {b.position: b for b in chosen}
     edges = [-1] + positions + [len(traced.nodes) - 1]
     stage_flops = [sum(node_totals[edges[s] + 1: edges[s + 1] + 1]) for s in range(config.num_stages)]
-    objective = stage_costs(node_totals, positions, lambda p: head_cost(by_position[p]),
+    kinds, head_flops, choices = _budgeted_heads(chosen, stage_flops, head_cost, num_classes, config)
+    flops_at = {b.position: flops for b, flops in zip(chosen, head_flops)}
+    objective = stage_costs(node_totals, positions, lambda p: flops_at[p],
                             lambda p: by_position[p].nbytes, config.bytes_weight)
     modules, attributes = _stage_contents(traced, positions)
-    plan = StagePlan(traced, chosen, [head_kind_for(b.shape, config.head) for b in chosen], config.head_width,
-                     num_classes, output.device, stage_flops, [head_cost(b) for b in chosen] + [0], objective,
-                     modules, attributes, _stage_weights(traced, modules, attributes))
+    plan = StagePlan(traced, chosen, kinds, config.head_width,
+                     num_classes, output.device, stage_flops, head_flops + [0], objective,
+                     modules, attributes, _stage_weights(traced, modules, attributes), head_choices=choices)
     plan.warnings = _negligible_stages(plan, config.min_stage_share)
     return plan
 
@@ -252,8 +257,28 @@ def _check_batch_first(model: nn.Module, traced: TracedModel, output: torch.Tens
         "nn.TransformerEncoderLayer(..., batch_first=True)) or pass batch-first inputs")
 
 
+def _budgeted_heads(chosen: List[Boundary], stage_flops: List[int], head_cost: "_HeadCosts", num_classes: int,
+                    config: GreedyStages) -> Tuple[List[str], List[int], List[str]]:
+    """Each cut's aux head kind and fwd+bwd FLOPs under ``max_head_overhead`` (config.py), and why
+    a head was replaced by the linear one ("" where it was not)."""
+    kinds = [head_kind_for(b.shape, config.head) for b in chosen]
+    flops = [head_cost(b) for b in chosen]
+    choices = [""] * len(chosen)
+    budget = 1.0 if config.max_head_overhead == "auto" else config.max_head_overhead
+    if budget is None or config.head != "auto" or config.head_width is not None:
+        return kinds, flops, choices  # the user chose the heads
+    linear = _HeadCosts(num_classes, "linear", None)
+    for k, boundary in enumerate(chosen):
+        ratio = flops[k] / max(stage_flops[k], 1)
+        if kinds[k] != "linear" and ratio > budget:
+            choices[k] = (f"linear: the {kinds[k]} head costs {ratio:.1f}x its stage's fwd+bwd FLOPs, above "
+                          f"max_head_overhead={config.max_head_overhead} ({budget:g})")
+            kinds[k], flops[k] = "linear", linear(boundary)
+    return kinds, flops, choices
+
+
 def _decided_plan(traced: TracedModel, boundaries: List[Boundary], decided: Sequence[int], num_classes: int,
-                  device: torch.device, config: GreedyStages) -> StagePlan:
+                  device: torch.device, config: GreedyStages, kinds: Optional[Sequence[str]] = None) -> StagePlan:
     by_position = {b.position: b for b in boundaries}
     missing = [p for p in decided if p not in by_position]
     if missing or len(decided) != config.num_stages - 1:
@@ -262,7 +287,8 @@ def _decided_plan(traced: TracedModel, boundaries: List[Boundary], decided: Sequ
                          "than the one the Plan was made for")
     chosen = [by_position[p] for p in decided]
     modules, attributes = _stage_contents(traced, list(decided))
-    return StagePlan(traced, chosen, [head_kind_for(b.shape, config.head) for b in chosen], config.head_width,
+    kinds = list(kinds) if kinds else [head_kind_for(b.shape, config.head) for b in chosen]
+    return StagePlan(traced, chosen, kinds, config.head_width,
                      num_classes, device, [], [], [], modules, attributes, _stage_weights(traced, modules, attributes))
 
 
@@ -800,6 +826,8 @@ class GreedyStagesPass(ModelPass):
         warning = plan.warnings[k] if plan.warnings else ""
         if warning:
             details["warning"] = "negligible stage"
+        if not last and k < len(plan.head_choices) and plan.head_choices[k]:
+            details["head_choice"] = plan.head_choices[k]
         return PlanRow(
             layer=f"<stage {k}>" if last else f"{HEADS_ATTR}.{k}", pass_name=self.name, action=Action.ASSIGN,
             op="model output" if last else plan.head_kinds[k], reason=warning,
@@ -813,8 +841,9 @@ class GreedyStagesPass(ModelPass):
                              "block-stack hook path (the root forward is not fx-traceable, so there is no module per "
                              "stage to run in its own process); train them with effcompile.train_step")
         positions = [row.details["cut_position"] for row in rows if "cut_position" in row.details]
+        kinds = [row.op for row in rows if "cut_position" in row.details]  # the heads the launcher chose
         example_inputs, names = _positional_inputs(model, model_inputs(example_inputs))
-        plan = plan_stages(model, example_inputs, config, decided=positions)
+        plan = plan_stages(model, example_inputs, config, decided=positions, decided_kinds=kinds)
         plan.input_names = names
         return [dataclasses.replace(row, spec=plan) for row in rows]
 

@@ -144,3 +144,58 @@ def test_classifier_head_for_a_feature_map_pools_the_spatial_axes(hidden, layout
 ])
 def test_block_layout_is_read_off_the_blocks_layers(block, shape, layout):
     assert block_layout(block, shape) == layout
+
+
+# ------------------------------------------------------------------------------ max_head_overhead
+def _wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def _heads(model: nn.Module):
+    from effcompile.api import plan_of
+
+    return [row for row in plan_of(model) if row.details.get("aux") and row.op != "model output"]
+
+
+def test_a_head_costlier_than_its_stage_becomes_linear_and_the_plan_says_why():
+    import effcompile
+
+    example = (torch.randn(32, 256),)
+    budgeted = effcompile.transform(_wide_mlp(), GreedyStages(num_stages=2), example_inputs=example)
+    (row,) = _heads(budgeted)
+    assert row.op == "linear" and "above max_head_overhead" in row.details["head_choice"]
+    assert isinstance(budgeted.greedy_stage_heads[0], LinearHead)
+    # Switched off, or heads the user chose: the 3-layer MLP head, no note.
+    for config in (GreedyStages(num_stages=2, max_head_overhead=None), GreedyStages(num_stages=2, head="mlp"),
+                   GreedyStages(num_stages=2, head_width=32)):
+        (row,) = _heads(effcompile.transform(_wide_mlp(), config, example_inputs=example))
+        assert row.op == "mlp" and "head_choice" not in row.details
+    # A budget the MLP head meets keeps it.
+    (row,) = _heads(effcompile.transform(_wide_mlp(), GreedyStages(num_stages=2, max_head_overhead=100.0),
+                                         example_inputs=example))
+    assert row.op == "mlp"
+    predicted = [effcompile.predicted_step(effcompile.transform(_wide_mlp(), GreedyStages(num_stages=2, **kw),
+                                                                 example_inputs=example))
+                 for kw in ({}, {"max_head_overhead": None})]
+    assert predicted[0] < predicted[1]
+
+
+def test_a_stage_process_builds_the_heads_its_launcher_chose():
+    import effcompile
+    from effcompile.api import apply_plan, plan_of
+    from effcompile.plan import Plan
+
+    example = (torch.randn(32, 256),)
+    decided = effcompile.transform(_wide_mlp(), GreedyStages(num_stages=2), example_inputs=example)
+    rows = plan_of(decided).to_dict()
+    applied = apply_plan(_wide_mlp(), Plan.from_dict(rows), GreedyStages(num_stages=2), example_inputs=example)
+    assert isinstance(applied.greedy_stage_heads[0], LinearHead)
+    decided.eval(), applied.eval()
+    assert torch.equal(decided(*example), applied(*example))
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "big", True])
+def test_max_head_overhead_is_validated(value):
+    with pytest.raises(ValueError, match="max_head_overhead"):
+        GreedyStages(max_head_overhead=value)
