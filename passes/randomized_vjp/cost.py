@@ -40,9 +40,11 @@ SKETCH_OPS = 21
 IMPORTANCE_OPS = 25
 CENTER_OPS = 9
 # A sampled product saves this share of the time its multiply-adds predict.  torch.profiler over
-# 5 eager steps of the 1024-wide MLP at batch 256, keep 0.25: the backward GEMMs fell from 15.4 to
-# 8.6 ms per step, where 65 of 256 rows predict 6.0 ms (and the same GEMMs timed alone, on
-# gathered rows, do run at the predicted 78-86 GMAC/s): measured, not explained.
+# 10 eager steps of the 1024-wide MLP at batch 256, keep 0.25 (record_shapes): the first layer's
+# weight-gradient GEMM took 12.6 ms over 256 rows and 8.3 ms over 65, where timed alone they take
+# 9.7 and 2.4 ms.  Part of the gap is the output: the GEMM writes the full 1024x3072 gradient into
+# a freshly allocated tensor whatever k is, and first touching 12.6 MB of new pages took 2.6 ms
+# against 0.45 ms for a reused buffer (2-core Intel Xeon, 2026-12-05); the rest is not explained.
 SAVED_PRODUCT_SHARE = 0.65
 ADAPTIVE_OPS = 10  # the per-step statistics op and the EMA fold
 
