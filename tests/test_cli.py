@@ -200,7 +200,9 @@ def test_bench_writes_json_with_ratio(tmp_path, capsys):
     assert set(result["variants"]) == {"plain", "transformed"}
     assert all(v["steps_timed"] == 3 for v in result["variants"].values())
     assert {"torch", "device_name", "cpu_count", "date"} <= set(result["machine"])
-    assert "ratio transformed/plain" in capsys.readouterr().out
+    assert result["predicted_ratio"] > 1  # the Plan's cost model, beside the measured ratio
+    printed = capsys.readouterr().out
+    assert "ratio transformed/plain" in printed and "predicted by the Plan's cost model" in printed
 
 
 @pytest.mark.parametrize(
