@@ -4,7 +4,7 @@ A step is counted three ways, per op of the exported forward graph and of the ba
 
 * ``macs``: multiply-adds of the products (linear, convolution, matmul/bmm, attention);
 * ``bytes``: what the memory-bound ops read and write (every other op that computes: norms,
-  activations, additions, softmax, gathers, copies); views move nothing and are not counted;
+  activations, additions, softmax, gathers, copies); views move nothing (their dispatch counts);
 * ``ops``: ops dispatched (each costs a fixed time before any arithmetic: eager dispatch, autograd
   bookkeeping, a kernel launch).
 
