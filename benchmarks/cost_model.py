@@ -45,6 +45,7 @@ CONFIGS: Dict[str, Callable[[], Any]] = {
     "decorrelation-unbudgeted": lambda: effcompile.Decorrelation(max_overhead=None),
     "rvjp-0.25": lambda: effcompile.RandomizedVJP(keep=0.25),
     "rvjp-0.5": lambda: effcompile.RandomizedVJP(keep=0.5),
+    "rvjp-0.25-profitable": lambda: effcompile.RandomizedVJP(keep=0.25, profitable_only=True),
     "selection-reforward-0.25": lambda: effcompile.SampleSelection(keep=0.25, mode="reforward", strategy="random"),
     "selection-reuse-0.25": lambda: effcompile.SampleSelection(keep=0.25, mode="auto", strategy="loss"),
     "stages-2": lambda: effcompile.GreedyStages(num_stages=2),

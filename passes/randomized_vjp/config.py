@@ -46,6 +46,9 @@ class RandomizedVJP(PassConfig):
             linear layers only, with ``target="grad_weight"`` and a sampling estimator.
         exclude: ``fnmatch`` patterns of layer paths that keep exact backprop (explicit skip rows),
             e.g. ``("*.attn.*",)``.
+        profitable_only: leave exact (a skip row giving the prediction) every layer whose sketch the
+            cost model (``cost.py``) predicts makes the eager step slower than exact backprop at the
+            example's shapes: its exact gradient is then both cheaper and noise-free.
     """
 
     name: ClassVar[str] = "randomized_vjp"
@@ -65,6 +68,7 @@ class RandomizedVJP(PassConfig):
     ema_decay: float = 0.9
     memory_mode: bool = False
     exclude: tuple = ()
+    profitable_only: bool = False
 
     ESTIMATORS: ClassVar[tuple] = ("importance", "uniform", "sketch")
     TARGETS: ClassVar[tuple] = ("grad_weight", "grad_input", "both")
@@ -92,6 +96,8 @@ class RandomizedVJP(PassConfig):
             object.__setattr__(self, "exclude", tuple(self.exclude))  # JSON round trip gives a list
         if not (isinstance(self.exclude, tuple) and all(isinstance(p, str) and p for p in self.exclude)):
             self._fail("exclude", "a tuple of non-empty fnmatch patterns of layer paths")
+        if not isinstance(self.profitable_only, bool):
+            self._fail("profitable_only", "a bool")
 
     def _check_adaptive(self) -> None:
         if not isinstance(self.adaptive, bool):

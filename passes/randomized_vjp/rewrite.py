@@ -27,12 +27,12 @@ from effcompile._compat import ConvNd, is_compiling
 from effcompile.swapped import picklable
 from effcompile.passes.analysis.capture import GraphCapture, LayerCandidate
 from effcompile.passes.analysis.uncovered import uncovered_rows
-from effcompile.cost import StepWork, Work
+from effcompile.cost import StepWork, Work, node_layers, step_work
 from effcompile.passes.base import ModelPass, PassState, register_pass
 from effcompile.plan import Action, PlanRow
 
 from .config import RandomizedVJP
-from .cost import layer_change
+from .cost import layer_change, profitable
 from .eager_scope import EagerLayer, ScopeSketch, active_mode_for, sketched_op
 from .joint_rewrite import MARKER, LayerSketch, _settings, inspect_backward
 
@@ -346,6 +346,32 @@ class _LayerSpec:
     scopes: Tuple[str, ...] = ()  # eager "scope": the modules whose forward uses the weight
 
 
+def _layer_change(row: PlanRow, step: StepWork) -> Optional[Work]:
+    """The cost model's change of the step from sketching ``row``'s layer (cost.py), or None."""
+    layer = step.layers.get(row.layer)
+    if not isinstance(row.spec, _LayerSpec) or layer is None:
+        return None
+    return layer_change(row.spec.settings, row.op, row.input_shape, layer, adaptive=row.spec.mode == "adaptive")
+
+
+def _skip_unprofitable(rows: List[PlanRow], step: StepWork) -> None:
+    """``profitable_only``: a layer whose sketch is predicted to slow the step stays exact."""
+    planned = [row for row in rows if row.applied]
+    for row in rows:
+        change = _layer_change(row, step) if row.applied else None
+        if change is None or profitable(change):
+            continue
+        row.action, row.spec = Action.SKIP, None
+        row.details["skipped_by"] = "profitable_only"
+        row.reason = (f"profitable_only: sketching is predicted to change the eager step by "
+                      f"{100 * change.units / step.total.units:+.1f}%, less saving than cost.PROFIT_MARGIN asks "
+                      "(its scoring, gathers and fixed cost take what the smaller GEMM saves): exact backprop")
+    if planned and not any(row.applied for row in rows):
+        warnings.warn("effcompile randomized_vjp: profitable_only=True left every layer exact: at these shapes the "
+                      "cost model predicts no layer's sketch saves time (the Plan gives each layer's prediction)",
+                      stacklevel=4)
+
+
 class RandomizedVJPPass(ModelPass):
     config_type = RandomizedVJP
     # FSDP2: the weight reads see the unsharded parameter inside forward (fully_shard swaps it into
@@ -354,6 +380,9 @@ class RandomizedVJPPass(ModelPass):
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: RandomizedVJP) -> List[PlanRow]:
         rows = [self._plan_layer(model, candidate, config) for candidate in captured.layers]
+        if config.profitable_only:
+            _skip_unprofitable(rows, step_work(captured.exported, node_layers(captured.layers),
+                                               dict(model.named_parameters())))
         return rows + uncovered_rows(self.name, model, captured, rows)
 
     def _plan_layer(self, model: nn.Module, candidate: LayerCandidate, config: RandomizedVJP) -> PlanRow:
@@ -464,11 +493,10 @@ class RandomizedVJPPass(ModelPass):
         """Each sketched layer's saved products and added scoring, gathers and ops (cost.py)."""
         change = Work()
         for row in rows:
-            layer = step.layers.get(row.layer)
-            if not isinstance(row.spec, _LayerSpec) or layer is None:
-                continue
-            change += layer_change(row.spec.settings, row.op, row.input_shape, layer,
-                                   adaptive=row.spec.mode == "adaptive")
+            own = _layer_change(row, step)
+            if own is not None:  # this layer's share: where the sketch pays and where it costs
+                row.details["step_change"] = f"{100 * own.units / step.total.units:+.1f}%"
+                change += own
         return change
 
     def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:
