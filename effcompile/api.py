@@ -14,7 +14,7 @@ import torch.nn as nn
 from ._compat import inside_ddp_forward
 from .compiling import compile_for
 from .config import PassConfig
-from .cost import StepWork, node_layers, predicted_ratio, step_work
+from .cost import StepWork, predicted_ratio
 from .distributed import WrapperForward, is_distributed
 from .inputs import call, model_inputs, training_batch
 from .plan import Plan, PlanRefused, PlanRow
@@ -106,7 +106,7 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
 def _plain_step(model: nn.Module, captured) -> Optional[StepWork]:
     """The cost model's plain training step of the captured model (``effcompile.cost``)."""
     try:
-        return step_work(captured.exported, node_layers(captured.layers), dict(model.named_parameters()))
+        return captured.plain_step(model)
     except Exception as error:  # noqa: BLE001 — an op the counter cannot size: no prediction, said once
         warnings.warn(f"effcompile: the cost model could not size the captured graph ({type(error).__name__}: "
                       f"{error}); the Plan shows no predicted_step", stacklevel=3)

@@ -16,14 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import effcompile
 from effcompile.api import plan_of
-from effcompile.cost import MACS_PER_BYTE, OPTIMIZER_BYTES, StepWork, Work, node_layers, step_work
+from effcompile.cost import MACS_PER_BYTE, OPTIMIZER_BYTES, StepWork, Work
 from effcompile.models import example_inputs, get_model
 from effcompile.passes import capture
 
 
 def _plain_step(model: nn.Module, inputs) -> StepWork:
-    captured = capture(model, inputs)
-    return step_work(captured.exported, node_layers(captured.layers), dict(model.named_parameters()))
+    return capture(model, inputs).plain_step(model)
 
 
 def _counted_macs(model: nn.Module, inputs) -> float:

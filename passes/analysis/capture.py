@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 from effcompile._compat import pytree, reentrant_checkpoints_inlined
 
+from effcompile.cost import StepWork, node_layers, step_work
 from effcompile.inputs import model_inputs, tensor_outputs
 from effcompile.plan import layer_key
 
@@ -142,6 +143,14 @@ def registered_parameter(model: nn.Module, fqn: str) -> nn.Parameter:
 class GraphCapture:
     exported: torch.export.ExportedProgram
     layers: List[LayerCandidate]
+    _plain_step: Optional[StepWork] = dataclasses.field(default=None, repr=False)
+
+    def plain_step(self, model: nn.Module) -> StepWork:
+        """The cost model's plain training step of the captured ``model`` (``effcompile.cost``),
+        counted once per capture: ``transform`` and every pass's plan read the same one."""
+        if self._plain_step is None:
+            self._plain_step = step_work(self.exported, node_layers(self.layers), dict(model.named_parameters()))
+        return self._plain_step
 
 
 # Ops through which a weight keeps its identity (values unchanged up to layout or dtype).

@@ -27,7 +27,7 @@ from effcompile._compat import ConvNd, is_compiling
 from effcompile.swapped import picklable
 from effcompile.passes.analysis.capture import GraphCapture, LayerCandidate
 from effcompile.passes.analysis.uncovered import uncovered_rows
-from effcompile.cost import StepWork, Work, node_layers, step_work
+from effcompile.cost import StepWork, Work
 from effcompile.passes.base import ModelPass, PassState, register_pass
 from effcompile.plan import Action, PlanRow
 
@@ -381,8 +381,7 @@ class RandomizedVJPPass(ModelPass):
     def plan(self, model: nn.Module, captured: GraphCapture, config: RandomizedVJP) -> List[PlanRow]:
         rows = [self._plan_layer(model, candidate, config) for candidate in captured.layers]
         if config.profitable_only:
-            _skip_unprofitable(rows, step_work(captured.exported, node_layers(captured.layers),
-                                               dict(model.named_parameters())))
+            _skip_unprofitable(rows, captured.plain_step(model))
         return rows + uncovered_rows(self.name, model, captured, rows)
 
     def _plan_layer(self, model: nn.Module, candidate: LayerCandidate, config: RandomizedVJP) -> PlanRow:
