@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Iterable, Mapping, Optional, Set
+from typing import Dict, Mapping, Optional, Set
 
 import torch
 
-__all__ = ["DISPATCH_MACS", "MACS_PER_BYTE", "Work", "LayerWork", "StepWork", "step_work", "node_layers", "predicted_ratio"]
+__all__ = ["DISPATCH_MACS", "MACS_PER_BYTE", "Work", "LayerWork", "StepWork", "step_work", "predicted_ratio"]
 
 # One op's fixed cost in MACs: ~5 µs of eager dispatch and autograd bookkeeping at one core's
 # ~47 GMAC/s on the 2-core AMD EPYC it was first measured on (2026-12-04: 2-4 µs for a bare op);
@@ -118,8 +118,7 @@ def predicted_ratio(step: StepWork, change: Optional[Work]) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------ the graph
-aten = torch.ops.aten
-# Ops that only relabel memory (or do nothing at run time): no bytes, no dispatch worth counting.
+# Ops that only relabel memory (or do nothing at run time): no bytes, VIEW_OPS of dispatch.
 _VIEWS = {
     "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
     "select", "alias", "detach", "flatten", "unflatten", "split", "split_with_sizes", "chunk", "unbind",
@@ -247,8 +246,3 @@ def step_work(exported: "torch.export.ExportedProgram", layer_of_node: Mapping[s
         p = parameters[fqn]
         optimizer += Work(bytes=OPTIMIZER_BYTES * p.numel() * p.element_size(), ops=OPTIMIZER_OPS)
     return StepWork(forward, backward, optimizer, layers)
-
-
-def node_layers(layers: Iterable) -> Dict[str, str]:
-    """``{node name: layer key}`` of captured layer candidates (anything with ``.layer`` and ``.uses``)."""
-    return {use.node: candidate.layer for candidate in layers for use in candidate.uses}

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from effcompile._compat import pytree, reentrant_checkpoints_inlined
 
-from effcompile.cost import StepWork, node_layers, step_work
+from effcompile.cost import StepWork, step_work
 from effcompile.inputs import model_inputs, tensor_outputs
 from effcompile.plan import layer_key
 
@@ -149,7 +149,8 @@ class GraphCapture:
         """The cost model's plain training step of the captured ``model`` (``effcompile.cost``),
         counted once per capture: ``transform`` and every pass's plan read the same one."""
         if self._plain_step is None:
-            self._plain_step = step_work(self.exported, node_layers(self.layers), dict(model.named_parameters()))
+            layer_of_node = {use.node: candidate.layer for candidate in self.layers for use in candidate.uses}
+            self._plain_step = step_work(self.exported, layer_of_node, dict(model.named_parameters()))
         return self._plain_step
 
 

@@ -29,7 +29,7 @@ from effcompile.cost import LayerWork, Work
 from .estimators import round_budget
 from .joint_rewrite import LayerSketch
 
-__all__ = ["PROFIT_MARGIN", "profitable", "SAVED_PRODUCT_SHARE", "SKETCH_OPS", "IMPORTANCE_OPS", "CENTER_OPS", "ADAPTIVE_OPS", "layer_change"]
+__all__ = ["PROFIT_MARGIN", "profitable", "sampled_rows", "SAVED_PRODUCT_SHARE", "SKETCH_OPS", "IMPORTANCE_OPS", "CENTER_OPS", "ADAPTIVE_OPS", "layer_change"]
 
 # Eager fixed cost of one sampled product, in ops (``DISPATCH_MACS`` each), measured as the step
 # time each layer adds to an 8×64-wide MLP at batch 32 (2-core Intel Xeon, torch 2.13, 2026-12-05):
@@ -63,14 +63,22 @@ def profitable(change: Work) -> bool:
     return change.units < 0 and -change.units >= PROFIT_MARGIN * gross
 
 
+def sampled_rows(op: str, input_shape: Optional[Sequence[int]]) -> int:
+    """The sampled dimension M of a layer's weight-gradient GEMM: sample·token rows for a linear,
+    images for a convolution (0 without a shape)."""
+    if not input_shape:
+        return 0
+    return int(input_shape[0]) if op.startswith("conv") else math.prod(input_shape[:-1])
+
+
 def layer_change(settings: LayerSketch, op: str, input_shape: Optional[Sequence[int]], layer: LayerWork,
                  adaptive: bool = False) -> Work:
     """How sketching one layer at ``settings`` changes the step's work (negative: it saves)."""
     change = Work()
     x_bytes, g_bytes = layer.input_bytes, layer.output_bytes
     product = layer.forward.macs
-    if settings.keep < 1 and input_shape:
-        rows = int(input_shape[0]) if op.startswith("conv") else math.prod(input_shape[:-1])
+    rows = sampled_rows(op, input_shape)
+    if settings.keep < 1 and rows:
         k = round_budget(rows, settings.keep, settings.multiple)
         kept = min(1.0, (k + settings.center) / rows)
         change += Work(macs=-(1.0 - kept) * SAVED_PRODUCT_SHARE * product, ops=SKETCH_OPS)

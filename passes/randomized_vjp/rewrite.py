@@ -32,7 +32,7 @@ from effcompile.passes.base import ModelPass, PassState, register_pass
 from effcompile.plan import Action, PlanRow
 
 from .config import RandomizedVJP
-from .cost import layer_change, profitable
+from .cost import layer_change, profitable, sampled_rows
 from .eager_scope import EagerLayer, ScopeSketch, active_mode_for, sketched_op
 from .joint_rewrite import MARKER, LayerSketch, _settings, inspect_backward
 
@@ -396,8 +396,7 @@ class RandomizedVJPPass(ModelPass):
         is_conv = first.op.startswith("conv")
         mode = "memory" if config.memory_mode else "adaptive" if (config.adaptive and not is_conv) else "marker"
         settings = _settings(config, candidate.layer, owner._parameters[candidate.attr].device, mode == "adaptive")
-        # The sampled GEMM dimension: sample·token rows for linears, images for convolutions.
-        rows = (first.input_shape[0] if is_conv else math.prod(first.input_shape[:-1])) if first.input_shape else 0
+        rows = sampled_rows(first.op, first.input_shape)
         from .estimators import round_budget
 
         row.details = {"estimator": settings.estimator, "target": config.target}
@@ -505,7 +504,7 @@ class RandomizedVJPPass(ModelPass):
         if state is None:
             return {}
         details = state.details()
-        rows = math.prod(row.input_shape[:-1]) if row.input_shape else 0
+        rows = sampled_rows(row.op, row.input_shape)
         if isinstance(state, VarianceControl) and rows:
             from .estimators import round_budget
 
