@@ -333,7 +333,7 @@ def suite_table(result: Mapping[str, Any]) -> str:
                 "—" if not compiled else str(compiled["recompiles"]),
                 "—" if eager.get("saved_activation_ratio") is None else f"{eager['saved_activation_ratio']:.2f}x",
                 _spread([run.target_epoch for run in runs], ".1f"),
-                _spread([run.target_seconds for run in runs], ".1f"),
+                _spread([run.target_seconds for run in runs], ".2f"),
                 _spread([run.final_accuracy for run in runs], ".3f"),
             ])
         inductor = timing.get("compiled", {}).get(f"{BACKPROP} (inductor)")
