@@ -220,13 +220,32 @@ def _centred(graph, like, layer_input, means):
     return layer_input if means is None else _insert(graph, like, aten.sub.Tensor, layer_input, means[0])
 
 
+def _gradient_anchor(graph, like, grad_out, dtype):
+    """A 0-dim zero in ``dtype`` computed from ``grad_out`` (the sum of its first zero rows: no data
+    read), added to a random draw that needs no input of the backward.
+
+    Why: AOTAutograd's min-cut partitioner places a node that no forward output needs, and whose
+    inputs are all forward values, where the cut is cheapest, and may put it in *both* graphs.  A
+    draw of ``effcompile::sample_indices`` (uniform: its scores are constant) or
+    ``effcompile::rademacher`` would then run twice: once in the forward to gather the input rows
+    X[idx] (saving them instead of X), once in the backward for the gradient rows G[idx'], with
+    idx ≠ idx' and a biased estimate.  Its bans on recomputing random ops only cover nodes the
+    forward needs.  Depending on ``grad_out`` puts the draw and everything it feeds in the backward,
+    once."""
+    empty = _insert(graph, like, aten.slice.Tensor, grad_out, 0, 0, 0)
+    return _insert(graph, like, prims.convert_element_type.default,
+                   _insert(graph, like, aten.sum.default, empty), dtype)
+
+
 def _sampling_scores(graph, like, grad_out, count, settings: LayerSketch, score_factors):
     """The scores of the ``count`` positions to sample: the product of the two norm vectors that
     ``score_factors()`` inserts (``‖g_t‖·‖x_t‖``).  ``uniform`` reads only their count, so it gets
-    zeros and no norms (they would cost two more passes over G and X in the compiled backward)."""
+    zeros and no norms (they would cost two more passes over G and X in the compiled backward),
+    anchored to the backward (:func:`_gradient_anchor`)."""
     if settings.estimator == "uniform":
-        return _insert(graph, like, aten.full.default, [count], 0.0, dtype=torch.float32,
-                       device=grad_out.meta["val"].device)
+        zeros = _insert(graph, like, aten.full.default, [count], 0.0, dtype=torch.float32,
+                        device=grad_out.meta["val"].device)
+        return _insert(graph, like, aten.add.Tensor, zeros, _gradient_anchor(graph, like, grad_out, torch.float32))
     return _insert(graph, like, aten.mul.Tensor, *score_factors())
 
 
@@ -297,8 +316,9 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
         if settings.estimator == "sketch":
             val = grad_out.meta["val"]
             # Rademacher S/√k (E[S·Sᵀ] = I): lower variance than Gaussian, and the eager path's design.
-            signs = _insert(graph, mm, torch.ops.effcompile.rademacher.default, rows, k, val.dtype, val.device,
-                            mm.name)
+            signs = _insert(graph, mm, aten.add.Tensor, _insert(
+                graph, mm, torch.ops.effcompile.rademacher.default, rows, k, val.dtype, val.device, mm.name),
+                _gradient_anchor(graph, mm, grad_out, val.dtype))  # one draw, in the backward
             if isinstance(k, int):
                 sketch_matrix = _insert(graph, mm, aten.mul.Tensor, signs, 1.0 / math.sqrt(k))
             else:  # 1/√k of a size known at run time only
