@@ -4,7 +4,8 @@ Five measurements, each against plain backprop on the same machine in the same p
 
 * :func:`bench_step_times` – median whole-step and backward-only time of the compiled training
   step at several keeps, interleaved with the exact step (:func:`effcompile.measure.time_steps`);
-  one arm per estimator (``--estimators importance,uniform``), on the CPU or a GPU
+  one arm per estimator (``--estimators importance,uniform``; ``importance+profitable_only``: only
+  the layers the cost model predicts to pay are sketched), on the CPU or a GPU
   (``--device cuda --autocast bf16``).
 * :func:`bench_saved_activations` – bytes autograd saves for backward (parameters excluded),
   exact vs memory mode, measured with ``torch.autograd.graph.saved_tensors_hooks``; on CUDA also
@@ -94,6 +95,18 @@ class _TimedStep:
         self.optimizer.step()
 
 
+_ARM_FLAGS = ("profitable_only",)
+
+
+def _arm_config(arm: str, keep: float) -> RandomizedVJP:
+    """``"<estimator>[+flag...]"`` → its config: e.g. ``importance+profitable_only``."""
+    estimator, *flags = arm.split("+")
+    unknown = [flag for flag in flags if flag not in _ARM_FLAGS]
+    if unknown:
+        raise ValueError(f"unknown arm flag(s) {unknown} in {arm!r}; expected any of {_ARM_FLAGS}")
+    return RandomizedVJP(keep=keep, estimator=estimator, **{flag: True for flag in flags})
+
+
 def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, keeps: Sequence[float] = (0.5, 0.25, 0.1),
                      *, steps: int = 20, warmup: int = 3, compile: bool = True, backend: str = "effcompile",
                      num_classes: int = 10, in_channels: int = 1, image_size: int = 8, seed: int = 0,
@@ -112,7 +125,7 @@ def bench_step_times(name: str, model_kwargs: Dict[str, Any], batch_size: int, k
         torch.compiler.reset()
         variants = {"exact": _TimedStep(copy.deepcopy(plain), inputs, targets, compile, backend, autocast)}
         for estimator in estimators:
-            variants[estimator] = _TimedStep(_transformed(plain, RandomizedVJP(keep=keep, estimator=estimator), inputs),
+            variants[estimator] = _TimedStep(_transformed(plain, _arm_config(estimator, keep), inputs),
                                              inputs, targets, compile, backend, autocast)
         time_steps(variants, warmup, block_size=1, device=device)  # compiles, then warms up
         for step in variants.values():

@@ -43,6 +43,14 @@ def test_randomized_vjp_step_benchmark_has_one_arm_per_estimator_against_one_exa
     assert all(row["sketched_step_ms"] > 0 and row["step_ratio"] > 0 for row in rows)
 
 
+def test_randomized_vjp_step_benchmark_arm_flags_reach_the_config():
+    arm = randomized_vjp_bench._arm_config("uniform+profitable_only", 0.25)
+    assert (arm.estimator, arm.profitable_only, arm.keep) == ("uniform", True, 0.25)
+    assert randomized_vjp_bench._arm_config("importance", 0.5).profitable_only is False
+    with pytest.raises(ValueError, match="unknown arm flag"):
+        randomized_vjp_bench._arm_config("importance+fast", 0.25)
+
+
 def test_decorrelation_step_benchmark_has_one_variant_per_update_dtype():
     result = decorrelation_bench.bench_step(width=8, batch_size=16, budgets=("none",), rounds=1, steps_per_round=1,
                                             update_dtypes=("bfloat16", "float32"))
