@@ -52,6 +52,14 @@ class PassState(nn.Module):
     would only lose precision or meet operands of another dtype.  Device moves still apply.
     """
 
+    def register_buffer(self, name: str, tensor: Optional[torch.Tensor], persistent: bool = True) -> None:
+        # AOTAutograd (torch 2.11-2.13) drops in-place updates of a 0-dim float64 buffer: a compiled
+        # step would leave it unchanged without an error (rows_selected stayed 0 under compile).
+        if tensor is not None and tensor.dim() == 0 and tensor.dtype == torch.float64:
+            raise TypeError(f"{type(self).__name__}.{name}: a 0-dim float64 buffer loses its in-place updates "
+                            "under torch.compile; use shape (1,), another dtype, or an integer count")
+        super().register_buffer(name, tensor, persistent)
+
     def _apply(self, fn, *args, **kwargs):
         dtypes = {name: buffer.dtype for name, buffer in self._buffers.items() if buffer is not None}
         moved = super()._apply(fn, *args, **kwargs)

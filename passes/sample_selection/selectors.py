@@ -256,9 +256,8 @@ class SampleSelector(PassState):
         self.head_bias = bool(head_bias)
         self.sync_history = bool(sync_history)
         self.register_buffer("loss_history", torch.zeros(self.history_size, device=device))
-        for name in ("history_fill", "history_position", "steps", "rows_seen"):
+        for name in ("history_fill", "history_position", "steps", "rows_seen", "rows_selected"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer("rows_selected", torch.zeros((), dtype=torch.float64, device=device))
         # The last selection, for the report: plain attributes, not buffers — their size follows the
         # batch, and an EMA copy of the model (AveragedModel, timm's ModelEma) copies buffers in place.
         self.last_index = torch.zeros(0, dtype=torch.long, device=device)

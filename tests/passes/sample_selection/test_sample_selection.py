@@ -422,6 +422,11 @@ class TestCompiled:
         assert float(last) < 0.5 * float(first)
         index, weights = step.last_selection
         assert index.shape == (8,) and torch.allclose(weights, torch.full((8,), 1 / 8))
+        # The selector's counters advance inside the compiled step as they do eagerly (a 0-dim
+        # float64 rows_selected stayed 0 under AOTAutograd: its in-place updates were dropped).
+        selector = selector_of(model)
+        assert (int(selector.steps), int(selector.rows_seen), int(selector.rows_selected)) == (50, 50 * 32, 50 * 8)
+        assert effcompile.report(model).rows[0].details["mean_selected_fraction"] == 0.25
 
 
 @pytest.mark.slow
