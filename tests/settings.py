@@ -87,6 +87,18 @@ def sample_selection_backprops_k_rows(run: Run) -> None:
     selector = selector_of(run.model)
     keep = next(row.details["keep"] for row in plan_of(run.model).for_pass("sample_selection"))
     assert selector.last_index.numel() == num_selected(keep, run.batch_sizes[-1])
+    # The state advances inside compiled steps as eagerly (a lost in-place update would leave it at 0).
+    from effcompile.passes.sample_selection.selectors import SampleSelector
+
+    # Composed with greedy stages, every stage selects from its batch: one call per stage and step.
+    from effcompile.passes.greedy_stages import staged_model
+
+    calls = staged_model(run.model).num_stages if plan_of(run.model).for_pass("greedy_stages").applied() else 1
+    for counting in (m for m in run.model.modules() if isinstance(m, SampleSelector)):
+        assert int(counting.steps) == calls * len(run.batch_sizes), (int(counting.steps), calls)
+        assert int(counting.rows_seen) == calls * sum(run.batch_sizes), int(counting.rows_seen)
+        assert int(counting.rows_selected) == calls * sum(num_selected(keep, rows) for rows in run.batch_sizes), \
+            int(counting.rows_selected)
     reuse = next(row.details["mode"] for row in plan_of(run.model).for_pass("sample_selection")) == "forward_reuse"
     if run.compiled and reuse:
         assert all(g["row_sparse_backward"].rewrites > 0 for g in run.joint_graphs)
