@@ -8,7 +8,10 @@ sample selection, then the randomized VJPs) run as one ``CustomGraphPass`` insta
 Inductor's cache-keyed ``joint_custom_pre_pass`` hook.
 
 ``backend="effcompile_aot_eager"`` runs the same joint-graph rewrite through AOTAutograd without
-Inductor (eager kernels): the CPU tests' fast rung of the backend ladder.
+Inductor (eager kernels): the CPU tests' fast rung of the backend ladder.  It partitions the joint
+graph with Inductor's min-cut partitioner (recomputation and CSE included), so the forward/backward
+split it tests is the one Inductor compiles: with AOTAutograd's default partitioner a random draw
+that Inductor duplicated into both graphs passed every test at this rung.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _rewrite_then_partition(partition):
 
 def effcompile_aot_eager_backend(graph_module: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
     """Dynamo backend: AOTAutograd + the effcompile joint-graph passes, eager kernels (no Inductor)."""
-    return aot_eager_with_partition(_rewrite_then_partition)(graph_module, example_inputs, **kwargs)
+    return aot_eager_with_partition(_rewrite_then_partition, min_cut=True)(graph_module, example_inputs, **kwargs)
 
 
 register_backend_once("effcompile", effcompile_backend)
