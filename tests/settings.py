@@ -81,6 +81,7 @@ def greedy_stages_detach(run: Run) -> None:
 
 def sample_selection_backprops_k_rows(run: Run) -> None:
     """The last step selected k = round(keep·B) rows of its batch; forward reuse ran the backward on them."""
+    from effcompile.passes.greedy_stages import staged_model
     from effcompile.passes.sample_selection import selector_of
     from effcompile.passes.sample_selection.selectors import num_selected
 
@@ -88,17 +89,12 @@ def sample_selection_backprops_k_rows(run: Run) -> None:
     keep = next(row.details["keep"] for row in plan_of(run.model).for_pass("sample_selection"))
     assert selector.last_index.numel() == num_selected(keep, run.batch_sizes[-1])
     # The state advances inside compiled steps as eagerly (a lost in-place update would leave it at 0).
-    from effcompile.passes.sample_selection.selectors import SampleSelector
-
     # Composed with greedy stages, every stage selects from its batch: one call per stage and step.
-    from effcompile.passes.greedy_stages import staged_model
-
     calls = staged_model(run.model).num_stages if plan_of(run.model).for_pass("greedy_stages").applied() else 1
-    for counting in (m for m in run.model.modules() if isinstance(m, SampleSelector)):
-        assert int(counting.steps) == calls * len(run.batch_sizes), (int(counting.steps), calls)
-        assert int(counting.rows_seen) == calls * sum(run.batch_sizes), int(counting.rows_seen)
-        assert int(counting.rows_selected) == calls * sum(num_selected(keep, rows) for rows in run.batch_sizes), \
-            int(counting.rows_selected)
+    assert int(selector.steps) == calls * len(run.batch_sizes), (int(selector.steps), calls)
+    assert int(selector.rows_seen) == calls * sum(run.batch_sizes), int(selector.rows_seen)
+    assert int(selector.rows_selected) == calls * sum(num_selected(keep, rows) for rows in run.batch_sizes), \
+        int(selector.rows_selected)
     reuse = next(row.details["mode"] for row in plan_of(run.model).for_pass("sample_selection")) == "forward_reuse"
     if run.compiled and reuse:
         assert all(g["row_sparse_backward"].rewrites > 0 for g in run.joint_graphs)

@@ -52,8 +52,6 @@ ADAPTIVE_OPS = 10  # the per-step statistics op and the EMA fold
 # (`python -m benchmarks cost_model`), so a layer predicted to break even costs in practice (the
 # 768-512 MLP's first layer at batch 128: predicted -0.0%, and the step with it alone sketched
 # measured 1.07x).
-
-
 PROFIT_MARGIN = 0.25
 
 
