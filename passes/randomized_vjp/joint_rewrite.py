@@ -17,6 +17,12 @@ and target ``grad_input`` (one shared index set over the N output features)::
     idx, c = effcompile::sample_indices(‖G_{:,j}‖·‖W_j‖, k, estimator)
     grad_X = mm(G[:, idx] · c, W[idx])
 
+With centring (the default) the sampled rows are ``X[idx] − x̄`` and one more row pair
+``(Σ_t g_t, x̄)`` adds the exact mean term.  What reads X alone (``x̄`` and the rows' norms
+``‖x_t − x̄‖``) is computed in the forward, after the layer's forward GEMM, wherever that GEMM's
+output feeds the rest of the forward (:func:`_forward_input_statistics`): the backward then never
+recomputes X in full (for an input that comes out of a GELU, that is its ``erf`` per pass).
+
 ``E[estimate] = exact`` because every index is kept with probability π and scaled by 1/π.  The
 ``sketch`` estimator replaces ``grad_W`` by ``(Gᵀ·S)·(Sᵀ·X)`` with Rademacher ``S/√k``, ``E[S·Sᵀ] = I``.
 
@@ -215,9 +221,9 @@ def _batch_reduction(graph, like, op, tensor):
     return _insert(graph, like, prims.convert_element_type.default, _insert(graph, like, op, wide, [0], True), dtype)
 
 
-def _centred(graph, like, layer_input, means):
-    """``x − x̄`` when centring (``means`` from :func:`_input_mean`), else ``x``."""
-    return layer_input if means is None else _insert(graph, like, aten.sub.Tensor, layer_input, means[0])
+def _centred(graph, like, layer_input, mean):
+    """``x − x̄`` when centring (``mean`` is x̄), else ``x``."""
+    return layer_input if mean is None else _insert(graph, like, aten.sub.Tensor, layer_input, mean)
 
 
 def _gradient_anchor(graph, like, grad_out, dtype):
@@ -232,9 +238,7 @@ def _gradient_anchor(graph, like, grad_out, dtype):
     idx ≠ idx' and a biased estimate.  Its bans on recomputing random ops only cover nodes the
     forward needs.  Depending on ``grad_out`` puts the draw and everything it feeds in the backward,
     once."""
-    empty = _insert(graph, like, aten.slice.Tensor, grad_out, 0, 0, 0)
-    return _insert(graph, like, prims.convert_element_type.default,
-                   _insert(graph, like, aten.sum.default, empty), dtype)
+    return _insert(graph, like, prims.convert_element_type.default, _empty_sum(graph, like, grad_out), dtype)
 
 
 def _sampling_scores(graph, like, grad_out, count, settings: LayerSketch, score_factors):
@@ -300,19 +304,81 @@ def _replace(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node) -> N
     graph.erase_node(old)
 
 
-def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch,
-                         in_out: bool = False) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
+@dataclasses.dataclass(frozen=True)
+class _InputStatistics:
+    """What the estimators read from the layer input X alone: the column mean ``x̄`` (centring) and
+    the rows' norms ``‖x_t − x̄‖`` (``‖x_t‖`` uncentred; importance scores).  ``None``: not needed."""
+
+    mean: Optional[torch.fx.Node]
+    row_norms: Optional[torch.fx.Node]
+
+
+def _input_statistics(graph, like, layer_input, settings: LayerSketch) -> _InputStatistics:
+    mean = _batch_reduction(graph, like, aten.mean.dim, layer_input) if settings.center else None
+    norms = None
+    if settings.estimator == "importance":  # per row (linear) or per image (convolution)
+        norms = _per_image_norms(graph, like, _centred(graph, like, layer_input, mean))
+    return _InputStatistics(mean, norms)
+
+
+def _forward_input_statistics(graph, product: torch.fx.Node, layer_input, settings: LayerSketch,
+                              forward: set) -> _InputStatistics:
+    """The input statistics computed in the forward, right after the product ``Y = X·B`` (or the
+    convolution ``Y = X ⋆ W``) that reads X.
+
+    Why the forward: left in the backward, they need X there in full; the partitioner saves only the
+    cheap producer of X (GELU's input, LayerNorm's) and recomputes X for each pass over it — for
+    ``fc2`` that is GELU's ``erf`` over every row twice a step, more than the sampled GEMM saves
+    (measured on the ViT: 3.8 ms a block against 0.3 ms for one GELU).  Why after the product:
+    Inductor lowers nodes in order, and the product (an extern GEMM) makes it write X to memory
+    first; statistics lowered before it would be fused with X's producer and recompute it per pass.
+
+    The partitioner only keeps in the forward what a forward output needs, so the statistics are
+    anchored to the product's forward users: they read ``Y + z``, with ``z`` a zero computed from
+    the statistics' first zero entries (no data read; Inductor fuses the add into Y's consumer).
+    The partitioner then saves the statistics (K + M values) for the backward.
+    """
+    with graph.inserting_before(product.next):  # in order after the product (inserting_after reverses)
+        statistics = _input_statistics(graph, product, layer_input, settings)
+        present = [node for node in (statistics.mean, statistics.row_norms) if node is not None]
+        consumers = [user for user in product.users if user in forward]
+        if not present or not consumers:
+            return statistics
+        zeros = [_empty_sum(graph, product, node) for node in present]
+        anchor = zeros[0] if len(zeros) == 1 else _insert(graph, product, aten.add.Tensor, *zeros)
+        anchor = _insert(graph, product, prims.convert_element_type.default, anchor, product.meta["val"].dtype)
+        anchored = _insert(graph, product, aten.add.Tensor, product, anchor)
+    for user in consumers:
+        user.replace_input_with(product, anchored)
+    return statistics
+
+
+def _empty_sum(graph, like, node):
+    """``node[0:0].sum()``: a 0-dim zero that depends on ``node`` and reads none of its data."""
+    return _insert(graph, like, aten.sum.default, _insert(graph, like, aten.slice.Tensor, node, 0, 0, 0))
+
+
+def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch, in_out: bool = False,
+                         product: Optional[torch.fx.Node] = None, forward: Optional[set] = None) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
     """(the record, or None with the reason when the exact GEMM stays; the node that now computes
     grad_W; the number of rows it used when static).
 
     ``in_out``: the exact GEMM is ``mm(t(X), G)`` (K×N: a weight stored in×out, ``X @ W``, or the
     gradient of ``t(W)`` in ``X @ W.t()``), and the estimate keeps that orientation.
+    ``product``: the forward GEMM that reads ``layer_input`` when the backward samples the same rows
+    (not rows the row-sparse backward selected): the input statistics are then computed in the forward.
     """
     before = _describe(mm)
     with graph.inserting_before(mm):
         k, rows, why = _sample_size(graph, mm, layer_input, 0, settings.keep, settings.multiple)
         if k is None:
             return _Exact(why), mm, _static(rows)
+    if product is not None and settings.estimator != "sketch":
+        statistics = _forward_input_statistics(graph, product, layer_input, settings, forward)
+    elif settings.estimator != "sketch":
+        with graph.inserting_before(mm):
+            statistics = _input_statistics(graph, mm, layer_input, settings)
+    with graph.inserting_before(mm):
         if settings.estimator == "sketch":
             val = grad_out.meta["val"]
             # Rademacher S/√k (E[S·Sᵀ] = I): lower variance than Gaussian, and the eager path's design.
@@ -345,9 +411,10 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
             else:
                 new = _insert(graph, mm, aten.mm.default, left, right)
         else:
-            means = _input_mean(graph, mm, layer_input, grad_out) if settings.center else None
+            means = (statistics.mean, _batch_reduction(graph, mm, aten.sum.dim_IntList, grad_out)) \
+                if settings.center else None
             scores = _sampling_scores(graph, mm, grad_out, rows, settings, lambda: (
-                _norms(graph, mm, grad_out, [1]), _norms(graph, mm, _centred(graph, mm, layer_input, means), [1])))
+                _norms(graph, mm, grad_out, [1]), statistics.row_norms))
             indices, scale = _sampled_rows(graph, mm, scores, k, settings, grad_out.meta["val"].dtype)
             scale = _insert(graph, mm, aten.unsqueeze.default, scale, 1)
             grad_rows, input_rows = _with_mean_term(
@@ -408,11 +475,14 @@ def _per_image_norms(graph, like, tensor):
     return _norms(graph, like, tensor, range(1, tensor.meta["val"].dim()))
 
 
-def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSketch) -> Optional[RewriteRecord]:
+def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSketch, product: Optional[torch.fx.Node],
+                              forward: set) -> Optional[RewriteRecord]:
     """Split ``convolution_backward`` so the weight gradient comes from ``k`` sampled images.
 
     ``∇W = Σ_b ∇W(g_b, x_b)`` is a sum over images; the sampled call gathers ``k`` of them, scales
     each image's gradient by ``1/π_b`` (∇W is linear in g) and asks only for the weight gradient.
+    ``product``: the forward convolution of the same input, after which the input statistics are
+    computed (:func:`_forward_input_statistics`); None: in the backward.
     """
     grad_out, layer_input, weight = backward.args[:3]
     conv_args, output_mask = list(backward.args[3:10]), list(backward.args[10])
@@ -425,10 +495,16 @@ def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSke
             return _Exact(why)
         rest = _insert(graph, backward, aten.convolution_backward.default, grad_out, layer_input, weight, *conv_args,
                        [output_mask[0], False, output_mask[2]])
-        means = _input_mean(graph, backward, layer_input, grad_out) if settings.center else None
+    if product is not None:
+        statistics = _forward_input_statistics(graph, product, layer_input, settings, forward)
+    else:
+        with graph.inserting_before(backward):
+            statistics = _input_statistics(graph, backward, layer_input, settings)
+    with graph.inserting_before(backward):
+        means = (statistics.mean, _batch_reduction(graph, backward, aten.sum.dim_IntList, grad_out)) \
+            if settings.center else None
         scores = _sampling_scores(graph, backward, grad_out, images, settings, lambda: (
-            _per_image_norms(graph, backward, grad_out),
-            _per_image_norms(graph, backward, _centred(graph, backward, layer_input, means))))
+            _per_image_norms(graph, backward, grad_out), statistics.row_norms))
         indices, scale = _sampled_rows(graph, backward, scores, k, settings, grad_out.meta["val"].dtype)
         scale = _insert(graph, backward, aten.view.default, scale, [k] + [1] * (grad_out.meta["val"].dim() - 1))
         # ∇W is bilinear: with centring the mean pair ∇W(Σ_b g_b, x̄) joins the call as image k+1.
@@ -582,14 +658,16 @@ def _rewrite_dense(graph: torch.fx.Graph, marker: torch.fx.Node, settings: Layer
     for product, operand in _dense_products(marker, forward):
         layer_input = product.args[1] if product.target is aten.addmm.default else product.args[0]
         if settings.keep < 1 or settings.ladder:
-            grad_weight_mms += _weight_gradient_mms(layer_input, sources)
+            grad_weight_mms += [(mm, rows, transposed, product if rows is layer_input else None)
+                                for mm, rows, transposed in _weight_gradient_mms(layer_input, sources)]
         if settings.keep_input < 1:  # grad_X = mm(G, t(B)): t(B) is the N×K operand
             grad_input_mms += [(mm, back) for back in operand.users if _is_transpose(back) for mm in back.users
                                if mm.target is aten.mm.default and mm.args[1] is back and mm not in forward]
     outcomes: List[Any] = []
-    for mm, rows, transposed in dict.fromkeys(grad_weight_mms):
+    for mm, rows, transposed, product in _first_per_gemm(grad_weight_mms):
         grad_out = mm.args[1] if transposed else mm.args[0].args[0]
-        outcome, grad_weight, rows_used = _rewrite_grad_weight(graph, mm, grad_out, rows, settings, in_out=transposed)
+        outcome, grad_weight, rows_used = _rewrite_grad_weight(graph, mm, grad_out, rows, settings, in_out=transposed,
+                                                               product=product, forward=forward)
         outcomes.append(outcome)
         if settings.ladder:
             if transposed:  # the statistics read grad_W as N×K
@@ -601,6 +679,14 @@ def _rewrite_dense(graph: torch.fx.Graph, marker: torch.fx.Node, settings: Layer
     return outcomes
 
 
+def _first_per_gemm(matches: List[tuple]) -> List[tuple]:
+    """One match per backward GEMM (a weight used by two products can find the same GEMM twice)."""
+    seen: dict = {}
+    for match in matches:
+        seen.setdefault(match[0], match)
+    return list(seen.values())
+
+
 def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: LayerSketch, forward: set) -> List[Any]:
     """Every outcome for the marked layer: a RewriteRecord per sampled GEMM, an _Exact per GEMM whose
     budget keeps every index."""
@@ -609,7 +695,9 @@ def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: Layer
     if settings.keep < 1:
         for backward in [u for view in views for u in view.users
                          if u.target is aten.convolution_backward.default and u.args[2] is view]:
-            outcome = _rewrite_conv_grad_weight(graph, backward, settings)
+            products = [u for view in views for u in view.users if u in forward and
+                        u.target is aten.convolution.default and u.args[:2] == backward.args[1:3]]
+            outcome = _rewrite_conv_grad_weight(graph, backward, settings, products[0] if products else None, forward)
             outcomes += [outcome] if outcome else []
     outcomes += _rewrite_dense(graph, marker, settings, forward)
     _verify(marker, settings, outcomes)

@@ -158,6 +158,28 @@ class TestJointGraphRewrite:
         # X's rows there (saving X[idx]) while the backward draws G's rows again: idx ≠ idx'.
         assert _draws_in(forward_nodes) == []
 
+    @pytest.mark.parametrize("estimator", ["importance", "uniform"])
+    def test_input_statistics_are_computed_in_the_forward(self, estimator):
+        # The input's mean (centring) and, for importance, its rows' norms read X alone: in the
+        # forward X is materialized, in the backward the partitioner would recompute it (GELU's erf
+        # per pass).  Layers whose output feeds the forward compute them there; the last layer's
+        # output is the graph output here (loss outside), so its statistics stay in the backward.
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(64, 24), nn.GELU(),
+                              nn.Linear(24, 5))
+        x, y = torch.randn(32, 2, 6, 6), torch.randint(0, 5, (32,))
+        _sketch(model, x, keep=0.25, estimator=estimator, multiple=1)
+        records, _, backward_nodes, forward_nodes = _rewritten_graphs(model, x, y, min_cut=True)
+
+        def count(nodes, op):
+            return sum(n.target is op for n in nodes)
+
+        aten = torch.ops.aten
+        assert records == 3
+        assert (count(forward_nodes, aten.mean.dim), count(backward_nodes, aten.mean.dim)) == (2, 1)
+        norms = (2, 1 + 3) if estimator == "importance" else (0, 0)  # backward: + the gradients' norms
+        assert (count(forward_nodes, aten.sqrt.default), count(backward_nodes, aten.sqrt.default)) == norms
+
     @pytest.mark.parametrize("target", ["grad_input", "both"])
     def test_grad_input_samples_output_features(self, target, joint_log):
         torch.manual_seed(0)
