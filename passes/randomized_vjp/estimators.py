@@ -261,6 +261,14 @@ def _water_filling_numpy(scores: np.ndarray, k: int) -> np.ndarray:
     return np.where(s > 0, 1.0, (k - count) / (n - count))  # fewer than k nonzero scores
 
 
+def _as_numpy(scores: Tensor) -> np.ndarray:
+    """The scores as a NumPy array, without a torch op where NumPy has the dtype (the water-filling
+    widens to float64 itself): inside a compiled step each torch call here costs 30–100 µs of cold
+    caches after the graph's GEMMs.  NumPy has no bf16."""
+    scores = scores.detach()
+    return scores.numpy() if scores.dtype in (torch.float32, torch.float64) else scores.to(torch.float64).numpy()
+
+
 def _sample_indices_numpy(scores: Tensor, k: int, estimator: str, uniform_mix: float = 0.1,
                           site: str = "") -> tuple[Tensor, Tensor]:
     """The CPU kernel: :func:`_sample_indices_impl` in NumPy, with the same torch draws in the
@@ -274,7 +282,7 @@ def _sample_indices_numpy(scores: Tensor, k: int, estimator: str, uniform_mix: f
     perm = torch.randperm(n, generator=generator).numpy()
     if estimator == "uniform":
         return torch.from_numpy(np.sort(perm[:k])), torch.full((k,), n / k, dtype=torch.float32)
-    pi = _water_filling_numpy(scores.detach().to(torch.float64).numpy(), k)  # any float dtype (NumPy has no bf16)
+    pi = _water_filling_numpy(_as_numpy(scores), k)
     if uniform_mix > 0:
         pi = np.minimum(pi * (1.0 - uniform_mix) + uniform_mix * (k / n), 1.0)
     u = float(torch.rand(1, dtype=torch.float64, generator=generator))
