@@ -203,16 +203,10 @@ def _norms(graph, like, tensor, dims):
     return _insert(graph, like, aten.sqrt.default, _insert(graph, like, aten.sum.dim_IntList, squares, list(dims)))
 
 
-def _input_mean(graph, like, layer_input, grad_out):
-    """(x̄, Σ_t g_t) over dim 0, kept: the centring row of the input and the gradient row that the
-    exact mean term ``(Σ_t g_t)·x̄ᵀ`` adds to the sampled GEMM."""
-    return (_batch_reduction(graph, like, aten.mean.dim, layer_input),
-            _batch_reduction(graph, like, aten.sum.dim_IntList, grad_out))
-
-
 def _batch_reduction(graph, like, op, tensor):
-    """``op(tensor, [0], keepdim=True)``, accumulated and kept in fp32 for a low-precision tensor and
-    cast back once: the estimators' ``_batch_sum`` (why: a bf16 sum of G would be merged with the bias
+    """``op(tensor, [0], keepdim=True)`` (the input's mean ``x̄``, the gradient's sum ``Σ_t g_t`` of the
+    exact mean term), accumulated and kept in fp32 for a low-precision tensor and cast back once: the
+    estimators' ``_batch_sum`` (why: a bf16 sum of G would be merged with the bias
     gradient's into one reduction that Inductor's CPU codegen fails to compile)."""
     dtype = tensor.meta["val"].dtype
     if dtype in (torch.float32, torch.float64):
@@ -373,9 +367,9 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
         k, rows, why = _sample_size(graph, mm, layer_input, 0, settings.keep, settings.multiple)
         if k is None:
             return _Exact(why), mm, _static(rows)
-    if product is not None and settings.estimator != "sketch":
+    if product is not None:
         statistics = _forward_input_statistics(graph, product, layer_input, settings, forward)
-    elif settings.estimator != "sketch":
+    else:
         with graph.inserting_before(mm):
             statistics = _input_statistics(graph, mm, layer_input, settings)
     with graph.inserting_before(mm):
@@ -394,7 +388,7 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
             # Sᵀ·X (k×K) and Gᵀ·S (N×k), or (SᵀX)ᵀ and SᵀG when the GEMM is K×N.
             input_side = _insert(graph, mm, aten.mm.default, _transpose(graph, mm, sketch_matrix), layer_input)
             if settings.center:  # Sᵀ(X − 1x̄) = SᵀX − (Sᵀ1)·x̄: no centred copy of X
-                input_mean, grad_sum = _input_mean(graph, mm, layer_input, grad_out)
+                input_mean, grad_sum = statistics.mean, _batch_reduction(graph, mm, aten.sum.dim_IntList, grad_out)
                 sketch_sum = _insert(graph, mm, aten.sum.dim_IntList, sketch_matrix, [0], True)
                 input_side = _insert(graph, mm, aten.sub.Tensor, input_side, _insert(
                     graph, mm, aten.mul.Tensor, _transpose(graph, mm, sketch_sum), input_mean))
