@@ -347,6 +347,17 @@ def _forward_input_statistics(graph, product: torch.fx.Node, layer_input, settin
     return statistics
 
 
+def _statistics_for(graph, gradient_node, layer_input, settings: LayerSketch, product: Optional[torch.fx.Node],
+                    forward: Optional[set]) -> _InputStatistics:
+    """The input statistics of a sampled weight gradient: in the forward after ``product`` when there is
+    one, else in the backward before ``gradient_node`` (rows the row-sparse backward selected, or no
+    forward product found)."""
+    if product is not None:
+        return _forward_input_statistics(graph, product, layer_input, settings, forward)
+    with graph.inserting_before(gradient_node):
+        return _input_statistics(graph, gradient_node, layer_input, settings)
+
+
 def _empty_sum(graph, like, node):
     """``node[0:0].sum()``: a 0-dim zero that depends on ``node`` and reads none of its data."""
     return _insert(graph, like, aten.sum.default, _insert(graph, like, aten.slice.Tensor, node, 0, 0, 0))
@@ -367,11 +378,7 @@ def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch
         k, rows, why = _sample_size(graph, mm, layer_input, 0, settings.keep, settings.multiple)
         if k is None:
             return _Exact(why), mm, _static(rows)
-    if product is not None:
-        statistics = _forward_input_statistics(graph, product, layer_input, settings, forward)
-    else:
-        with graph.inserting_before(mm):
-            statistics = _input_statistics(graph, mm, layer_input, settings)
+    statistics = _statistics_for(graph, mm, layer_input, settings, product, forward)
     with graph.inserting_before(mm):
         if settings.estimator == "sketch":
             val = grad_out.meta["val"]
@@ -489,11 +496,7 @@ def _rewrite_conv_grad_weight(graph, backward: torch.fx.Node, settings: LayerSke
             return _Exact(why)
         rest = _insert(graph, backward, aten.convolution_backward.default, grad_out, layer_input, weight, *conv_args,
                        [output_mask[0], False, output_mask[2]])
-    if product is not None:
-        statistics = _forward_input_statistics(graph, product, layer_input, settings, forward)
-    else:
-        with graph.inserting_before(backward):
-            statistics = _input_statistics(graph, backward, layer_input, settings)
+    statistics = _statistics_for(graph, backward, layer_input, settings, product, forward)
     with graph.inserting_before(backward):
         means = (statistics.mean, _batch_reduction(graph, backward, aten.sum.dim_IntList, grad_out)) \
             if settings.center else None
