@@ -364,7 +364,8 @@ def _empty_sum(graph, like, node):
 
 
 def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch, in_out: bool = False,
-                         product: Optional[torch.fx.Node] = None, forward: Optional[set] = None) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
+                         product: Optional[torch.fx.Node] = None,
+                         forward: Optional[set] = None) -> Tuple[Optional[RewriteRecord], Any, Optional[int]]:
     """(the record, or None with the reason when the exact GEMM stays; the node that now computes
     grad_W; the number of rows it used when static).
 
