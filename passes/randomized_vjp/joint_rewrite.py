@@ -342,9 +342,21 @@ def _forward_input_statistics(graph, product: torch.fx.Node, layer_input, settin
         anchor = zeros[0] if len(zeros) == 1 else _insert(graph, product, aten.add.Tensor, *zeros)
         anchor = _insert(graph, product, prims.convert_element_type.default, anchor, product.meta["val"].dtype)
         anchored = _insert(graph, product, aten.add.Tensor, product, anchor)
+    anchored.meta[_ANCHORED_FROM] = product
     for user in consumers:
         user.replace_input_with(product, anchored)
     return statistics
+
+
+# Meta key of an anchored output ``Y + z``: the GEMM output Y it stands for.  The forward reads the
+# anchored node, the backward still reads Y: a layer fed directly by another layer's output (a
+# low-rank pair, two chained projections) finds its backward GEMMs through this.
+_ANCHORED_FROM = "effcompile_anchored_from"
+
+
+def _backward_value(node: Any) -> Any:
+    """What the backward reads for a forward value (the GEMM output behind an anchored ``Y + z``)."""
+    return node.meta.get(_ANCHORED_FROM, node) if isinstance(node, torch.fx.Node) else node
 
 
 def _statistics_for(graph, gradient_node, layer_input, settings: LayerSketch, product: Optional[torch.fx.Node],
@@ -654,7 +666,7 @@ def _rewrite_dense(graph: torch.fx.Graph, marker: torch.fx.Node, settings: Layer
     sources = _gradient_sources(marker, forward)
     grad_weight_mms, grad_input_mms = [], []
     for product, operand in _dense_products(marker, forward):
-        layer_input = product.args[1] if product.target is aten.addmm.default else product.args[0]
+        layer_input = _backward_value(product.args[1] if product.target is aten.addmm.default else product.args[0])
         if settings.keep < 1 or settings.ladder:
             grad_weight_mms += [(mm, rows, transposed, product if rows is layer_input else None)
                                 for mm, rows, transposed in _weight_gradient_mms(layer_input, sources)]
@@ -694,7 +706,8 @@ def _rewrite_layer(graph: torch.fx.Graph, marker: torch.fx.Node, settings: Layer
         for backward in [u for view in views for u in view.users
                          if u.target is aten.convolution_backward.default and u.args[2] is view]:
             products = [u for view in views for u in view.users if u in forward and
-                        u.target is aten.convolution.default and u.args[:2] == backward.args[1:3]]
+                        u.target is aten.convolution.default and u.args[1] is backward.args[2]
+                        and _backward_value(u.args[0]) is backward.args[1]]
             outcome = _rewrite_conv_grad_weight(graph, backward, settings, products[0] if products else None, forward)
             outcomes += [outcome] if outcome else []
     outcomes += _rewrite_dense(graph, marker, settings, forward)

@@ -305,6 +305,35 @@ def test_inductor_path_is_unbiased(estimator, exact_gradient, joint_log):
     _assert_unbiased(samples, exact_gradient)
 
 
+def _chained():
+    """Layers fed directly by another sketched layer's output (depthwise → pointwise convolution, a
+    low-rank linear pair): the forward reads the first output anchored to its statistics, the backward
+    the plain output, and the second layer must still find its backward GEMM."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Conv2d(2, 4, 1), nn.Flatten(), nn.Linear(64, 8),
+                         nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 5))
+
+
+def test_chained_layers_sample_with_forward_statistics():
+    x, y = torch.randn(32, 2, 6, 6), torch.randint(0, 5, (32,))
+    model = _sketch(_chained(), x, keep=0.25, multiple=1)
+    records, _, backward_nodes, forward_nodes = _rewritten_graphs(model, x, y, min_cut=True)
+    assert records == 5
+    means = [sum(n.target is torch.ops.aten.mean.dim for n in nodes) for nodes in (forward_nodes, backward_nodes)]
+    assert means == [4, 1]  # every layer but the output one computes x̄ in the forward
+
+
+@pytest.mark.slow
+def test_inductor_path_is_unbiased_on_chained_layers(joint_log):
+    x, y = torch.randn(32, 2, 6, 6), torch.randint(0, 5, (32,))
+    model = _chained()
+    exact = _gradients(model, model, x, y)
+    _sketch(model, x, keep=0.25, multiple=1)
+    samples = _draws(model, torch.compile(model, backend="effcompile"), x, y, 200)
+    assert len(joint_log.last("randomized_vjp")) == 5
+    _assert_unbiased(samples, exact)
+
+
 @pytest.mark.slow
 def test_inductor_path_trains_a_bfloat16_model(joint_log):
     """A model cast to bf16 (no autocast): the centring's batch sums stay fp32, so Inductor compiles
