@@ -232,7 +232,7 @@ def _gradient_anchor(graph, like, grad_out, dtype):
     idx ≠ idx' and a biased estimate.  Its bans on recomputing random ops only cover nodes the
     forward needs.  Depending on ``grad_out`` puts the draw and everything it feeds in the backward,
     once."""
-    return _insert(graph, like, prims.convert_element_type.default, _empty_sum(graph, like, grad_out), dtype)
+    return _zero_of(graph, like, [grad_out], dtype)
 
 
 def _sampling_scores(graph, like, grad_out, count, settings: LayerSketch, score_factors):
@@ -338,10 +338,8 @@ def _forward_input_statistics(graph, product: torch.fx.Node, layer_input, settin
         consumers = [user for user in product.users if user in forward]
         if not present or not consumers:
             return statistics
-        zeros = [_empty_sum(graph, product, node) for node in present]
-        anchor = zeros[0] if len(zeros) == 1 else _insert(graph, product, aten.add.Tensor, *zeros)
-        anchor = _insert(graph, product, prims.convert_element_type.default, anchor, product.meta["val"].dtype)
-        anchored = _insert(graph, product, aten.add.Tensor, product, anchor)
+        anchored = _insert(graph, product, aten.add.Tensor, product,
+                           _zero_of(graph, product, present, product.meta["val"].dtype))
     anchored.meta[_ANCHORED_FROM] = product
     for user in consumers:
         user.replace_input_with(product, anchored)
@@ -370,9 +368,15 @@ def _statistics_for(graph, gradient_node, layer_input, settings: LayerSketch, pr
         return _input_statistics(graph, gradient_node, layer_input, settings)
 
 
-def _empty_sum(graph, like, node):
-    """``node[0:0].sum()``: a 0-dim zero that depends on ``node`` and reads none of its data."""
-    return _insert(graph, like, aten.sum.default, _insert(graph, like, aten.slice.Tensor, node, 0, 0, 0))
+def _zero_of(graph, like, nodes, dtype):
+    """A 0-dim zero in ``dtype`` that depends on every node of ``nodes`` and reads none of their data
+    (the sum of each one's empty slice ``node[0:0]``): the anchor that places a computation for the
+    partitioner (:func:`_gradient_anchor`, :func:`_forward_input_statistics`)."""
+    zero = None
+    for node in nodes:
+        empty_sum = _insert(graph, like, aten.sum.default, _insert(graph, like, aten.slice.Tensor, node, 0, 0, 0))
+        zero = empty_sum if zero is None else _insert(graph, like, aten.add.Tensor, zero, empty_sum)
+    return _insert(graph, like, prims.convert_element_type.default, zero, dtype)
 
 
 def _rewrite_grad_weight(graph, mm, grad_out, layer_input, settings: LayerSketch, in_out: bool = False,
