@@ -248,6 +248,61 @@ def test_compiled_block_stack_stages_are_one_graph_equal_to_eager(name):
         torch.testing.assert_close(trained[True][name_], value, rtol=1e-5, atol=1e-6, msg=name_)
 
 
+def _stage_gradients_of_recorded_selections(model, client, inputs, targets, selections):
+    """Reference for stages + selection on the hook path, written plainly: the model's forward with
+    its cuts, each stage's per-sample losses of the client's loss, and each stage's weighted loss
+    of the rows it selected, summed and backpropagated."""
+    from effcompile.passes.greedy_stages import staged_model
+    from effcompile.passes.greedy_stages.block_stack import replace_first_tensor
+    from effcompile.passes.sample_selection.selectors import per_sample_loss_fn
+
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a training forward outside train_step, on purpose
+        output, aux = staged_model(model).run(inputs)
+    per_sample = per_sample_loss_fn(client.loss)
+    outputs = [replace_first_tensor(output, a) for a in aux] + [output]
+    total = sum((per_sample(out, targets)[index] * weights).sum() for out, (index, weights) in zip(outputs, selections))
+    total.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_stages_select_their_own_rows_on_the_block_stack_path(name, compiled, joint_log):
+    """GreedyStages(2) + SampleSelection on a model torch.fx cannot trace (the block-stack hook path):
+    each stage selects k of B rows by its own per-sample loss and backpropagates only their weighted
+    loss — the gradients equal that reference, and differ from backpropagating the whole batch.
+    Compiled, the stages' backward runs on the selected rows (the row-sparse joint pass)."""
+    torch.manual_seed(0)
+    client = _client(name)
+    model = _without_stochastic_layers(client.build())
+    model.train()
+    effcompile.transform(model, effcompile.GreedyStages(num_stages=2), effcompile.SampleSelection(keep=0.5, strategy="loss"),
+                         example_inputs=client.batch(ROWS, 0)[0])
+    assert {row.details["cut_kind"] for row in effcompile.report(model).for_pass("greedy_stages")
+            if "cut_kind" in row.details} == {"block-stack hooks"}
+    step = effcompile.train_step(model, client.loss, torch.optim.SGD(model.parameters(), lr=0.0), compile=compiled,
+                                 backend="effcompile_aot_eager")
+    selector = effcompile.passes.sample_selection.selector_of(model)
+    selections = []
+    record = selector.record
+    selector.record = lambda index, weights: (selections.append((index, weights)), record(index, weights))
+    inputs, targets = client.batch(ROWS, 1)
+    step(inputs, targets)
+    step(inputs, targets)  # the history of per-sample losses exists from the second step on
+    SETTINGS["sample_selection"].effect(Run(model, [], list(joint_log.graphs), [ROWS, ROWS], compiled, {}))
+    stepped = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert [index.numel() for index, _ in selections[-2:]] == [ROWS // 2] * 2
+    reference = _stage_gradients_of_recorded_selections(model, client, inputs, targets, selections[-2:])
+    assert stepped.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(stepped[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    whole = [(torch.arange(ROWS), torch.full((ROWS,), 1.0 / ROWS))] * 2
+    full = _stage_gradients_of_recorded_selections(model, client, inputs, targets, whole)
+    assert any(not torch.allclose(full[key], value, atol=1e-5) for key, value in reference.items())
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_compiled_decorrelation_of_a_causal_lm_has_no_graph_break(name):
     """A decoder's KV cache (``use_cache=True`` by default) broke the compiled decorrelated step on

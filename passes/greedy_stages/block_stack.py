@@ -718,34 +718,44 @@ class BlockStagedModel:
 
 class _BlockStageLosses(StageLosses):
     """Every stage's loss of one batch on the hook path: the model's forward with its cuts, the aux
-    heads and the losses (one compiled graph with ``compile=True``)."""
+    heads and the losses (one compiled graph with ``compile=True``).
 
-    def __init__(self, model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, options: Any) -> None:
+    ``objective(output, targets, k) -> (loss, selection, reported)`` makes stage k's loss from its
+    output (the model's output with the aux logits in place of its first tensor): the plain loss,
+    or with sample selection composed, the weighted loss of the rows the stage selects by its own
+    per-sample losses (forward reuse: the model's forward ran once, over the whole batch, and
+    each stage backpropagates its subset; ``greedy_stages.rewrite._stage_objective``)."""
+
+    def __init__(self, model: nn.Module, staged: BlockStagedModel, objective: Callable, options: Any) -> None:
         from effcompile.compiling import compile_for
         from effcompile.passes.sample_selection.selectors import selector_of
 
-        if selector_of(model) is not None:
-            raise ValueError("greedy_stages: the block-stack hook path does not compose with sample_selection (its "
-                             "per-stage selection needs the fx stages)")
-
-        def stage_losses(inputs: Any, targets: Any) -> List[torch.Tensor]:
+        def stage_losses(inputs: Any, targets: Any) -> List[tuple]:
             output, aux = staged.run(inputs)
-            return [loss_fn(replace_first_tensor(output, a), targets) for a in aux] + [loss_fn(output, targets)]
+            outputs = [replace_first_tensor(output, a) for a in aux] + [output]
+            return [objective(out, targets, k) for k, out in enumerate(outputs)]
 
         self.losses = compile_for(model, stage_losses, backend=options.backend, dynamic=False) if options.compile \
             else stage_losses
         self.options, self.steps = options, 0
+        self.selector = selector_of(model)
         self.batch = training_batch(model)
-        self.stage_losses: List[torch.Tensor] = []
+        self.stage_losses: List[torch.Tensor] = []  # each stage's loss on the whole batch (selection: per-sample mean)
+        self.stage_subset_losses: List[torch.Tensor] = []  # what each stage backpropagated
 
     def run(self, inputs: Any, targets: Any, backward_each: bool) -> List[torch.Tensor]:
         from effcompile.api import check_finite_loss
 
-        losses = self.losses(self.batch(inputs), targets)
+        results = self.losses(self.batch(inputs), targets)
+        losses = [loss for loss, _, _ in results]
         if self.options.check_finite:
             for loss in losses:
                 check_finite_loss(loss, self.steps)
-        self.stage_losses = [loss.detach() for loss in losses]
+        for _, selection, _ in results:  # the report's selection counters: the last stage's selection
+            if selection is not None:
+                self.selector.record(*selection)
+        self.stage_losses = [reported for _, _, reported in results]
+        self.stage_subset_losses = [loss.detach() for loss in losses]
         self.steps += 1
         if backward_each:  # one backward over all: the stages' graphs are disjoint, the model's forward is one
             self.options.backward(losses)
@@ -753,11 +763,12 @@ class _BlockStageLosses(StageLosses):
         return losses
 
 
-def block_stage_losses(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, options: Any) -> StageLosses:
-    """The stage losses of the hook path (the step and ``training_loss`` run them)."""
-    return _BlockStageLosses(model, staged, loss_fn, options)
+def block_stage_losses(model: nn.Module, staged: BlockStagedModel, objective: Callable, options: Any) -> StageLosses:
+    """The stage losses of the hook path (the step and ``training_loss`` run them); ``objective``:
+    see ``_BlockStageLosses``."""
+    return _BlockStageLosses(model, staged, objective, options)
 
 
-def make_block_training_loss(model: nn.Module, staged: BlockStagedModel, loss_fn: Callable, options: Any) -> Callable:
+def make_block_training_loss(model: nn.Module, staged: BlockStagedModel, objective: Callable, options: Any) -> Callable:
     """``effcompile.training_loss`` on the hook path: the sum of the stage losses."""
-    return block_stage_losses(model, staged, loss_fn, options).training_loss
+    return block_stage_losses(model, staged, objective, options).training_loss

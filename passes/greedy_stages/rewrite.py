@@ -636,8 +636,8 @@ def make_staged_train_step(model: nn.Module, loss_fn: Callable, optimizer: Any, 
     sharded = WrapperForward.fsdp_root(model) is not None
     if sharded:
         _hooks_after_fsdp(staged)
-    stages = (block_stage_losses(_unwrap(model), staged, loss_fn, options) if isinstance(staged, BlockStagedModel)
-              else _StageRunner(model, loss_fn, options))
+    stages = (block_stage_losses(_unwrap(model), staged, _stage_objective(_unwrap(model), loss_fn), options)
+              if isinstance(staged, BlockStagedModel) else _StageRunner(model, loss_fn, options))
     return stage_train_step(stages, optimizer, options, sync=None if sharded else DataParallelSync.of(model),
                             joint=sharded, stage_parameters=[staged.stage_parameters(k) for k in range(staged.num_stages)])
 
@@ -653,7 +653,7 @@ def make_staged_training_loss(model: nn.Module, loss_fn: Callable, options: Step
     if WrapperForward.fsdp_root(model) is not None:
         _hooks_after_fsdp(staged)
     if isinstance(staged, BlockStagedModel):
-        return make_block_training_loss(_unwrap(model), staged, loss_fn, options)
+        return make_block_training_loss(_unwrap(model), staged, _stage_objective(_unwrap(model), loss_fn), options)
     return _StageRunner(model, loss_fn, options).training_loss
 
 
