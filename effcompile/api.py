@@ -95,6 +95,8 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
                              "applies to (no linear, conv or matmul against a parameter)")
         model_pass.apply(model, [row for row in rows if row.applied], config)
         _show_prediction(model_pass, model, rows, config, plain_step)
+        if model_pass.compiled_cost and plain_step is not None:
+            _show_prediction(model_pass, model, rows, config, _plain_step(model, captured, compiled=True))
         for row in rows:
             plan.add(row)
         _warn_skips(model_pass.name, [row for row in rows if not row.applied and not row.skipped_by_config])
@@ -103,10 +105,10 @@ def transform(model: nn.Module, *configs: PassConfig, example_inputs: Any = None
     return model
 
 
-def _plain_step(model: nn.Module, captured) -> Optional[StepWork]:
+def _plain_step(model: nn.Module, captured, compiled: bool = False) -> Optional[StepWork]:
     """The cost model's plain training step of the captured model (``effcompile.cost``)."""
     try:
-        return captured.plain_step(model)
+        return captured.plain_step(model, compiled)
     except Exception as error:  # noqa: BLE001 — an op the counter cannot size: no prediction, said once
         warnings.warn(f"effcompile: the cost model could not size the captured graph ({type(error).__name__}: "
                       f"{error}); the Plan shows no predicted_step", stacklevel=3)
@@ -116,24 +118,28 @@ def _plain_step(model: nn.Module, captured) -> Optional[StepWork]:
 def _show_prediction(model_pass, model: nn.Module, rows: List[PlanRow], config: PassConfig,
                      plain_step: Optional[StepWork]) -> None:
     """``predicted_step`` (the pass's cost model: eager step time relative to plain backprop) on
-    every applied row of the pass."""
+    every applied row of the pass; ``predicted_step_compiled`` for a compiled ``plain_step``."""
     applied = [row for row in rows if row.applied]
     if plain_step is None or not applied:
         return
     ratio = predicted_ratio(plain_step, model_pass.predict_change(model, applied, config, plain_step))
     if ratio is not None:
         for row in applied:
-            row.details["predicted_step"] = ratio
+            row.details[_PREDICTED[plain_step.compiled]] = ratio
 
 
-def predicted_step(model: nn.Module) -> Optional[float]:
-    """The Plan's predicted eager step time relative to plain backprop, all the model's passes
-    together (their predicted changes summed), or None when no pass of the Plan has a cost model."""
+_PREDICTED = {False: "predicted_step", True: "predicted_step_compiled"}
+
+
+def predicted_step(model: nn.Module, compiled: bool = False) -> Optional[float]:
+    """The Plan's predicted step time relative to plain backprop, all the model's passes together
+    (their predicted changes summed), eager or compiled (Inductor), or None when no pass of the
+    Plan has a cost model for that kind of step."""
     plan = plan_of(model)
     ratios = {}
     for row in plan or ():
-        if "predicted_step" in row.details:
-            ratios[row.pass_name] = float(row.details["predicted_step"])
+        if _PREDICTED[compiled] in row.details:
+            ratios[row.pass_name] = float(row.details[_PREDICTED[compiled]])
     return round(1.0 + sum(ratio - 1.0 for ratio in ratios.values()), 3) if ratios else None
 
 

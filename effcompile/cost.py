@@ -13,9 +13,15 @@ A step is counted three ways, per op of the exported forward graph and of the ba
 compute-bound, everything else as memory-bound) plus a dispatch floor.  A pass's cost model
 predicts the *change* in work its rewrite makes (positive: the pass's own work; negative: work it
 saves), and the Plan shows ``predicted_step = (plain + change) / plain`` on the pass's rows: the
-eager step time relative to plain backprop at the example's shapes.  Compiled steps fuse the
-memory-bound ops and launch fewer kernels, so the prediction is the eager one; the benchmarks
-(``python -m benchmarks cost_model``) put it beside measured ratios.
+eager step time relative to plain backprop at the example's shapes.
+
+A compiled step (Inductor) fuses the memory-bound ops and launches fewer kernels, so it is counted
+a second way (``step_work(..., compiled=True)``): the memory-bound ops between two products form
+one fused kernel (connected through views), which reads what enters it from outside and writes
+what leaves it, once, and every kernel or extern call costs ``COMPILED_OP_SHARE`` of an eager
+op.  Passes whose cost model knows the compiled form of their own work
+(``ModelPass.compiled_cost``) show ``predicted_step_compiled`` beside ``predicted_step``; the
+benchmarks (``python -m benchmarks cost_model [--compile]``) put both beside measured ratios.
 
 The plain step: forward as captured; backward = for each product, the gradient of each operand
 that needs one (a linear layer reading the model's input computes no input gradient, a frozen
@@ -28,11 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Mapping, Optional, Set
+from typing import Dict, List, Mapping, Optional, Set
 
 import torch
 
-__all__ = ["DISPATCH_MACS", "MACS_PER_BYTE", "Work", "LayerWork", "StepWork", "step_work", "predicted_ratio"]
+__all__ = ["COMPILED_OP_SHARE", "DISPATCH_MACS", "MACS_PER_BYTE", "Work", "LayerWork", "StepWork", "step_work",
+           "predicted_ratio"]
 
 # One op's fixed cost in MACs: ~5 µs of eager dispatch and autograd bookkeeping at one core's
 # ~47 GMAC/s on the 2-core AMD EPYC it was first measured on (2026-12-04: 2-4 µs for a bare op);
@@ -48,6 +55,9 @@ BACKWARD_BYTES = 1.5  # an elementwise op's backward reads the gradient and a sa
 OPTIMIZER_BYTES = 5   # SGD with momentum per parameter element: read w, g, m; write w, m (× element size)
 OPTIMIZER_OPS = 3     # per parameter tensor (momentum update, weight update, the grad read)
 VIEW_OPS = 0.25       # a view's dispatch (1 µs of the 2-4 µs of an op that computes), no bytes
+# A compiled kernel or extern call (Inductor's wrapper calling a fused C++/Triton kernel or an aten
+# GEMM) against an eager op, which also dispatches through autograd: ~1 µs of ~3.5 µs on the Xeon.
+COMPILED_OP_SHARE = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +111,7 @@ class StepWork:
     backward: Work
     optimizer: Work
     layers: Dict[str, LayerWork]  # keyed by Plan layer key
+    compiled: bool = False  # counted as Inductor compiles it: fused memory-bound kernels (module docstring)
 
     @property
     def total(self) -> Work:
@@ -195,12 +206,67 @@ def _needs_grad(graph: torch.fx.Graph, trainable_placeholders: Set[str]) -> Set[
     return needs
 
 
+def _is_view(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and (_name(node) in _VIEWS or _name(node) == "getitem")
+
+
+def _view_base(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose memory ``node`` relabels (itself unless it is a view of one)."""
+    while _is_view(node) and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
+
+
+def _fused_kernels(memory_bound: Dict[torch.fx.Node, None]) -> List[tuple]:
+    """The memory-bound ops grouped as Inductor fuses them: connected through each other (and
+    views) between products.  Per kernel: (bytes read from outside it and written for use outside
+    it, its nodes)."""
+    parent = {node: node for node in memory_bound}
+
+    def root(node):
+        while parent[node] is not node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for node in memory_bound:
+        for arg in node.all_input_nodes:
+            base = _view_base(arg)
+            if base in memory_bound:
+                parent[root(base)] = root(node)
+    kernels: Dict[torch.fx.Node, list] = {}
+    for node in memory_bound:
+        kernels.setdefault(root(node), []).append(node)
+    result = []
+    for members in kernels.values():
+        inside = set(members)
+        read = {_view_base(arg) for node in members for arg in node.all_input_nodes} - inside
+        moved = sum(_nbytes(_value(base)) for base in read)
+        for node in members:  # written once where anything outside the kernel (or the output) reads it
+            if any(user not in inside for user in _users_through_views(node)):
+                moved += _nbytes(_value(node))
+        result.append((moved, members))
+    return result
+
+
+def _users_through_views(node: torch.fx.Node) -> List[torch.fx.Node]:
+    """The nodes that read ``node``'s memory: its users, seen through views of it."""
+    users = []
+    for user in node.users:
+        if _is_view(user):
+            users.extend(_users_through_views(user))
+        else:
+            users.append(user)
+    return users
+
+
 def step_work(exported: "torch.export.ExportedProgram", layer_of_node: Mapping[str, str],
-              parameters: Mapping[str, torch.Tensor]) -> StepWork:
+              parameters: Mapping[str, torch.Tensor], compiled: bool = False) -> StepWork:
     """The plain training step of ``exported`` (the module docstring says how it is counted).
 
     ``layer_of_node``: product node name → Plan layer key, for the per-layer split;
-    ``parameters``: the model's named parameters (their ``requires_grad`` says what trains).
+    ``parameters``: the model's named parameters (their ``requires_grad`` says what trains);
+    ``compiled``: count it as Inductor compiles it (fused memory-bound kernels, cheaper calls).
     """
     signature = exported.graph_signature
     trainable = {fqn for fqn, p in parameters.items() if p.requires_grad}
@@ -208,14 +274,16 @@ def step_work(exported: "torch.export.ExportedProgram", layer_of_node: Mapping[s
     needs = _needs_grad(exported.graph, trainable_nodes)
     forward = backward = Work()
     layers: Dict[str, LayerWork] = {}
+    memory_bound: Dict[torch.fx.Node, None] = {}  # ordered: the kernels come out in graph order
     for node in exported.graph.nodes:
         if node.op != "call_function":
             continue
         name = _name(node)
         if name in _VIEWS or name == "getitem":  # no bytes; a quarter of an op's dispatch, here and in backward
-            forward += Work(ops=VIEW_OPS)
-            if node.name in needs:
-                backward += Work(ops=VIEW_OPS)
+            if not compiled:  # compiled: a view is an index expression inside a kernel
+                forward += Work(ops=VIEW_OPS)
+                if node.name in needs:
+                    backward += Work(ops=VIEW_OPS)
             continue
         inputs = list(_tensors(node))
         if name in _PRODUCTS:
@@ -237,12 +305,25 @@ def step_work(exported: "torch.export.ExportedProgram", layer_of_node: Mapping[s
                                           before.output_numel + (out.numel() if isinstance(out, torch.Tensor) else 0),
                                           activation.element_size())
             continue
+        if compiled:
+            memory_bound[node] = None
+            continue
         moved = sum(_nbytes(value) for _, value in inputs) + _nbytes(_value(node))
         forward += Work(bytes=moved, ops=1)
         if node.name in needs:
+            backward += Work(bytes=BACKWARD_BYTES * moved, ops=1)
+    for moved, members in _fused_kernels(memory_bound):
+        forward += Work(bytes=moved, ops=1)
+        if any(node.name in needs for node in members):
             backward += Work(bytes=BACKWARD_BYTES * moved, ops=1)
     optimizer = Work()
     for fqn in trainable:
         p = parameters[fqn]
         optimizer += Work(bytes=OPTIMIZER_BYTES * p.numel() * p.element_size(), ops=OPTIMIZER_OPS)
-    return StepWork(forward, backward, optimizer, layers)
+    if compiled:  # products and fused kernels are calls from Inductor's wrapper (the optimizer stays eager)
+        forward, backward = _as_compiled_calls(forward), _as_compiled_calls(backward)
+    return StepWork(forward, backward, optimizer, layers, compiled)
+
+
+def _as_compiled_calls(work: Work) -> Work:
+    return Work(work.macs, work.bytes, work.ops * COMPILED_OP_SHARE)

@@ -208,7 +208,7 @@ def bench_pass(
     :func:`effcompile.train_step` with SGD, so the only difference between them is the
     transform.  Returns a JSON-ready dict with per-variant statistics, ``ratio`` (median
     transformed / median plain step time), ``predicted_ratio`` (the Plan's ``predicted_step``:
-    the cost model's eager step ratio), the CUDA ``memory_ratio`` (None on CPU) and ``machine`` info.
+    the cost model's step ratio, compiled with ``compile``), the CUDA ``memory_ratio`` (None on CPU) and ``machine`` info.
     """
     if not configs:
         raise ValueError("bench_pass needs at least one pass config to compare against plain backprop")
@@ -261,7 +261,8 @@ def bench_pass(
         "device": str(device),
         "variants": variants,
         "ratio": ratio,
-        "predicted_ratio": predicted_step(transformed),  # the Plan's cost model (eager step), None without one
+        # The Plan's cost model for the step measured (eager, or compiled), None without one.
+        "predicted_ratio": predicted_step(transformed, compiled=compile),
         "memory_ratio": memory_ratio,
         "note": _note(device),
         "machine": machine_info(device),

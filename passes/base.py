@@ -93,6 +93,10 @@ class ModelPass(abc.ABC):
                                            "use DistributedDataParallel, or apply the pass before sharding and "
                                            "train without fully_shard")
 
+    # Whether ``predict_change`` knows the compiled form of the pass's own work (a ``step`` with
+    # ``step.compiled``): then the Plan also shows ``predicted_step_compiled``.
+    compiled_cost: bool = False
+
     @property
     def name(self) -> str:
         return self.config_type.name
@@ -134,7 +138,9 @@ class ModelPass(abc.ABC):
         """The cost model: how the applied ``rows`` change the work of one eager training step of
         the plain model ``step`` (positive: the pass's own work; negative: work it saves), in
         ``effcompile.cost`` units.  ``transform`` shows ``step.ratio(change)`` on the pass's rows as
-        ``predicted_step``; None: the pass has no cost model."""
+        ``predicted_step``; None: the pass has no cost model.  Passes with ``compiled_cost`` are
+        also asked for a compiled ``step`` (``step.compiled``: their work as Inductor compiles it),
+        shown as ``predicted_step_compiled``."""
         return None
 
     def live_details(self, model: nn.Module, row: PlanRow) -> Dict[str, object]:

@@ -16,13 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import effcompile
 from effcompile.api import plan_of
-from effcompile.cost import MACS_PER_BYTE, OPTIMIZER_BYTES, StepWork, Work
+from effcompile.cost import COMPILED_OP_SHARE, MACS_PER_BYTE, OPTIMIZER_BYTES, StepWork, Work
 from effcompile.models import example_inputs, get_model
 from effcompile.passes import capture
 
 
-def _plain_step(model: nn.Module, inputs) -> StepWork:
-    return capture(model, inputs).plain_step(model)
+def _plain_step(model: nn.Module, inputs, compiled: bool = False) -> StepWork:
+    return capture(model, inputs).plain_step(model, compiled)
 
 
 def _counted_macs(model: nn.Module, inputs) -> float:
@@ -72,6 +72,35 @@ def test_mlp_step_counted_by_hand():
     assert step.optimizer.bytes == OPTIMIZER_BYTES * 4 * (20 * 30 + 30 + 30 * 5 + 5)
     assert step.ratio(Work()) == 1.0
     assert step.ratio(Work(bytes=1000)) == pytest.approx(1 + MACS_PER_BYTE * 1000 / step.total.units)
+
+
+class _Chain(nn.Module):
+    """Two layers with an elementwise chain between them (through a view) and a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(20, 30), nn.Linear(30, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        chained = torch.relu((h * 2).reshape(8, 3, 10) + 1).reshape(8, 30)
+        return self.b(chained + h)
+
+
+def test_compiled_step_counts_a_fused_chain_once():
+    model, inputs = _Chain(), (torch.randn(8, 20),)
+    captured = capture(model, inputs)
+    eager, compiled = captured.plain_step(model), captured.plain_step(model, compiled=True)
+    hidden = 8 * 30 * 4  # one fp32 8x30 tensor
+    # Eager: mul, add and relu each read and write it, the residual add reads two and writes one.
+    assert eager.forward.bytes == 3 * 2 * hidden + 3 * hidden
+    # Compiled: one kernel reads h once (two uses, one read) and writes what the second layer reads.
+    assert compiled.forward.bytes == 2 * hidden
+    assert compiled.forward.macs == eager.forward.macs and compiled.backward.macs == eager.backward.macs
+    assert compiled.forward.ops == pytest.approx((2 + 1) * COMPILED_OP_SHARE)  # two GEMMs, one kernel
+    assert compiled.compiled and not eager.compiled
+    assert compiled.optimizer == eager.optimizer  # the optimizer step is not compiled
+    assert captured.plain_step(model, compiled=True) is compiled  # counted once per capture
 
 
 def test_frozen_layers_have_no_weight_gradient_work():
@@ -144,6 +173,11 @@ def test_decorrelation_prediction_sums_its_layers_work():
     step = _plain_step(_wide_mlp(), _WIDE_INPUTS)
     own = sum((row.spec.work for row in rows), Work())
     assert own.macs > 0 and rows[0].details["predicted_step"] == pytest.approx(step.ratio(own), abs=1e-3)
+    # Compiled: the same products and traffic, each op a kernel call, against the fused plain step.
+    compiled = _plain_step(_wide_mlp(), _WIDE_INPUTS, compiled=True)
+    calls = Work(own.macs, own.bytes, own.ops * COMPILED_OP_SHARE)
+    assert rows[0].details["predicted_step_compiled"] == pytest.approx(compiled.ratio(calls), abs=1e-3)
+    assert effcompile.predicted_step(model, compiled=True) == rows[0].details["predicted_step_compiled"]
     cheaper = _predicted(effcompile.Decorrelation(update_every=8, max_overhead=None))
     assert 1.0 < cheaper < rows[0].details["predicted_step"]
 

@@ -307,7 +307,8 @@ def bench_table(result: Mapping[str, Any]) -> str:
     lines = [markdown_table(header, rows), ""]
     lines.append(f"ratio transformed/plain (median step time): {result['ratio']:.3f}x on {result['machine']['device_name']}")
     if result.get("predicted_ratio") is not None:
-        lines.append(f"predicted by the Plan's cost model (eager step): {result['predicted_ratio']:.3f}x")
+        kind = "compiled" if result.get("compile") else "eager"
+        lines.append(f"predicted by the Plan's cost model ({kind} step): {result['predicted_ratio']:.3f}x")
     if result.get("memory_ratio") is not None:
         lines.append(f"peak step memory ratio transformed/plain: {result['memory_ratio']:.3f}x")
     lines.append(f"note: {result['note']}")

@@ -143,15 +143,17 @@ def registered_parameter(model: nn.Module, fqn: str) -> nn.Parameter:
 class GraphCapture:
     exported: torch.export.ExportedProgram
     layers: List[LayerCandidate]
-    _plain_step: Optional[StepWork] = dataclasses.field(default=None, repr=False)
+    _plain_steps: Dict[bool, StepWork] = dataclasses.field(default_factory=dict, repr=False)
 
-    def plain_step(self, model: nn.Module) -> StepWork:
+    def plain_step(self, model: nn.Module, compiled: bool = False) -> StepWork:
         """The cost model's plain training step of the captured ``model`` (``effcompile.cost``),
-        counted once per capture: ``transform`` and every pass's plan read the same one."""
-        if self._plain_step is None:
+        eager or as Inductor compiles it, counted once per capture: ``transform`` and every
+        pass's plan read the same one."""
+        if compiled not in self._plain_steps:
             layer_of_node = {use.node: candidate.layer for candidate in self.layers for use in candidate.uses}
-            self._plain_step = step_work(self.exported, layer_of_node, dict(model.named_parameters()))
-        return self._plain_step
+            self._plain_steps[compiled] = step_work(self.exported, layer_of_node, dict(model.named_parameters()),
+                                                    compiled=compiled)
+        return self._plain_steps[compiled]
 
 
 # Ops through which a weight keeps its identity (values unchanged up to layout or dtype).

@@ -77,7 +77,7 @@ from effcompile.passes.analysis.capture import GraphCapture, InputLocation, Laye
 from effcompile.passes.analysis.uncovered import tied_parameters, uncovered_rows
 from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
-from effcompile.cost import StepWork, Work
+from effcompile.cost import COMPILED_OP_SHARE, StepWork, Work
 
 from .config import Decorrelation
 from .cost import (AUTO_BUDGET, LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict,
@@ -319,12 +319,19 @@ class DecorrelationPass(ModelPass):
         model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(self.name, []).extend(handles)
         return sum(len(specs) for specs in by_owner.values())
 
+    compiled_cost = True
+
     def predict_change(self, model: nn.Module, rows: List[PlanRow], config: Decorrelation,
                        step: StepWork) -> Optional[Work]:
         """Every decorrelated layer's own work at its chosen configuration (cost.py): applying R
-        and its backward, the update amortised over its interval, their ops."""
+        and its backward, the update amortised over its interval, their ops.  Compiled, the same
+        products and traffic, and the ops as kernel calls: the update is a ``torch.cond`` branch of
+        the compiled graph, and the plumbing around the products fuses."""
         works = [row.spec.work for row in rows if isinstance(row.spec, LayerSpec)]
-        return sum(works, Work()) if works and all(work is not None for work in works) else None
+        if not works or any(work is None for work in works):
+            return None
+        change = sum(works, Work())
+        return Work(change.macs, change.bytes, change.ops * COMPILED_OP_SHARE) if step.compiled else change
 
     def is_applied(self, model: nn.Module) -> bool:
         return any(isinstance(module, DecorrelationState) for module in model.modules())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 from effcompile.config import PassConfig, is_int, is_real, register_config
 
@@ -47,8 +47,12 @@ class RandomizedVJP(PassConfig):
         exclude: ``fnmatch`` patterns of layer paths that keep exact backprop (explicit skip rows),
             e.g. ``("*.attn.*",)``.
         profitable_only: leave exact (a skip row giving the prediction) every layer whose sketch the
-            cost model (``cost.py``) predicts makes the eager step slower than exact backprop at the
-            example's shapes: its exact gradient is then both cheaper and noise-free.
+            cost model (``cost.py``) predicts makes the step slower than exact backprop at the
+            example's shapes: its exact gradient is then both cheaper and noise-free.  ``True`` or
+            ``"eager"``: predicted for eager steps; ``"compiled"``: for Inductor-compiled steps
+            (``train_step(compile=True)``, ``torch.compile(backend="effcompile")``), where the
+            scoring fuses into the forward and only the host sampler keeps its eager cost, so more
+            layers pay.
     """
 
     name: ClassVar[str] = "randomized_vjp"
@@ -68,7 +72,7 @@ class RandomizedVJP(PassConfig):
     ema_decay: float = 0.9
     memory_mode: bool = False
     exclude: tuple = ()
-    profitable_only: bool = False
+    profitable_only: Union[bool, str] = False
 
     ESTIMATORS: ClassVar[tuple] = ("importance", "uniform", "sketch")
     TARGETS: ClassVar[tuple] = ("grad_weight", "grad_input", "both")
@@ -96,8 +100,8 @@ class RandomizedVJP(PassConfig):
             object.__setattr__(self, "exclude", tuple(self.exclude))  # JSON round trip gives a list
         if not (isinstance(self.exclude, tuple) and all(isinstance(p, str) and p for p in self.exclude)):
             self._fail("exclude", "a tuple of non-empty fnmatch patterns of layer paths")
-        if not isinstance(self.profitable_only, bool):
-            self._fail("profitable_only", "a bool")
+        if not (isinstance(self.profitable_only, bool) or self.profitable_only in ("eager", "compiled")):
+            self._fail("profitable_only", "a bool, 'eager' or 'compiled'")
 
     def _check_adaptive(self) -> None:
         if not isinstance(self.adaptive, bool):

@@ -1,4 +1,4 @@
-"""Cost model of the randomized VJP: what one sketched layer saves and adds per eager step.
+"""Cost model of the randomized VJP: what one sketched layer saves and adds per step, eager or compiled.
 
 In ``effcompile.cost`` units, from the captured layer's forward products (``LayerWork``):
 
@@ -13,6 +13,12 @@ In ``effcompile.cost`` units, from the captured layer's forward products (``Laye
   (``k·(|X| + |G|)`` multiply-adds);
 * added ops: the eager fixed cost of the sampled product (``SKETCH_OPS``, ``IMPORTANCE_OPS``,
   ``CENTER_OPS``: measured, below), ``ADAPTIVE_OPS`` for the adaptive statistics.
+
+Compiled (``compiled=True``, against ``step_work(..., compiled=True)``): the input statistics run
+in the forward, fused into one pass over X after the layer's GEMM (``joint_rewrite.py``), and the
+gradient's norms and sum into one pass over G; the centring is applied inside the gather (no
+``X − x̄`` written); the fixed cost is what stays outside Inductor's kernels, mostly the host
+sampler (``COMPILED_*_OPS``, measured, below).
 
 Whether the sketch pays is the product's share of the step against these fixed costs: a
 1024-wide MLP at batch 256 saves most of its weight-gradient GEMMs; a small layer at batch 32
@@ -29,7 +35,8 @@ from effcompile.cost import LayerWork, Work
 from .estimators import round_budget
 from .joint_rewrite import LayerSketch
 
-__all__ = ["PROFIT_MARGIN", "profitable", "sampled_rows", "SAVED_PRODUCT_SHARE", "SKETCH_OPS", "IMPORTANCE_OPS", "CENTER_OPS", "ADAPTIVE_OPS", "layer_change"]
+__all__ = ["PROFIT_MARGIN", "profitable", "sampled_rows", "SAVED_PRODUCT_SHARE", "SKETCH_OPS", "IMPORTANCE_OPS", "CENTER_OPS", "ADAPTIVE_OPS",
+           "COMPILED_SKETCH_OPS", "COMPILED_IMPORTANCE_OPS", "COMPILED_CENTER_OPS", "layer_change"]
 
 # Eager fixed cost of one sampled product, in ops (``DISPATCH_MACS`` each), measured as the step
 # time each layer adds to an 8×64-wide MLP at batch 32 (2-core Intel Xeon, torch 2.13, 2026-12-05):
@@ -46,6 +53,14 @@ CENTER_OPS = 9
 # a freshly allocated tensor whatever k is, and first touching 12.6 MB of new pages took 2.6 ms
 # against 0.45 ms for a reused buffer (2-core Intel Xeon, 2026-12-05); the rest is not explained.
 SAVED_PRODUCT_SHARE = 0.65
+# Compiled fixed cost of one sampled product, in ops, measured like the eager one (the same MLP,
+# Inductor, `effcompile.train_step(compile=True)`, medians of 300 steps, one thread, Xeon,
+# 2026-12-06): 44 µs with uniform sampling (the sampler's host call and the kernels around the
+# sampled GEMM), 76 µs more for importance (its water-filling draw is host code), 7 µs more for
+# the centring.  The host sampler keeps its eager cost; the rest fuses.
+COMPILED_SKETCH_OPS = 13
+COMPILED_IMPORTANCE_OPS = 22
+COMPILED_CENTER_OPS = 2
 ADAPTIVE_OPS = 10  # the per-step statistics op and the EMA fold
 # profitable_only keeps a layer's sketch only where the predicted net saving is at least this share
 # of its gross saving: the model under-predicts the sketch's cost by 0.02-0.18 of the step
@@ -70,8 +85,9 @@ def sampled_rows(op: str, input_shape: Optional[Sequence[int]]) -> int:
 
 
 def layer_change(settings: LayerSketch, op: str, input_shape: Optional[Sequence[int]], layer: LayerWork,
-                 adaptive: bool = False) -> Work:
-    """How sketching one layer at ``settings`` changes the step's work (negative: it saves)."""
+                 adaptive: bool = False, compiled: bool = False) -> Work:
+    """How sketching one layer at ``settings`` changes the step's work (negative: it saves), eager
+    or compiled (the module docstring)."""
     change = Work()
     x_bytes, g_bytes = layer.input_bytes, layer.output_bytes
     product = layer.forward.macs
@@ -79,12 +95,19 @@ def layer_change(settings: LayerSketch, op: str, input_shape: Optional[Sequence[
     if settings.keep < 1 and rows:
         k = round_budget(rows, settings.keep, settings.multiple)
         kept = min(1.0, (k + settings.center) / rows)
-        change += Work(macs=-(1.0 - kept) * SAVED_PRODUCT_SHARE * product, ops=SKETCH_OPS)
+        change += Work(macs=-(1.0 - kept) * SAVED_PRODUCT_SHARE * product,
+                       ops=COMPILED_SKETCH_OPS if compiled else SKETCH_OPS)
         moved = 2 * kept * (x_bytes + g_bytes)  # gather: read and write the kept rows
-        if settings.estimator == "importance":  # row norms of X and G
-            change += Work(bytes=x_bytes + g_bytes, ops=IMPORTANCE_OPS)
-        if settings.center:  # the mean of X, X - mean written, the sum of G
-            change += Work(bytes=3 * x_bytes + g_bytes, ops=CENTER_OPS)
+        if compiled:  # one fused pass over X (mean, norms) and one over G (norms, sum)
+            scored = settings.estimator == "importance"
+            if scored or settings.center:
+                change += Work(bytes=x_bytes + g_bytes)
+            change += Work(ops=scored * COMPILED_IMPORTANCE_OPS + settings.center * COMPILED_CENTER_OPS)
+        else:
+            if settings.estimator == "importance":  # row norms of X and G
+                change += Work(bytes=x_bytes + g_bytes, ops=IMPORTANCE_OPS)
+            if settings.center:  # the mean of X, X - mean written, the sum of G
+                change += Work(bytes=3 * x_bytes + g_bytes, ops=CENTER_OPS)
         change += Work(bytes=moved)
         if settings.estimator == "sketch":
             change += Work(macs=k * (layer.input_numel + layer.output_numel))
@@ -93,7 +116,7 @@ def layer_change(settings: LayerSketch, op: str, input_shape: Optional[Sequence[
         k = round_budget(features, settings.keep_input, settings.multiple)
         kept = min(1.0, k / features)
         change += Work(macs=-(1.0 - kept) * SAVED_PRODUCT_SHARE * product, bytes=(1 + 2 * kept) * g_bytes,
-                       ops=SKETCH_OPS)
+                       ops=COMPILED_SKETCH_OPS if compiled else SKETCH_OPS)
     if adaptive:
         change += Work(bytes=x_bytes + g_bytes, ops=ADAPTIVE_OPS)
     return change

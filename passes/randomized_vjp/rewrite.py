@@ -351,24 +351,26 @@ def _layer_change(row: PlanRow, step: StepWork) -> Optional[Work]:
     layer = step.layers.get(row.layer)
     if not isinstance(row.spec, _LayerSpec) or layer is None:
         return None
-    return layer_change(row.spec.settings, row.op, row.input_shape, layer, adaptive=row.spec.mode == "adaptive")
+    return layer_change(row.spec.settings, row.op, row.input_shape, layer, adaptive=row.spec.mode == "adaptive",
+                        compiled=step.compiled)
 
 
 def _skip_unprofitable(rows: List[PlanRow], step: StepWork) -> None:
     """``profitable_only``: a layer whose sketch is predicted to slow the step stays exact."""
     planned = [row for row in rows if row.applied]
+    kind = "compiled" if step.compiled else "eager"
     for row in rows:
         change = _layer_change(row, step) if row.applied else None
         if change is None or profitable(change):
             continue
         row.action, row.spec = Action.SKIP, None
         row.details["skipped_by"] = "profitable_only"
-        row.reason = (f"profitable_only: sketching is predicted to change the eager step by "
+        row.reason = (f"profitable_only: sketching is predicted to change the {kind} step by "
                       f"{100 * change.units / step.total.units:+.1f}%, less saving than cost.PROFIT_MARGIN asks "
                       "(its scoring, gathers and fixed cost take what the smaller GEMM saves): exact backprop")
     if planned and not any(row.applied for row in rows):
-        warnings.warn("effcompile randomized_vjp: profitable_only=True left every layer exact: at these shapes the "
-                      "cost model predicts no layer's sketch saves time (the Plan gives each layer's prediction)",
+        warnings.warn(f"effcompile randomized_vjp: profitable_only={kind!r} left every layer exact: at these shapes "
+                      "the cost model predicts no layer's sketch saves time (the Plan gives each layer's prediction)",
                       stacklevel=4)
 
 
@@ -377,11 +379,12 @@ class RandomizedVJPPass(ModelPass):
     # FSDP2: the weight reads see the unsharded parameter inside forward (fully_shard swaps it into
     # _parameters), and a sharded one between forwards is returned as is (tests/test_fsdp2.py).
     sharded_parameters_unsupported = ""
+    compiled_cost = True
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: RandomizedVJP) -> List[PlanRow]:
         rows = [self._plan_layer(model, candidate, config) for candidate in captured.layers]
         if config.profitable_only:
-            _skip_unprofitable(rows, captured.plain_step(model))
+            _skip_unprofitable(rows, captured.plain_step(model, compiled=config.profitable_only == "compiled"))
         return rows + uncovered_rows(self.name, model, captured, rows)
 
     def _plan_layer(self, model: nn.Module, candidate: LayerCandidate, config: RandomizedVJP) -> PlanRow:
@@ -493,7 +496,8 @@ class RandomizedVJPPass(ModelPass):
         for row in rows:
             own = _layer_change(row, step)
             if own is not None:  # this layer's share: where the sketch pays and where it costs
-                row.details["step_change"] = f"{100 * own.units / step.total.units:+.1f}%"
+                row.details["step_change_compiled" if step.compiled else "step_change"] = \
+                    f"{100 * own.units / step.total.units:+.1f}%"
                 change += own
         return change
 

@@ -10,6 +10,7 @@ import effcompile
 from effcompile.api import plan_of
 from effcompile.passes.randomized_vjp.cost import PROFIT_MARGIN, profitable
 from effcompile.cost import Work
+from effcompile.models import example_inputs, get_model
 
 
 def _model() -> nn.Module:
@@ -62,6 +63,37 @@ def test_a_saving_must_clear_the_margin():
     assert not profitable(Work(macs=0, ops=1))
 
 
-def test_profitable_only_is_validated():
+def test_compiled_prediction_is_shown_beside_the_eager_one():
+    model = effcompile.transform(_model(), effcompile.RandomizedVJP(keep=0.25), example_inputs=_INPUTS)
+    for row in plan_of(model).applied():
+        assert "step_change" in row.details and "step_change_compiled" in row.details
+    # Compiled, the scores and the centring fuse into one pass over X and one over G, and the
+    # fixed cost per layer is the host sampler's: the same sketch is predicted cheaper.
+    assert effcompile.predicted_step(model, compiled=True) < effcompile.predicted_step(model) < 1
+
+
+def _vit_plan(profitable_only):
+    torch.manual_seed(0)
+    model = get_model("vit_tiny", depth=1, embed_dim=192, num_heads=3)
+    effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25, profitable_only=profitable_only),
+                         example_inputs=example_inputs("vit_tiny", 64))
+    return plan_of(model).for_pass("randomized_vjp")
+
+
+def test_profitable_only_compiled_keeps_the_layers_a_compiled_step_pays_for():
+    # At this size the eager step pays for no sketch (each layer's scoring and centring read X
+    # four times and dispatch ~55 ops); compiled, the statistics fuse into one pass over X and one
+    # over G, and the attention's input projection and both MLP layers pay (`python -m benchmarks
+    # cost_model --compile` measures the choice; passes/randomized_vjp/README.md).
+    with pytest.warns(UserWarning, match="left every layer exact"):
+        assert not _vit_plan(True).applied()
+    compiled = _vit_plan("compiled")
+    assert {row.layer for row in compiled.applied()} == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    skipped = compiled.row("head")
+    assert skipped.details["skipped_by"] == "profitable_only" and "compiled step" in skipped.reason
+
+
+@pytest.mark.parametrize("value", ["yes", "inductor", 1, None])
+def test_profitable_only_is_validated(value):
     with pytest.raises(ValueError, match="profitable_only"):
-        effcompile.RandomizedVJP(profitable_only="yes")
+        effcompile.RandomizedVJP(profitable_only=value)
