@@ -20,20 +20,32 @@ __all__ = ["module_state_restored"]
 # nn.Module's own bookkeeping (parameters, buffers, children, hooks, the training flag): callers
 # restore what they change there themselves, and hook handles remove their own entries.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+# Except hooks a forward installs on itself (transformers' output recorders, behind a flag attribute
+# the forward also sets): dropping the flag but keeping the hooks made the next call install them
+# twice (SegFormer's decode head then received every hidden state twice).
+_HOOK_DICTS = tuple(name for name, value in nn.Module().__dict__.items() if "hook" in name and isinstance(value, dict))
+_HOOKS = "<hooks>"
 
 
 def _snapshot(module: nn.Module) -> Dict[str, Tuple[Any, Any]]:
-    """Attribute → (value, a shallow copy of its contents when it is a dict or list)."""
+    """Attribute → (value, a shallow copy of its contents when it is a dict or list); ``_HOOKS`` →
+    the handle ids of every hook dict."""
     saved = {}
     for name, value in module.__dict__.items():
         if name in _MODULE_INTERNALS:
             continue
         contents = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None
         saved[name] = (value, contents)
+    saved[_HOOKS] = (None, {name: set(getattr(module, name, ())) for name in _HOOK_DICTS})
     return saved
 
 
 def _restore(module: nn.Module, saved: Dict[str, Tuple[Any, Any]]) -> None:
+    _, hook_ids = saved.pop(_HOOKS)
+    for name, ids in hook_ids.items():  # hooks the forward registered on the module
+        hooks = getattr(module, name, None)
+        for key in [key for key in (hooks or ()) if key not in ids]:
+            del hooks[key]
     for name in [name for name in module.__dict__ if name not in _MODULE_INTERNALS and name not in saved]:
         del module.__dict__[name]  # an attribute the forward added
     for name, (value, contents) in saved.items():

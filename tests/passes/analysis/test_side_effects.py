@@ -82,3 +82,46 @@ def test_transform_leaves_no_cache_and_no_new_attribute_and_the_model_deep_copie
     twin = copy.deepcopy(model)  # raised on a non-leaf cached tensor
     step = effcompile.train_step(twin, F.cross_entropy, torch.optim.SGD(twin.parameters(), lr=0.1))
     assert torch.isfinite(step(x, y))
+
+
+class RecordingNet(nn.Module):
+    """As transformers' output capturing (SegFormer's decode head reads every stage's output): the
+    first forward registers a forward hook on each block that records its output, behind a flag
+    attribute, and the head reads what was recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        if not getattr(self, "_recorders_installed", False):
+            for block in self.blocks:
+                block.register_forward_hook(self._record)
+            self._recorders_installed = True
+        self.recorded = []
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.head(torch.cat(self.recorded, dim=-1))
+
+    def _record(self, module, args, output):
+        self.recorded.append(output)
+
+
+@pytest.mark.parametrize("technique", list(CONFIGS))
+def test_hooks_a_forward_installs_on_itself_leave_with_its_flag(technique):
+    """The planning forwards' hooks go with the flag they set, so the first training forward
+    installs them once (before: the flag was dropped and the hooks kept, and the head got four
+    recorded outputs)."""
+    torch.manual_seed(0)
+    model = RecordingNet()
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, CONFIGS[technique](), example_inputs=x)
+    assert effcompile.report(model).for_pass(technique).applied()
+    assert "_recorders_installed" not in model.__dict__
+    assert not any(hook == model._record for block in model.blocks for hook in block._forward_hooks.values())
+    step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert torch.isfinite(step(x, y))
+    assert [sum(hook == model._record for hook in block._forward_hooks.values()) for block in model.blocks] == [1, 1]
