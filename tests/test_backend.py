@@ -66,9 +66,10 @@ def test_update_every_k_compiles_once_and_gates_on_device():
     assert updates == len(range(0, STEPS, 3))
 
 
-def test_compiled_update_every_k_skips_the_update_between_updates():
-    """The schedule is a ``torch.cond`` in the graph: steps between updates do not compute the update
-    (a device mask would run it every step), and R follows eager's schedule."""
+def test_compiled_update_every_k_follows_the_eager_schedule_without_a_cond():
+    """The schedule is a device mask in the graph, not a ``torch.cond`` (with one, Dynamo dropped
+    attribute writes to the user's Python objects traced after it; tests/passes/decorrelation): R
+    follows eager's schedule, updated on steps 1, 4 and 7 only."""
     graphs = []
 
     def recording(graph_module, example_inputs):
@@ -88,7 +89,7 @@ def test_compiled_update_every_k_skips_the_update_between_updates():
         torch.manual_seed(4)
         reference(inputs)
     conds = [node for graph in graphs for node in graph.graph.nodes if node.target is torch.ops.higher_order.cond]
-    assert len(conds) == 2  # one per decorrelated layer
+    assert graphs and not conds
     for state, expected in zip(_decorrelation_states(model), _decorrelation_states(reference)):
         assert int(state.updates) == int(expected.updates) == 3  # steps 1, 4, 7
         torch.testing.assert_close(state.matrix, expected.matrix, rtol=1e-5, atol=1e-6)

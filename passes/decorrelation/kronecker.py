@@ -147,7 +147,7 @@ class KroneckerDecorrelationState(DecorrelationState):
         """One step of both factors from sampled patches (n, groups, C·s) (module docstring)."""
         if formula is not None:
             raise ValueError("a Kronecker-structured R has one update formula")
-        self._commit(self._proposal, _keep_factors, (self.matrix, self.spatial_matrix, rows), gate, self._syncing())
+        self._commit(self._proposal, (self.matrix, self.spatial_matrix, rows), gate)
 
     def _proposal(self, channel: torch.Tensor, spatial: torch.Tensor, rows: torch.Tensor):
         n, groups, channels, taps = rows.shape[0], self.spec.groups, self.channels, self.taps
@@ -183,8 +183,3 @@ class KroneckerDecorrelationState(DecorrelationState):
         """z = R·x with the dense R the factors stand for: (n, groups, d) rows → (groups, n, d)
         (what ``off_diagonal_correlation`` measures, over every pair of a group's features)."""
         return torch.bmm(self._padded_blocks(rows), self.dense_matrix().transpose(1, 2))
-
-
-def _keep_factors(channel, spatial, rows):
-    """The ``torch.cond`` branch between updates: both factors as they are, nothing accepted."""
-    return channel.clone(), spatial.clone(), torch.zeros((), dtype=torch.bool, device=channel.device)

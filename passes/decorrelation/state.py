@@ -131,9 +131,10 @@ class LayerSpec:
     # How R is structured: "blocks" (dense, or block-diagonal of ``block``-sized blocks) or
     # "kronecker" (R_channel ⊗ R_spatial per group, convolutions with a k×k kernel; kronecker.py).
     structure: str = "blocks"
-    # The cost model's work per step of this layer's R at the chosen configuration (cost.py;
-    # what the Plan's predicted_step sums); None when no prediction was made (a replanned spec).
-    work: Optional[Any] = None
+    # The cost model's LayerCost of this layer's R at the chosen configuration (cost.py: its work
+    # per eager and compiled step is what the Plan's predictions sum); None when no prediction was
+    # made (a replanned spec).
+    cost: Optional[Any] = None
 
 
 def block_layout(group_dim: int, max_block: int) -> Tuple[int, int]:
@@ -364,16 +365,14 @@ class DecorrelationState(PassState):
         :func:`update_formula` picks the cheapest for this ``n`` and block size.
 
         ``gate`` is True (eager, or an update every step) or a device bool (the compiled
-        ``update_every`` schedule).  Compiled, the update is a ``torch.cond`` branch, so steps
-        between updates skip its work instead of computing it and masking it out; under DDP the
-        statistic's all-reduce stays outside any branch (every step, masked).
+        ``update_every`` schedule), under which the proposal is computed every step and masked
+        (``_commit``).
         """
         # The row count as a number (operator.index specialises a symbolic size, with a guard and
         # no graph break): when Dynamo recompiles for a partial last batch with a symbolic batch,
         # a symbolic n would reach min(key=...) in update_formula (a graph break per layer) and
-        # the torch.cond branch below, whose Inductor code generation fails in torch 2.13 on a size
-        # defined outside it ("expected [s] to have been codegen-ed").  A layer whose update takes
-        # every row of the batch thus compiles once per batch size, as with dynamic=False.
+        # a symbolic size in the update's graph.  A layer whose update takes every row of the
+        # batch thus compiles once per batch size, as with dynamic=False.
         n, b = operator.index(rows.shape[0]), self.block
         syncing = self._syncing()
         formula = formula or update_formula(n, b, syncing)
@@ -382,21 +381,21 @@ class DecorrelationState(PassState):
         def propose(matrix, rows, offset, slope):
             return self._proposal(matrix, rows, offset, slope, formula)
 
-        self._commit(propose, _keep, operands, gate, syncing)
+        self._commit(propose, operands, gate)
 
-    def _commit(self, propose, keep, operands: Tuple[torch.Tensor, ...], gate, syncing: bool) -> None:
+    def _commit(self, propose, operands: Tuple[torch.Tensor, ...], gate) -> None:
         """Write the update ``propose(*operands)`` into R where it is accepted (and the step updates).
 
         ``propose`` returns the new value of each state matrix (``operands`` begin with them, in
-        order) and whether they are accepted; ``keep`` is the branch between updates with the same
-        signature (the matrices unchanged, nothing accepted).  Compiled with a device ``gate``, the
-        two are a ``torch.cond``; under DDP the statistic's all-reduce must run on every step, so
-        the proposal is computed unconditionally and masked.
+        order) and whether they are accepted.  Compiled with a device ``gate`` (an update every
+        few steps), the proposal is computed every step and masked.  Not a ``torch.cond``: with
+        one in the traced forward, Dynamo (torch 2.13) dropped attribute writes to Python objects
+        the user's forward made before it and assigned after it (CLIP's ``out.pooler_output =
+        self.proj(out.pooler_output)`` on a ModelOutput returned the unprojected tensor and froze
+        the projection, with no error; ``test_compiled_decorrelation_keeps_attribute_writes``).
+        Under DDP the statistic's all-reduce runs every step either way.
         """
-        if gate is True or syncing:
-            *proposals, accepted = propose(*operands)
-        else:
-            *proposals, accepted = torch.cond(gate, propose, keep, operands)
+        *proposals, accepted = propose(*operands)
         applied = accepted if gate is True else accepted & gate
         rejected = ~accepted if gate is True else gate & ~accepted
         for matrix, proposal in zip(operands, proposals):
@@ -493,11 +492,6 @@ class DecorrelationState(PassState):
             return (corr.abs() * mask).sum() / mask.sum().clamp_min(1)
 
 
-def _keep(matrix, rows, offset, slope) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``torch.cond`` branch of a step between updates: R as it is, nothing accepted."""
-    return matrix.clone(), torch.zeros((), dtype=torch.bool, device=matrix.device)
-
-
 def _resume_update_schedule(module, incompatible_keys) -> None:
     """The eager ``update_every`` phase follows the loaded count of observed batches (a resumed
     run updates R on the same steps as the uninterrupted one).  One host read, at load time."""
@@ -529,8 +523,8 @@ def sample_patches(x: torch.Tensor, conv: ConvGeometry, num_rows: int, feature_m
     (ResNet-18 width 32, batch 128: 1.2-3.4 ms a layer against 3.7-8.0 ms; eager: 1.2-3.3 ms).
     The cast to ``dtype`` comes before the layout, so the result stays a view of the contiguous
     buffer: a cast of the transposed view is laid out as Inductor chooses (row-major), which the
-    compiled update's ``torch.cond`` branch, traced with the transposed strides, rejected under
-    bf16 autocast.
+    compiled update's ``torch.cond`` branch (until 2026-12-06), traced with the transposed strides,
+    rejected under bf16 autocast.
     """
     x = x.detach()
     spatial, dims, device = x.shape[2:], conv.spatial_dims, x.device

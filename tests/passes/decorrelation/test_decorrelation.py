@@ -496,7 +496,8 @@ def test_compiled_partial_last_batch_keeps_one_graph_without_breaks():
 @pytest.mark.slow
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_inductor_step_survives_a_partial_last_batch(autocast):
-    """A partial batch through Inductor, the update every other step (a torch.cond): with a
+    """A partial batch through Inductor, the update every other step (computed every step and
+    masked since 2026-12-06; a torch.cond before): with a
     symbolic row count inside the branch, torch 2.13's Inductor failed to generate it ("expected
     [s] to have been codegen-ed") when a conv layer's update took every row of the batch.  Under
     bf16 autocast the patches' fp32 cast was laid out row-major by Inductor while the branch was
@@ -506,7 +507,7 @@ def test_inductor_step_survives_a_partial_last_batch(autocast):
     # 8x8 maps, 144 features: the update's 4·144 row budget exceeds a batch's 64·B rows
     model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(512, 3))
-    _decorrelate(model, torch.randn(8, 16, 8, 8), update_every=2)  # the update in a torch.cond
+    _decorrelate(model, torch.randn(8, 16, 8, 8), update_every=2)  # a device-side update schedule
     torch._dynamo.reset()
     step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), compile=True,
                                  backend="effcompile")
@@ -514,6 +515,52 @@ def test_inductor_step_survives_a_partial_last_batch(autocast):
         losses = [step(torch.randn(rows, 16, 8, 8), torch.randint(0, 3, (rows,))) for rows in (8, 6, 8, 6)]
     assert all(torch.isfinite(loss) for loss in losses)
     assert int(_state(model, "0").updates) == int(_state(model, "2").updates) == 2  # steps 1 and 3
+
+
+class _Pooled:
+    """A model output object the user's forward writes to (transformers' ModelOutput, a dataclass)."""
+
+    def __init__(self, pooled):
+        self.pooled = pooled
+
+
+class _Towers(nn.Module):
+    """CLIP's pattern: ``out.pooler_output = self.proj(out.pooler_output)`` after a tower."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower, self.proj = nn.Linear(16, 16), nn.Linear(16, 4, bias=False)
+
+    def forward(self, x):
+        out = _Pooled(torch.relu(self.tower(x)))
+        out.pooled = self.proj(out.pooled)
+        return out.pooled
+
+
+@pytest.mark.parametrize("apply", ["weight", "input"])
+def test_compiled_decorrelation_keeps_attribute_writes(apply):
+    """With the update every other step (a device-side schedule when compiled), a torch.cond in
+    the traced forward made Dynamo drop the write to ``out.pooled``: the compiled model returned
+    the tower's 16 features, not the 4 projected ones, and ``proj`` got no gradient.  The compiled
+    steps now equal the eager ones."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    trained = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = _Towers()
+        _decorrelate(model, x, update_every=2, apply=apply)
+        _randomise_matrices(model)
+        step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+                                     compile=compiled, backend="effcompile_aot_eager")
+        losses = [float(step(x, y)) for _ in range(3)]
+        assert model.proj._parameters["weight"].grad is not None  # (.weight is W·R on the weight side)
+        trained[compiled] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()},
+                             int(_state(model, "proj").updates))
+    assert trained[True][2] == trained[False][2] == 2  # steps 1 and 3 updated R
+    assert trained[True][0] == pytest.approx(trained[False][0], rel=1e-5)
+    for name, value in trained[False][1].items():
+        torch.testing.assert_close(trained[True][1][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 class TestInputLayers:

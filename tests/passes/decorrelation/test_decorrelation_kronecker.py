@@ -169,7 +169,7 @@ def test_checkpoint_holds_both_factors_and_fold_keeps_the_function():
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_steps_update_the_factors_as_eager_does(backend):
-    """update_every=2: the compiled update is a torch.cond branch; three steps give eager's R."""
+    """update_every=2: the compiled update is masked between updates; three steps give eager's R."""
     torch.manual_seed(0)
     batches = [_correlated_images(batch=4, seed=seed) for seed in range(3)]
 
