@@ -91,6 +91,15 @@ def _llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def _falcon() -> nn.Module:
+    import transformers
+
+    # FalconLinear computes ``x @ self.weight.T`` (aten.numpy_T), not F.linear; the head is tied
+    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+    return transformers.FalconForCausalLM(config)
+
+
 def _t5() -> nn.Module:
     import transformers
 
@@ -209,6 +218,7 @@ CLIENTS: Dict[str, Client] = {
     # GPT-2: Conv1D layers (addmm(b, x, W), W stored in×out); lm_head shares the embedding's weight.
     "gpt2": Client(_gpt2, _token_batch, causal_lm_loss, {"lm_head": TIED}),
     "llama": Client(_llama, _token_batch, causal_lm_loss),
+    "falcon": Client(_falcon, _token_batch, causal_lm_loss, {"lm_head": TIED}),
     # encoder-decoder: two block stacks, a relative position bias and the encoder's output feed
     # every decoder block (greedy stages read them detached after the cut), the LM head is tied
     # to the shared embedding

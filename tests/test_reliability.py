@@ -42,6 +42,27 @@ class TestBadModels:
             effcompile.transform(model, effcompile.Decorrelation(input_layers=True), example_inputs=(torch.randn(2, 4),))
         assert not any("decorrelation" in key for key in model.state_dict()), "a failed transform changes nothing"
 
+    def test_layerdrop_is_named_with_the_setting_that_turns_it_off(self):
+        """Hugging Face LayerDrop (Wav2Vec2's default ``layerdrop=0.1``) skips a layer by a random
+        Python branch in training mode: the error names the config field to set."""
+        import types
+
+        class LayerDropped(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.config = types.SimpleNamespace(layerdrop=0.1, encoder_layerdrop=0.0, hidden_size=4)
+                self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+            def forward(self, x):
+                for layer in self.layers:
+                    if not (self.training and torch.rand([]) < self.config.layerdrop):
+                        x = layer(x)
+                return x
+
+        with pytest.raises(CaptureError, match=r"LayerDrop \(layerdrop=0.1\).*set model.config.layerdrop = 0.0"):
+            effcompile.transform(LayerDropped().train(), effcompile.Decorrelation(input_layers=True),
+                                 example_inputs=(torch.randn(2, 4),))
+
     def test_model_without_layers_is_an_error_not_a_no_op(self):
         with pytest.raises(ValueError, match="no layer this pass applies to"):
             effcompile.transform(nn.Sequential(nn.ReLU(), nn.Tanh()), effcompile.Decorrelation(input_layers=True),

@@ -161,7 +161,9 @@ _WEIGHT_IDENTITY_OPS = {
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default,
     aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
 }
-_WEIGHT_TRANSPOSE_OPS = {aten.t.default, aten.transpose.int, aten.permute.default}
+# Ops that swap a 2-D weight's axes (``W.T`` records numpy_T, ``W.mT`` mT; the walk checks the rank).
+_WEIGHT_TRANSPOSE_OPS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default,
+                         aten.mT.default, aten.adjoint.default, aten.swapaxes.default, aten.swapdims.default}
 _WEIGHT_SPLIT_OPS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}
 _CONV_OPS = {
     aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
@@ -488,11 +490,25 @@ def _describe_capture_failure(model: nn.Module, error: BaseException) -> str:
     where = where or _locate_in_message(model, str(error), torch_dir)
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     construct = type(error).__name__
+    hint = "rewrite the branch with torch.where or move it out of forward"
     if "data-dependent" in message or "GuardOnDataDependent" in construct:
         construct = "data-dependent control flow (a Python branch on a tensor value)"
+        hint += _layerdrop_hint(model)
     return (f"could not capture {type(model).__name__} as a graph with torch.export{where}: {construct}: {message}. "
-            "effcompile finds layers on the captured graph; rewrite the branch with torch.where/torch.cond "
-            "or move it out of forward.")
+            f"effcompile finds layers on the captured graph; {hint}.")
+
+
+def _layerdrop_hint(model: nn.Module) -> str:
+    """Hugging Face LayerDrop skips whole layers by a random Python branch in training mode."""
+    config = getattr(model, "config", None)
+    drops = {name: value for name, value in vars(config).items() if name.endswith("layerdrop")
+             and isinstance(value, (int, float)) and value > 0} if config is not None and hasattr(config, "__dict__") else {}
+    if not drops:
+        return ""
+    settings = ", ".join(f"model.config.{name} = 0.0" for name in drops)
+    listed = ", ".join(f"{name}={value}" for name, value in drops.items())
+    return (f" — here probably LayerDrop ({listed}), which skips layers by a random draw in training mode: "
+            f"set {settings} before transform")
 
 
 _SOURCE_LINE = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')

@@ -9,7 +9,7 @@ on the captured graph) runs inside a :class:`WeightUseMode`:
 
 * The pass registers the tensor its weight read returns (``watch``): identity, not shape,
   identifies it.
-* Views of it the capture also follows (``t``, ``transpose``, ``permute``, casts, ``contiguous``,
+* Views of it the capture also follows (``t``, ``.T``, ``.mT``, ``transpose``, ``permute``, casts, ``contiguous``,
   ``chunk``/``split``) stay watched, and so does a same-shaped result of any other op applied to
   it (a marker another pass puts on the weight).
 * Every ``linear`` / ``conv{1,2,3}d`` / ``matmul`` / ``mm`` / ``addmm`` whose weight operand is a
@@ -67,9 +67,12 @@ _LAYER_OPS: Tuple[Tuple[Any, str, int, str, int, str], ...] = (
         ("matmul", "matmul", 0, "self", 1, "other"), ("mm", "mm", 0, "self", 1, "mat2"),
         ("addmm", "addmm", 1, "mat1", 2, "mat2"))
     for op in (getattr(torch.ops.aten, name), getattr(torch.ops.aten, name).default))
-# Ops whose result is the weight itself up to layout or dtype (what capture's weight tracing follows;
-# ``.T``/``.mT`` are properties Dynamo does not dispatch to modes, and capture does not follow them).
+# Ops whose result is the weight itself up to layout or dtype (what capture's weight tracing follows).
+# ``W.T`` and ``W.mT`` reach an eager mode as their property getters (Falcon's ``x @ self.weight.T``);
+# Dynamo does not dispatch properties to modes, but compiled steps never enter these modes.
 _WEIGHT_VIEWS: Tuple[Any, ...] = (
+    torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.adjoint, torch.Tensor.swapaxes,
+    torch.Tensor.swapdims,
     torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute,
     torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16,
     torch.Tensor.double, torch.Tensor.type_as, torch.Tensor.clone, torch.clone, torch.Tensor.detach, torch.detach,

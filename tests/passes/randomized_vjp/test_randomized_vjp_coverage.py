@@ -162,3 +162,42 @@ def test_a_budget_that_rounds_up_to_every_row_is_a_plan_reason_and_a_warning():
         warnings.simplefilter("always")
         F.cross_entropy(torch.compile(model, backend="effcompile_aot_eager")(_batch(64)[0]), _batch(64)[1]).backward()
     assert any("stays exact in this compiled graph" in str(w.message) for w in caught)
+
+
+class _TransposedReads(nn.Module):
+    """Weights read as ``x @ W.T`` (Falcon's FalconLinear: aten.numpy_T) and ``x @ W.mT``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(x @ self.a.weight.T + self.a.bias)
+        h = torch.relu(h @ self.b.weight.mT + self.b.bias)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_a_weight_read_through_its_transpose_is_sketched_and_unbiased(compiled, joint_log):
+    """``W.T`` and ``W.mT`` keep the weight's identity (before: both layers were skipped, "reaches
+    matmul through numpy_T"): planned, sampled draw to draw, and unbiased."""
+    torch.manual_seed(0)
+    model = _TransposedReads()
+    effcompile.transform(model, effcompile.RandomizedVJP(keep=0.25), example_inputs=(_batch(64)[0],))
+    assert {row.layer for row in effcompile.report(model).for_pass("randomized_vjp").applied()} == {"a", "b", "c"}
+    exact_model = _TransposedReads()
+    exact_model.load_state_dict(model.state_dict())
+    x, y = _batch(64)
+    F.cross_entropy(exact_model(x), y).backward()
+    exact = torch.cat([getattr(exact_model, name).weight.grad.flatten() for name in "abc"])
+    step = effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0),
+                                 compile=compiled, backend="effcompile_aot_eager")
+    samples = []
+    for _ in range(DRAWS):
+        step(x, y)
+        samples.append(torch.cat([getattr(model, name)._parameters["weight"].grad.flatten() for name in "abc"]))
+    samples = torch.stack(samples)
+    assert not torch.equal(samples[0], samples[1])
+    _assert_unbiased(samples, exact, None)
+    if compiled:
+        assert all(graph["randomized_vjp"].rewrites > 0 for graph in joint_log.graphs)
