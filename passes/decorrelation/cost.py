@@ -47,7 +47,7 @@ import dataclasses
 import math
 from typing import List, Optional, Sequence, Tuple
 
-from effcompile.cost import DISPATCH_MACS, Work  # one op's fixed cost, shared by every cost model
+from effcompile.cost import COMPILED_OP_SHARE, DISPATCH_MACS, Work  # shared by every cost model
 
 from .kronecker import (KRONECKER_APPLY_OPS, KRONECKER_UPDATE_OPS, kronecker_apply_macs, kronecker_rows,
                         kronecker_update_macs)
@@ -99,11 +99,21 @@ class LayerCost:
     @property
     def work(self) -> Work:
         """The pass's own work per training step (the update amortised over its interval)."""
+        return self._work(self.update_every)
+
+    @property
+    def compiled_work(self) -> Work:
+        """The same in a compiled step: the update is computed every step and masked between
+        updates (``DecorrelationState._commit``), and each op is a kernel call."""
+        work = self._work(1)
+        return Work(work.macs, work.bytes, work.ops * COMPILED_OP_SHARE)
+
+    def _work(self, interval: int) -> Work:
         if self.structure == "kronecker":
-            ops = KRONECKER_APPLY_OPS + KRONECKER_UPDATE_OPS / self.update_every
+            ops = KRONECKER_APPLY_OPS + KRONECKER_UPDATE_OPS / interval
         else:
-            ops = APPLY_OPS["dense" if self.dense else "blocked"] + UPDATE_OPS / self.update_every
-        return Work(macs=self.apply_macs + self.update_macs / self.update_every, bytes=self.moved_bytes, ops=ops)
+            ops = APPLY_OPS["dense" if self.dense else "blocked"] + UPDATE_OPS / interval
+        return Work(macs=self.apply_macs + self.update_macs / interval, bytes=self.moved_bytes, ops=ops)
 
     @property
     def pass_cost(self) -> float:

@@ -77,7 +77,7 @@ from effcompile.passes.analysis.capture import GraphCapture, InputLocation, Laye
 from effcompile.passes.analysis.uncovered import tied_parameters, uncovered_rows
 from effcompile.passes.base import ModelPass, register_pass
 from effcompile.plan import Action, PlanRow, layer_key
-from effcompile.cost import COMPILED_OP_SHARE, StepWork, Work
+from effcompile.cost import StepWork, Work
 
 from .config import Decorrelation
 from .cost import (AUTO_BUDGET, LayerCost, allocate, conv_output_positions, ladder, layer_rows, predict,
@@ -192,6 +192,7 @@ class DecorrelationPass(ModelPass):
     # _parameters), and a sharded one between forwards is returned as is (tests/test_fsdp2.py).
     sharded_parameters_unsupported = ""
     onnx_scope_suffixes = (STATE_SUFFIX,)
+    compiled_cost = True  # predict_change knows the compiled step (cost.py)
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: Decorrelation) -> List[PlanRow]:
         tied = tied_parameters(model)
@@ -254,7 +255,7 @@ class DecorrelationPass(ModelPass):
             chosen, within = allocate([rungs for _, rungs in ladders], budget)
         for (row, _), cost in zip(ladders, chosen):
             row.spec = dataclasses.replace(row.spec, block=cost.block, update_every=cost.update_every, side=cost.side,
-                                           structure=cost.structure, work=cost.work)
+                                           structure=cost.structure, cost=cost)
             _set_layer_details(row, row.spec, config, cost)
         total = sum(cost.pass_cost for cost in chosen) / sum(cost.layer_cost for cost in chosen)
         for row, _ in ladders:
@@ -319,19 +320,15 @@ class DecorrelationPass(ModelPass):
         model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(self.name, []).extend(handles)
         return sum(len(specs) for specs in by_owner.values())
 
-    compiled_cost = True
-
     def predict_change(self, model: nn.Module, rows: List[PlanRow], config: Decorrelation,
                        step: StepWork) -> Optional[Work]:
         """Every decorrelated layer's own work at its chosen configuration (cost.py): applying R
-        and its backward, the update amortised over its interval, their ops.  Compiled, the same
-        products and traffic, and the ops as kernel calls: the update is a ``torch.cond`` branch of
-        the compiled graph, and the plumbing around the products fuses."""
-        works = [row.spec.work for row in rows if isinstance(row.spec, LayerSpec)]
-        if not works or any(work is None for work in works):
+        and its backward, the update amortised over its interval, their ops.  Compiled, the
+        update every step (masked between updates) and the ops as kernel calls."""
+        costs = [row.spec.cost for row in rows if isinstance(row.spec, LayerSpec)]
+        if not costs or any(cost is None for cost in costs):
             return None
-        change = sum(works, Work())
-        return Work(change.macs, change.bytes, change.ops * COMPILED_OP_SHARE) if step.compiled else change
+        return sum((cost.compiled_work if step.compiled else cost.work for cost in costs), Work())
 
     def is_applied(self, model: nn.Module) -> bool:
         return any(isinstance(module, DecorrelationState) for module in model.modules())
