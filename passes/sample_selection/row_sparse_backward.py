@@ -392,11 +392,34 @@ class _RowSparseRewriter:
         if node.target in (aten.stack.default, aten.cat.default) and \
                 not all(isinstance(a, Node) and a in self.sparse for a in node.args[0]):
             raise _Unhandled("stacks a value that is not row-sparse")
+        if node.target is aten.cat.default and self._stacked_through_view(node, info):
+            return
         dim = _moved_row_dim(node, info.dim)
         args = [[self.sparse[a].compact for a in arg] if isinstance(arg, (list, tuple)) and arg and
                 all(isinstance(a, Node) for a in arg) else (self.sparse[arg].compact if isinstance(arg, Node) and arg in self.sparse else arg)
                 for arg in node.args]
         self._emit(node, info.moved(self._insert(node, node.target, *args, **node.kwargs), dim=dim))
+
+    def _stacked_through_view(self, node: Node, info: RowSparse) -> bool:
+        """``cat`` along the rows viewed at once as ``(N, rows, …)``: a ``torch.stack`` as
+        Inductor's decompositions write it (attention's q, k and v gradients into the packed
+        projection's).  The stack of the compact parts stands for the view, whose row dimension
+        is one further; the dense cat and view are left unused.  Anything else: False."""
+        parts = node.args[0]
+        part_shape = list(_shape(parts[0]))
+        dim = int(node.args[1] if len(node.args) > 1 else 0) % len(part_shape)
+        users = list(node.users)
+        if dim != info.dim or len(users) != 1 or users[0].target not in _VIEW_TARGETS:
+            return False
+        view = users[0]
+        if list(_shape(view)) != part_shape[:dim] + [len(parts)] + part_shape[dim:]:
+            return False
+        # unsqueeze + cat: Inductor decomposes aten.stack and has no lowering for one inserted after
+        unsqueezed = [self._insert(node, aten.unsqueeze.default, self.sparse[part].compact, dim) for part in parts]
+        stacked = self._insert(node, aten.cat.default, unsqueezed, dim)
+        self._emit(view, info.moved(stacked, dim=dim + 1))
+        self.handled.add(view)
+        return True
 
     def expand(self, node: Node) -> None:
         info = self.sparse[node.args[0]]
@@ -628,6 +651,7 @@ _FIRST_ARG_LINEAR = [
 _REINDEXING = ["unsqueeze.default", "squeeze.dim", "squeeze.dims", "select.int", "slice.Tensor", "transpose.int",
                "permute.default", "t.default", "stack.default", "cat.default"]
 _VIEWS = ["view.default", "_unsafe_view.default", "reshape.default"]
+_VIEW_TARGETS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 # Per-batch-entry backward ops with batch reductions for the parameters (outputs: input, weight, bias).
 _PER_SAMPLE_WEIGHTS = ["convolution_backward.default", "native_layer_norm_backward.default"]
 _BATCH_LOCAL = [
