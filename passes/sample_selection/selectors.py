@@ -412,8 +412,10 @@ def _batch_reduce(unreduced: torch.Tensor, batch: int, reduction: str) -> torch.
 def _batch_size(outputs: Any) -> int:
     from effcompile.inputs import tensor_leaves
 
-    tensors = tensor_leaves(outputs)  # a tensor, a tuple, a dict or a ModelOutput: its first tensor
-    if not tensors or tensors[0].dim() == 0:
+    # A tensor, a tuple, a dict or a ModelOutput: its first tensor with a batch dimension (a
+    # Hugging Face model given labels puts its own 0-dim loss first).
+    tensors = [tensor for tensor in tensor_leaves(outputs) if tensor.dim() > 0]
+    if not tensors:
         raise ValueError(f"per-sample losses need model outputs with a batch dimension, got {type(outputs).__name__}")
     return tensors[0].shape[0]
 
@@ -487,6 +489,21 @@ def _vmapped_loss(loss_fn: Callable) -> Callable[[Any, Any], torch.Tensor]:
                              "function with a 'reduction' keyword") from error
         if losses.dim() != 1:
             raise ValueError(f"the loss {name!r} returned shape {tuple(losses.shape[1:])} per sample; expected a scalar")
+        if not checked and not is_compiling():  # once, eagerly (a host read)
+            checked.append(True)
+            _refuse_the_models_own_loss(outputs, losses, name)
         return losses
 
+    checked: list = []
     return per_sample
+
+
+def _refuse_the_models_own_loss(outputs: Any, losses: torch.Tensor, name: str) -> None:
+    """A loss function that returns the model's own loss (``output.loss``, from labels in the batch)
+    gives every sample the batch's mean: selection would rank nothing."""
+    own = outputs.get("loss") if isinstance(outputs, dict) else None
+    if isinstance(own, torch.Tensor) and own.dim() == 0 and losses.numel() > 1 and \
+            bool((losses.detach() == own.detach()).all()):
+        raise ValueError(f"sample_selection: the loss {name!r} returns the model's own loss (output.loss: labels in "
+                         "the batch?), the mean over the batch, so every sample gets the same loss; compute the loss "
+                         "from the logits in loss_fn, and pass the targets to the step rather than in the batch")

@@ -292,6 +292,17 @@ class TestPerSampleLoss:
         if getattr(loss_fn, "reduction", "mean") == "mean":
             torch.testing.assert_close(per_sample[2], loss_fn(outputs[2:3], targets[2:3]))
 
+    def test_the_models_own_loss_is_refused_and_its_logits_are_used(self):
+        """A Hugging Face model given labels returns its own batch-mean ``loss`` first: a loss
+        function that returns it would give every sample the same loss (refused, saying why);
+        one that reads the logits works, the 0-dim loss passed over for the batch size."""
+        logits, labels = torch.randn(6, 4), torch.randint(0, 4, (6,))
+        output = {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        with pytest.raises(ValueError, match="model's own loss.*labels in the batch"):
+            per_sample_loss_fn(lambda out, tgt: out["loss"])(output, labels)
+        per_sample = per_sample_loss_fn(lambda out, tgt: F.cross_entropy(out["logits"], tgt))(output, labels)
+        torch.testing.assert_close(per_sample, F.cross_entropy(logits, labels, reduction="none"))
+
     def test_unvmappable_loss_raises_naming_it(self):
         def host_sync_loss(outputs, targets):
             return outputs.sum() * float(outputs.sum().item())
