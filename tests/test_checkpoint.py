@@ -524,3 +524,34 @@ def test_inspect_onnx_names_the_bad_file(tmp_path):
         with pytest.raises(OnnxFileError, match=match) as info:
             effcompile.inspect_onnx(tmp_path / name)
         assert str(tmp_path / name) in str(info.value) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("technique", ["decorrelation", "randomized_vjp", "greedy_stages", "sample_selection"])
+def test_a_checkpoint_from_before_the_transform_loads_strictly(technique):
+    """The README's promise for every pass, aux heads included: the original model's ``state_dict``
+    loads into the transformed model with ``strict=True`` and restores its weights; the pass's own
+    state keeps its values.  A checkpoint holding only part of a pass's new module still fails."""
+    from settings import SETTINGS
+
+    torch.manual_seed(0)
+    model = get_model("mlp", image_size=4, hidden=16)
+    original = {key: value.clone() for key, value in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        effcompile.transform(model, SETTINGS[technique].config(), example_inputs=(_batch()[0],))
+    added = {key: value.clone() for key, value in model.state_dict().items() if key not in original}
+    parameters = {name for name, _ in model.named_parameters()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    model.load_state_dict(original, strict=True)
+    state = model.state_dict()
+    for key, value in original.items():
+        torch.testing.assert_close(state[key], value, msg=key)
+    for key, value in added.items():
+        moved = key in parameters  # the aux heads' parameters: moved above
+        torch.testing.assert_close(state[key], value + 1.0 if moved else value, msg=key)  # kept by the load
+    heads = sorted(key for key in added if key.startswith("greedy_stage_heads."))
+    if heads:
+        with pytest.raises(RuntimeError, match="Missing key"):
+            model.load_state_dict({**original, heads[0]: added[heads[0]]}, strict=True)

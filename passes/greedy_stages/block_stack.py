@@ -95,6 +95,9 @@ def block_stacks(model: nn.Module) -> List[BlockStack]:
     ``StageTraceError`` with the containers seen if there is none."""
     ranked, seen = [], []
     for path, module in model.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) == 1 and _trainable(module):
+            seen.append(f"{path or '<root>'} (1× {type(module[0]).__name__}: a single block; where the forward runs it "
+                        "at every depth, as ALBERT's shared layers do, no cut can give the stages their own parameters)")
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
             continue
         children = list(module.named_children())

@@ -77,7 +77,21 @@ _TAPS_ATTR = "_effcompile_stage_feature_taps"  # gradient matching's per-stage h
 
 
 class GreedyStageHeads(nn.ModuleList):
-    """The aux heads of a staged model, one per stage but the last (``greedy_stage_heads.k``)."""
+    """The aux heads of a staged model, one per stage but the last (``greedy_stage_heads.k``).
+
+    A checkpoint saved before the transform has no heads: it loads with ``strict=True`` and the
+    heads keep their values (a checkpoint that holds some of their keys must hold them all)."""
+
+    def __init__(self, heads=None) -> None:
+        super().__init__(heads)
+        self._register_load_state_dict_pre_hook(_keep_heads_missing_from_checkpoint, with_module=True)
+
+
+def _keep_heads_missing_from_checkpoint(module: nn.Module, state_dict, prefix, *args) -> None:
+    if any(key.startswith(prefix) for key in state_dict):
+        return
+    for name, value in module.state_dict().items():
+        state_dict[prefix + name] = value.detach().clone()
 
 
 def _as_tuple(inputs: Any) -> tuple:
