@@ -6,8 +6,8 @@ configuration), ``effcompile.measure.bench_pass`` times interleaved blocks of pl
 steps (SGD with momentum, one intra-op thread, synthetic data) and the transformed model's Plan
 gives the prediction (``effcompile.predicted_step``).  ``error`` = predicted − measured.  With
 ``--compile`` both arms are Inductor-compiled steps and the prediction is
-``predicted_step(model, compiled=True)`` (passes with a compiled cost model only; the default
-configurations are then the randomized VJP's).
+``predicted_step(model, compiled=True)`` (passes with a compiled cost model only: the randomized
+VJP, decorrelation and sample selection).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ CONFIGS: Dict[str, Callable[[], Any]] = {
 
 
 COMPILED_CONFIGS = ("rvjp-0.25", "rvjp-0.25-uniform", "rvjp-0.5", "rvjp-0.25-profitable",
-                    "rvjp-0.25-profitable-compiled")
+                    "rvjp-0.25-profitable-compiled", "decorrelation", "selection-reuse-0.25")
 
 
 def _predicted(build: Callable[[], nn.Module], config: Any, inputs: Sequence[torch.Tensor],

@@ -36,7 +36,8 @@ from .estimators import round_budget
 from .joint_rewrite import LayerSketch
 
 __all__ = ["PROFIT_MARGIN", "profitable", "sampled_rows", "SAVED_PRODUCT_SHARE", "SKETCH_OPS", "IMPORTANCE_OPS", "CENTER_OPS", "ADAPTIVE_OPS",
-           "COMPILED_SKETCH_OPS", "COMPILED_IMPORTANCE_OPS", "COMPILED_CENTER_OPS", "layer_change"]
+           "COMPILED_SKETCH_OPS", "COMPILED_IMPORTANCE_OPS", "COMPILED_CENTER_OPS", "COMPILED_CONV_SAVED_SHARE",
+           "layer_change"]
 
 # Eager fixed cost of one sampled product, in ops (``DISPATCH_MACS`` each), measured as the step
 # time each layer adds to an 8×64-wide MLP at batch 32 (2-core Intel Xeon, torch 2.13, 2026-12-05):
@@ -56,11 +57,19 @@ SAVED_PRODUCT_SHARE = 0.65
 # Compiled fixed cost of one sampled product, in ops, measured like the eager one (the same MLP,
 # Inductor, `effcompile.train_step(compile=True)`, medians of 300 steps, one thread, Xeon,
 # 2026-12-06): 44 µs with uniform sampling (the sampler's host call and the kernels around the
-# sampled GEMM), 76 µs more for importance (its water-filling draw is host code), 7 µs more for
-# the centring.  The host sampler keeps its eager cost; the rest fuses.
+# sampled GEMM), 7 µs more for the centring.  Importance's water-filling draw is host code, which
+# runs 3-4x slower after a step's large GEMMs than in that small step (76 µs there): 0.28 ms a
+# layer in the ViT's compiled step (profiled, 2026-12-05), 0.30 ms and 0.36 ms a layer as the
+# measured difference to uniform on the ViT and the 512-wide MLP (`cost_model --compile`).
 COMPILED_SKETCH_OPS = 13
-COMPILED_IMPORTANCE_OPS = 22
+COMPILED_IMPORTANCE_OPS = 80
 COMPILED_CENTER_OPS = 2
+# Compiled, a convolution's sampled weight gradient saved nothing measurable: ResNet-18 (width 16,
+# batch 64, one thread) stepped 1.09x exact backprop with every convolution sketched by uniform
+# sampling, where this model's other costs account for 1.08x (`cost_model --compile`, 2026-12-06).
+# The sketch splits the convolution's backward into an input-gradient call over every image and a
+# weight-gradient call over the k sampled ones, where exact backprop makes one call for both.
+COMPILED_CONV_SAVED_SHARE = 0.0
 ADAPTIVE_OPS = 10  # the per-step statistics op and the EMA fold
 # profitable_only keeps a layer's sketch only where the predicted net saving is at least this share
 # of its gross saving: the model under-predicts the sketch's cost by 0.02-0.18 of the step
@@ -95,8 +104,8 @@ def layer_change(settings: LayerSketch, op: str, input_shape: Optional[Sequence[
     if settings.keep < 1 and rows:
         k = round_budget(rows, settings.keep, settings.multiple)
         kept = min(1.0, (k + settings.center) / rows)
-        change += Work(macs=-(1.0 - kept) * SAVED_PRODUCT_SHARE * product,
-                       ops=COMPILED_SKETCH_OPS if compiled else SKETCH_OPS)
+        share = COMPILED_CONV_SAVED_SHARE if compiled and op.startswith("conv") else SAVED_PRODUCT_SHARE
+        change += Work(macs=-(1.0 - kept) * share * product, ops=COMPILED_SKETCH_OPS if compiled else SKETCH_OPS)
         moved = 2 * kept * (x_bytes + g_bytes)  # gather: read and write the kept rows
         if compiled:  # one fused pass over X (mean, norms) and one over G (norms, sum)
             scored = settings.estimator == "importance"

@@ -379,7 +379,7 @@ class RandomizedVJPPass(ModelPass):
     # FSDP2: the weight reads see the unsharded parameter inside forward (fully_shard swaps it into
     # _parameters), and a sharded one between forwards is returned as is (tests/test_fsdp2.py).
     sharded_parameters_unsupported = ""
-    compiled_cost = True
+    compiled_cost = True  # predict_change knows the compiled step (cost.py)
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: RandomizedVJP) -> List[PlanRow]:
         rows = [self._plan_layer(model, candidate, config) for candidate in captured.layers]

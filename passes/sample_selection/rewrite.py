@@ -492,6 +492,7 @@ class SampleSelectionPass(ModelPass):
     # (its loss history global over the ranks, see selectors.py) and FSDP reduces the selected
     # rows' gradients (tested on gloo).
     sharded_parameters_unsupported = ""
+    compiled_cost = True  # predict_change knows the compiled step (cost.py)
 
     def plan(self, model: nn.Module, captured: GraphCapture, config: SampleSelection) -> List[PlanRow]:
         batch = _batch_size(captured)
@@ -548,7 +549,7 @@ class SampleSelectionPass(ModelPass):
 
     def predict_change(self, model: nn.Module, rows: List[PlanRow], config: SampleSelection,
                        step: StepWork) -> Optional[Work]:
-        """The eager step's change (cost.py): re-forward trains k rows, forward reuse saves only compiled."""
+        """The step's change (cost.py): re-forward trains k rows, forward reuse saves only compiled."""
         spec = next((row.spec for row in rows if isinstance(row.spec, SelectionSpec)), None)
         if spec is None:
             return None
