@@ -79,6 +79,11 @@ class Work:
 
     __rmul__ = __mul__
 
+    def as_compiled_calls(self) -> "Work":
+        """The same work run by Inductor's wrapper: each kernel or extern call costs
+        ``COMPILED_OP_SHARE`` of an eager op's dispatch."""
+        return Work(self.macs, self.bytes, self.ops * COMPILED_OP_SHARE)
+
     @property
     def units(self) -> float:
         """The work in multiply-add equivalents (the module docstring)."""
@@ -321,9 +326,6 @@ def step_work(exported: "torch.export.ExportedProgram", layer_of_node: Mapping[s
         p = parameters[fqn]
         optimizer += Work(bytes=OPTIMIZER_BYTES * p.numel() * p.element_size(), ops=OPTIMIZER_OPS)
     if compiled:  # products and fused kernels are calls from Inductor's wrapper (the optimizer stays eager)
-        forward, backward = _as_compiled_calls(forward), _as_compiled_calls(backward)
+        forward, backward = forward.as_compiled_calls(), backward.as_compiled_calls()
     return StepWork(forward, backward, optimizer, layers, compiled)
 
-
-def _as_compiled_calls(work: Work) -> Work:
-    return Work(work.macs, work.bytes, work.ops * COMPILED_OP_SHARE)

@@ -500,9 +500,9 @@ def _describe_capture_failure(model: nn.Module, error: BaseException) -> str:
 
 def _layerdrop_hint(model: nn.Module) -> str:
     """Hugging Face LayerDrop skips whole layers by a random Python branch in training mode."""
-    config = getattr(model, "config", None)
-    drops = {name: value for name, value in vars(config).items() if name.endswith("layerdrop")
-             and isinstance(value, (int, float)) and value > 0} if config is not None and hasattr(config, "__dict__") else {}
+    settings = getattr(getattr(model, "config", None), "__dict__", {})  # a Hugging Face config's fields
+    drops = {name: value for name, value in settings.items()
+             if name.endswith("layerdrop") and isinstance(value, (int, float)) and value > 0}
     if not drops:
         return ""
     settings = ", ".join(f"model.config.{name} = 0.0" for name in drops)

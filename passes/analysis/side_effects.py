@@ -11,7 +11,8 @@ not graph leaves, so ``copy.deepcopy(model)`` — an EMA copy — failed after `
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Tuple
+import dataclasses
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import torch.nn as nn
 
@@ -24,31 +25,35 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 # the forward also sets): dropping the flag but keeping the hooks made the next call install them
 # twice (SegFormer's decode head then received every hidden state twice).
 _HOOK_DICTS = tuple(name for name, value in nn.Module().__dict__.items() if "hook" in name and isinstance(value, dict))
-_HOOKS = "<hooks>"
 
 
-def _snapshot(module: nn.Module) -> Dict[str, Tuple[Any, Any]]:
-    """Attribute → (value, a shallow copy of its contents when it is a dict or list); ``_HOOKS`` →
-    the handle ids of every hook dict."""
-    saved = {}
+@dataclasses.dataclass
+class _Snapshot:
+    """A module's plain attributes, each with a shallow copy of its contents when it is a dict or
+    list, and the handle ids of every hook dict."""
+
+    attributes: Dict[str, Tuple[Any, Any]]
+    hook_ids: Dict[str, Set[int]]
+
+
+def _snapshot(module: nn.Module) -> _Snapshot:
+    attributes = {}
     for name, value in module.__dict__.items():
         if name in _MODULE_INTERNALS:
             continue
         contents = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None
-        saved[name] = (value, contents)
-    saved[_HOOKS] = (None, {name: set(getattr(module, name, ())) for name in _HOOK_DICTS})
-    return saved
+        attributes[name] = (value, contents)
+    return _Snapshot(attributes, {name: set(getattr(module, name, ())) for name in _HOOK_DICTS})
 
 
-def _restore(module: nn.Module, saved: Dict[str, Tuple[Any, Any]]) -> None:
-    _, hook_ids = saved.pop(_HOOKS)
-    for name, ids in hook_ids.items():  # hooks the forward registered on the module
+def _restore(module: nn.Module, saved: _Snapshot) -> None:
+    for name, ids in saved.hook_ids.items():  # hooks the forward registered on the module
         hooks = getattr(module, name, None)
         for key in [key for key in (hooks or ()) if key not in ids]:
             del hooks[key]
-    for name in [name for name in module.__dict__ if name not in _MODULE_INTERNALS and name not in saved]:
+    for name in [name for name in module.__dict__ if name not in _MODULE_INTERNALS and name not in saved.attributes]:
         del module.__dict__[name]  # an attribute the forward added
-    for name, (value, contents) in saved.items():
+    for name, (value, contents) in saved.attributes.items():
         if isinstance(value, dict) and contents is not None:
             value.clear()  # in place: other references to the container stay valid
             value.update(contents)
@@ -61,7 +66,7 @@ def _restore(module: nn.Module, saved: Dict[str, Tuple[Any, Any]]) -> None:
 def module_state_restored(model: nn.Module) -> Iterator[None]:
     """Every module's plain Python attributes (and the contents of its dict/list attributes) as
     they were before the block."""
-    snapshots: List[Tuple[nn.Module, Dict[str, Tuple[Any, Any]]]] = [(m, _snapshot(m)) for m in model.modules()]
+    snapshots: List[Tuple[nn.Module, _Snapshot]] = [(m, _snapshot(m)) for m in model.modules()]
     try:
         yield
     finally:

@@ -47,7 +47,7 @@ import dataclasses
 import math
 from typing import List, Optional, Sequence, Tuple
 
-from effcompile.cost import COMPILED_OP_SHARE, DISPATCH_MACS, Work  # shared by every cost model
+from effcompile.cost import DISPATCH_MACS, Work  # shared by every cost model
 
 from .kronecker import (KRONECKER_APPLY_OPS, KRONECKER_UPDATE_OPS, kronecker_apply_macs, kronecker_rows,
                         kronecker_update_macs)
@@ -105,8 +105,7 @@ class LayerCost:
     def compiled_work(self) -> Work:
         """The same in a compiled step: the update is computed every step and masked between
         updates (``DecorrelationState._commit``), and each op is a kernel call."""
-        work = self._work(1)
-        return Work(work.macs, work.bytes, work.ops * COMPILED_OP_SHARE)
+        return self._work(1).as_compiled_calls()
 
     def _work(self, interval: int) -> Work:
         if self.structure == "kronecker":
