@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ._compat import inside_ddp_forward
-from .compiling import compile_for
+from .compiling import compile_for, scheduled
 from .config import PassConfig
 from .cost import StepWork, predicted_ratio
 from .distributed import WrapperForward, is_distributed
@@ -295,12 +295,14 @@ def train_step(
                           grad_scaler=grad_scaler)
     base = _unwrap(model)
     _refuse_sharded(base, [p for p in PASSES.values() if p.is_applied(base)], "train_step")
+    step = None
     for owner in step_owners():
         if owner.is_applied(base):
             step = owner.make_train_step(model, loss_fn, optimizer, options)
             if step is not None:
-                return step
-    return plain_train_step(model, loss_fn, optimizer, options)
+                break
+    step = step or plain_train_step(model, loss_fn, optimizer, options)
+    return scheduled(base, step) if compile else step
 
 
 def training_loss(
@@ -343,8 +345,10 @@ def training_loss(
             # Under a wrapper the objective runs the module behind it, inside the wrapper's forward.
             objective = owner.make_training_loss(model if wrapper is None else base, loss_fn, options)
             if objective is not None:
-                return _StepOwnerObjective(objective, owner.name, wrapper, WrapperForward.fsdp_root(base) is not None)
-    return plain_training_loss(model, loss_fn, options)
+                objective = _StepOwnerObjective(objective, owner.name, wrapper, WrapperForward.fsdp_root(base) is not None)
+                return scheduled(base, objective) if compile else objective
+    objective = plain_training_loss(model, loss_fn, options)
+    return scheduled(base, objective) if compile else objective
 
 
 class _StepOwnerObjective:

@@ -59,11 +59,23 @@ def test_compiled_training_matches_eager_without_recompiles(backend, eager_run):
     assert losses[-1] < losses[0]
 
 
-def test_update_every_k_compiles_once_and_gates_on_device():
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        _, _, updates, graphs = _run("aot_eager", update_every=3)
-    assert graphs == 1
-    assert updates == len(range(0, STEPS, 3))
+def test_train_steps_between_updates_run_a_graph_without_the_update():
+    """train_step's compiled step tells the state whether the step updates R (a Python bool the
+    graph specialises on): one graph with the update, one without it, each compiled once, and R
+    follows eager's schedule exactly."""
+    graphs = []
+
+    def recording(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    _, matrix, updates, _ = _run(recording, update_every=3)
+    _, eager_matrix, eager_updates, _ = _run(None, update_every=3)
+    assert updates == eager_updates == len(range(0, STEPS, 3))
+    torch.testing.assert_close(matrix, eager_matrix, rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 2, "one graph per schedule pattern, no recompiles after them"
+    products = sorted(sum(node.target in (torch.bmm, torch.matmul) for node in graph.graph.nodes) for graph in graphs)
+    assert products[0] == 0 < products[1], "the graph between updates has none of the update's products"
 
 
 def test_compiled_update_every_k_follows_the_eager_schedule_without_a_cond():

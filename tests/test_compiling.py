@@ -65,3 +65,52 @@ def test_a_second_step_for_the_same_model_reuses_the_compiled_graph():
                                      compile=True, backend=backend)
         step(inputs, targets)
     assert backend.graphs == 1
+
+
+class _CountsEveryK(nn.Module):
+    """A module with the schedule protocol: its work (counting a call) is due every ``k`` calls."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.calls, self.due = k, 0, None
+        self.register_buffer("done", torch.zeros((), dtype=torch.int64))
+
+    def schedule(self):
+        return self.k, self.calls
+
+    def begin_scheduled_call(self):
+        self.calls, self.due = self.calls + 1, self.calls % self.k == 0
+
+    def end_scheduled_call(self):
+        self.due = None
+
+    def forward(self, x):
+        if self.due:
+            self.done.add_(1)
+        return x
+
+
+def test_scheduled_steps_compile_one_graph_per_pattern_of_due_modules():
+    from effcompile.compiling import scheduled
+
+    model = nn.Sequential(nn.Linear(6, 3), _CountsEveryK(2), _CountsEveryK(4))
+    backend = _CountingBackend()
+    step = scheduled(model, torch.compile(lambda x: model(x).sum(), backend=backend))
+    for _ in range(12):
+        step(torch.randn(5, 6))
+    assert [int(model[1].done), int(model[2].done)] == [6, 3]
+    assert backend.graphs == 3  # both due, the 2-step one alone, neither
+    assert model[1].due is None  # outside the step the modules are told nothing
+
+
+def test_too_many_schedule_patterns_leave_the_step_as_it_is():
+    from effcompile.compiling import MAX_SCHEDULE_PATTERNS, scheduled
+
+    model = nn.Sequential(*[_CountsEveryK(k) for k in (2, 3, 5)])  # 2·2·2 patterns over 30 calls
+    assert 2 ** 3 > MAX_SCHEDULE_PATTERNS
+
+    def step(x):
+        return model(x)
+
+    assert scheduled(model, step) is step
+    assert scheduled(nn.Sequential(_CountsEveryK(1)), step) is step  # due every call: nothing to schedule

@@ -103,9 +103,11 @@ class LayerCost:
 
     @property
     def compiled_work(self) -> Work:
-        """The same in a compiled step: the update is computed every step and masked between
-        updates (``DecorrelationState._commit``), and each op is a kernel call."""
-        return self._work(1).as_compiled_calls()
+        """The same in train_step's compiled step, each op a kernel call: the update runs only on
+        its steps there (a graph without it between them, ``effcompile.compiling.scheduled``).  A
+        user's own compiled loop computes it every step and masks it, ``self._work(1)``, which this
+        prediction leaves out."""
+        return self._work(self.update_every).as_compiled_calls()
 
     def _work(self, interval: int) -> Work:
         if self.structure == "kronecker":

@@ -323,8 +323,8 @@ class DecorrelationPass(ModelPass):
     def predict_change(self, model: nn.Module, rows: List[PlanRow], config: Decorrelation,
                        step: StepWork) -> Optional[Work]:
         """Every decorrelated layer's own work at its chosen configuration (cost.py): applying R
-        and its backward, the update amortised over its interval, their ops.  Compiled, the
-        update every step (masked between updates) and the ops as kernel calls."""
+        and its backward, the update amortised over its interval, their ops.  Compiled (train_step's
+        step, which runs the update only on its steps), the ops as kernel calls."""
         costs = [row.spec.cost for row in rows if isinstance(row.spec, LayerSpec)]
         if not costs or any(cost is None for cost in costs):
             return None

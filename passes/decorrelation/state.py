@@ -199,7 +199,8 @@ class DecorrelationState(PassState):
     def _reset_counters(self) -> None:
         for counter in (self.updates, self.rejected_updates, self.observed_batches):
             counter.zero_()
-        self._eager_calls = 0
+        self._calls = 0  # training forwards (eager) or compiled steps (train_step): the update_every phase
+        self._compiled_due: Optional[bool] = None  # set by train_step's compiled step (schedule protocol)
 
     def _apply(self, fn, *args, **kwargs):
         moved = super()._apply(fn, *args, **kwargs)
@@ -317,18 +318,37 @@ class DecorrelationState(PassState):
             self._update(samples[0] if len(samples) == 1 else torch.cat(samples, dim=0), gate)
 
     def _update_gate(self):
-        """True/False decided in Python (eager), or a 0-dim bool tensor when compiling.
+        """True/False decided in Python (eager, or train_step's compiled schedule), or a 0-dim bool
+        tensor when compiling otherwise.
 
-        Under torch.compile a Python counter would be guarded on and recompile every step, so the
-        ``update_every`` schedule becomes a device-side mask of the update instead.
+        Inside a compiled graph a Python counter would be guarded on and recompile every step, so a
+        user's own compiled loop gets the ``update_every`` schedule as a device-side mask of the
+        update (computed every step); train_step's compiled step sets ``_compiled_due`` from outside
+        the graph instead (:meth:`begin_scheduled_call`), one graph with the update and one without.
         """
         if self.update_every == 1:
             return True
         if is_compiling():
+            due = self.__dict__["_compiled_due"]
+            if due is not None:  # train_step's schedule: a graph specialised on it
+                return due
             return (self.observed_batches - 1) % self.update_every == 0
-        calls = self.__dict__["_eager_calls"]
-        self.__dict__["_eager_calls"] = calls + 1  # past nn.Module.__setattr__, as the snapshot
+        calls = self.__dict__["_calls"]
+        self.__dict__["_calls"] = calls + 1  # past nn.Module.__setattr__, as the snapshot
         return calls % self.update_every == 0
+
+    # The schedule protocol of effcompile.compiling.scheduled: train_step's compiled step tells the
+    # state whether this step updates, so the graphs between updates leave the update out instead of
+    # computing it and masking it.
+    def schedule(self) -> Tuple[int, int]:
+        return self.update_every, self.__dict__["_calls"]
+
+    def begin_scheduled_call(self) -> None:
+        calls = self.__dict__["_calls"]
+        self.__dict__.update(_calls=calls + 1, _compiled_due=calls % self.update_every == 0)
+
+    def end_scheduled_call(self) -> None:
+        self.__dict__["_compiled_due"] = None
 
     def _sample_rows(self, x: torch.Tensor, num_rows: Optional[int] = None) -> torch.Tensor:
         """Random rows of the layer input as (n, groups, d) in fp32 (all rows if fewer than n)."""
@@ -493,9 +513,9 @@ class DecorrelationState(PassState):
 
 
 def _resume_update_schedule(module, incompatible_keys) -> None:
-    """The eager ``update_every`` phase follows the loaded count of observed batches (a resumed
+    """The ``update_every`` phase (eager, and train_step's compiled schedule) follows the loaded count of observed batches (a resumed
     run updates R on the same steps as the uninterrupted one).  One host read, at load time."""
-    module._eager_calls = int(module.observed_batches)
+    module._calls = int(module.observed_batches)
 
 
 def _keep_state_missing_from_checkpoint(module, state_dict, prefix, *args) -> None:
