@@ -99,6 +99,14 @@ def unique_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def view_untracked(tensor: torch.Tensor, shape) -> torch.Tensor:
+    """``tensor.view(shape)`` that autograd does not track as a view (``aten._unsafe_view``, what
+    ``torch.matmul`` returns for its folded product).  A custom autograd Function may return it and
+    its caller may then modify it in place, which a tracked view of a tensor made inside the
+    Function's forward forbids.  Only for a fresh tensor nothing else refers to."""
+    return torch.ops.aten._unsafe_view(tensor, shape)
+
+
 def is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
@@ -126,7 +134,7 @@ __all__ = [
     "TORCH_VERSION", "register_backend_once", "compile_fx", "inductor_config", "aot_eager_with_partition", "functional_all_reduce_mean",
     "functional_all_gather",
     "unique_graph_count", "is_compiling", "ConvNd", "NormBase", "custom_graph_pass_base", "hash_files", "compile_caches_disabled",
-    "is_sharded", "native_bf16_matmul", "pytree", "inside_ddp_forward", "hook_runs_last",
+    "is_sharded", "native_bf16_matmul", "pytree", "inside_ddp_forward", "hook_runs_last", "view_untracked",
 ]
 
 

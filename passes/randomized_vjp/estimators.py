@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effcompile._compat import is_compiling
+from effcompile._compat import is_compiling, view_untracked
 from effcompile.distributed import rank_generator
 
 __all__ = [
@@ -592,6 +592,17 @@ def _budget_or_none(n: int, keep: float | None, multiple: int) -> int | None:
     return None if k >= n else k
 
 
+def _linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` as a custom Function's output that the caller may modify in place.  For an input
+    of 3 or more dims ``F.linear`` returns a view of its 2-D product, and autograd forbids in-place
+    ops on a view made inside a Function's forward (Swin-v2's ``Linear → ReLU(inplace=True)``
+    raised); the product reshaped untracked is the same tensor without that restriction."""
+    if input.dim() <= 2:
+        return F.linear(input, weight, bias)
+    product = F.linear(input.reshape(-1, input.shape[-1]), weight, bias)
+    return view_untracked(product, (*input.shape[:-1], product.shape[-1]))
+
+
 class SketchedLinear(torch.autograd.Function):
     """``F.linear`` forward; backward with sampled ``grad_input`` / ``grad_weight``, exact ``grad_bias``.
 
@@ -616,7 +627,7 @@ class SketchedLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.config = (keep_weight, keep_input, estimator, uniform_mix, multiple, bool(center))
         ctx.adaptive = (statistics is not None, tuple(ladder))
-        return F.linear(input, weight, bias)
+        return _linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -892,7 +903,7 @@ class MemorySketchedLinear(torch.autograd.Function):
         ctx.positions = positions
         ctx.has_bias = bias is not None
         ctx.center = bool(center)
-        return F.linear(input, weight, bias)
+        return _linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):

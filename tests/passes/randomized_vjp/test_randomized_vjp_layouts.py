@@ -10,6 +10,7 @@ eagerly, with no compilation.
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -247,3 +248,33 @@ def test_weight_read_outside_the_forward_is_the_parameter():
         F.cross_entropy(model(x), y).backward()
         draws.append(model.get_parameter("mha.in_proj_weight").grad.clone())
     assert not torch.equal(*draws)
+
+
+class _InPlaceAfterTokens(nn.Module):
+    """Swin-v2's position-bias MLP pattern: ``Linear → ReLU(inplace=True)`` on a 3-D activation
+    (for such an input ``F.linear`` returns a view of its 2-D product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):  # x: (batch, tokens, 16)
+        return self.head(self.relu(self.fc(x))).mean(1)
+
+
+@pytest.mark.parametrize("memory_mode", [False, True], ids=["sketch", "memory-mode"])
+def test_an_in_place_op_after_an_eagerly_sketched_linear_on_tokens(memory_mode):
+    torch.manual_seed(0)
+    model, x, y = _InPlaceAfterTokens(), *_batch()
+    reference = copy.deepcopy(model)
+    effcompile.transform(model, effcompile.RandomizedVJP(keep=0.5, multiple=1, memory_mode=memory_mode),
+                         example_inputs=(x,))
+    torch.testing.assert_close(model(x), reference(x))  # the in-place ReLU ran on the sketched layer's output
+    step = effcompile.train_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0))
+    draws = []
+    for _ in range(2):
+        step(x, y)
+        draws.append(model.fc.weight.grad.clone())
+    assert not torch.equal(draws[0], draws[1]), "fc's weight gradient is sampled, not exact"
