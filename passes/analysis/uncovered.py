@@ -8,8 +8,10 @@ or an ``einsum`` weight exact is a defect (the user believes the whole model was
 
 - graph side: a parameter of rank ≥ 2 read (directly, or through one-input ops such as ``.T`` or
   ``0.5 * w``) by a contraction op of the captured graph — linear/conv/matmul operands the
-  analysis did not follow, ``einsum``/``bmm``/``bilinear`` forms, transposed convolutions and the
-  fused recurrent ops (``aten.lstm``, ``aten.gru_cell``...), whose gate GEMMs run inside one op;
+  analysis did not follow, ``einsum``/``bmm``/``bilinear``/grouped-GEMM forms, transposed
+  convolutions and the fused recurrent ops (``aten.lstm``, ``aten.gru_cell``...), whose gate GEMMs
+  run inside one op — or by any custom op (``torch.library``), which the analysis cannot look into
+  (Hugging Face MoE experts run their 3-D weights through ``transformers::grouped_mm_fallback``);
 - module side: an ``nn.Linear``/conv/``nn.Bilinear``/recurrent module whose weight the captured
   forward never read as a layer weight (unused in this forward, tied to another module's, or
   computed by a ``torch.nn.utils.parametrize`` parametrization such as ``weight_norm``: keyed by
@@ -52,7 +54,11 @@ def _packets(*names: str) -> set:
 
 
 _LAYER_OPS = _packets("linear", "conv1d", "conv2d", "conv3d", "convolution", "matmul", "mm", "addmm")
-_FORM_OPS = _packets("einsum", "bmm", "baddbmm", "addbmm", "bilinear", "_trilinear", "tensordot", "mv", "addmv")
+_FORM_OPS = _packets("einsum", "bmm", "baddbmm", "addbmm", "bilinear", "_trilinear", "tensordot", "mv", "addmv",
+                     "_grouped_mm", "_scaled_grouped_mm")
+# Namespaces whose ops the analysis knows (aten, prims) or adds itself; an op of any other namespace
+# (a torch.library custom op: Hugging Face MoE experts' grouped GEMM, a user's fused kernel) is opaque.
+_KNOWN_NAMESPACES = ("aten", "prims", "higher_order", "effcompile")
 _TRANSPOSED_OPS = _packets("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 _RECURRENT_OPS = _packets("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell",
                           "rnn_relu_cell", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell")
@@ -61,6 +67,12 @@ _LAYER_MODULES = (nn.Linear, ConvNd, nn.Bilinear, nn.RNNBase, nn.RNNCellBase)
 
 def _packet(node: torch.fx.Node) -> Optional[object]:
     return getattr(node.target, "overloadpacket", None)
+
+
+def _custom_namespace(node: torch.fx.Node) -> Optional[str]:
+    """The namespace of a custom op's node (None for aten, prims and Python callables)."""
+    namespace = getattr(node.target, "namespace", None)
+    return namespace if isinstance(namespace, str) and namespace not in _KNOWN_NAMESPACES else None
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -90,6 +102,10 @@ def _source_parameter(node: torch.fx.Node, params: Dict[str, str]) -> Tuple[Opti
 
 def _reason(node: torch.fx.Node, through: List[str], position: int) -> str:
     packet, op = _packet(node), _op_name(node)
+    namespace = _custom_namespace(node)
+    if namespace is not None:
+        return (f"read by the custom op {namespace}::{op}, which the layer analysis cannot look into (exact "
+                "backprop; Hugging Face MoE experts: their grouped GEMM)")
     if packet in _RECURRENT_OPS:
         return (f"recurrent layer: its gate GEMMs run inside one fused aten.{op}, which the layer analysis cannot "
                 "split into layers (exact backprop)")
@@ -114,7 +130,7 @@ def _graph_rows(model: nn.Module, captured: GraphCapture, covered: set) -> Dict[
     rows: Dict[str, UncoveredWeight] = {}
     contractions = _LAYER_OPS | _FORM_OPS | _TRANSPOSED_OPS | _RECURRENT_OPS
     for node in captured.exported.graph.nodes:
-        if node.op != "call_function" or _packet(node) not in contractions:
+        if node.op != "call_function" or (_packet(node) not in contractions and _custom_namespace(node) is None):
             continue
         for position, operand in enumerate(node.args):
             for value in _nodes_in(operand):

@@ -41,6 +41,28 @@ class _Functional(nn.Module):
         return (self.w @ x.T).T  # the parameter as the left operand
 
 
+@torch.library.custom_op("effcompile_tests::experts_matmul", mutates_args=())
+def _experts_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A user's (or a library's) custom op over a 3-D weight: Hugging Face MoE experts' grouped GEMM."""
+    return torch.bmm(x, w)
+
+
+@_experts_matmul.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], x.shape[1], w.shape[2])
+
+
+class _Experts(nn.Module):
+    """Two experts on halves of the batch, their (experts, out, in) weight read transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 6, 6) / 3)
+
+    def forward(self, x):
+        return _experts_matmul(x.view(2, -1, 6), self.w.transpose(-2, -1)).reshape(x.shape[0], 6)
+
+
 class _LastStep(nn.Module):
     """A recurrent module whose last time step feeds the head."""
 
@@ -61,6 +83,7 @@ CONSTRUCTS = {
     "einsum": (lambda: _Functional("einsum"), (4, 6), "body.w", "einsum against a parameter"),
     "bmm": (lambda: _Functional("bmm"), (4, 6), "body.w", "not a recognised layer form"),
     "left_operand": (lambda: _Functional("left"), (4, 6), "body.w", "not its weight operand"),
+    "custom_op": (_Experts, (4, 6), "body.w", "custom op effcompile_tests::experts_matmul"),
 }
 def _parametrized(kind: str):
     def build() -> nn.Module:
