@@ -90,6 +90,17 @@ def _trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def _called_blocks(path: str, stack: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The stack's blocks as the forward calls them, with their paths: a ModuleList inside it is
+    never called itself (the forward loops over it: Funnel's blocks of layers), so its own blocks
+    stand in its place, in nested index order."""
+    blocks = []
+    for name, child in stack.named_children():
+        child_path = f"{path}.{name}" if path else name
+        blocks += _called_blocks(child_path, child) if isinstance(child, nn.ModuleList) else [(child_path, child)]
+    return blocks
+
+
 def block_stacks(model: nn.Module) -> List[BlockStack]:
     """The model's candidate block stacks, the main one first (see the module docstring);
     ``StageTraceError`` with the containers seen if there is none."""
@@ -100,14 +111,16 @@ def block_stacks(model: nn.Module) -> List[BlockStack]:
                         "at every depth, as ALBERT's shared layers do, no cut can give the stages their own parameters)")
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
             continue
-        children = list(module.named_children())
+        children = _called_blocks(path, module)
+        if len(children) < 2:
+            continue
         classes = sorted({type(child).__name__ for _, child in children})
         untrained = sum(_trainable(child) == 0 for _, child in children)  # parameter-free or frozen blocks
         seen.append(f"{path or '<root>'} ({len(children)}× {', '.join(classes)}"
                     + (f"; {untrained} without trainable parameters" if untrained else "") + ")")
         if untrained:
             continue
-        names = [f"{path}.{name}" if path else name for name, _ in children]
+        names = [name for name, _ in children]
         # The stack holding the most of the model's training (a stage list holds its block lists).
         ranked.append(((_trainable(module), len(children)), BlockStack(path, names, " / ".join(classes))))
     if not ranked:

@@ -383,3 +383,39 @@ def test_hugging_face_swin_gets_a_mean_pooled_aux_head():
         warnings.simplefilter("ignore")
         effcompile.transform(model, GreedyStages(num_stages=2), example_inputs=inputs)
     assert next(r for r in effcompile.report(model) if r.layer == "greedy_stage_heads.0").op == "pool_tokens"
+
+
+class _GroupsOfLayers(nn.Module):
+    """Funnel's layout: a ModuleList of ModuleLists that the forward loops over (never calls), a
+    pooling step between the groups, and a branch fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups = nn.ModuleList([nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.mean(1)
+        for index, group in enumerate(self.groups):
+            if index:
+                x = x * 0.5  # between the groups, as Funnel pools
+            for layer in group:
+                x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def test_a_stack_of_module_lists_is_cut_between_their_layers():
+    torch.manual_seed(0)
+    model, x, y = _GroupsOfLayers(), torch.randn(16, 8), torch.randint(0, 3, (16,))
+    effcompile.transform(model, GreedyStages(num_stages=2), example_inputs=(x,))
+    staged = staged_model(model)
+    assert staged.plan.stack.blocks == ["groups.0.0", "groups.0.1", "groups.1.0", "groups.1.1"]
+    first = {id(p) for p in staged.stage_parameters(0)}
+    assert id(model.groups[0][0].weight) in first and id(model.head.weight) not in first
+    loss_fn = nn.CrossEntropyLoss()
+    only_last = _stage_grads(model, staged, loss_fn, x, y, weights=(0.0, 1.0))
+    assert not _nonzero(only_last["groups.0.0.weight"]) and _nonzero(only_last["head.weight"])
+    step = effcompile.train_step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1))
+    losses = [float(step(x, y)) for _ in range(30)]
+    assert losses[-1] < losses[0]
