@@ -245,12 +245,70 @@ def bench_step(*, model: str = "resnet18_cifar", width: int = 32, batch_size: in
             "variants": out}
 
 
+SCHEDULE_MODELS = ("digits-mlp", "mlp512")
+
+
+def bench_schedule(model: str, rounds: int = 30, steps_per_round: int = 16) -> dict:
+    """train_step(compile=True) with ``update_every > 1``: the update computed every step and masked
+    (what a user's own compiled loop runs; forced with ``MAX_SCHEDULE_PATTERNS = 0``) against
+    train_step's schedule (a graph with the update and one without), against plain backprop."""
+    import copy
+    import statistics
+    import warnings
+
+    import torch.nn.functional as F
+
+    import effcompile
+    from effcompile import compiling
+    from effcompile.models import get_model
+
+    torch.manual_seed(0)
+    if model == "digits-mlp":  # the zoo MLP at digits' shape; the defaults' budget picks the interval
+        base, shape = get_model("mlp", num_classes=10, in_channels=1, image_size=8), (32, 1, 8, 8)
+        config = effcompile.Decorrelation()
+    else:
+        base, shape = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)), (128, 512)
+        config = effcompile.Decorrelation(update_every=4, max_overhead=None, input_layers=True)
+    x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+    arms = {}
+    for arm in ("plain", "masked", "scheduled"):
+        copied = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if arm != "plain":
+                effcompile.transform(copied, config, example_inputs=(x,))
+        limit = compiling.MAX_SCHEDULE_PATTERNS
+        compiling.MAX_SCHEDULE_PATTERNS = 0 if arm == "masked" else limit
+        try:
+            step = effcompile.train_step(copied, F.cross_entropy, torch.optim.SGD(copied.parameters(), lr=0.01),
+                                         compile=True, backend="effcompile")
+        finally:
+            compiling.MAX_SCHEDULE_PATTERNS = limit
+        for _ in range(20):  # compiles every schedule pattern
+            step(x, y)
+        arms[arm] = (step, copied)
+    times = {arm: [] for arm in arms}
+    for _ in range(rounds):
+        for arm, (step, _) in arms.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                step(x, y)
+            times[arm].append((time.perf_counter() - start) / steps_per_round)
+    median = {arm: statistics.median(values) for arm, values in times.items()}
+    scheduled = arms["scheduled"][1]
+    return {"model": model, "threads": torch.get_num_threads(),
+            "intervals": sorted({m.update_every for m in scheduled.modules() if hasattr(m, "update_every")}),
+            "ms": {arm: round(1e3 * value, 3) for arm, value in median.items()},
+            "vs_plain": {arm: round(value / median["plain"], 3) for arm, value in median.items()},
+            "predicted_compiled": effcompile.predicted_step(scheduled, compiled=True)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
     import json
 
     parser = argparse.ArgumentParser(description="Decorrelation R-update time, old formula vs cost rule")
-    parser.add_argument("part", choices=("step", "update"))
+    parser.add_argument("part", choices=("step", "update", "schedule"))
     parser.add_argument("--model", default="resnet18_cifar")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -271,6 +329,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps-per-round", type=int, default=2, help="step: steps timed together per round")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.part == "schedule":  # --model digits-mlp or mlp512
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = bench_schedule(args.model if args.model in SCHEDULE_MODELS else SCHEDULE_MODELS[0], rounds=args.rounds or 30)
+        print(json.dumps(result))
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(result, handle, indent=2)
+        return 0
     if args.part == "step":
         result = bench_step(model=args.model, width=args.width, batch_size=args.batch_size, image_size=args.image_size,
                             in_channels=args.in_channels, budgets=args.budgets.split(","), rounds=args.rounds or 5,
