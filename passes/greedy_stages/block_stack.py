@@ -559,10 +559,8 @@ class _BlockOutputs:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         made = self.staged.state["made_by"]
-        if made is not None:
-            for leaf in pytree.tree_leaves(output):
-                if isinstance(leaf, torch.Tensor):
-                    made[id(leaf)] = (self.stage, leaf)  # the tensor is kept: its id is not reused this run
+        if made is not None:  # a list searched by identity: Dynamo (torch 2.11) breaks the graph at id(tensor)
+            made.extend((self.stage, leaf) for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor))
 
 
 class _SideInputs:
@@ -577,13 +575,14 @@ class _SideInputs:
         state = self.staged.state
         if not (isinstance(leaf, torch.Tensor) and leaf.requires_grad):
             return leaf
-        made = state["made_by"].get(id(leaf))
-        if made is not None and made[0] == self.stage and made[1] is leaf:
+        if any(stage == self.stage and made is leaf for stage, made in state["made_by"]):
             return leaf
-        cache = state["detached"]
-        if id(leaf) not in cache:
-            cache[id(leaf)] = (leaf, leaf.detach())  # the source is kept so its id is not reused this run
-        return cache[id(leaf)][1]
+        for source, detached in state["detached"]:  # one detached copy per tensor
+            if source is leaf:
+                return detached
+        detached = leaf.detach()
+        state["detached"].append((leaf, detached))
+        return detached
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
         if self.staged.state["made_by"] is None or not args:
@@ -616,7 +615,7 @@ class BlockStagedModel:
         self._owners = _shared_places(model, plan)
         # "aux": the list the cut hooks append stage outputs to while ``run`` runs (None otherwise:
         # a plain forward of the model is not cut).
-        self.state: Dict[str, Any] = {"stage": 0, "aux": None, "made_by": None, "detached": {}}
+        self.state: Dict[str, Any] = {"stage": 0, "aux": None, "made_by": None, "detached": []}
         modules = dict(model.named_modules())
         # Kept with the other passes' hooks of the model (``fold`` removes them).
         handles = model.__dict__.setdefault("_effcompile_hooks", {}).setdefault(GreedyStages.name, [])
@@ -697,7 +696,7 @@ class BlockStagedModel:
         self.state["stage"] = 0
         self.state["aux"] = aux
         if self.plan.side_inputs:
-            self.state["made_by"], self.state["detached"] = {}, {}
+            self.state["made_by"], self.state["detached"] = [], []
         try:
             if self._owners:
                 with _DetachForeign(self._owners, lambda: self.state["stage"]):
@@ -707,7 +706,7 @@ class BlockStagedModel:
         finally:
             self.state["aux"] = None
             self.state["stage"] = 0
-            self.state["made_by"], self.state["detached"] = None, {}
+            self.state["made_by"], self.state["detached"] = None, []
         if len(aux) != len(self.plan.cuts):
             raise RuntimeError(f"greedy_stages: {len(aux)} of {len(self.plan.cuts)} cut blocks ran in this forward")
         return output, aux
