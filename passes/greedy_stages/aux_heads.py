@@ -196,14 +196,24 @@ OUTPUT_HEAD_KINDS = ("token", "token_linear", "first_token", "first_token_linear
                      "pool_channels_last_linear")
 
 
+def layout_of_shape(hidden: Sequence[int]) -> str:
+    """The layout of a map of rank ≥ 4 whose block names none (GhostNet's blocks end in a
+    concatenation of two halves, no layer making all the channels): channels-last when the two dims
+    after the batch look spatial (equal) and the last does not, else torch's channels-first.  Taking
+    an NCHW map as channels-last pooled GhostNet's (B, 80, 1, 1) into a 1-wide head, whose LayerNorm
+    output is constant: its stage got no gradient."""
+    if len(hidden) == 4 and hidden[1] == hidden[2] != hidden[3]:
+        return "channels_last"
+    return "channels_first"
+
+
 def output_head_kind(hidden: Sequence[int], target: Sequence[int], requested: str = "auto",
                      layout: Optional[str] = None, pools_tokens: bool = False) -> str:
     """The head mapping a hidden state of shape ``hidden`` to the model's output shape ``target``.
 
     ``target[:-1] == hidden[:-1]`` (per-token logits) → ``token``.  A ``target`` of rank 2 with the
-    same batch (a classifier): a channel-first map (``layout="channels_first"``: the block ends in a
-    conv or batch norm) → ``pool_channels_first``; a hidden state of rank ≥ 4 otherwise →
-    ``pool_channels_last``; a token sequence ``(B, T, H)`` → ``first_token`` where the model's own
+    same batch (a classifier): a map of rank ≥ 4 → ``pool_channels_first`` or ``pool_channels_last``
+    by ``layout`` (read off the block's last layer), else by :func:`layout_of_shape`; a token sequence ``(B, T, H)`` → ``first_token`` where the model's own
     head reads the first position (a CLS token), ``pool_tokens`` (the mean over positions) where
     it reads them all (``pools_tokens``: a mean-pooled classifier such as Hugging Face Swin's).
     ``requested="linear"`` drops the norm (and the pooler).  Anything else raises ``ValueError``
@@ -214,10 +224,10 @@ def output_head_kind(hidden: Sequence[int], target: Sequence[int], requested: st
     if len(hidden) >= 2 and target[:-1] == hidden[:-1]:
         return "token" + suffix
     if len(hidden) >= 3 and len(target) == 2 and target[0] == hidden[0]:
-        if layout == "channels_first":
-            return "pool_channels_first" + suffix
         if len(hidden) >= 4:
-            return "pool_channels_last" + suffix
+            return f"pool_{layout or layout_of_shape(hidden)}" + suffix
+        if layout == "channels_first":  # a Conv1d stage (B, C, L)
+            return "pool_channels_first" + suffix
         return ("pool_tokens" if pools_tokens else "first_token") + suffix
     raise ValueError(f"greedy_stages: no aux head maps a hidden state {hidden} to the model's output {target} "
                      "(supported: per-token outputs (B, T, V) and per-example outputs (B, C))")

@@ -117,7 +117,10 @@ class TestConfig:
 @pytest.mark.parametrize("hidden, layout, kind", [
     ((3, 8, 5, 5), "channels_first", "pool_channels_first"),  # a CNN stage (HF ResNet/ConvNeXt)
     ((3, 5, 5, 8), "channels_last", "pool_channels_last"),  # Swin's (B, H, W, C)
-    ((3, 8, 5, 5), None, "pool_channels_last"),  # rank 4 and no layer to read it off: channels last
+    # rank 4 and no layer to read it off: by the shape (two equal dims after the batch are spatial)
+    ((3, 8, 5, 5), None, "pool_channels_first"),
+    ((3, 80, 1, 1), None, "pool_channels_first"),  # GhostNet: a 1x1 map whose blocks end in a concatenation
+    ((3, 5, 5, 8), None, "pool_channels_last"),
     ((3, 7, 8), "channels_first", "pool_channels_first"),  # a Conv1d stage (B, C, L)
     ((3, 7, 8), "channels_last", "first_token"),  # a token sequence: the first (CLS) token
 ])
