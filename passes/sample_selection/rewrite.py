@@ -592,7 +592,10 @@ class SampleSelectionPass(ModelPass):
         selector = SampleSelector(config.keep, config.strategy, fixed_k=config.fixed_k, beta=config.beta,
                                   history_size=config.history_size, gradmatch_ridge=config.gradmatch_ridge,
                                   nnls_iterations=config.nnls_iterations, head_bias=spec.head_bias,
-                                  sync_history=config.sync_history, device=device)
+                                  sync_history=config.sync_history, device=device,
+                                  # one selected row of a 1x1 map gives BatchNorm one value per channel,
+                                  # which it refuses in train mode (a small last batch)
+                                  min_rows=2 if spec.coupled else 1)
         selector.spec = spec
         attach(model, SELECTOR_NAME, selector)
         if spec.head_scope is not None:

@@ -62,9 +62,9 @@ __all__ = [
 ]
 
 
-def num_selected(keep: float, batch_size: int) -> int:
-    """k = max(1, round(keep·B)): the static number of selected rows."""
-    return max(1, min(batch_size, int(round(keep * batch_size))))
+def num_selected(keep: float, batch_size: int, min_rows: int = 1) -> int:
+    """k = max(min_rows, round(keep·B)), at most B: the static number of selected rows."""
+    return max(min(min_rows, batch_size), min(batch_size, int(round(keep * batch_size))))
 
 
 def selected_loss(per_sample_loss: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -241,13 +241,14 @@ class SampleSelector(PassState):
 
     def __init__(self, keep: float, strategy: str, *, fixed_k: bool = True, beta: float = 1.0,
                  history_size: int = 1024, gradmatch_ridge: float = 1e-3, nnls_iterations: int = 50,
-                 head_bias: bool = True, sync_history: bool = True,
+                 head_bias: bool = True, sync_history: bool = True, min_rows: int = 1,
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
         if strategy not in ("loss", "gradmatch", "random"):
             raise ValueError(f"strategy={strategy!r} is invalid: expected 'loss', 'gradmatch' or 'random'")
         self.keep = float(keep)
         self.strategy = strategy
+        self.min_rows = int(min_rows)  # 2 where BatchNorm re-forwards the selected rows in train mode
         self.fixed_k = bool(fixed_k)
         self.beta = float(beta)
         self.history_size = int(history_size)
@@ -274,7 +275,7 @@ class SampleSelector(PassState):
 
     def num_selected(self, batch_size: int) -> int:
         """Rows selected from a batch of ``batch_size`` (the full batch for the probabilistic variant)."""
-        return batch_size if self.probabilistic else num_selected(self.keep, batch_size)
+        return batch_size if self.probabilistic else num_selected(self.keep, batch_size, self.min_rows)
 
     # ----------------------------------------------------------------------------- selection
     def select(self, per_sample_loss: torch.Tensor, features: Optional[torch.Tensor] = None,

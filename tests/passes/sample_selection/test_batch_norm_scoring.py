@@ -235,3 +235,18 @@ class TestWithGreedyStages:
     def test_forced_reforward_is_refused(self):
         with pytest.raises(effcompile.plan.PlanRefused, match="mode='reforward'.*greedy_stages"):
             _selecting(BNNet(), GreedyStages(num_stages=2), mode="reforward")
+
+
+@pytest.mark.parametrize("strategy", ["loss", "random"])
+def test_a_two_row_last_batch_selects_two_rows_for_batch_norm(strategy):
+    """keep=0.5 of a 2-row last batch would re-forward one row: a BatchNorm over a 1×1 map then has
+    one value per channel, which train mode refuses.  Where BatchNorm couples the rows, at least
+    two are selected."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 4))
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 4, (BATCH,))
+    effcompile.transform(model, SampleSelection(keep=0.5, strategy=strategy), example_inputs=(x,))
+    step = effcompile.train_step(model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert torch.isfinite(step(x, y)) and len(step.last_selection[0]) == BATCH // 2
+    assert torch.isfinite(step(x[:2], y[:2])) and len(step.last_selection[0]) == 2
