@@ -70,6 +70,22 @@ __all__ = [
 ]
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
+# Ops that only change a tensor's shape or strides: a value that one of them makes and only such
+# ops read is a shape in the middle of a reshuffle (ShuffleNet's channel_shuffle views its map as
+# (B, groups, C/groups, H, W), transposes and views it back), not a boundary an aux head can read.
+_LAYOUT_NAMES = frozenset(("view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten",
+                           "squeeze", "unsqueeze", "swapaxes", "movedim", "expand", "view_as", "reshape_as"))
+
+
+def _layout_op(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _LAYOUT_NAMES
+    return node.op == "call_function" and getattr(node.target, "__name__", None) in _LAYOUT_NAMES
+
+
+def _mid_reshuffle(node: fx.Node) -> bool:
+    """A value made by a layout op and read only by layout ops (:data:`_LAYOUT_NAMES`)."""
+    return _layout_op(node) and bool(node.users) and all(_layout_op(user) for user in node.users)
 
 # What the tracer keeps as a leaf (a ``call_module`` node running the original module), and why.
 LEAF_RULES: Tuple[Tuple[str, str], ...] = (
@@ -588,6 +604,8 @@ def find_boundaries(traced: TracedModel, values: Dict[str, Any],
         node = nodes[live_index[i]]
         value = values.get(node.name)
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2):
+            continue
+        if _mid_reshuffle(node):  # the cut lands before or after the reshuffle, at the same cost
             continue
         if probe is not None and batch is not None:  # the boundary's first axis must be the batch
             probed = probe.get(node.name)

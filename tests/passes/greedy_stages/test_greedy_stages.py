@@ -439,3 +439,30 @@ def test_a_sequence_first_model_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"output \(8, 3\) does not follow the first axis of its input 'x'.*batch-first"):
         effcompile.transform(SequenceFirst(), effcompile.GreedyStages(num_stages=2),
                              example_inputs=(torch.randn(5, 8, 6),))
+
+
+class _Shuffled(nn.Module):
+    """ShuffleNet's channel shuffle between two equal convolutions: the cost midpoint is inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        b, c, h, w = x.shape
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        x = torch.relu(self.conv2(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_the_cut_is_never_a_shape_in_the_middle_of_a_reshuffle():
+    torch.manual_seed(0)
+    model, x = _Shuffled(), torch.randn(8, 16, 8, 8)
+    effcompile.transform(model, GreedyStages(num_stages=2), example_inputs=(x,))
+    head_row = next(row for row in effcompile.report(model).for_pass("greedy_stages")
+                    if row.layer.startswith("greedy_stage_heads"))
+    assert head_row.input_shape == (8, 16, 8, 8), head_row  # not the (B, 2, 8, 8, 8) shuffle view
+    first = next(m for m in model.get_submodule(head_row.layer).modules() if isinstance(m, nn.Linear))
+    assert first.in_features % 16 == 0  # the head reads the 16 channels, not the 2 shuffle groups
