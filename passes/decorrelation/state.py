@@ -333,6 +333,10 @@ class DecorrelationState(PassState):
             if due is not None:  # train_step's schedule: a graph specialised on it
                 return due
             return (self.observed_batches - 1) % self.update_every == 0
+        return self._count_call()
+
+    def _count_call(self) -> bool:
+        """Count one training forward (eager) or compiled step; whether it is an update step."""
         calls = self.__dict__["_calls"]
         self.__dict__["_calls"] = calls + 1  # past nn.Module.__setattr__, as the snapshot
         return calls % self.update_every == 0
@@ -344,8 +348,7 @@ class DecorrelationState(PassState):
         return self.update_every, self.__dict__["_calls"]
 
     def begin_scheduled_call(self) -> None:
-        calls = self.__dict__["_calls"]
-        self.__dict__.update(_calls=calls + 1, _compiled_due=calls % self.update_every == 0)
+        self.__dict__["_compiled_due"] = self._count_call()
 
     def end_scheduled_call(self) -> None:
         self.__dict__["_compiled_due"] = None
